@@ -1,0 +1,199 @@
+"""The one validated configuration model of ssw (``/etc/ssw/config.yaml``).
+
+Every setting has a default and a description; ``ssw config --show`` prints
+them and ``etc/ssw/config.yaml`` documents them for operators. An invalid file
+fails with the dotted path of the failing key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listen(_Section):
+    host: str = Field(description="Address to bind.")
+    port: int = Field(ge=1, le=65535, description="TCP port to bind.")
+
+    @field_validator("host")
+    @classmethod
+    def _valid_ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class SimulatedGpu(_Section):
+    name: str = Field(default="Simulated GPU", description="Name shown in /status.")
+    memory_gb: float = Field(gt=0, description="Total memory of the simulated device, in GB (10^9 bytes).")
+
+
+class GpuSettings(_Section):
+    source: Literal["nvml", "simulated"] = Field(
+        default="nvml",
+        description="Where GPU facts come from: 'nvml' (NVIDIA driver through nvidia-ml-py) or "
+        "'simulated' (devices listed under 'simulated', for hosts without NVIDIA GPUs).",
+    )
+    simulated: list[SimulatedGpu] = Field(
+        default_factory=list, description="Simulated devices, used only when source is 'simulated'."
+    )
+
+    @model_validator(mode="after")
+    def _devices_for_simulation(self) -> GpuSettings:
+        if self.source == "simulated" and not self.simulated:
+            raise ValueError("source 'simulated' needs at least one device under 'simulated'")
+        return self
+
+
+class VllmSettings(_Section):
+    python: Path = Field(
+        default=Path("/opt/ssw/vllm/bin/python"),
+        description="Python of vLLM's own virtual environment; workers run "
+        "'<python> -m vllm.entrypoints.openai.api_server'.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Arguments added to every worker's command line."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment added to every worker (a model's own env wins)."
+    )
+    shutdown_timeout_s: int = Field(
+        default=10, ge=0, description="vLLM's --shutdown-timeout: seconds in-flight requests may drain on stop."
+    )
+
+
+class WorkerSettings(_Section):
+    port_min: int = Field(default=8100, ge=1024, le=65535, description="Lowest port given to a worker.")
+    port_max: int = Field(default=8199, ge=1024, le=65535, description="Highest port given to a worker.")
+    slice: str = Field(default="ssw-workers.slice", description="Slice the worker units run in.")
+    user: str | None = Field(
+        default=None, description="Account the workers run as (None: the service manager's default, root)."
+    )
+    stop_timeout_s: int = Field(default=30, ge=1, description="TimeoutStopSec of worker units.")
+    memory_max: str | None = Field(
+        default=None, description="MemoryMax of each worker unit (host RAM, e.g. '64G'); None: unlimited."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> WorkerSettings:
+        if self.port_min > self.port_max:
+            raise ValueError("port_min must not exceed port_max")
+        return self
+
+
+class HealthSettings(_Section):
+    interval_s: float = Field(default=1.0, gt=0, description="Seconds between /health probes of a loading worker.")
+    check_interval_s: float = Field(
+        default=10.0, gt=0, description="Seconds between /health probes of a ready worker."
+    )
+    start_timeout_s: float = Field(
+        default=900.0, gt=0, description="A worker not healthy within this many seconds of its start is failed."
+    )
+    probe_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one /health probe.")
+
+
+class GatewaySettings(_Section):
+    wait_timeout_s: float = Field(
+        default=180.0, gt=0, description="How long a request with 'X-SSW-Wait: true' waits for its model to load."
+    )
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0, description="Timeout connecting to a worker.")
+    upstream_read_timeout_s: float = Field(
+        default=600.0, gt=0, description="Longest silence from a worker in the middle of a response."
+    )
+    loader_url: str = Field(
+        default="http://127.0.0.1:8001", description="Where the gateway reaches the loader's admin API."
+    )
+    shutdown_timeout_s: float = Field(
+        default=30.0, ge=0, description="How long a stopping gateway lets in-flight requests finish."
+    )
+
+
+class SystemdSettings(_Section):
+    bus_address: str | None = Field(
+        default=None,
+        description="D-Bus address of the system bus running the workers (None: the system bus, "
+        "or $DBUS_SYSTEM_BUS_ADDRESS).",
+    )
+    journal_directory: Path | None = Field(
+        default=None,
+        description="Read worker logs from this journal directory instead of the host's journal "
+        "(for disposable test hosts).",
+    )
+
+
+class Config(_Section):
+    public: Listen = Field(
+        default=Listen(host="0.0.0.0", port=8000), description="The OpenAI API (gateway) listens here."
+    )
+    admin: Listen = Field(
+        default=Listen(host="127.0.0.1", port=8001), description="The admin API (loader) listens here; loopback only."
+    )
+    models_dir: Path = Field(default=Path("/data/models"), description="Directory scanned for models.")
+    models_file: Path = Field(
+        default=Path("/etc/ssw/models.yaml"), description="Overrides per model (aliases, pinning, VRAM, args)."
+    )
+    state_dir: Path = Field(default=Path("/var/lib/ssw"), description="Where measured facts are kept.")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for request metrics.")
+    gpus: GpuSettings = Field(default_factory=GpuSettings)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    systemd: SystemdSettings = Field(default_factory=SystemdSettings)
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    @field_validator("admin")
+    @classmethod
+    def _admin_on_loopback(cls, value: Listen) -> Listen:
+        if not ipaddress.ip_address(value.host).is_loopback:
+            raise ValueError("the admin API may only listen on a loopback address")
+        return value
+
+    def resolve_relative(self, base: Path) -> Config:
+        """Paths in a config file are relative to the file's directory."""
+        updates: dict[str, Any] = {}
+        for key in ("models_dir", "models_file", "state_dir"):
+            path: Path = getattr(self, key)
+            if not path.is_absolute():
+                updates[key] = (base / path).resolve()
+        if not self.vllm.python.is_absolute() and len(self.vllm.python.parts) > 1:
+            updates["vllm"] = self.vllm.model_copy(update={"python": (base / self.vllm.python).absolute()})
+        return self.model_copy(update=updates)
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{source}: {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load and validate a config file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: (top level): must be a mapping")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, str(p))) from exc
+    return cfg.resolve_relative(p.parent.resolve())

@@ -1,0 +1,94 @@
+"""The vLLM command line and environment of a worker (pure).
+
+Built only from the registry and the config: nothing a client sends reaches it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .config import Config
+from .registry import ModelSpec
+from .units import WorkerUnit, parse_size, unit_name
+
+ENTRY_POINT = "vllm.entrypoints.openai.api_server"
+
+# Variables that let ssw recognise its own units and read them back on adoption.
+ENV_MODEL = "SSW_MODEL"
+ENV_REPLICA = "SSW_REPLICA"
+ENV_PORT = "SSW_PORT"
+ENV_GPU = "SSW_GPU"
+ENV_BUDGET = "SSW_VRAM_BYTES"
+
+
+def vllm_argv(
+    cfg: Config, spec: ModelSpec, port: int, budget_bytes: int, gpu_total_bytes: int | None
+) -> list[str]:
+    argv = [
+        str(cfg.vllm.python),
+        "-m",
+        ENTRY_POINT,
+        "--model",
+        str(spec.path),
+        "--served-model-name",
+        spec.name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--shutdown-timeout",
+        str(cfg.vllm.shutdown_timeout_s),
+    ]
+    if gpu_total_bytes:
+        # vLLM takes a fraction of the device's total memory; the budget is in bytes.
+        fraction = min(budget_bytes / gpu_total_bytes, 0.98)
+        argv += ["--gpu-memory-utilization", f"{fraction:.4f}"]
+    if spec.max_model_len:
+        argv += ["--max-model-len", str(spec.max_model_len)]
+    if spec.max_num_seqs:
+        argv += ["--max-num-seqs", str(spec.max_num_seqs)]
+    if spec.tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
+    if spec.reasoning_parser:
+        argv += ["--reasoning-parser", spec.reasoning_parser]
+    if spec.chat_template_kwargs:
+        # Also the server's default, so clients that reach a worker directly get it.
+        argv += ["--default-chat-template-kwargs", json.dumps(spec.chat_template_kwargs)]
+    argv += list(cfg.vllm.extra_args) + list(spec.extra_args)
+    return argv
+
+
+def worker_unit(
+    cfg: Config,
+    spec: ModelSpec,
+    replica: int,
+    port: int,
+    gpu: int,
+    budget_bytes: int,
+    gpu_total_bytes: int | None,
+) -> WorkerUnit:
+    name = unit_name(spec.name, replica)
+    env = {
+        **cfg.vllm.env,
+        **spec.env,
+        # Bus order makes the index mean the same device to CUDA and to NVML.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": str(gpu),
+        ENV_MODEL: spec.name,
+        ENV_REPLICA: str(replica),
+        ENV_PORT: str(port),
+        ENV_GPU: str(gpu),
+        ENV_BUDGET: str(budget_bytes),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return WorkerUnit(
+        name=name,
+        description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {gpu}, port {port})",
+        argv=tuple(vllm_argv(cfg, spec, port, budget_bytes, gpu_total_bytes)),
+        env=env,
+        slice=cfg.workers.slice,
+        user=cfg.workers.user,
+        stop_timeout_s=cfg.workers.stop_timeout_s,
+        memory_max_bytes=parse_size(cfg.workers.memory_max) if cfg.workers.memory_max else None,
+        log_extra={"SSW_MODEL": spec.name, "SSW_REPLICA": str(replica)},
+    )

@@ -1,0 +1,88 @@
+"""Domain exceptions. They carry an HTTP status and an OpenAI error type so the
+HTTP edges can turn any of them into one envelope, and the CLI into one line."""
+
+from __future__ import annotations
+
+
+class SswError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(SswError):
+    status = 500
+    type = "config_error"
+
+
+class BadRequest(SswError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ModelNotFound(SswError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        shown = ", ".join(known) if known else "none"
+        super().__init__(f"The model '{_clip(name)}' does not exist. Available models and aliases: {shown}.")
+        self.known = known
+
+
+class WorkerNotFound(SswError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_loaded"
+
+
+class NoCapacity(SswError):
+    status = 503
+    type = "capacity_error"
+    code = "no_capacity"
+
+
+class LoadFailed(SswError):
+    status = 503
+    type = "load_failed"
+    code = "load_failed"
+
+
+class ModelLoading(SswError):
+    """The model is not ready yet; carries how long the client should wait."""
+
+    status = 503
+    type = "model_loading"
+    code = "model_loading"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamError(SswError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class SystemdError(SswError):
+    status = 500
+    type = "systemd_error"
+
+
+class LoaderUnavailable(SswError):
+    status = 503
+    type = "loader_unavailable"
+    code = "loader_unavailable"
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """Echo at most a short, printable prefix of client text in messages."""
+    printable = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return printable + ("…" if len(text) > limit else "")

@@ -1,0 +1,221 @@
+"""The loader role: registry, GPUs and workers, behind the admin API on loopback.
+
+It is the only part of ssw that talks to systemd. The gateway learns the
+workers from its ``GET /events`` stream and asks it for loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import __version__, http_errors, journal
+from .config import Config
+from .errors import ModelNotFound
+from .gpus import GpuSource
+from .registry import ModelSpec, Registry, scan, valid_name
+from .systemd import Systemd
+from .units import unit_name
+from .vram import estimate_bytes
+from .workers import WorkerManager
+
+log = logging.getLogger(__name__)
+RESCAN_MIN_INTERVAL_S = 2.0
+EVENTS_KEEPALIVE_S = 15.0
+
+
+class Loader:
+    def __init__(self, cfg: Config, systemd: Systemd, gpus: GpuSource, registry: Registry) -> None:
+        self.cfg = cfg
+        self.systemd = systemd
+        self.gpus = gpus
+        self.registry = registry
+        self.manager = WorkerManager(cfg, systemd, gpus, registry)
+        self.started_at = time.time()
+        self._last_scan = time.monotonic()
+        # Set on shutdown so the open event streams end and the server can stop.
+        self.closing = asyncio.Event()
+
+    @classmethod
+    async def create(cls, cfg: Config, systemd: Systemd, gpus: GpuSource) -> Loader:
+        registry = await asyncio.to_thread(scan, cfg.models_dir, cfg.models_file)
+        log.info(
+            "registry: %d models, %d aliases, %d configured but missing, from %s",
+            len(registry.models), len(registry.aliases), len(registry.missing), cfg.models_dir,
+        )
+        return cls(cfg, systemd, gpus, registry)
+
+    async def start(self) -> None:
+        await self.manager.start()
+        for spec in self.registry.models.values():
+            if spec.pinned:
+                self.manager.load(spec)
+
+    async def close(self) -> None:
+        await self.manager.close()
+
+    async def rescan(self) -> Registry:
+        self.registry = await asyncio.to_thread(scan, self.cfg.models_dir, self.cfg.models_file)
+        self.manager.registry = self.registry
+        self._last_scan = time.monotonic()
+        self.manager.changed()
+        return self.registry
+
+    async def resolve(self, name: str) -> ModelSpec:
+        """A model by name or alias; a miss rescans the models dir (at most every 2 s),
+        so a model copied onto the host is servable without a restart."""
+        if not valid_name(name):
+            raise ModelNotFound(name, self.registry.known_names())
+        try:
+            return self.registry.resolve(name)
+        except ModelNotFound:
+            if time.monotonic() - self._last_scan < RESCAN_MIN_INTERVAL_S:
+                raise
+        return (await self.rescan()).resolve(name)
+
+    # --- views ----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the gateway needs to route: models, aliases and workers."""
+        reg = self.registry
+        return {
+            "version": self.manager.version,
+            "models": {
+                name: {
+                    "aliases": list(spec.aliases),
+                    "pinned": spec.pinned,
+                    "chat_template_kwargs": spec.chat_template_kwargs,
+                    "loading": self.manager.loading(name),
+                    "last_error": self.manager.last_errors.get(name),
+                }
+                for name, spec in sorted(reg.models.items())
+            },
+            "aliases": dict(sorted(reg.aliases.items())),
+            "missing": {name: str(path) for name, path in sorted(reg.missing.items())},
+            "workers": [w.public() for w in sorted(self.manager.workers.values(), key=lambda w: w.unit)],
+        }
+
+    async def status(self) -> dict[str, Any]:
+        gpus = await self.manager.gpu_snapshot()
+        reserved = self.manager.reserved_by_device()
+        snap = self.snapshot()
+        for name, entry in snap["models"].items():
+            spec = self.registry.models[name]
+            entry["path"] = str(spec.path)
+            entry["vram_estimate_bytes"] = estimate_bytes(spec)
+            entry["weight_bytes"] = spec.facts.weight_bytes
+            entry["unit"] = unit_name(name)
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "gpu_source": self.gpus.kind,
+            "gpus": [
+                {
+                    "index": g.index,
+                    "uuid": g.uuid,
+                    "name": g.name,
+                    "simulated": self.gpus.kind == "simulated",
+                    "memory_total_bytes": g.memory_total,
+                    "memory_used_bytes": g.memory_used,
+                    "memory_free_bytes": g.memory_free,
+                    "memory_reserved_bytes": reserved.get(g.index, 0),
+                    "utilization_pct": g.utilization_pct,
+                }
+                for g in gpus
+            ],
+            **snap,
+        }
+
+
+# --- admin API ------------------------------------------------------------------------
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=256, description="Model name or alias.")
+    wait: bool = Field(default=True, description="Answer when the model is ready (or failed) instead of at once.")
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=256, description="Model name or alias.")
+
+
+def admin_app(loader: Loader) -> FastAPI:
+    app = FastAPI(title="ssw admin API", version=__version__, docs_url=None, redoc_url=None)
+    http_errors.install(app, "ssw-loader")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "systemd": loader.systemd.connected}
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return await loader.status()
+
+    @app.post("/load")
+    async def load(req: LoadRequest) -> JSONResponse:
+        spec = await loader.resolve(req.model)
+        task = loader.manager.load(spec)
+        if not req.wait:
+            return JSONResponse(
+                {"model": spec.name, "state": "loading", "version": loader.manager.version}, status_code=202
+            )
+        workers = await asyncio.shield(task)
+        return JSONResponse({"model": spec.name, "state": "ready", "workers": [w.public() for w in workers]})
+
+    @app.post("/unload")
+    async def unload(req: UnloadRequest) -> dict[str, Any]:
+        spec = await loader.resolve(req.model)
+        units = await loader.manager.unload(spec.name)
+        return {"model": spec.name, "stopped": units}
+
+    @app.post("/rescan")
+    async def rescan() -> dict[str, Any]:
+        reg = await loader.rescan()
+        return {"models": sorted(reg.models), "aliases": reg.aliases, "missing": sorted(reg.missing)}
+
+    @app.get("/logs/{model}")
+    async def logs(model: str, lines: int = Query(100, ge=1, le=journal.MAX_LINES),
+                   replica: int = Query(1, ge=1, le=16)) -> dict[str, Any]:
+        spec = await loader.resolve(model)
+        unit = unit_name(spec.name, replica)
+        return {"unit": unit, "lines": await journal.tail(unit, lines, loader.cfg.systemd.journal_directory)}
+
+    @app.get("/events")
+    async def events() -> StreamingResponse:
+        return StreamingResponse(_event_stream(loader), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+async def _event_stream(loader: Loader) -> AsyncIterator[bytes]:
+    queue = loader.manager.subscribe()
+
+    def frame() -> bytes:
+        return b"event: snapshot\ndata: " + json.dumps(loader.snapshot()).encode() + b"\n\n"
+
+    closing = asyncio.ensure_future(loader.closing.wait())
+    try:
+        yield frame()
+        while not loader.closing.is_set():
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, closing}, timeout=EVENTS_KEEPALIVE_S,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield frame()
+            else:
+                getter.cancel()
+                if not done:
+                    yield b": keep-alive\n\n"
+    finally:
+        closing.cancel()
+        loader.manager.unsubscribe(queue)

@@ -1,0 +1,131 @@
+"""Runs the roles: builds them from the config, serves their APIs, and shuts
+down cleanly on SIGTERM/SIGINT (workers are left running for adoption)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+from typing import Any
+
+import aiohttp
+import uvicorn
+
+from .config import Config, Listen
+from .gateway import Gateway, gateway_app
+from .gpus import make_gpu_source
+from .loader import Loader, admin_app
+from .loader_client import LoaderClient
+from .notify import Notifier
+from .systemd import Systemd
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    # Signals are handled once for all roles in this process, below.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _server(app: Any, listen: Listen, cfg: Config, graceful_s: float) -> _Server:
+    return _Server(
+        uvicorn.Config(
+            app,
+            host=listen.host,
+            port=listen.port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            log_level=cfg.log_level,
+            timeout_graceful_shutdown=int(graceful_s) if graceful_s else None,
+            timeout_keep_alive=30,
+            backlog=4096,
+        )
+    )
+
+
+async def run(cfg: Config, roles: set[str]) -> int:
+    notifier = Notifier()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    servers: list[_Server] = []
+    cleanups: list[Any] = []
+    loader: Loader | None = None
+    gateway: Gateway | None = None
+    try:
+        if "loader" in roles:
+            systemd = await Systemd.connect(cfg.systemd.bus_address)
+            cleanups.append(systemd.close)
+            loader = await Loader.create(cfg, systemd, make_gpu_source(cfg.gpus))
+            await loader.start()  # adoption happens before READY
+            cleanups.append(loader.close)
+            # The event stream never ends by itself; do not wait long for it.
+            servers.append(_server(admin_app(loader), cfg.admin, cfg, 2))
+        if "gateway" in roles:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30),
+                auto_decompress=False,
+            )
+            cleanups.append(session.close)
+            client = LoaderClient(cfg.gateway.loader_url, session)
+            client.start()
+            cleanups.append(client.close)
+            gateway = Gateway(cfg, client, session)
+            servers.append(_server(gateway_app(gateway), cfg.public, cfg, cfg.gateway.shutdown_timeout_s))
+
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):
+                log.error("a server failed to start")
+                return 3
+            await asyncio.sleep(0.05)
+        notifier.ready(_status_line(loader, gateway))
+        watchdog = asyncio.create_task(notifier.watchdog())
+        stopper = asyncio.create_task(stop.wait())
+        status_task = asyncio.create_task(_status_updates(notifier, loader, gateway))
+        await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        log.info("stopping; workers keep running")
+        notifier.stopping()
+        if loader is not None:
+            loader.closing.set()
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for t in (watchdog, stopper, status_task):
+            t.cancel()
+        return 0 if stop.is_set() else 1
+    finally:
+        for cleanup in reversed(cleanups):
+            with contextlib.suppress(Exception):
+                result = cleanup()
+                if asyncio.iscoroutine(result):
+                    await result
+
+
+def _status_line(loader: Loader | None, gateway: Gateway | None) -> str:
+    parts = []
+    if loader is not None:
+        ws = loader.manager.workers.values()
+        parts.append(f"{sum(1 for w in ws if w.state == 'ready')} workers ready, {len(ws)} in all")
+    if gateway is not None:
+        parts.append("loader connected" if gateway.loader.connected else "loader not connected")
+    return "; ".join(parts) or "serving"
+
+
+async def _status_updates(notifier: Notifier, loader: Loader | None, gateway: Gateway | None) -> None:
+    last = ""
+    while True:
+        await asyncio.sleep(5)
+        line = _status_line(loader, gateway)
+        if line != last:
+            notifier.status(line)
+            last = line

@@ -1,0 +1,124 @@
+"""A fast OpenAI-compatible stand-in for vLLM's API server, for tests and
+benchmarks. It takes vLLM's command line (unknown flags are ignored) and these
+knobs, as flags or SSW_FAKE_* environment variables:
+
+  --load-delay S         seconds before /health answers (SSW_FAKE_LOAD_DELAY)
+  --tokens-per-second N  generation speed; 0 = as fast as possible (SSW_FAKE_TPS)
+  --fail MODE            'exit-on-start': exit 3 before listening;
+                         'unhealthy': listen but /health answers 503 (SSW_FAKE_FAIL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+
+from aiohttp import web
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--served-model-name", nargs="+")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--load-delay", type=float, default=float(os.environ.get("SSW_FAKE_LOAD_DELAY", "0")))
+    p.add_argument("--tokens-per-second", type=float, default=float(os.environ.get("SSW_FAKE_TPS", "0")))
+    p.add_argument("--fail", default=os.environ.get("SSW_FAKE_FAIL", ""))
+    args, _unknown = p.parse_known_args(argv)
+    return args
+
+
+def make_app(args: argparse.Namespace) -> web.Application:
+    names = args.served_model_name or [args.model]
+    ready_at = time.monotonic() + args.load_delay
+    delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
+
+    def error(status: int, message: str) -> web.Response:
+        return web.json_response({"error": {"message": message, "type": "BadRequestError", "code": status}},
+                                 status=status)
+
+    async def health(_: web.Request) -> web.Response:
+        if args.fail == "unhealthy" or time.monotonic() < ready_at:
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
+
+    async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("model") not in names:
+            return error(404, f"The model `{body.get('model')}` does not exist.")
+        chat = request.path.endswith("/chat/completions")
+        n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+        prompt_tokens = len(json.dumps(body.get("messages") or body.get("prompt") or ""))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        # Echo what the request carried that a test may want to see arrive.
+        echo = {"chat_template_kwargs": body.get("chat_template_kwargs"), "extra": body.get("ssw_test_extra")}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
+                 "total_tokens": prompt_tokens + n_tokens}
+        if not body.get("stream"):
+            if delay:
+                await asyncio.sleep(delay * n_tokens)
+            text = " ".join(f"t{i}" for i in range(n_tokens))
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                      if chat else {"index": 0, "text": text, "finish_reason": "length"})
+            return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                      "created": created, "model": names[0], "choices": [choice],
+                                      "usage": usage, "ssw_echo": echo})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        for i in range(n_tokens):
+            if delay:
+                await asyncio.sleep(delay)
+            piece = {"delta": {"content": f"t{i} "}} if chat else {"text": f"t{i} "}
+            chunk = {"id": rid, "object": obj, "created": created, "model": names[0],
+                     "choices": [{"index": 0, **piece, "finish_reason": None}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        last = {"id": rid, "object": obj, "created": created, "model": names[0],
+                "choices": [{"index": 0, **({"delta": {}} if chat else {"text": ""}), "finish_reason": "length"}]}
+        await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await resp.write(b"data: " + json.dumps({"id": rid, "object": obj, "created": created,
+                                                     "model": names[0], "choices": [], "usage": usage}).encode()
+                             + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, float(len(str(x)))]}
+                for i, x in enumerate(items)]
+        return web.json_response({"object": "list", "data": data, "model": names[0],
+                                  "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", generate)
+    app.router.add_post("/v1/completions", generate)
+    app.router.add_post("/v1/embeddings", embeddings)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    print(f"fake engine for {args.model} on {args.host}:{args.port}", flush=True)
+    if args.fail == "exit-on-start":
+        print("fake engine: failing on purpose (exit-on-start)", file=sys.stderr, flush=True)
+        sys.exit(3)
+    web.run_app(make_app(args), host=args.host, port=args.port, print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Runs as PID 1 of a fresh PID + mount namespace (see sysbox.py). Builds an
+# in-memory overlay of / and execs systemd inside it, so nothing systemd writes
+# (tmpfiles wiping /tmp included) reaches the real machine.
+set -eu
+base="$1"
+mount --make-rprivate /
+mount -t tmpfs -o size="${SYSBOX_TMPFS_SIZE:-6g}" sysbox "$base"
+mkdir -p "$base/upper" "$base/work" "$base/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root"
+r="$base/root"
+mount -t proc proc "$r/proc"
+mount --rbind /sys "$r/sys"
+mount --rbind /dev "$r/dev"
+mount -t tmpfs -o mode=755 tmpfs "$r/run"
+mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
+mkdir -p "$r/.oldroot"
+cd "$r"
+pivot_root . .oldroot
+umount -l /.oldroot
+exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin /lib/systemd/systemd --system --log-target=kmsg
