@@ -259,6 +259,8 @@ class WorkerManager:
                 continue
             # A port some other process holds would make vLLM fail after a long start.
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                # As servers bind: a port in TIME_WAIT from a stopped worker is free.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:

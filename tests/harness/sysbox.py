@@ -103,6 +103,8 @@ class SysBox:
                 self._launcher.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._launcher.kill()
+            if self._launcher.stderr is not None:
+                self._launcher.stderr.close()
         deadline = time.monotonic() + 30
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.stack import (
+    REPO,
+    VLLM_VENV,
+    WORK_ROOT,
+    Role,
+    free_port,
+    free_port_range,
+    http,
+    write_config,
+)
+from tests.harness.sysbox import SysBox
+
+QWEN2_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128, "num_attention_heads": 2,
+    "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 2048, "torch_dtype": "bfloat16",
+}
+
+
+def make_model_dir(path: Path, config: dict[str, Any], weight_bytes: int = 1 << 20,
+                   files: tuple[str, ...] = ("model.safetensors",)) -> Path:
+    """A model directory with a real-looking config.json and sparse weight files (no disk cost)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    for name in files:
+        with (path / name).open("wb") as f:
+            f.truncate(weight_bytes // len(files))
+    return path
+
+
+@pytest.fixture(scope="session")
+def models_root() -> Path:
+    root = WORK_ROOT / f"models-{os.getpid()}"
+    root.mkdir(parents=True, exist_ok=True)
+    make_model_dir(root / "fake-a", QWEN2_CONFIG)
+    make_model_dir(root / "fake-b", QWEN2_CONFIG)
+    make_model_dir(root / "fake-qwen3", {**QWEN2_CONFIG, "architectures": ["Qwen3ForCausalLM"],
+                                         "model_type": "qwen3"})
+    make_model_dir(root / "fake-broken", QWEN2_CONFIG)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A tiny random Qwen2 model made locally (kept between runs: it is deterministic)."""
+    out = WORK_ROOT / "tiny-models" / "tiny-qwen"
+    if not (out / "config.json").exists():
+        subprocess.run([str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), str(out)],
+                       check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sysbox() -> Iterator[SysBox]:
+    box = SysBox.boot()
+    yield box
+    box.stop()
+
+
+@dataclass
+class Stack:
+    box: SysBox
+    dir: Path
+    config: Path
+    public: str
+    admin: str
+    loader: Role
+    gateway: Role
+
+    def status(self) -> dict[str, Any]:
+        return http("GET", self.admin + "/status")[2]
+
+    def unit_show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.box.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def restart(self, role: Role) -> None:
+        role.start().wait_healthy(self.public if role is self.gateway else self.admin)
+
+
+def start_stack(box: SysBox, directory: Path, models_dir: Path, models: dict[str, Any], engine: str,
+                extra: dict[str, Any] | None = None) -> Stack:
+    public_port, admin_port = free_port(), free_port()
+    config = write_config(directory, bus_address=box.bus_address, journal_dir=box.journal_dir,
+                          models_dir=models_dir, models=models, engine=engine, public_port=public_port,
+                          admin_port=admin_port, ports=free_port_range(20), extra=extra)
+    public, admin = f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{admin_port}"
+    loader = Role("loader", config, directory).start().wait_healthy(admin)
+    gateway = Role("gateway", config, directory).start().wait_healthy(public)
+    return Stack(box, directory, config, public, admin, loader, gateway)
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.gateway.stop()
+    stack.loader.stop()
+    for role in (stack.loader, stack.gateway):
+        log = role.log()
+        if "Traceback" in log:
+            print(f"--- {role.role} log ---\n{log}")

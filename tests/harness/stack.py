@@ -1,0 +1,167 @@
+"""Helpers that run ssw's roles as real processes against a disposable systemd
+host, for the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SSW_VENV = Path(os.environ.get("SSW_VENV", REPO / ".venvs/ssw"))
+VLLM_VENV = Path(os.environ.get("SSW_VLLM_VENV", REPO / ".venvs/vllm"))
+FAKE_VLLM_PATH = REPO / "tests/harness/fakevllm"
+# Outside /tmp: the disposable host mounts a fresh /tmp, so files for workers
+# must live where its overlay of / shows them.
+WORK_ROOT = Path(os.environ.get("SSW_TEST_ROOT", "/var/tmp/ssw-tests"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_port_range(size: int) -> tuple[int, int]:
+    """A run of ports nobody listens on (workers take them from here)."""
+    base = 20000 + (os.getpid() * 7) % 20000
+    while True:
+        ports = range(base, base + size)
+        if all(_bindable(p) for p in ports):
+            return ports[0], ports[-1]
+        base += size
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+         timeout: float = 30) -> tuple[int, dict[str, str], Any]:
+    """(status, lower-cased headers, parsed JSON or text) without raising on 4xx/5xx."""
+    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, hdrs, raw = resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, hdrs, raw = exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw.decode(errors="replace")
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def write_config(directory: Path, *, bus_address: str, journal_dir: Path | None, models_dir: Path,
+                 models: dict[str, Any], engine: str, public_port: int, admin_port: int,
+                 ports: tuple[int, int], extra: dict[str, Any] | None = None) -> Path:
+    """A config for a test stack; engine 'fake' (fast stand-in) or 'vllm' (real, CPU)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "models.yaml").write_text(yaml.safe_dump({"models": models}))
+    if engine == "vllm":
+        vllm = {"python": str(VLLM_VENV / "bin/python"),
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"},
+                "extra_args": ["--dtype", "bfloat16", "--max-model-len", "1024"]}
+    else:
+        vllm = {"python": sys.executable, "env": {"PYTHONPATH": str(FAKE_VLLM_PATH)}}
+    cfg: dict[str, Any] = {
+        "public": {"host": "127.0.0.1", "port": public_port},
+        "admin": {"host": "127.0.0.1", "port": admin_port},
+        "models_dir": str(models_dir),
+        "models_file": str(directory / "models.yaml"),
+        "state_dir": str(directory / "state"),
+        "gpus": {"source": "simulated",
+                 "simulated": [{"name": "Simulated A40", "memory_gb": 48}, {"name": "Simulated A40", "memory_gb": 48}]},
+        "vllm": vllm,
+        "workers": {"port_min": ports[0], "port_max": ports[1], "stop_timeout_s": 10},
+        "health": {"interval_s": 0.25, "check_interval_s": 1.0, "start_timeout_s": 300},
+        "gateway": {"loader_url": f"http://127.0.0.1:{admin_port}", "wait_timeout_s": 120},
+        "systemd": {"bus_address": bus_address, "journal_directory": str(journal_dir) if journal_dir else None},
+        "log_level": "info",
+    }
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Role:
+    """One ssw role (gateway, loader or serve) as a foreground process."""
+
+    def __init__(self, role: str, config: Path, log_dir: Path) -> None:
+        self.role = role
+        self.config = config
+        self.log_path = log_dir / f"{role}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Role:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([str(SSW_VENV / "bin/ssw"), "--config", str(self.config), self.role],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        return self
+
+    def wait_healthy(self, url: str, timeout: float = 30) -> Role:
+        def ok() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"ssw {self.role} exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                return http("GET", url + "/health", timeout=2)[0] == 200
+            except OSError:
+                return False
+        wait_for(ok, timeout, f"ssw {self.role} at {url}")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

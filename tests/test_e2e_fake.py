@@ -1,0 +1,194 @@
+"""The whole stack against real systemd, with the fast fake engine as the
+worker binary: the gateway and the loader run as separate processes, workers
+are transient units in the disposable systemd host."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import Stack, start_stack, stop_stack
+from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, http, port_open, wait_for
+from tests.harness.sysbox import SysBox
+
+pytestmark = pytest.mark.systemd
+
+MODELS = {
+    "alpha": {"path": "fake-a", "aliases": ["light"], "vram_gb": 4},
+    "beta": {"path": "fake-b", "vram_gb": 4, "env": {"SSW_FAKE_LOAD_DELAY": "1.5"}},
+    "qwen3-x": {"path": "fake-qwen3", "vram_gb": 4},
+    "broken": {"path": "fake-broken", "vram_gb": 4, "env": {"SSW_FAKE_FAIL": "exit-on-start"}},
+    "ghost": {"path": "not-on-this-host", "aliases": ["heavy"]},
+}
+WAIT = {"X-SSW-Wait": "true"}
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture(scope="module")
+def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
+    s = start_stack(sysbox, WORK_ROOT / f"fake-stack-{id(sysbox)}", models_root, MODELS, "fake")
+    yield s
+    stop_stack(s)
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ready(stack: Stack, model: str) -> bool:
+    return any(w["model"] == model and w["state"] == "ready" for w in stack.status()["workers"])
+
+
+def test_models_lists_available_models_and_aliases(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"alpha", "light", "beta", "qwen3-x", "broken"} <= ids
+    # Configured but absent on this host: neither it nor its alias is offered.
+    assert "ghost" not in ids and "heavy" not in ids
+
+
+def test_unknown_model_is_404_listing_the_alternatives(client: openai.OpenAI) -> None:
+    for name in ("no-such-model", "heavy", "../../etc/passwd"):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.chat.completions.create(model=name, messages=CHAT)
+        body = err.value.body
+        assert isinstance(body, dict) and body["code"] == "model_not_found"
+        assert "alpha" in body["message"] and "light" in body["message"]
+
+
+def test_unloaded_model_answers_202_with_retry_after_and_loads(stack: Stack) -> None:
+    status, headers, body = http("POST", stack.public + "/v1/chat/completions",
+                                 {"model": "beta", "messages": CHAT})
+    assert status == 202
+    assert int(headers["retry-after"]) > 0
+    assert body["status"] == "loading" and body["model"] == "beta"
+    wait_for(lambda: ready(stack, "beta"), 30, "beta to become ready")
+    status, _, body = http("POST", stack.public + "/v1/chat/completions", {"model": "beta", "messages": CHAT})
+    assert status == 200 and body["model"] == "beta"
+
+
+def test_wait_header_holds_the_request_and_alias_resolves(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(model="light", messages=CHAT, max_tokens=4, extra_headers=WAIT)
+    # Asked by alias, answered by the model that served it.
+    assert reply.model == "alpha"
+    assert reply.choices[0].message.content == "t0 t1 t2 t3"
+
+
+def test_streaming_is_proxied_chunk_by_chunk(client: openai.OpenAI) -> None:
+    chunks = list(client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=5, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "t0 t1 t2 t3 t4 "
+    assert {c.model for c in chunks} == {"alpha"}
+
+
+def test_completions_and_embeddings_are_proxied(client: openai.OpenAI) -> None:
+    comp = client.completions.create(model="alpha", prompt="hi", max_tokens=3)
+    assert comp.choices[0].text == "t0 t1 t2"
+    emb = client.embeddings.create(model="light", input=["a", "bbb"])
+    assert [len(d.embedding) for d in emb.data] == [4, 4]
+    assert emb.model == "alpha"
+
+
+def test_unknown_fields_pass_through_unchanged(stack: Stack) -> None:
+    extra = {"nested": [1, {"x": "y"}], "unicode": "zaż"}
+    status, _, body = http("POST", stack.public + "/v1/chat/completions",
+                           {"model": "alpha", "messages": CHAT, "ssw_test_extra": extra})
+    assert status == 200
+    assert body["ssw_echo"]["extra"] == extra
+
+
+def test_qwen3_gets_thinking_off_unless_the_client_sets_it(stack: Stack) -> None:
+    url = stack.public + "/v1/chat/completions"
+    _, _, body = http("POST", url, {"model": "qwen3-x", "messages": CHAT}, headers=WAIT)
+    assert body["ssw_echo"]["chat_template_kwargs"] == {"enable_thinking": False}
+    _, _, body = http("POST", url, {"model": "qwen3-x", "messages": CHAT,
+                                    "chat_template_kwargs": {"enable_thinking": True, "other": 1}})
+    assert body["ssw_echo"]["chat_template_kwargs"] == {"enable_thinking": True, "other": 1}
+
+
+def test_bad_bodies_are_4xx_in_openai_shape(stack: Stack) -> None:
+    url = stack.public + "/v1/chat/completions"
+    for body in (b"not json", b"[1,2]", b'{"messages": []}', b'{"model": 5}', b'{"model": "a;b"}'):
+        status, _, answer = http("POST", url, body)
+        assert 400 <= status < 500, (body, status, answer)
+        assert set(answer["error"]) >= {"message", "type", "code"}
+
+
+def test_a_failed_load_is_a_503_with_the_reason(stack: Stack) -> None:
+    status, headers, body = http("POST", stack.public + "/v1/chat/completions",
+                                 {"model": "broken", "messages": CHAT}, headers=WAIT)
+    assert status == 503
+    assert body["error"]["code"] == "load_failed"
+    assert "ssw-worker@broken.service" in body["error"]["message"]
+    entry = stack.status()["models"]["broken"]
+    assert entry["loading"] is False and "ssw-worker@broken.service" in entry["last_error"]
+    assert not any(w["model"] == "broken" for w in stack.status()["workers"])
+
+
+def test_worker_is_a_transient_unit_in_the_workers_slice(stack: Stack) -> None:
+    wait_for(lambda: ready(stack, "alpha"), 30, "alpha")
+    props = stack.unit_show("ssw-worker@alpha.service", "Transient", "Slice", "Environment", "MemoryAccounting",
+                            "CPUAccounting", "ActiveState", "Type", "CollectMode", "SyslogIdentifier")
+    assert props["Transient"] == "yes"
+    assert props["Slice"] == "ssw-workers.slice"
+    assert props["ActiveState"] == "active"
+    assert props["MemoryAccounting"] == "yes" and props["CPUAccounting"] == "yes"
+    assert props["CollectMode"] == "inactive-or-failed"
+    env = dict(item.split("=", 1) for item in props["Environment"].split())
+    worker = next(w for w in stack.status()["workers"] if w["unit"] == "ssw-worker@alpha.service")
+    assert env["CUDA_VISIBLE_DEVICES"] == str(worker["gpu"])
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["SSW_MODEL"] == "alpha" and env["SSW_PORT"] == str(worker["port"])
+    journal = stack.box.run("journalctl", "-u", "ssw-worker@alpha.service", "--no-pager", "-o", "cat").stdout
+    assert "fake engine for" in journal
+    lines = http("GET", stack.admin + "/logs/light?lines=20")[2]["lines"]
+    assert any("fake engine for" in line for line in lines)
+
+
+def test_gateway_killed_and_restarted_keeps_the_worker(stack: Stack, client: openai.OpenAI) -> None:
+    pid = stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"]
+    assert stack.gateway.kill(signal.SIGKILL) == -signal.SIGKILL
+    assert stack.unit_show("ssw-worker@alpha.service", "ActiveState")["ActiveState"] == "active"
+    stack.restart(stack.gateway)
+    reply = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
+    assert reply.choices[0].message.content == "t0 t1"
+    assert stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"] == pid
+
+
+def test_loader_killed_and_restarted_adopts_the_worker(stack: Stack, client: openai.OpenAI) -> None:
+    pid = stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"]
+    stack.loader.kill(signal.SIGKILL)
+    # While the loader is away the gateway serves the workers it knows.
+    reply = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
+    assert reply.choices[0].message.content == "t0 t1"
+    stack.restart(stack.loader)
+    workers = {w["unit"]: w for w in stack.status()["workers"]}
+    assert workers["ssw-worker@alpha.service"]["adopted"] is True
+    assert workers["ssw-worker@alpha.service"]["state"] == "ready"
+    reply = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
+    assert reply.choices[0].message.content == "t0 t1"
+    assert stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"] == pid
+
+
+def test_unload_stops_the_unit_and_frees_its_port(stack: Stack) -> None:
+    worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
+    assert port_open(worker["port"])
+    status, _, body = http("POST", stack.admin + "/unload", {"model": "light"})
+    assert status == 200 and body["stopped"] == ["ssw-worker@alpha.service"]
+    assert stack.box.systemctl("is-active", "ssw-worker@alpha.service").stdout.strip() == "inactive"
+    assert not port_open(worker["port"])
+    assert not any(w["model"] == "alpha" for w in stack.status()["workers"])
+
+
+def test_unloading_an_unknown_model_is_a_clear_404(stack: Stack) -> None:
+    status, _, body = http("POST", stack.admin + "/unload", {"model": "no-such-model"})
+    assert status == 404 and "no-such-model" in body["error"]["message"]
+    cli = subprocess.run([str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "unload", "no-such-model"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert cli.returncode == 4
+    assert cli.stderr.startswith("ssw: ") and len(cli.stderr.strip().splitlines()) == 1
