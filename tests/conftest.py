@@ -24,13 +24,20 @@ from tests.harness.stack import (
 from tests.harness.sysbox import SysBox
 
 QWEN2_CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128, "num_attention_heads": 2,
-    "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 2048, "torch_dtype": "bfloat16",
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 2048,
+    "torch_dtype": "bfloat16",
 }
 
 
-def make_model_dir(path: Path, config: dict[str, Any], weight_bytes: int = 1 << 20,
-                   files: tuple[str, ...] = ("model.safetensors",)) -> Path:
+def make_model_dir(
+    path: Path, config: dict[str, Any], weight_bytes: int = 1 << 20, files: tuple[str, ...] = ("model.safetensors",)
+) -> Path:
     """A model directory with a real-looking config.json and sparse weight files (no disk cost)."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
@@ -46,8 +53,7 @@ def models_root() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     make_model_dir(root / "fake-a", QWEN2_CONFIG)
     make_model_dir(root / "fake-b", QWEN2_CONFIG)
-    make_model_dir(root / "fake-qwen3", {**QWEN2_CONFIG, "architectures": ["Qwen3ForCausalLM"],
-                                         "model_type": "qwen3"})
+    make_model_dir(root / "fake-qwen3", {**QWEN2_CONFIG, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"})
     make_model_dir(root / "fake-broken", QWEN2_CONFIG)
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -58,8 +64,11 @@ def tiny_model() -> Path:
     """A tiny random Qwen2 model made locally (kept between runs: it is deterministic)."""
     out = WORK_ROOT / "tiny-models" / "tiny-qwen"
     if not (out / "config.json").exists():
-        subprocess.run([str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), str(out)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), str(out)],
+            check=True,
+            capture_output=True,
+        )
     return out
 
 
@@ -91,12 +100,27 @@ class Stack:
         role.start().wait_healthy(self.public if role is self.gateway else self.admin)
 
 
-def start_stack(box: SysBox, directory: Path, models_dir: Path, models: dict[str, Any], engine: str,
-                extra: dict[str, Any] | None = None) -> Stack:
+def start_stack(
+    box: SysBox,
+    directory: Path,
+    models_dir: Path,
+    models: dict[str, Any],
+    engine: str,
+    extra: dict[str, Any] | None = None,
+) -> Stack:
     public_port, admin_port = free_port(), free_port()
-    config = write_config(directory, bus_address=box.bus_address, journal_dir=box.journal_dir,
-                          models_dir=models_dir, models=models, engine=engine, public_port=public_port,
-                          admin_port=admin_port, ports=free_port_range(20), extra=extra)
+    config = write_config(
+        directory,
+        bus_address=box.bus_address,
+        journal_dir=box.journal_dir,
+        models_dir=models_dir,
+        models=models,
+        engine=engine,
+        public_port=public_port,
+        admin_port=admin_port,
+        ports=free_port_range(20),
+        extra=extra,
+    )
     public, admin = f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{admin_port}"
     loader = Role("loader", config, directory).start().wait_healthy(admin)
     gateway = Role("gateway", config, directory).start().wait_healthy(public)

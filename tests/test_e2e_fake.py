@@ -62,8 +62,7 @@ def test_unknown_model_is_404_listing_the_alternatives(client: openai.OpenAI) ->
 
 
 def test_unloaded_model_answers_202_with_retry_after_and_loads(stack: Stack) -> None:
-    status, headers, body = http("POST", stack.public + "/v1/chat/completions",
-                                 {"model": "beta", "messages": CHAT})
+    status, headers, body = http("POST", stack.public + "/v1/chat/completions", {"model": "beta", "messages": CHAT})
     assert status == 202
     assert int(headers["retry-after"]) > 0
     assert body["status"] == "loading" and body["model"] == "beta"
@@ -96,8 +95,9 @@ def test_completions_and_embeddings_are_proxied(client: openai.OpenAI) -> None:
 
 def test_unknown_fields_pass_through_unchanged(stack: Stack) -> None:
     extra = {"nested": [1, {"x": "y"}], "unicode": "zaż"}
-    status, _, body = http("POST", stack.public + "/v1/chat/completions",
-                           {"model": "alpha", "messages": CHAT, "ssw_test_extra": extra})
+    status, _, body = http(
+        "POST", stack.public + "/v1/chat/completions", {"model": "alpha", "messages": CHAT, "ssw_test_extra": extra}
+    )
     assert status == 200
     assert body["ssw_echo"]["extra"] == extra
 
@@ -106,8 +106,11 @@ def test_qwen3_gets_thinking_off_unless_the_client_sets_it(stack: Stack) -> None
     url = stack.public + "/v1/chat/completions"
     _, _, body = http("POST", url, {"model": "qwen3-x", "messages": CHAT}, headers=WAIT)
     assert body["ssw_echo"]["chat_template_kwargs"] == {"enable_thinking": False}
-    _, _, body = http("POST", url, {"model": "qwen3-x", "messages": CHAT,
-                                    "chat_template_kwargs": {"enable_thinking": True, "other": 1}})
+    _, _, body = http(
+        "POST",
+        url,
+        {"model": "qwen3-x", "messages": CHAT, "chat_template_kwargs": {"enable_thinking": True, "other": 1}},
+    )
     assert body["ssw_echo"]["chat_template_kwargs"] == {"enable_thinking": True, "other": 1}
 
 
@@ -120,8 +123,9 @@ def test_bad_bodies_are_4xx_in_openai_shape(stack: Stack) -> None:
 
 
 def test_a_failed_load_is_a_503_with_the_reason(stack: Stack) -> None:
-    status, headers, body = http("POST", stack.public + "/v1/chat/completions",
-                                 {"model": "broken", "messages": CHAT}, headers=WAIT)
+    status, _, body = http(
+        "POST", stack.public + "/v1/chat/completions", {"model": "broken", "messages": CHAT}, headers=WAIT
+    )
     assert status == 503
     assert body["error"]["code"] == "load_failed"
     assert "ssw-worker@broken.service" in body["error"]["message"]
@@ -132,8 +136,18 @@ def test_a_failed_load_is_a_503_with_the_reason(stack: Stack) -> None:
 
 def test_worker_is_a_transient_unit_in_the_workers_slice(stack: Stack) -> None:
     wait_for(lambda: ready(stack, "alpha"), 30, "alpha")
-    props = stack.unit_show("ssw-worker@alpha.service", "Transient", "Slice", "Environment", "MemoryAccounting",
-                            "CPUAccounting", "ActiveState", "Type", "CollectMode", "SyslogIdentifier")
+    props = stack.unit_show(
+        "ssw-worker@alpha.service",
+        "Transient",
+        "Slice",
+        "Environment",
+        "MemoryAccounting",
+        "CPUAccounting",
+        "ActiveState",
+        "Type",
+        "CollectMode",
+        "SyslogIdentifier",
+    )
     assert props["Transient"] == "yes"
     assert props["Slice"] == "ssw-workers.slice"
     assert props["ActiveState"] == "active"
@@ -188,7 +202,11 @@ def test_unload_stops_the_unit_and_frees_its_port(stack: Stack) -> None:
 def test_unloading_an_unknown_model_is_a_clear_404(stack: Stack) -> None:
     status, _, body = http("POST", stack.admin + "/unload", {"model": "no-such-model"})
     assert status == 404 and "no-such-model" in body["error"]["message"]
-    cli = subprocess.run([str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "unload", "no-such-model"],
-                         capture_output=True, text=True, cwd=REPO)
+    cli = subprocess.run(
+        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "unload", "no-such-model"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert cli.returncode == 4
     assert cli.stderr.startswith("ssw: ") and len(cli.stderr.strip().splitlines()) == 1

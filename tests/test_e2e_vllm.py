@@ -56,8 +56,11 @@ def test_chat_completion_from_real_vllm(client: openai.OpenAI) -> None:
 
 
 def test_streamed_chat_completion_arrives_in_chunks(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content_chunks) >= 2
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
@@ -76,8 +79,9 @@ def test_unknown_model_is_404_with_alternatives(client: openai.OpenAI) -> None:
 
 
 def test_worker_unit_is_transient_in_the_slice_with_accounting_and_journal(stack: Stack) -> None:
-    props = stack.unit_show(UNIT, "Transient", "Slice", "Environment", "MemoryAccounting", "MemoryCurrent",
-                            "ActiveState", "ExecStart")
+    props = stack.unit_show(
+        UNIT, "Transient", "Slice", "Environment", "MemoryAccounting", "MemoryCurrent", "ActiveState", "ExecStart"
+    )
     assert props["Transient"] == "yes"
     assert props["Slice"] == "ssw-workers.slice"
     assert props["ActiveState"] == "active"

@@ -42,8 +42,11 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _setup_logging(level: str) -> None:
     # Under systemd, journald adds timestamps and the unit name itself.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
@@ -53,17 +56,15 @@ def _run_roles(cfg: Config, roles: set[str]) -> int:
     _setup_logging(cfg.log_level)
     try:
         import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # uvloop is optional; asyncio's loop works too
-        runner = asyncio.run
-    return int(runner(service.run(cfg, roles)))
+    except ImportError:  # uvloop is optional; asyncio's own loop works too
+        return int(asyncio.run(service.run(cfg, roles)))
+    return int(uvloop.run(service.run(cfg, roles)))
 
 
 # --- operator verbs (admin API clients) ------------------------------------------------
 
-def _admin(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None,
-           timeout: float = 30.0) -> Any:
+
+def _admin(cfg: Config, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     import urllib.error
     import urllib.request
 
@@ -93,12 +94,16 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"ssw {st['version']}  up {st['uptime_s']:.0f} s  GPU source: {st['gpu_source']}")
     for g in st["gpus"]:
         util = "unknown" if g["utilization_pct"] is None else f"{g['utilization_pct']} %"
-        print(f"  GPU {g['index']} {g['name']}: {_gb(g['memory_used_bytes'])} used of "
-              f"{_gb(g['memory_total_bytes'])}, {_gb(g['memory_reserved_bytes'])} reserved by ssw, util {util}")
+        print(
+            f"  GPU {g['index']} {g['name']}: {_gb(g['memory_used_bytes'])} used of "
+            f"{_gb(g['memory_total_bytes'])}, {_gb(g['memory_reserved_bytes'])} reserved by ssw, util {util}"
+        )
     print("workers:" if st["workers"] else "workers: none")
     for w in st["workers"]:
-        print(f"  {w['unit']}: {w['state']} on GPU {w['gpu']}, port {w['port']}, "
-              f"budget {_gb(w['vram_budget_bytes'])}, up {w['uptime_s']:.0f} s")
+        print(
+            f"  {w['unit']}: {w['state']} on GPU {w['gpu']}, port {w['port']}, "
+            f"budget {_gb(w['vram_budget_bytes'])}, up {w['uptime_s']:.0f} s"
+        )
     print("models:")
     for name, m in st["models"].items():
         flags = ", ".join(filter(None, ["pinned" if m["pinned"] else "", "loading" if m["loading"] else ""]))
@@ -112,8 +117,12 @@ def _print_status(st: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssw", description="systemd-native model serving")
-    parser.add_argument("--config", "-c", default=os.environ.get("SSW_CONFIG"),
-                        help=f"config file (default: $SSW_CONFIG or {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("SSW_CONFIG"),
+        help=f"config file (default: $SSW_CONFIG or {DEFAULT_CONFIG})",
+    )
     sub = parser.add_subparsers(dest="verb", required=True)
     sub.add_parser("gateway", help="run the public OpenAI gateway")
     sub.add_parser("loader", help="run the loader (admin API, workers)")
@@ -144,8 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             st = _admin(cfg, "GET", "/status")
             print(json.dumps(st, indent=2)) if args.json else _print_status(st)
         elif args.verb == "load":
-            res = _admin(cfg, "POST", "/load", {"model": args.model, "wait": not args.no_wait},
-                         timeout=cfg.health.start_timeout_s + 30)
+            res = _admin(
+                cfg,
+                "POST",
+                "/load",
+                {"model": args.model, "wait": not args.no_wait},
+                timeout=cfg.health.start_timeout_s + 30,
+            )
             units = ", ".join(w["unit"] for w in res.get("workers", []))
             print(f"{res['model']}: {res['state']}{' (' + units + ')' if units else ''}")
         elif args.verb == "unload":

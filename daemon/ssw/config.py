@@ -61,9 +61,7 @@ class VllmSettings(_Section):
         description="Python of vLLM's own virtual environment; workers run "
         "'<python> -m vllm.entrypoints.openai.api_server'.",
     )
-    extra_args: list[str] = Field(
-        default_factory=list, description="Arguments added to every worker's command line."
-    )
+    extra_args: list[str] = Field(default_factory=list, description="Arguments added to every worker's command line.")
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment added to every worker (a model's own env wins)."
     )
@@ -93,9 +91,7 @@ class WorkerSettings(_Section):
 
 class HealthSettings(_Section):
     interval_s: float = Field(default=1.0, gt=0, description="Seconds between /health probes of a loading worker.")
-    check_interval_s: float = Field(
-        default=10.0, gt=0, description="Seconds between /health probes of a ready worker."
-    )
+    check_interval_s: float = Field(default=10.0, gt=0, description="Seconds between /health probes of a ready worker.")
     start_timeout_s: float = Field(
         default=900.0, gt=0, description="A worker not healthy within this many seconds of its start is failed."
     )

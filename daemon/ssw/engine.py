@@ -21,9 +21,7 @@ ENV_GPU = "SSW_GPU"
 ENV_BUDGET = "SSW_VRAM_BYTES"
 
 
-def vllm_argv(
-    cfg: Config, spec: ModelSpec, port: int, budget_bytes: int, gpu_total_bytes: int | None
-) -> list[str]:
+def vllm_argv(cfg: Config, spec: ModelSpec, port: int, budget_bytes: int, gpu_total_bytes: int | None) -> list[str]:
     argv = [
         str(cfg.vllm.python),
         "-m",

@@ -119,8 +119,13 @@ class Gateway:
             if wait:
                 raise
             return JSONResponse(
-                {"object": "ssw.model_loading", "model": model, "status": "loading", "message": exc.message,
-                 "retry_after_s": exc.retry_after_s},
+                {
+                    "object": "ssw.model_loading",
+                    "model": model,
+                    "status": "loading",
+                    "message": exc.message,
+                    "retry_after_s": exc.retry_after_s,
+                },
                 status_code=202,
                 headers={"Retry-After": str(exc.retry_after_s)},
             )
@@ -163,6 +168,7 @@ class Gateway:
     async def _relay(resp: aiohttp.ClientResponse) -> Response:
         ctype = resp.headers.get("Content-Type", "application/json")
         if ctype.startswith("text/event-stream"):
+
             async def chunks() -> Any:
                 finished = False
                 try:
@@ -178,7 +184,9 @@ class Gateway:
                         resp.close()
 
             return StreamingResponse(
-                chunks(), status_code=resp.status, media_type=None,
+                chunks(),
+                status_code=resp.status,
+                media_type=None,
                 headers={"Content-Type": ctype, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
@@ -208,11 +216,17 @@ def gateway_app(gw: Gateway) -> FastAPI:
         for name, entry in snap["models"].items():
             states = {w["state"] for w in snap["workers"] if w["model"] == name}
             state = "ready" if "ready" in states else "loading" if entry["loading"] or states else "unloaded"
-            data.append({"id": name, "object": "model", "created": 0, "owned_by": "ssw",
-                         "ssw": {"state": state, "aliases": entry["aliases"], "pinned": entry["pinned"]}})
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "ssw",
+                    "ssw": {"state": state, "aliases": entry["aliases"], "pinned": entry["pinned"]},
+                }
+            )
         for alias, target in snap["aliases"].items():
-            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "ssw",
-                         "ssw": {"alias_of": target}})
+            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "ssw", "ssw": {"alias_of": target}})
         return {"object": "list", "data": data}
 
     async def proxy(request: Request) -> Response:

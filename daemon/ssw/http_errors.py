@@ -16,14 +16,17 @@ from .errors import ModelLoading, SswError
 log = logging.getLogger(__name__)
 
 
-def envelope(message: str, type_: str, code: str | None = None, param: str | None = None, **extra: Any) -> dict[str, Any]:
+def envelope(
+    message: str, type_: str, code: str | None = None, param: str | None = None, **extra: Any
+) -> dict[str, Any]:
     body: dict[str, Any] = {"message": message, "type": type_, "param": param, "code": code}
     body.update(extra)
     return {"error": body}
 
 
-def error_response(status: int, message: str, type_: str, code: str | None = None,
-                   headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     return JSONResponse(envelope(message, type_, code, **extra), status_code=status, headers=headers)
 
 
@@ -46,15 +49,25 @@ def install(app: FastAPI, source: str) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
         return JSONResponse(
-            envelope(f"{param or 'request'}: {first.get('msg')}", "invalid_request_error", "invalid_request", param,
-                     source=source),
+            envelope(
+                f"{param or 'request'}: {first.get('msg')}",
+                "invalid_request_error",
+                "invalid_request",
+                param,
+                source=source,
+            ),
             status_code=422 if param else 400,
         )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", source=source,
-                              headers=getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code,
+            str(exc.detail),
+            "invalid_request_error",
+            source=source,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

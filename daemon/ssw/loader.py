@@ -49,7 +49,10 @@ class Loader:
         registry = await asyncio.to_thread(scan, cfg.models_dir, cfg.models_file)
         log.info(
             "registry: %d models, %d aliases, %d configured but missing, from %s",
-            len(registry.models), len(registry.aliases), len(registry.missing), cfg.models_dir,
+            len(registry.models),
+            len(registry.aliases),
+            len(registry.missing),
+            cfg.models_dir,
         )
         return cls(cfg, systemd, gpus, registry)
 
@@ -137,6 +140,7 @@ class Loader:
 
 # --- admin API ------------------------------------------------------------------------
 
+
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=256, description="Model name or alias.")
@@ -183,16 +187,18 @@ def admin_app(loader: Loader) -> FastAPI:
         return {"models": sorted(reg.models), "aliases": reg.aliases, "missing": sorted(reg.missing)}
 
     @app.get("/logs/{model}")
-    async def logs(model: str, lines: int = Query(100, ge=1, le=journal.MAX_LINES),
-                   replica: int = Query(1, ge=1, le=16)) -> dict[str, Any]:
+    async def logs(
+        model: str, lines: int = Query(100, ge=1, le=journal.MAX_LINES), replica: int = Query(1, ge=1, le=16)
+    ) -> dict[str, Any]:
         spec = await loader.resolve(model)
         unit = unit_name(spec.name, replica)
         return {"unit": unit, "lines": await journal.tail(unit, lines, loader.cfg.systemd.journal_directory)}
 
     @app.get("/events")
     async def events() -> StreamingResponse:
-        return StreamingResponse(_event_stream(loader), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return StreamingResponse(
+            _event_stream(loader), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
 
     return app
 
@@ -208,8 +214,9 @@ async def _event_stream(loader: Loader) -> AsyncIterator[bytes]:
         yield frame()
         while not loader.closing.is_set():
             getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, closing}, timeout=EVENTS_KEEPALIVE_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {getter, closing}, timeout=EVENTS_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+            )
             if getter in done:
                 yield frame()
             else:

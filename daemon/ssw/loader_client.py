@@ -8,6 +8,7 @@ keeps serving the workers it knows while the loader restarts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
@@ -34,18 +35,14 @@ class LoaderClient:
     async def close(self) -> None:
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     async def wait_update(self, timeout: float) -> None:
         """Until the next snapshot arrives (or the timeout passes)."""
         event = self._updated
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
 
     def _publish(self, snapshot: dict[str, Any]) -> None:
         self.snapshot = snapshot

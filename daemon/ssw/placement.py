@@ -25,8 +25,6 @@ def choose_device(need: int, devices: Iterable[DeviceView]) -> int:
     """The device with the most free memory that fits ``need``; NoCapacity otherwise."""
     candidates = [d for d in devices if d.free >= need]
     if not candidates:
-        raise NoCapacity(
-            f"no GPU has {need / GB:.1f} GB free for this model; unload a model or lower its vram_gb"
-        )
+        raise NoCapacity(f"no GPU has {need / GB:.1f} GB free for this model; unload a model or lower its vram_gb")
     # Most free first; the lowest index breaks ties so placement is repeatable.
     return max(candidates, key=lambda d: (d.free, -d.index)).index

@@ -41,7 +41,9 @@ class ModelOverride(BaseModel):
     path: str | None = Field(default=None, description="Directory under models_dir (default: the model's name).")
     aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
     pinned: bool = Field(default=False, description="Loaded at start, never evicted, always restarted.")
-    vram_gb: float | None = Field(default=None, gt=0, description="VRAM the worker may use, in GB; wins over estimates.")
+    vram_gb: float | None = Field(
+        default=None, gt=0, description="VRAM the worker may use, in GB; wins over estimates."
+    )
     max_model_len: int | None = Field(default=None, gt=0, description="vLLM --max-model-len.")
     max_num_seqs: int | None = Field(default=None, gt=0, description="vLLM --max-num-seqs (concurrency).")
     tool_call_parser: str | None = Field(default=None, description="Tool-call parser; 'none' turns the default off.")
@@ -130,6 +132,7 @@ class Registry:
 
 # --- family defaults -------------------------------------------------------------
 
+
 def family_defaults(name: str, facts: ModelFacts) -> dict[str, Any]:
     """Parser and chat-template defaults by model family; models.yaml overrides them."""
     model_type = (facts.model_type or "").lower()
@@ -151,6 +154,7 @@ def family_defaults(name: str, facts: ModelFacts) -> dict[str, Any]:
 
 # --- scanning (blocking I/O; run in a thread) -----------------------------------
 
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -160,7 +164,8 @@ def read_facts(model_dir: Path) -> ModelFacts:
     if not isinstance(cfg, dict):
         raise ValueError("config.json is not an object")
     # Multimodal configs keep the language model's shape under text_config.
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    nested = cfg.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else cfg
     heads = _int(text.get("num_attention_heads"))
     hidden = _int(text.get("hidden_size"))
     head_dim = _int(text.get("head_dim"))
@@ -234,9 +239,7 @@ def load_models_file(path: Path) -> ModelsFile:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     except ValidationError as exc:
-        lines = [
-            f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        ]
+        lines = [f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("\n".join(lines)) from exc
 
 

@@ -4,6 +4,7 @@ state, and change notifications. The only module that talks to systemd."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,7 +88,9 @@ class Systemd:
             f"type='signal',interface='{PROPS}',member='PropertiesChanged',arg0='{UNIT_IFACE}',"
             f"path_namespace='/org/freedesktop/systemd1/unit'",
         ):
-            await self._call("org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule])
+            await self._call(
+                "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s", [rule]
+            )
         # Without Subscribe systemd only emits signals that someone else asked for.
         await self._manager("Subscribe", "", [])
         return self
@@ -197,10 +200,8 @@ class Systemd:
         await self._manager("KillUnit", "ssi", [name, "all", signal])
 
     async def reset_failed(self, name: str) -> None:
-        try:
+        with contextlib.suppress(SystemdError):  # nothing to reset
             await self._manager("ResetFailedUnit", "s", [name])
-        except SystemdError:
-            pass  # nothing to reset
 
     async def list_units(self, pattern: str) -> list[UnitStatus]:
         (units,) = await self._manager("ListUnitsByPatterns", "asas", [[], [pattern]])

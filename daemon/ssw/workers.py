@@ -137,9 +137,7 @@ class WorkerManager:
     def _set_state(self, worker: Worker, state: WorkerState, reason: str = "") -> None:
         if worker.state is state:
             return
-        log.info(
-            "%s: %s -> %s%s", worker.unit, worker.state.value, state.value, f" ({reason})" if reason else ""
-        )
+        log.info("%s: %s -> %s%s", worker.unit, worker.state.value, state.value, f" ({reason})" if reason else "")
         worker.state = state
         worker.state_since = time.time()
         self.changed()
@@ -291,13 +289,16 @@ class WorkerManager:
             port = self._free_port()
             name = unit_name(spec.name, replica)
             worker = Worker(
-                model=spec.name, replica=replica, unit=name, port=port, gpu=gpu,
-                budget_bytes=need, state=WorkerState.STARTING,
+                model=spec.name,
+                replica=replica,
+                unit=name,
+                port=port,
+                gpu=gpu,
+                budget_bytes=need,
+                state=WorkerState.STARTING,
             )
             self.workers[name] = worker
-        unit = engine.worker_unit(
-            self.cfg, spec, replica, port, gpu, need, total if self.gpus.kind == "nvml" else None
-        )
+        unit = engine.worker_unit(self.cfg, spec, replica, port, gpu, need, total if self.gpus.kind == "nvml" else None)
         lock = self._device_locks.setdefault(gpu, asyncio.Lock())
         # vLLM checks free device memory at start and profiles it: two workers
         # starting on one GPU at once would each see the other's memory move.
@@ -401,4 +402,3 @@ class WorkerManager:
             log.error("%s: stop failed: %s", worker.unit, exc)
             raise
         self._remove(worker, None)
-

@@ -40,8 +40,9 @@ def make_app(args: argparse.Namespace) -> web.Application:
     delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
 
     def error(status: int, message: str) -> web.Response:
-        return web.json_response({"error": {"message": message, "type": "BadRequestError", "code": status}},
-                                 status=status)
+        return web.json_response(
+            {"error": {"message": message, "type": "BadRequestError", "code": status}}, status=status
+        )
 
     async def health(_: web.Request) -> web.Response:
         if args.fail == "unhealthy" or time.monotonic() < ready_at:
@@ -62,17 +63,31 @@ def make_app(args: argparse.Namespace) -> web.Application:
         created = int(time.time())
         # Echo what the request carried that a test may want to see arrive.
         echo = {"chat_template_kwargs": body.get("chat_template_kwargs"), "extra": body.get("ssw_test_extra")}
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
-                 "total_tokens": prompt_tokens + n_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n_tokens,
+            "total_tokens": prompt_tokens + n_tokens,
+        }
         if not body.get("stream"):
             if delay:
                 await asyncio.sleep(delay * n_tokens)
             text = " ".join(f"t{i}" for i in range(n_tokens))
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
-                      if chat else {"index": 0, "text": text, "finish_reason": "length"})
-            return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                      "created": created, "model": names[0], "choices": [choice],
-                                      "usage": usage, "ssw_echo": echo})
+            choice = (
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                if chat
+                else {"index": 0, "text": text, "finish_reason": "length"}
+            )
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "created": created,
+                    "model": names[0],
+                    "choices": [choice],
+                    "usage": usage,
+                    "ssw_echo": echo,
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -80,16 +95,30 @@ def make_app(args: argparse.Namespace) -> web.Application:
             if delay:
                 await asyncio.sleep(delay)
             piece = {"delta": {"content": f"t{i} "}} if chat else {"text": f"t{i} "}
-            chunk = {"id": rid, "object": obj, "created": created, "model": names[0],
-                     "choices": [{"index": 0, **piece, "finish_reason": None}]}
+            chunk = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": names[0],
+                "choices": [{"index": 0, **piece, "finish_reason": None}],
+            }
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        last = {"id": rid, "object": obj, "created": created, "model": names[0],
-                "choices": [{"index": 0, **({"delta": {}} if chat else {"text": ""}), "finish_reason": "length"}]}
+        last = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": names[0],
+            "choices": [{"index": 0, **({"delta": {}} if chat else {"text": ""}), "finish_reason": "length"}],
+        }
         await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(b"data: " + json.dumps({"id": rid, "object": obj, "created": created,
-                                                     "model": names[0], "choices": [], "usage": usage}).encode()
-                             + b"\n\n")
+            await resp.write(
+                b"data: "
+                + json.dumps(
+                    {"id": rid, "object": obj, "created": created, "model": names[0], "choices": [], "usage": usage}
+                ).encode()
+                + b"\n\n"
+            )
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -97,10 +126,18 @@ def make_app(args: argparse.Namespace) -> web.Application:
         body = await request.json()
         inputs = body.get("input")
         items = inputs if isinstance(inputs, list) else [inputs]
-        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, float(len(str(x)))]}
-                for i, x in enumerate(items)]
-        return web.json_response({"object": "list", "data": data, "model": names[0],
-                                  "usage": {"prompt_tokens": len(items), "total_tokens": len(items)}})
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, float(len(str(x)))]}
+            for i, x in enumerate(items)
+        ]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": names[0],
+                "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
+            }
+        )
 
     app = web.Application()
     app.router.add_get("/health", health)

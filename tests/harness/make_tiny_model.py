@@ -37,10 +37,17 @@ def make(out: Path) -> None:
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
-        eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None,
-        pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"), tie_word_embeddings=True,
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
+        bos_token_id=None,
+        pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"),
+        tie_word_embeddings=True,
         torch_dtype="bfloat16",
     )
     model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)

@@ -58,12 +58,14 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-         timeout: float = 30) -> tuple[int, dict[str, str], Any]:
+def http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, dict[str, str], Any]:
     """(status, lower-cased headers, parsed JSON or text) without raising on 4xx/5xx."""
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, hdrs, raw = resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
@@ -85,16 +87,28 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def write_config(directory: Path, *, bus_address: str, journal_dir: Path | None, models_dir: Path,
-                 models: dict[str, Any], engine: str, public_port: int, admin_port: int,
-                 ports: tuple[int, int], extra: dict[str, Any] | None = None) -> Path:
+def write_config(
+    directory: Path,
+    *,
+    bus_address: str,
+    journal_dir: Path | None,
+    models_dir: Path,
+    models: dict[str, Any],
+    engine: str,
+    public_port: int,
+    admin_port: int,
+    ports: tuple[int, int],
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """A config for a test stack; engine 'fake' (fast stand-in) or 'vllm' (real, CPU)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "models.yaml").write_text(yaml.safe_dump({"models": models}))
     if engine == "vllm":
-        vllm = {"python": str(VLLM_VENV / "bin/python"),
-                "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"},
-                "extra_args": ["--dtype", "bfloat16", "--max-model-len", "1024"]}
+        vllm = {
+            "python": str(VLLM_VENV / "bin/python"),
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"},
+            "extra_args": ["--dtype", "bfloat16", "--max-model-len", "1024"],
+        }
     else:
         vllm = {"python": sys.executable, "env": {"PYTHONPATH": str(FAKE_VLLM_PATH)}}
     cfg: dict[str, Any] = {
@@ -103,8 +117,10 @@ def write_config(directory: Path, *, bus_address: str, journal_dir: Path | None,
         "models_dir": str(models_dir),
         "models_file": str(directory / "models.yaml"),
         "state_dir": str(directory / "state"),
-        "gpus": {"source": "simulated",
-                 "simulated": [{"name": "Simulated A40", "memory_gb": 48}, {"name": "Simulated A40", "memory_gb": 48}]},
+        "gpus": {
+            "source": "simulated",
+            "simulated": [{"name": "Simulated A40", "memory_gb": 48}, {"name": "Simulated A40", "memory_gb": 48}],
+        },
         "vllm": vllm,
         "workers": {"port_min": ports[0], "port_max": ports[1], "stop_timeout_s": 10},
         "health": {"interval_s": 0.25, "check_interval_s": 1.0, "start_timeout_s": 300},
@@ -133,8 +149,12 @@ class Role:
 
     def start(self) -> Role:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([str(SSW_VENV / "bin/ssw"), "--config", str(self.config), self.role],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [str(SSW_VENV / "bin/ssw"), "--config", str(self.config), self.role],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         return self
 
@@ -146,6 +166,7 @@ class Role:
                 return http("GET", url + "/health", timeout=2)[0] == 200
             except OSError:
                 return False
+
         wait_for(ok, timeout, f"ssw {self.role} at {url}")
         return self
 

@@ -35,7 +35,9 @@ class SysBox:
         base = Path(tempfile.mkdtemp(prefix="ssw-sysbox-"))
         launcher = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount", "--mount-proc", str(INIT), str(base)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -75,7 +77,10 @@ class SysBox:
     def run(self, *argv: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["nsenter", "-t", str(self.pid), "-m", "-p", "--", *argv],
-            capture_output=True, text=True, check=check, timeout=timeout,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
         )
 
     def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:

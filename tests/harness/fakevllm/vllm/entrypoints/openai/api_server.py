@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", ".."))
 
-from fake_engine import main  # noqa: E402
+from fake_engine import main
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssw.config import Config, load_config
+from ssw.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_validates_and_documents_every_default() -> None:
+    path = REPO / "etc/ssw/config.yaml"
+    assert load_config(path) == Config()
+    # Every setting appears in the documented example, so it cannot drift.
+    raw = yaml.safe_load(path.read_text())
+
+    def keys(model: type, prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            out.append(prefix + name)
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields") and name not in ("public", "admin"):
+                out += keys(ann, prefix + name + ".")
+        return out
+
+    for dotted in keys(Config):
+        node = raw
+        for part in dotted.split("."):
+            assert isinstance(node, dict) and part in node, f"{dotted} is not documented in etc/ssw/config.yaml"
+            node = node[part]
+
+
+def test_defaults_match_the_ssw_design() -> None:
+    cfg = Config()
+    assert (cfg.public.host, cfg.public.port) == ("0.0.0.0", 8000)
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 8001)
+    assert cfg.models_dir == Path("/data/models")
+    assert cfg.gateway.wait_timeout_s == 180
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("admin: {host: 0.0.0.0, port: 8001}", "admin"),
+        ("public: {host: 0.0.0.0, port: 99999}", "public.port"),
+        ("gpus: {source: simulated}", "gpus"),
+        ("gpus: {source: cuda}", "gpus.source"),
+        ("workers: {port_min: 9000, port_max: 8000}", "workers"),
+        ("health: {interval_s: -1}", "health.interval_s"),
+        ("no_such_key: 1", "no_such_key"),
+        ("vllm: {pyhton: /x}", "vllm.pyhton"),
+    ],
+)
+def test_errors_name_the_failing_key(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}: {key}:" in str(err.value)
+
+
+def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("models_dir: models\nmodels_file: models.yaml\n")
+    cfg = load_config(path)
+    assert cfg.models_dir == tmp_path / "models"
+    assert cfg.models_file == tmp_path / "models.yaml"
+
+
+def test_unreadable_and_malformed_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
