@@ -163,7 +163,8 @@ class Config(_Section):
             if not path.is_absolute():
                 updates[key] = (base / path).resolve()
         if not self.vllm.python.is_absolute() and len(self.vllm.python.parts) > 1:
-            updates["vllm"] = self.vllm.model_copy(update={"python": (base / self.vllm.python).absolute()})
+            # normpath, not resolve: a venv's python is a symlink that must stay one.
+            updates["vllm"] = self.vllm.model_copy(update={"python": Path(os.path.normpath(base / self.vllm.python))})
         return self.model_copy(update=updates)
 
 

@@ -77,13 +77,13 @@ class Gateway:
         workers = self.ready_workers(model)
         if workers:
             return workers
-        version = await self.loader.request_load(model)
+        seq = await self.loader.request_load(model)
         if not wait:
             raise ModelLoading(f"model '{model}' is loading", DEFAULT_RETRY_AFTER_S)
         deadline = time.monotonic() + self.cfg.gateway.wait_timeout_s
         while True:
             snap = self._snapshot()
-            if snap["version"] >= version:
+            if snap["seq"] >= seq:
                 workers = self.ready_workers(model)
                 if workers:
                     return workers

@@ -90,7 +90,7 @@ class Loader:
         """What the gateway needs to route: models, aliases and workers."""
         reg = self.registry
         return {
-            "version": self.manager.version,
+            "seq": self.manager.seq,
             "models": {
                 name: {
                     "aliases": list(spec.aliases),
@@ -117,6 +117,7 @@ class Loader:
             entry["weight_bytes"] = spec.facts.weight_bytes
             entry["unit"] = unit_name(name)
         return {
+            **snap,
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
             "gpu_source": self.gpus.kind,
@@ -134,7 +135,6 @@ class Loader:
                 }
                 for g in gpus
             ],
-            **snap,
         }
 
 
@@ -169,9 +169,7 @@ def admin_app(loader: Loader) -> FastAPI:
         spec = await loader.resolve(req.model)
         task = loader.manager.load(spec)
         if not req.wait:
-            return JSONResponse(
-                {"model": spec.name, "state": "loading", "version": loader.manager.version}, status_code=202
-            )
+            return JSONResponse({"model": spec.name, "state": "loading", "seq": loader.manager.seq}, status_code=202)
         workers = await asyncio.shield(task)
         return JSONResponse({"model": spec.name, "state": "ready", "workers": [w.public() for w in workers]})
 

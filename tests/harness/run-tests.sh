@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every check of ssw on this machine: lint, types, and the whole test
+# suite (real systemd in a disposable host, real vLLM on the CPU, the fake
+# engine). Installs what it needs first (tests/harness/bootstrap.sh).
+# Extra arguments go to pytest, e.g. -m "not vllm" for a quick run.
+set -euo pipefail
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+"$repo/tests/harness/bootstrap.sh"
+cd "$repo"
+.venvs/ssw/bin/ruff check daemon tests
+.venvs/ssw/bin/ruff format --check daemon tests
+.venvs/ssw/bin/mypy
+exec .venvs/ssw/bin/pytest "$@"

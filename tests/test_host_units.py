@@ -1,0 +1,89 @@
+"""The shipped units on a real systemd: ssw.target brings up the loader and the
+gateway as Type=notify services (the gateway unprivileged and sandboxed), and
+restarting either service leaves the workers running."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness.hostinstall import UNITS, install_units
+from tests.harness.stack import WORK_ROOT, free_port, free_port_range, http, wait_for, write_config
+from tests.harness.sysbox import SysBox
+
+pytestmark = pytest.mark.systemd
+
+CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def host(sysbox: SysBox, models_root: Path) -> Iterator[tuple[SysBox, str, str]]:
+    public, admin = free_port(), free_port()
+    directory = WORK_ROOT / f"host-units-{id(sysbox)}"
+    config = write_config(
+        directory,
+        bus_address="unix:path=/run/dbus/system_bus_socket",
+        journal_dir=None,
+        models_dir=models_root,
+        models={"alpha": {"path": "fake-a", "vram_gb": 4, "pinned": True}},
+        engine="fake",
+        public_port=public,
+        admin_port=admin,
+        ports=free_port_range(10),
+    )
+    directory.chmod(0o755)
+    config.chmod(0o644)
+    install_units(sysbox, config)
+    yield sysbox, f"http://127.0.0.1:{public}", f"http://127.0.0.1:{admin}"
+    sysbox.systemctl("stop", "ssw.target")
+
+
+def show(box: SysBox, unit: str, *props: str) -> dict[str, str]:
+    out = box.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_units_pass_systemd_analyze_verify(host: tuple[SysBox, str, str]) -> None:
+    box, _, _ = host
+    result = box.run("systemd-analyze", "verify", *(f"/etc/systemd/system/{u}" for u in UNITS))
+    problems = [line for line in (result.stdout + result.stderr).splitlines() if "ssw" in line]
+    assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+
+def test_target_starts_both_roles_as_notify_services(host: tuple[SysBox, str, str]) -> None:
+    box, public, admin = host
+    started = box.systemctl("start", "ssw.target")
+    assert started.returncode == 0, started.stderr
+    for unit in ("ssw-loader.service", "ssw-gateway.service"):
+        props = show(box, unit, "ActiveState", "Type", "StatusText", "User", "NRestarts")
+        assert props["ActiveState"] == "active", box.run("journalctl", "-u", unit, "--no-pager").stdout
+        assert props["Type"] == "notify"
+        assert props["StatusText"]  # sent with READY=1
+    assert show(box, "ssw-gateway.service", "User")["User"] == "ssw"
+    gw_pid = show(box, "ssw-gateway.service", "MainPID")["MainPID"]
+    assert box.run("ps", "-o", "user=", "-p", gw_pid).stdout.strip() == "ssw"
+    # The pinned model loads at start; the gateway serves it.
+    wait_for(
+        lambda: any(w["state"] == "ready" for w in http("GET", admin + "/status")[2]["workers"]), 30, "the pinned model"
+    )
+    assert http("POST", public + "/v1/chat/completions", CHAT)[0] == 200
+
+
+def test_restarting_the_services_keeps_the_worker(host: tuple[SysBox, str, str]) -> None:
+    box, public, admin = host
+    pid = show(box, "ssw-worker@alpha.service", "MainPID")["MainPID"]
+    for unit in ("ssw-gateway.service", "ssw-loader.service"):
+        assert box.systemctl("restart", unit).returncode == 0
+    # Type=notify: restart returns once READY=1 came, i.e. after adoption.
+    workers = http("GET", admin + "/status")[2]["workers"]
+    assert [(w["unit"], w["adopted"], w["state"]) for w in workers] == [("ssw-worker@alpha.service", True, "ready")]
+    wait_for(lambda: http("POST", public + "/v1/chat/completions", CHAT)[0] == 200, 10, "the gateway")
+    assert show(box, "ssw-worker@alpha.service", "MainPID")["MainPID"] == pid
+
+
+def test_journal_has_the_roles_logs(host: tuple[SysBox, str, str]) -> None:
+    box, _, _ = host
+    log = box.run("journalctl", "-u", "ssw-loader.service", "--no-pager", "-o", "cat").stdout
+    assert "ssw-worker@alpha.service: adopted" in log
