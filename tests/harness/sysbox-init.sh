@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs as PID 1 of a fresh PID + mount namespace (see sysbox.py). Builds an
 # in-memory overlay of / and execs systemd inside it, so nothing systemd writes
-# (tmpfiles wiping /tmp included) reaches the real machine.
+# (tmpfiles wiping /tmp included) reaches the real machine: writes land in
+# a tmpfs upper layer.
 set -eu
 base="$1"
 mount --make-rprivate /
@@ -13,7 +14,11 @@ mount -t proc proc "$r/proc"
 mount --rbind /sys "$r/sys"
 mount --rbind /dev "$r/dev"
 mount -t tmpfs -o mode=755 tmpfs "$r/run"
-mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
+# /tmp stays the overlay's view of the real /tmp (a checkout may live there),
+# and systemd-tmpfiles must not empty it at boot: mask tmp.conf inside.
+# Deletions would only be whiteouts in the overlay, never on the real disk.
+mkdir -p "$r/etc/tmpfiles.d"
+: > "$r/etc/tmpfiles.d/tmp.conf"
 mkdir -p "$r/.oldroot"
 cd "$r"
 pivot_root . .oldroot

@@ -1,7 +1,8 @@
 """A disposable systemd host: systemd as PID 1 of a new PID + mount namespace,
 on an in-memory overlay of /, so units, journald and D-Bus are real while
 nothing written inside reaches the machine (systemd-tmpfiles would otherwise
-wipe the real /tmp). The network namespace is shared: a worker's port inside
+wipe the real /tmp; inside, tmpfiles is told to leave /tmp alone, so a
+checkout under /tmp is visible). The network namespace is shared: a worker's port inside
 is reachable from outside.
 
     python -m tests.harness.sysbox boot     # prints the PID, keeps running
