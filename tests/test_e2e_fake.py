@@ -24,6 +24,7 @@ MODELS = {
     "qwen3-x": {"path": "fake-qwen3", "vram_gb": 4},
     "broken": {"path": "fake-broken", "vram_gb": 4, "env": {"SSW_FAKE_FAIL": "exit-on-start"}},
     "ghost": {"path": "not-on-this-host", "aliases": ["heavy"]},
+    "gamma": {"path": "fake-a", "vram_gb": 4, "replicas": 2},
 }
 WAIT = {"X-SSW-Wait": "true"}
 CHAT = [{"role": "user", "content": "hello"}]
@@ -210,3 +211,18 @@ def test_unloading_an_unknown_model_is_a_clear_404(stack: Stack) -> None:
     )
     assert cli.returncode == 4
     assert cli.stderr.startswith("ssw: ") and len(cli.stderr.strip().splitlines()) == 1
+
+
+def test_replicas_get_distinct_units_and_share_requests_round_robin(stack: Stack) -> None:
+    status, _, body = http("POST", stack.admin + "/load", {"model": "gamma"})
+    assert status == 200
+    units = sorted(w["unit"] for w in body["workers"])
+    assert units == ["ssw-worker@gamma.service", "ssw-worker@gamma:2.service"]
+    ports = set()
+    for _ in range(4):
+        _, _, answer = http("POST", stack.public + "/v1/chat/completions", {"model": "gamma", "messages": CHAT})
+        ports.add(answer["ssw_echo"]["port"])
+    assert ports == {w["port"] for w in body["workers"]}
+    assert stack.box.systemctl("is-active", *units).stdout.split() == ["active", "active"]
+    status, _, body = http("POST", stack.admin + "/unload", {"model": "gamma"})
+    assert sorted(body["stopped"]) == units

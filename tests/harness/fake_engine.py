@@ -62,7 +62,11 @@ def make_app(args: argparse.Namespace) -> web.Application:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         # Echo what the request carried that a test may want to see arrive.
-        echo = {"chat_template_kwargs": body.get("chat_template_kwargs"), "extra": body.get("ssw_test_extra")}
+        echo = {
+            "chat_template_kwargs": body.get("chat_template_kwargs"),
+            "extra": body.get("ssw_test_extra"),
+            "port": args.port,
+        }
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": n_tokens,
