@@ -21,6 +21,8 @@ def install_units(box: SysBox, config: Path) -> None:
     unit_dir = box.path("/etc/systemd/system")
     for name in UNITS:
         shutil.copy(REPO / "units" / name, unit_dir / name)
+    # A checkout under /tmp (as CI may clone it) would be hidden by PrivateTmp.
+    in_tmp = any(REPO.is_relative_to(p) or config.is_relative_to(p) for p in (Path("/tmp"), Path("/var/tmp")))
     for role in ("gateway", "loader"):
         dropin = unit_dir / f"ssw-{role}.service.d"
         dropin.mkdir(exist_ok=True)
@@ -31,6 +33,6 @@ def install_units(box: SysBox, config: Path) -> None:
             "ExecStart=\n"
             f"ExecStart={SSW_VENV}/bin/ssw {role}\n"
             "# The checkout's Python is under /root (pyenv).\n"
-            "ProtectHome=read-only\n"
+            "ProtectHome=read-only\n" + ("PrivateTmp=no\n" if in_tmp else "")
         )
     box.systemctl("daemon-reload")
