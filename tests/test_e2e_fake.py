@@ -156,7 +156,7 @@ def test_worker_is_a_transient_unit_in_the_workers_slice(stack: Stack) -> None:
     assert props["CollectMode"] == "inactive-or-failed"
     env = dict(item.split("=", 1) for item in props["Environment"].split())
     worker = next(w for w in stack.status()["workers"] if w["unit"] == "ssw-worker@alpha.service")
-    assert env["CUDA_VISIBLE_DEVICES"] == str(worker["gpu"])
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, worker["gpus"]))
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert env["SSW_MODEL"] == "alpha" and env["SSW_PORT"] == str(worker["port"])
     journal = stack.box.run("journalctl", "-u", "ssw-worker@alpha.service", "--no-pager", "-o", "cat").stdout

@@ -91,24 +91,37 @@ def _gb(value: int | None) -> str:
 
 
 def _print_status(st: dict[str, Any]) -> None:
-    print(f"ssw {st['version']}  up {st['uptime_s']:.0f} s  GPU source: {st['gpu_source']}")
+    print(
+        f"ssw {st['version']}  up {st['uptime_s']:.0f} s  GPU source: {st['gpu_source']}  "
+        f"placement: {st['placement_policy']}  evictions: {st['evictions_total']}"
+    )
     for g in st["gpus"]:
         util = "unknown" if g["utilization_pct"] is None else f"{g['utilization_pct']} %"
         print(
-            f"  GPU {g['index']} {g['name']}: {_gb(g['memory_used_bytes'])} used of "
-            f"{_gb(g['memory_total_bytes'])}, {_gb(g['memory_reserved_bytes'])} reserved by ssw, util {util}"
+            f"  GPU {g['index']} {g['name']}{' (simulated)' if g['simulated'] else ''}: "
+            f"total {_gb(g['memory_total_bytes'])}, used {_gb(g['memory_used_bytes'])}, "
+            f"reserved {_gb(g['memory_reserved_bytes'])}, free {_gb(g['memory_free_bytes'])}, util {util}"
         )
     print("workers:" if st["workers"] else "workers: none")
     for w in st["workers"]:
+        gpus = ",".join(str(g) for g in w["gpus"])
         print(
-            f"  {w['unit']}: {w['state']} on GPU {w['gpu']}, port {w['port']}, "
-            f"budget {_gb(w['vram_budget_bytes'])}, up {w['uptime_s']:.0f} s"
+            f"  {w['unit']}: {w['state']} on GPU {gpus}, port {w['port']}, budget {_gb(w['vram_budget_bytes'])}, "
+            f"measured {_gb(w['vram_measured_bytes'])}, up {w['uptime_s']:.0f} s, idle {w['idle_s']:.0f} s"
+            + (", pinned" if w["pinned"] else "")
         )
     print("models:")
     for name, m in st["models"].items():
         flags = ", ".join(filter(None, ["pinned" if m["pinned"] else "", "loading" if m["loading"] else ""]))
         aliases = f" (aliases: {', '.join(m['aliases'])})" if m["aliases"] else ""
         print(f"  {name}{aliases}{' [' + flags + ']' if flags else ''}")
+        load = "unknown" if m["load_seconds"] is None else f"{m['load_seconds']:.0f} s"
+        print(
+            f"    needs {_gb(m['vram_need_bytes'])} per GPU ({m['vram_need_source']}), "
+            f"measured {_gb(m['measured_vram_bytes'])}, load time {load}"
+        )
+        if m.get("cooldown_s"):
+            print(f"    refused for {m['cooldown_s']:.0f} s more after a failed load")
         if m.get("last_error"):
             print(f"    last error: {m['last_error']}")
     for name, path in st.get("missing", {}).items():

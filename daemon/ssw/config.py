@@ -66,7 +66,10 @@ class VllmSettings(_Section):
         default_factory=dict, description="Environment added to every worker (a model's own env wins)."
     )
     shutdown_timeout_s: int = Field(
-        default=10, ge=0, description="vLLM's --shutdown-timeout: seconds in-flight requests may drain on stop."
+        default=30,
+        ge=0,
+        description="vLLM's --shutdown-timeout: seconds in-flight requests may finish when a worker is "
+        "unloaded or evicted (it takes no new ones).",
     )
 
 
@@ -77,7 +80,9 @@ class WorkerSettings(_Section):
     user: str | None = Field(
         default=None, description="Account the workers run as (None: the service manager's default, root)."
     )
-    stop_timeout_s: int = Field(default=30, ge=1, description="TimeoutStopSec of worker units.")
+    stop_timeout_s: int = Field(
+        default=60, ge=1, description="TimeoutStopSec of worker units; longer than vllm.shutdown_timeout_s."
+    )
     memory_max: str | None = Field(
         default=None, description="MemoryMax of each worker unit (host RAM, e.g. '64G'); None: unlimited."
     )
@@ -96,6 +101,42 @@ class HealthSettings(_Section):
         default=900.0, gt=0, description="A worker not healthy within this many seconds of its start is failed."
     )
     probe_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one /health probe.")
+
+
+class PlacementSettings(_Section):
+    policy: Literal["spread", "pack"] = Field(
+        default="spread",
+        description="'spread': the GPU with the most free VRAM; 'pack': the GPU where the model fits most tightly.",
+    )
+    runtime_overhead_gb: float = Field(
+        default=0.95,
+        ge=0,
+        description="VRAM a worker holds beyond weights and KV cache (CUDA context, activations), per GPU, in GB.",
+    )
+    kv_cache_sequences: int = Field(
+        default=1,
+        ge=1,
+        description="Full-length sequences the estimated KV cache holds when models.yaml gives no vram_gb.",
+    )
+    measured_margin: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Headroom added to a model's measured VRAM footprint when it is used instead of the estimate.",
+    )
+    tensor_parallel: bool = Field(
+        default=False,
+        description="Split a model that fits no single GPU across several with vLLM's tensor parallelism.",
+    )
+    failed_load_cooldown_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="After a failed load the model is refused this long, with the reason.",
+    )
+    restart_backoff_s: float = Field(
+        default=2.0, gt=0, description="First delay before restarting a pinned worker that died; doubles each time."
+    )
+    restart_backoff_max_s: float = Field(default=300.0, gt=0, description="Longest delay between restarts.")
 
 
 class GatewaySettings(_Section):
@@ -144,6 +185,7 @@ class Config(_Section):
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     systemd: SystemdSettings = Field(default_factory=SystemdSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")

@@ -21,7 +21,15 @@ ENV_GPU = "SSW_GPU"
 ENV_BUDGET = "SSW_VRAM_BYTES"
 
 
-def vllm_argv(cfg: Config, spec: ModelSpec, port: int, budget_bytes: int, gpu_total_bytes: int | None) -> list[str]:
+def vllm_argv(
+    cfg: Config,
+    spec: ModelSpec,
+    port: int,
+    budget_bytes: int,
+    gpu_total_bytes: int | None,
+    kv_bytes: int | None = None,
+    tensor_parallel: int = 1,
+) -> list[str]:
     argv = [
         str(cfg.vllm.python),
         "-m",
@@ -38,9 +46,16 @@ def vllm_argv(cfg: Config, spec: ModelSpec, port: int, budget_bytes: int, gpu_to
         str(cfg.vllm.shutdown_timeout_s),
     ]
     if gpu_total_bytes:
-        # vLLM takes a fraction of the device's total memory; the budget is in bytes.
+        # vLLM takes a fraction of the device's total memory; the budget is in
+        # bytes, so several workers share a GPU without overlapping.
         fraction = min(budget_bytes / gpu_total_bytes, 0.98)
         argv += ["--gpu-memory-utilization", f"{fraction:.4f}"]
+        if kv_bytes:
+            # A KV cache of the planned size, not whatever the fraction leaves:
+            # the measured footprint then tells the truth for later placements.
+            argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
+    if tensor_parallel > 1:
+        argv += ["--tensor-parallel-size", str(tensor_parallel)]
     if spec.max_model_len:
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.max_num_seqs:
@@ -61,28 +76,32 @@ def worker_unit(
     spec: ModelSpec,
     replica: int,
     port: int,
-    gpu: int,
+    gpus: tuple[int, ...],
     budget_bytes: int,
     gpu_total_bytes: int | None,
+    kv_bytes: int | None = None,
 ) -> WorkerUnit:
+    """``budget_bytes`` is per GPU; ``gpu_total_bytes`` is None for simulated GPUs
+    (vLLM on the CPU has no device memory to check)."""
     name = unit_name(spec.name, replica)
+    devices = ",".join(str(g) for g in gpus)
     env = {
         **cfg.vllm.env,
         **spec.env,
         # Bus order makes the index mean the same device to CUDA and to NVML.
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-        "CUDA_VISIBLE_DEVICES": str(gpu),
+        "CUDA_VISIBLE_DEVICES": devices,
         ENV_MODEL: spec.name,
         ENV_REPLICA: str(replica),
         ENV_PORT: str(port),
-        ENV_GPU: str(gpu),
+        ENV_GPU: devices,
         ENV_BUDGET: str(budget_bytes),
         "PYTHONUNBUFFERED": "1",
     }
     return WorkerUnit(
         name=name,
-        description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {gpu}, port {port})",
-        argv=tuple(vllm_argv(cfg, spec, port, budget_bytes, gpu_total_bytes)),
+        description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices}, port {port})",
+        argv=tuple(vllm_argv(cfg, spec, port, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus))),
         env=env,
         slice=cfg.workers.slice,
         user=cfg.workers.user,

@@ -52,6 +52,10 @@ class LoadFailed(SswError):
     type = "load_failed"
     code = "load_failed"
 
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class ModelLoading(SswError):
     """The model is not ready yet; carries how long the client should wait."""

@@ -161,6 +161,7 @@ class Gateway:
                 self._suspect_until[worker["url"]] = time.monotonic() + SUSPECT_FOR_S
                 last_error = exc
                 continue
+            self.loader.used(worker["unit"])
             return await self._relay(resp)
         raise UpstreamError(f"no worker of '{model}' could be reached: {last_error}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from .config import GpuSettings
@@ -20,6 +21,23 @@ GB = 10**9
 class ProcessMemory:
     pid: int
     used_bytes: int | None  # None: the driver does not say (e.g. without permission)
+    unit: str | None = None  # the systemd unit whose cgroup holds the process
+
+
+def unit_of_pid(pid: int) -> str | None:
+    """The service unit a process belongs to, from /proc/<pid>/cgroup (blocking).
+
+    vLLM's GPU memory is held by its EngineCore child, not the unit's main PID,
+    so attribution goes by cgroup rather than by PID."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        for part in reversed(line.rpartition(":")[2].split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
 
 
 @dataclass(frozen=True)
@@ -40,8 +58,9 @@ class GpuInfo:
 class GpuSource(Protocol):
     kind: str
 
-    async def snapshot(self, budgets: dict[int, int]) -> list[GpuInfo]:
-        """Current devices; ``budgets`` is the memory ssw's workers hold per device index."""
+    async def snapshot(self, held: dict[int, int]) -> list[GpuInfo]:
+        """Current devices; ``held`` is what ssw's workers hold per device index (the
+        simulated source reports it as used; NVML measures for itself)."""
         ...
 
 
@@ -53,14 +72,14 @@ class SimulatedGpus:
     def __init__(self, settings: GpuSettings) -> None:
         self._devices = settings.simulated
 
-    async def snapshot(self, budgets: dict[int, int]) -> list[GpuInfo]:
+    async def snapshot(self, held: dict[int, int]) -> list[GpuInfo]:
         return [
             GpuInfo(
                 index=i,
                 uuid=f"SIM-{i:08d}",
                 name=dev.name,
                 memory_total=int(dev.memory_gb * GB),
-                memory_used=budgets.get(i, 0),
+                memory_used=held.get(i, 0),
                 utilization_pct=None,
             )
             for i, dev in enumerate(self._devices)
@@ -96,7 +115,7 @@ class NvmlGpus:
                 util = None
             try:
                 procs = tuple(
-                    ProcessMemory(pid=p.pid, used_bytes=p.usedGpuMemory)
+                    ProcessMemory(pid=p.pid, used_bytes=p.usedGpuMemory, unit=unit_of_pid(p.pid))
                     for p in nv.nvmlDeviceGetComputeRunningProcesses(h)
                 )
             except nv.NVMLError:
@@ -116,7 +135,7 @@ class NvmlGpus:
             )
         return out
 
-    async def snapshot(self, budgets: dict[int, int]) -> list[GpuInfo]:
+    async def snapshot(self, held: dict[int, int]) -> list[GpuInfo]:
         return await asyncio.to_thread(self._read)
 
 

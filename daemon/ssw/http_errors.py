@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import ModelLoading, SswError
+from .errors import SswError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ def error_response(
 
 def from_exception(exc: SswError, source: str) -> JSONResponse:
     headers = {}
-    if isinstance(exc, ModelLoading):
-        headers["Retry-After"] = str(exc.retry_after_s)
+    retry_after = getattr(exc, "retry_after_s", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     return error_response(exc.status, exc.message, exc.type, exc.code, headers=headers or None, source=source)
 
 

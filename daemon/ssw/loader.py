@@ -19,12 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__, http_errors, journal
 from .config import Config
-from .errors import ModelNotFound
+from .errors import ModelNotFound, SswError
 from .gpus import GpuSource
 from .registry import ModelSpec, Registry, scan, valid_name
+from .store import FactStore
 from .systemd import Systemd
 from .units import unit_name
-from .vram import estimate_bytes
+from .vram import vram_need
 from .workers import WorkerManager
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,13 @@ EVENTS_KEEPALIVE_S = 15.0
 
 
 class Loader:
-    def __init__(self, cfg: Config, systemd: Systemd, gpus: GpuSource, registry: Registry) -> None:
+    def __init__(self, cfg: Config, systemd: Systemd, gpus: GpuSource, registry: Registry, store: FactStore) -> None:
         self.cfg = cfg
         self.systemd = systemd
         self.gpus = gpus
         self.registry = registry
-        self.manager = WorkerManager(cfg, systemd, gpus, registry)
+        self.store = store
+        self.manager = WorkerManager(cfg, systemd, gpus, registry, store)
         self.started_at = time.time()
         self._last_scan = time.monotonic()
         # Set on shutdown so the open event streams end and the server can stop.
@@ -54,13 +56,18 @@ class Loader:
             len(registry.missing),
             cfg.models_dir,
         )
-        return cls(cfg, systemd, gpus, registry)
+        store = FactStore(cfg.state_dir / "models.json")
+        await asyncio.to_thread(store.load)
+        return cls(cfg, systemd, gpus, registry, store)
 
     async def start(self) -> None:
         await self.manager.start()
         for spec in self.registry.models.values():
             if spec.pinned:
-                self.manager.load(spec)
+                try:
+                    self.manager.load(spec)
+                except SswError as exc:
+                    log.error("pinned model %s: %s", spec.name, exc.message)
 
     async def close(self) -> None:
         await self.manager.close()
@@ -98,6 +105,8 @@ class Loader:
                     "chat_template_kwargs": spec.chat_template_kwargs,
                     "loading": self.manager.loading(name),
                     "last_error": self.manager.last_errors.get(name),
+                    "cooldown_s": round(c[0], 1) if (c := self.manager.cooldown(name)) else None,
+                    "load_seconds": self.store.load_seconds(name),
                 }
                 for name, spec in sorted(reg.models.items())
             },
@@ -108,19 +117,28 @@ class Loader:
 
     async def status(self) -> dict[str, Any]:
         gpus = await self.manager.gpu_snapshot()
-        reserved = self.manager.reserved_by_device()
+        views = {v.index: v for v in self.manager.device_views(gpus)}
         snap = self.snapshot()
         for name, entry in snap["models"].items():
             spec = self.registry.models[name]
+            need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(name))
             entry["path"] = str(spec.path)
-            entry["vram_estimate_bytes"] = estimate_bytes(spec)
             entry["weight_bytes"] = spec.facts.weight_bytes
+            entry["vram_need_bytes"] = need.per_gpu(1)
+            entry["vram_need_source"] = need.source
+            entry["measured_vram_bytes"] = self.store.vram_bytes(name)
             entry["unit"] = unit_name(name)
+        per_gpu: dict[int, list[str]] = {}
+        for w in self.manager.workers.values():
+            for g in w.gpus:
+                per_gpu.setdefault(g, []).append(w.unit)
         return {
             **snap,
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
             "gpu_source": self.gpus.kind,
+            "placement_policy": self.cfg.placement.policy,
+            "evictions_total": self.manager.evictions,
             "gpus": [
                 {
                     "index": g.index,
@@ -129,9 +147,10 @@ class Loader:
                     "simulated": self.gpus.kind == "simulated",
                     "memory_total_bytes": g.memory_total,
                     "memory_used_bytes": g.memory_used,
-                    "memory_free_bytes": g.memory_free,
-                    "memory_reserved_bytes": reserved.get(g.index, 0),
+                    "memory_reserved_bytes": views[g.index].pending,
+                    "memory_free_bytes": views[g.index].free,
                     "utilization_pct": g.utilization_pct,
+                    "workers": sorted(per_gpu.get(g.index, [])),
                 }
                 for g in gpus
             ],
@@ -145,6 +164,11 @@ class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=256, description="Model name or alias.")
     wait: bool = Field(default=True, description="Answer when the model is ready (or failed) instead of at once.")
+
+
+class UsageReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    last_used: dict[str, float] = Field(description="Worker unit -> wall time of its last request.")
 
 
 class UnloadRequest(BaseModel):
@@ -178,6 +202,11 @@ def admin_app(loader: Loader) -> FastAPI:
         spec = await loader.resolve(req.model)
         units = await loader.manager.unload(spec.name)
         return {"model": spec.name, "stopped": units}
+
+    @app.post("/usage", status_code=204)
+    async def usage(report: UsageReport) -> None:
+        for unit, when in report.last_used.items():
+            loader.manager.touch(unit, when)
 
     @app.post("/rescan")
     async def rescan() -> dict[str, Any]:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ import aiohttp
 from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, SswError
 
 log = logging.getLogger(__name__)
+USAGE_REPORT_INTERVAL_S = 2.0
 
 
 class LoaderClient:
@@ -27,16 +29,42 @@ class LoaderClient:
         self.snapshot: dict[str, Any] | None = None
         self.connected = False
         self._updated = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_used: dict[str, float] = {}
+        self._unsent: set[str] = set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._follow())
+        self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._report_usage())]
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    # --- usage: when each worker last served, for the loader's LRU eviction ------
+
+    def used(self, unit: str) -> None:
+        self._last_used[unit] = time.time()
+        self._unsent.add(unit)
+
+    async def flush_usage(self) -> None:
+        if not self._unsent:
+            return
+        batch = {u: self._last_used[u] for u in self._unsent if u in self._last_used}
+        self._unsent.clear()
+        try:
+            async with self._session.post(
+                self.url + "/usage", json={"last_used": batch}, timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                resp.raise_for_status()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            self._unsent.update(batch)  # sent again with the next batch
+
+    async def _report_usage(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_REPORT_INTERVAL_S)
+            await self.flush_usage()
 
     async def wait_update(self, timeout: float) -> None:
         """Until the next snapshot arrives (or the timeout passes)."""
@@ -58,6 +86,8 @@ class LoaderClient:
                     resp.raise_for_status()
                     if not self.connected:
                         log.info("connected to the loader at %s", self.url)
+                        # A restarted loader knows no usage: tell it all again.
+                        self._unsent.update(self._last_used)
                     self.connected = True
                     backoff = 0.2
                     data: list[bytes] = []
@@ -81,8 +111,10 @@ class LoaderClient:
             backoff = min(backoff * 2, 5.0)
 
     async def request_load(self, model: str) -> int:
-        """Ask for a load without waiting for it; returns the snapshot version that
-        already reflects the request."""
+        """Ask for a load without waiting for it; returns the snapshot sequence number
+        that already reflects the request."""
+        # Fresh usage first: the load may evict the least recently used worker.
+        await self.flush_usage()
         try:
             timeout = aiohttp.ClientTimeout(total=30)
             async with self._session.post(
@@ -96,6 +128,8 @@ class LoaderClient:
             message = str(err.get("message", f"loader answered {resp.status}"))
             if resp.status == 404:
                 raise ModelNotFound(model, [])
-            exc_type: type[SswError] = LoadFailed if resp.status >= 500 else SswError
-            raise exc_type(message)
+            if resp.status >= 500:
+                retry = resp.headers.get("Retry-After", "")
+                raise LoadFailed(message, int(retry) if retry.isdigit() else None)
+            raise SswError(message)
         return int(body.get("seq", 0))

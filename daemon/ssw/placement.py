@@ -1,30 +1,119 @@
-"""Which GPU a new worker goes to (pure: decisions over a snapshot)."""
+"""Where a new worker goes, and which workers give way (pure: decisions over a
+snapshot of GPUs and resident workers, tested by tables)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from .errors import NoCapacity
-from .gpus import GB
+from .vram import GB, VramNeed
+
+Policy = Literal["spread", "pack"]
+MAX_TENSOR_PARALLEL = 8
 
 
 @dataclass(frozen=True)
 class DeviceView:
     index: int
     total: int
-    reserved: int  # budgets of ssw's workers on it, starting ones included
-    used_by_others: int  # memory held by processes ssw does not own (NVML only)
+    used: int  # in use now: ssw's workers and any other process
+    pending: int  # reserved by loads in flight and not yet in use
 
     @property
     def free(self) -> int:
-        return self.total - self.reserved - self.used_by_others
+        return self.total - self.used - self.pending
 
 
-def choose_device(need: int, devices: Iterable[DeviceView]) -> int:
-    """The device with the most free memory that fits ``need``; NoCapacity otherwise."""
-    candidates = [d for d in devices if d.free >= need]
+@dataclass(frozen=True)
+class Resident:
+    """A worker that holds memory and might give way."""
+
+    unit: str
+    gpus: tuple[int, ...]
+    held: int  # bytes it counts for on each of its GPUs
+    last_used: float  # wall time of its last request
+    evictable: bool  # ready and not pinned
+    reload_cost: float  # seconds its model took to load (or a size-based guess)
+
+
+@dataclass(frozen=True)
+class Placement:
+    gpus: tuple[int, ...]
+    evict: tuple[str, ...] = ()
+    per_gpu_bytes: int = 0
+
+    @property
+    def tensor_parallel(self) -> int:
+        return len(self.gpus)
+
+
+def _pick(devices: Sequence[DeviceView], need: int, policy: Policy) -> DeviceView:
+    if policy == "pack":
+        # Best fit: the least room left over; the lowest index breaks ties.
+        return min(devices, key=lambda d: (d.free - need, d.index))
+    return max(devices, key=lambda d: (d.free, -d.index))
+
+
+def _eviction_on(device: DeviceView, need: int, residents: Sequence[Resident]) -> tuple[list[Resident], bool]:
+    """The least recently used evictable workers on this device that make room, in LRU order."""
+    chosen: list[Resident] = []
+    free = device.free
+    for r in sorted((r for r in residents if r.evictable and device.index in r.gpus), key=lambda r: r.last_used):
+        if free >= need:
+            break
+        chosen.append(r)
+        free += r.held
+    return chosen, free >= need
+
+
+def place(
+    need: VramNeed,
+    devices: Sequence[DeviceView],
+    residents: Sequence[Resident],
+    policy: Policy = "spread",
+    allowed: Sequence[int] | None = None,
+    tensor_parallel: bool = False,
+) -> Placement:
+    """A placement for one worker; NoCapacity (with the numbers) when none exists."""
+    candidates = [d for d in devices if allowed is None or d.index in allowed]
     if not candidates:
-        raise NoCapacity(f"no GPU has {need / GB:.1f} GB free for this model; unload a model or lower its vram_gb")
-    # Most free first; the lowest index breaks ties so placement is repeatable.
-    return max(candidates, key=lambda d: (d.free, -d.index)).index
+        raise NoCapacity(f"no GPU among {list(allowed or [])} exists on this host")
+    single = need.per_gpu(1)
+
+    fitting = [d for d in candidates if d.free >= single]
+    if fitting:
+        return Placement((_pick(fitting, single, policy).index,), (), single)
+
+    # Evict on one GPU: the fewest workers, then the cheapest to bring back,
+    # then the longest unused.
+    options = []
+    for d in candidates:
+        victims, enough = _eviction_on(d, single, residents)
+        if enough:
+            cost = sum(v.reload_cost for v in victims)
+            options.append((len(victims), cost, max(v.last_used for v in victims), d.index, victims))
+    if options:
+        _, _, _, index, victims = min(options, key=lambda o: o[:4])
+        return Placement((index,), tuple(v.unit for v in victims), single)
+
+    if tensor_parallel:
+        n = 2
+        while n <= min(len(candidates), MAX_TENSOR_PARALLEL):
+            per = need.per_gpu(n)
+            roomy = sorted((d for d in candidates if d.free >= per), key=lambda d: (-d.free, d.index))
+            if len(roomy) >= n:
+                return Placement(tuple(sorted(d.index for d in roomy[:n])), (), per)
+            n *= 2
+
+    best = max(
+        candidates,
+        key=lambda d: d.free + sum(r.held for r in residents if r.evictable and d.index in r.gpus),
+    )
+    achievable = best.free + sum(r.held for r in residents if r.evictable and best.index in r.gpus)
+    hint = "" if tensor_parallel else "; placement.tensor_parallel would split it across GPUs"
+    raise NoCapacity(
+        f"needs {single / GB:.1f} GB on one GPU ({need.source}), but at most {achievable / GB:.1f} GB "
+        f"can be freed (GPU {best.index}, {best.total / GB:.1f} GB, evicting every unpinned idle worker){hint}"
+    )

@@ -53,6 +53,9 @@ class ModelOverride(BaseModel):
     )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments for this model.")
     replicas: int = Field(default=1, ge=1, le=16, description="Workers to run for this model.")
+    gpus: list[int] | None = Field(
+        default=None, description="GPU of each replica, in order (cycled); default: placement decides."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Environment for this model's workers.")
 
     @field_validator("aliases")
@@ -108,6 +111,7 @@ class ModelSpec:
     extra_args: tuple[str, ...] = ()
     replicas: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    gpus: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,7 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride) -> ModelS
         extra_args=tuple(ov.extra_args),
         replicas=ov.replicas,
         env=dict(ov.env),
+        gpus=tuple(ov.gpus) if ov.gpus is not None else None,
     )
 
 

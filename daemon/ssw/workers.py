@@ -1,5 +1,5 @@
-"""The worker table: one place that starts, adopts, watches and stops vLLM
-workers, and the only place that changes a worker's state.
+"""The worker table: one place that places, starts, adopts, watches, evicts
+and stops vLLM workers, and the only place that changes a worker's state.
 
 Each state change is logged once with the unit name and published to
 subscribers (the gateway's push channel) as a new snapshot.
@@ -20,22 +20,24 @@ import aiohttp
 
 from . import engine, journal
 from .config import Config
-from .errors import LoadFailed, SswError, SystemdError, WorkerNotFound
+from .errors import LoadFailed, NoCapacity, SswError, SystemdError, WorkerNotFound
 from .gpus import GpuInfo, GpuSource
-from .placement import DeviceView, choose_device
+from .placement import DeviceView, Resident, place
 from .registry import ModelSpec, Registry
+from .store import FactStore
 from .systemd import Systemd
 from .units import UNIT_GLOB, parse_unit_name, unit_name
-from .vram import estimate_bytes
+from .vram import GB, vram_need
 
 log = logging.getLogger(__name__)
+JOURNAL_LINES_ON_FAILURE = 8
 
 
 class WorkerState(enum.StrEnum):
     STARTING = "starting"  # unit started, vLLM not answering /health yet
     READY = "ready"  # /health answers 200; requests are routed here
     UNHEALTHY = "unhealthy"  # was ready, /health stopped answering; not routed
-    STOPPING = "stopping"  # stop requested, unit not gone yet
+    STOPPING = "stopping"  # unloaded or evicted: takes no new requests, in-flight ones drain
 
 
 @dataclass
@@ -44,12 +46,15 @@ class Worker:
     replica: int
     unit: str
     port: int
-    gpu: int
-    budget_bytes: int
+    gpus: tuple[int, ...]
+    budget_bytes: int  # reserved on each of its GPUs
     state: WorkerState
+    pinned: bool = False
     started_at: float = field(default_factory=time.time)
     state_since: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
     adopted: bool = False
+    held_bytes: int | None = None  # measured on its busiest GPU (NVML); None: unknown
     # systemd reports a new transient unit as inactive before it activates; only
     # an inactive state after the unit was seen running means the worker ended.
     unit_seen_active: bool = False
@@ -67,31 +72,39 @@ class Worker:
             "model": self.model,
             "replica": self.replica,
             "state": self.state.value,
-            "gpu": self.gpu,
+            "gpus": list(self.gpus),
             "port": self.port,
             "url": self.url,
+            "pinned": self.pinned,
             "vram_budget_bytes": self.budget_bytes,
+            "vram_measured_bytes": self.held_bytes,
             "uptime_s": round(now - self.started_at, 1),
             "state_for_s": round(now - self.state_since, 1),
+            "idle_s": round(now - self.last_used, 1),
             "adopted": self.adopted,
         }
 
 
 class WorkerManager:
-    def __init__(self, cfg: Config, systemd: Systemd, gpus: GpuSource, registry: Registry) -> None:
+    def __init__(self, cfg: Config, systemd: Systemd, gpus: GpuSource, registry: Registry, store: FactStore) -> None:
         self.cfg = cfg
         self.systemd = systemd
         self.gpus = gpus
         self.registry = registry
+        self.store = store
         self.workers: dict[str, Worker] = {}
         self.last_errors: dict[str, str] = {}
+        self.cooldowns: dict[str, tuple[float, str]] = {}  # model -> (monotonic deadline, reason)
+        self.evictions = 0
+        self.seq = 0
         self._loads: dict[str, asyncio.Task[list[Worker]]] = {}
+        self._load_started: dict[str, float] = {}
         self._place_lock = asyncio.Lock()
         self._device_locks: dict[int, asyncio.Lock] = {}
+        self._restarts: dict[str, int] = {}  # model -> consecutive unexpected exits
         self._subscribers: set[asyncio.Queue[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
-        self.seq = 0
         systemd.on_state_change(self._on_unit_state)
 
     # --- lifecycle ----------------------------------------------------------------
@@ -103,9 +116,10 @@ class WorkerManager:
 
     async def close(self) -> None:
         """Stop watching; workers keep running (a restarted loader adopts them)."""
-        for task in list(self._tasks) + list(self._loads.values()):
+        pending = list(self._tasks) + list(self._loads.values())
+        for task in pending:
             task.cancel()
-        for task in list(self._tasks) + list(self._loads.values()):
+        for task in pending:
             with contextlib.suppress(BaseException):
                 await task
         if self._http:
@@ -161,18 +175,65 @@ class WorkerManager:
     def workers_of(self, model: str) -> list[Worker]:
         return sorted((w for w in self.workers.values() if w.model == model), key=lambda w: w.replica)
 
-    def reserved_by_device(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for w in self.workers.values():
-            out[w.gpu] = out.get(w.gpu, 0) + w.budget_bytes
-        return out
-
-    async def gpu_snapshot(self) -> list[GpuInfo]:
-        return await self.gpus.snapshot(self.reserved_by_device())
-
     def loading(self, model: str) -> bool:
         task = self._loads.get(model)
         return task is not None and not task.done()
+
+    def cooldown(self, model: str) -> tuple[float, str] | None:
+        """(seconds left, reason) while a failed model is refused."""
+        entry = self.cooldowns.get(model)
+        if entry is None:
+            return None
+        left = entry[0] - time.monotonic()
+        if left <= 0:
+            del self.cooldowns[model]
+            return None
+        return left, entry[1]
+
+    def touch(self, unit: str, when: float) -> None:
+        worker = self.workers.get(unit)
+        if worker is not None and when > worker.last_used:
+            worker.last_used = min(when, time.time())
+
+    def _held(self, worker: Worker, gpus: list[GpuInfo]) -> int:
+        """What a worker holds on one of its GPUs now."""
+        if self.gpus.kind == "simulated":
+            # Simulated memory is taken when the worker is up and given back when it is gone.
+            return worker.budget_bytes if worker.state is not WorkerState.STARTING else 0
+        per_gpu = [
+            sum(p.used_bytes or 0 for p in g.processes if p.unit == worker.unit) for g in gpus if g.index in worker.gpus
+        ]
+        return max(per_gpu, default=0)
+
+    def _simulated_use(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for w in self.workers.values():
+            if w.state is not WorkerState.STARTING:
+                for g in w.gpus:
+                    out[g] = out.get(g, 0) + w.budget_bytes
+        return out
+
+    async def gpu_snapshot(self) -> list[GpuInfo]:
+        return await self.gpus.snapshot(self._simulated_use())
+
+    def device_views(self, gpus: list[GpuInfo]) -> list[DeviceView]:
+        pending: dict[int, int] = {}
+        for w in self.workers.values():
+            if w.state is WorkerState.STARTING:
+                # Reserved but not yet (fully) allocated: what NVML does not show yet.
+                missing = max(w.budget_bytes - self._held(w, gpus), 0)
+                for g in w.gpus:
+                    pending[g] = pending.get(g, 0) + missing
+        return [DeviceView(g.index, g.memory_total, g.memory_used, pending.get(g.index, 0)) for g in gpus]
+
+    def _residents(self, gpus: list[GpuInfo]) -> list[Resident]:
+        out = []
+        for w in self.workers.values():
+            held = self._held(w, gpus) or w.budget_bytes
+            evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY) and not w.pinned
+            cost = self.store.load_seconds(w.model) or w.budget_bytes / GB  # size stands in until measured
+            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost))
+        return out
 
     # --- adoption ---------------------------------------------------------------------
 
@@ -189,28 +250,30 @@ class WorkerManager:
             env = details.environment
             try:
                 port = int(env[engine.ENV_PORT])
-                gpu = int(env[engine.ENV_GPU])
+                gpus = tuple(int(g) for g in env[engine.ENV_GPU].split(","))
                 budget = int(env.get(engine.ENV_BUDGET, "0"))
             except (KeyError, ValueError):
                 log.warning("%s: not adopted: it lacks ssw's SSW_* environment", status.name)
                 self.systemd.unwatch(status.name)
                 continue
             model, replica = parsed
+            spec = self.registry.models.get(model)
             started = details.active_enter_us / 1e6 if details.active_enter_us else time.time()
             worker = Worker(
                 model=model,
                 replica=replica,
                 unit=status.name,
                 port=port,
-                gpu=gpu,
+                gpus=gpus,
                 budget_bytes=budget,
                 state=WorkerState.STARTING,
+                pinned=spec.pinned if spec else False,
                 started_at=started,
                 adopted=True,
                 unit_seen_active=True,
             )
             self.workers[worker.unit] = worker
-            log.info("%s: adopted (model %s, GPU %d, port %d)", worker.unit, model, gpu, port)
+            log.info("%s: adopted (model %s, GPU %s, port %d)", worker.unit, model, env[engine.ENV_GPU], port)
             if await self._probe(worker):
                 self._set_state(worker, WorkerState.READY, "adopted")
             else:
@@ -222,11 +285,20 @@ class WorkerManager:
     def load(self, spec: ModelSpec) -> asyncio.Task[list[Worker]]:
         """Bring the model's replicas up; one load per model however often it is asked (single flight)."""
         task = self._loads.get(spec.name)
-        if task is None or task.done():
-            task = asyncio.create_task(self._load(spec))
-            self._loads[spec.name] = task
-            task.add_done_callback(lambda t: self._load_done(spec.name, t))
-            self.changed()
+        if task is not None and not task.done():
+            return task
+        cooling = self.cooldown(spec.name)
+        if cooling is not None and not self.workers_of(spec.name):
+            left, reason = cooling
+            raise LoadFailed(
+                f"'{spec.name}' failed to load and is refused for {left:.0f} s more: {reason}",
+                retry_after_s=max(int(left + 0.999), 1),
+            )
+        task = asyncio.create_task(self._load(spec))
+        self._loads[spec.name] = task
+        self._load_started[spec.name] = time.monotonic()
+        task.add_done_callback(lambda t: self._load_done(spec.name, t))
+        self.changed()
         return task
 
     def _load_done(self, model: str, task: asyncio.Task[list[Worker]]) -> None:
@@ -246,6 +318,11 @@ class WorkerManager:
             err = errors[0]
             message = err.message if isinstance(err, SswError) else f"{type(err).__name__}: {err}"
             self.last_errors[spec.name] = message
+            cooldown = self.cfg.placement.failed_load_cooldown_s
+            # Lack of room is not the model's fault; anything else is, and a
+            # cooldown keeps a bad model from causing a storm of retries.
+            if cooldown > 0 and not isinstance(err, NoCapacity | asyncio.CancelledError):
+                self.cooldowns[spec.name] = (time.monotonic() + cooldown, message)
             raise LoadFailed(f"loading {spec.name} failed: {message}")
         self.last_errors.pop(spec.name, None)
         return ready
@@ -269,23 +346,35 @@ class WorkerManager:
         )
 
     async def _start_replica(self, spec: ModelSpec, replica: int) -> Worker:
-        need = estimate_bytes(spec)
+        need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
+        allowed = (spec.gpus[(replica - 1) % len(spec.gpus)],) if spec.gpus else None
         async with self._place_lock:
-            # Choice and reservation happen with no await in between: two loads
-            # can never both count the same free memory.
+            # Everything from the snapshot to the reservation happens under one
+            # lock: two loads can never both count the same free memory.
             gpus = await self.gpu_snapshot()
-            reserved = self.reserved_by_device()
-            views = [
-                DeviceView(
-                    index=g.index,
-                    total=g.memory_total,
-                    reserved=reserved.get(g.index, 0),
-                    used_by_others=0 if self.gpus.kind == "simulated" else self._foreign_use(g, reserved),
+            try:
+                plan = place(
+                    need,
+                    self.device_views(gpus),
+                    self._residents(gpus),
+                    self.cfg.placement.policy,
+                    allowed,
+                    self.cfg.placement.tensor_parallel,
                 )
-                for g in gpus
-            ]
-            gpu = choose_device(need, views)
-            total = next(g.memory_total for g in gpus if g.index == gpu)
+            except SswError as exc:
+                exc.message = f"{spec.name}: {exc.message}"
+                raise
+            victims = [self.workers[u] for u in plan.evict]
+            for victim in victims:
+                self.evictions += 1
+                idle = time.time() - victim.last_used
+                self._set_state(
+                    victim,
+                    WorkerState.STOPPING,
+                    f"evicted to make room for {spec.name} on GPU {plan.gpus[0]}: least recently used, "
+                    f"idle {idle:.0f} s",
+                )
+            totals = {g.index: g.memory_total for g in gpus}
             port = self._free_port()
             name = unit_name(spec.name, replica)
             worker = Worker(
@@ -293,18 +382,38 @@ class WorkerManager:
                 replica=replica,
                 unit=name,
                 port=port,
-                gpu=gpu,
-                budget_bytes=need,
+                gpus=plan.gpus,
+                budget_bytes=plan.per_gpu_bytes,
                 state=WorkerState.STARTING,
+                pinned=spec.pinned,
             )
             self.workers[name] = worker
-        unit = engine.worker_unit(self.cfg, spec, replica, port, gpu, need, total if self.gpus.kind == "nvml" else None)
-        lock = self._device_locks.setdefault(gpu, asyncio.Lock())
+            self.changed()
+        if victims:
+            await asyncio.gather(*(self._stop_worker(v, "evicted") for v in victims), return_exceptions=True)
+        unit = engine.worker_unit(
+            self.cfg,
+            spec,
+            replica,
+            port,
+            plan.gpus,
+            plan.per_gpu_bytes,
+            totals[plan.gpus[0]] if self.gpus.kind == "nvml" else None,
+            need.kv_bytes,
+        )
         # vLLM checks free device memory at start and profiles it: two workers
         # starting on one GPU at once would each see the other's memory move.
-        async with lock:
-            log.info("%s: starting (GPU %d, port %d, budget %.1f GB)", name, gpu, port, need / 1e9)
-            self.changed()
+        async with contextlib.AsyncExitStack() as stack:
+            for g in sorted(plan.gpus):
+                await stack.enter_async_context(self._device_locks.setdefault(g, asyncio.Lock()))
+            log.info(
+                "%s: starting (GPU %s, port %d, %.1f GB per GPU from %s)",
+                name,
+                ",".join(map(str, plan.gpus)),
+                port,
+                plan.per_gpu_bytes / GB,
+                need.source,
+            )
             try:
                 await self.systemd.reset_failed(name)
                 await self.systemd.start_transient(unit)
@@ -313,13 +422,19 @@ class WorkerManager:
                 raise
             worker.unit_seen_active = True
             await self._await_healthy(worker)
+        self._spawn(self._measure(worker))
         return worker
 
-    @staticmethod
-    def _foreign_use(gpu: GpuInfo, reserved: dict[int, int]) -> int:
-        # Memory in use beyond what ssw's workers are budgeted (other processes,
-        # the driver). Never negative: a worker below its budget frees nothing.
-        return max(gpu.memory_used - reserved.get(gpu.index, 0), 0)
+    async def _measure(self, worker: Worker) -> None:
+        """Record what the healthy worker really holds and how long it took to load."""
+        load_s = worker.state_since - worker.started_at
+        held = None
+        if self.gpus.kind == "nvml":
+            held = self._held(worker, await self.gpu_snapshot()) or None
+            worker.held_bytes = held
+        # A tensor-parallel footprint is per GPU of a split model: not comparable.
+        await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
+        self.changed()
 
     async def _probe(self, worker: Worker) -> bool:
         assert self._http is not None
@@ -333,15 +448,21 @@ class WorkerManager:
         deadline = time.monotonic() + self.cfg.health.start_timeout_s
         while time.monotonic() < deadline:
             if worker.done.done():
-                raise LoadFailed(worker.done.result() or f"{worker.unit} stopped during start-up")
+                raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
             if await self._probe(worker):
                 self._set_state(worker, WorkerState.READY, f"healthy after {time.time() - worker.started_at:.1f} s")
+                self._restarts.pop(worker.model, None)
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.done), self.cfg.health.interval_s)
         reason = f"not healthy within {self.cfg.health.start_timeout_s:.0f} s (health.start_timeout_s)"
         await self._stop_worker(worker, reason)
-        raise LoadFailed(f"{worker.unit} {reason}")
+        raise LoadFailed(await self._failure_reason(worker, reason))
+
+    async def _failure_reason(self, worker: Worker, error: str | None) -> str:
+        lines = await journal.tail(worker.unit, JOURNAL_LINES_ON_FAILURE, self.cfg.systemd.journal_directory)
+        base = error or f"{worker.unit} stopped during start-up"
+        return base + (" | last log lines: " + " | ".join(lines) if lines else "")
 
     async def _health_loop(self) -> None:
         while True:
@@ -350,13 +471,11 @@ class WorkerManager:
             results = await asyncio.gather(*(self._probe(w) for w in watched))
             for worker, ok in zip(watched, results, strict=True):
                 if worker.state in (WorkerState.READY, WorkerState.UNHEALTHY):
-                    self.mark(worker, ok)
-
-    def mark(self, worker: Worker, healthy: bool) -> None:
-        if healthy:
-            self._set_state(worker, WorkerState.READY, "health check passed")
-        else:
-            self._set_state(worker, WorkerState.UNHEALTHY, "health check failed")
+                    self._set_state(
+                        worker,
+                        WorkerState.READY if ok else WorkerState.UNHEALTHY,
+                        "health check passed" if ok else "health check failed",
+                    )
 
     # --- unit events ---------------------------------------------------------------
 
@@ -372,15 +491,22 @@ class WorkerManager:
         if worker.state is WorkerState.STOPPING:
             self._remove(worker, None)
             return
-        error = f"the unit went {active}/{sub} unexpectedly; see 'journalctl -u {unit}'"
-        self._remove(worker, error)
-        self._spawn(self._record_exit(worker, error))
+        was_ready = worker.state is not WorkerState.STARTING
+        self._remove(worker, f"the unit went {active}/{sub} unexpectedly; see 'journalctl -u {unit}'")
+        spec = self.registry.models.get(worker.model)
+        # A start-up failure belongs to its load (and its cooldown); a pinned
+        # worker that died after being ready is brought back.
+        if was_ready and spec is not None and spec.pinned:
+            self._spawn(self._restore(spec))
 
-    async def _record_exit(self, worker: Worker, error: str) -> None:
-        lines = await journal.tail(worker.unit, 5, self.cfg.systemd.journal_directory)
-        if lines:
-            self.last_errors[worker.model] = error + ": " + " | ".join(lines)
-            self.changed()
+    async def _restore(self, spec: ModelSpec) -> None:
+        failures = self._restarts.get(spec.name, 0)
+        self._restarts[spec.name] = failures + 1
+        delay = min(self.cfg.placement.restart_backoff_s * 2**failures, self.cfg.placement.restart_backoff_max_s)
+        log.warning("pinned model %s: worker died; restarting in %.0f s (attempt %d)", spec.name, delay, failures + 1)
+        await asyncio.sleep(delay)
+        with contextlib.suppress(SswError):
+            await self.load(spec)
 
     # --- unloading -----------------------------------------------------------------
 
@@ -395,6 +521,8 @@ class WorkerManager:
         return [w.unit for w in workers]
 
     async def _stop_worker(self, worker: Worker, reason: str) -> None:
+        """Stop taking requests (the gateway routes only ready workers), then stop the
+        unit: SIGTERM lets vLLM finish in-flight requests for vllm.shutdown_timeout_s."""
         self._set_state(worker, WorkerState.STOPPING, reason)
         try:
             await self.systemd.stop(worker.unit, timeout=self.cfg.workers.stop_timeout_s + 15)

@@ -1,0 +1,66 @@
+"""Facts measured per model, kept across restarts in ``<state_dir>/models.json``:
+the VRAM a healthy worker really held and how long its loads took."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+KEEP_LOAD_TIMES = 10
+
+
+class FactStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._facts: dict[str, dict[str, Any]] = {}
+        self._lock = asyncio.Lock()
+
+    def load(self) -> None:
+        """Read the file (blocking; call once at start, in a thread)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            self._facts = {k: v for k, v in data["models"].items() if isinstance(v, dict)}
+
+    def vram_bytes(self, model: str) -> int | None:
+        value = self._facts.get(model, {}).get("vram_bytes")
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def load_seconds(self, model: str) -> float | None:
+        """The median of the recent load times, or None when the model never loaded here."""
+        times = [t for t in self._facts.get(model, {}).get("load_seconds", []) if isinstance(t, (int, float))]
+        return float(statistics.median(times)) if times else None
+
+    def public(self, model: str) -> dict[str, Any]:
+        return {"measured_vram_bytes": self.vram_bytes(model), "load_seconds": self.load_seconds(model)}
+
+    async def record(self, model: str, vram_bytes: int | None, load_seconds: float) -> None:
+        async with self._lock:
+            entry = self._facts.setdefault(model, {})
+            if vram_bytes:
+                entry["vram_bytes"] = vram_bytes
+            entry["load_seconds"] = [*entry.get("load_seconds", []), round(load_seconds, 2)][-KEEP_LOAD_TIMES:]
+            entry["updated_at"] = time.time()
+            payload = json.dumps({"models": self._facts}, indent=1, sort_keys=True)
+            try:
+                await asyncio.to_thread(self._write, payload)
+            except OSError as exc:
+                log.warning("cannot save measured facts to %s: %s", self.path, exc)
+
+    def _write(self, payload: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(payload)
+        os.replace(tmp, self.path)  # readers never see half a file
