@@ -34,7 +34,11 @@ def unit_of_pid(pid: int) -> str | None:
     except OSError:
         return None
     for line in text.splitlines():
-        for part in reversed(line.rpartition(":")[2].split("/")):
+        # "hierarchy:controllers:path"; the path may itself contain ':'.
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        for part in reversed(fields[2].split("/")):
             if part.endswith(".service"):
                 return part
     return None

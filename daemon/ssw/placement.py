@@ -3,6 +3,7 @@ snapshot of GPUs and resident workers, tested by tables)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -12,6 +13,7 @@ from .vram import GB, VramNeed
 
 Policy = Literal["spread", "pack"]
 MAX_TENSOR_PARALLEL = 8
+RELOAD_COST_STEP_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class Resident:
     held: int  # bytes it counts for on each of its GPUs
     last_used: float  # wall time of its last request
     evictable: bool  # ready and not pinned
-    reload_cost: float  # seconds its model took to load (or a size-based guess)
+    reload_cost: float  # seconds its model takes to load (measured, or a size-based guess)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,9 @@ def place(
     for d in candidates:
         victims, enough = _eviction_on(d, single, residents)
         if enough:
-            cost = sum(v.reload_cost for v in victims)
+            # Reload costs compare in coarse steps, so noise in measured load
+            # times never overrides least-recently-used order.
+            cost = math.ceil(sum(v.reload_cost for v in victims) / RELOAD_COST_STEP_S)
             options.append((len(victims), cost, max(v.last_used for v in victims), d.index, victims))
     if options:
         _, _, _, index, victims = min(options, key=lambda o: o[:4])

@@ -82,6 +82,7 @@ class Worker:
             "state_for_s": round(now - self.state_since, 1),
             "idle_s": round(now - self.last_used, 1),
             "adopted": self.adopted,
+            "unit_active": self.unit_seen_active,
         }
 
 
@@ -231,7 +232,8 @@ class WorkerManager:
         for w in self.workers.values():
             held = self._held(w, gpus) or w.budget_bytes
             evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY) and not w.pinned
-            cost = self.store.load_seconds(w.model) or w.budget_bytes / GB  # size stands in until measured
+            # Until a load was measured, size stands in: about 1 s per GB from local disk.
+            cost = self.store.load_seconds(w.model) or w.budget_bytes / GB
             out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost))
         return out
 
@@ -323,6 +325,8 @@ class WorkerManager:
             # cooldown keeps a bad model from causing a storm of retries.
             if cooldown > 0 and not isinstance(err, NoCapacity | asyncio.CancelledError):
                 self.cooldowns[spec.name] = (time.monotonic() + cooldown, message)
+            if isinstance(err, NoCapacity):
+                raise NoCapacity(message)
             raise LoadFailed(f"loading {spec.name} failed: {message}")
         self.last_errors.pop(spec.name, None)
         return ready
@@ -398,8 +402,9 @@ class WorkerManager:
             port,
             plan.gpus,
             plan.per_gpu_bytes,
-            totals[plan.gpus[0]] if self.gpus.kind == "nvml" else None,
-            need.kv_bytes,
+            totals[plan.gpus[0]],
+            # vLLM on the CPU (simulated GPUs) sizes its KV cache from VLLM_CPU_KVCACHE_SPACE.
+            need.kv_bytes if self.gpus.kind == "nvml" else None,
         )
         # vLLM checks free device memory at start and profiles it: two workers
         # starting on one GPU at once would each see the other's memory move.
@@ -415,6 +420,7 @@ class WorkerManager:
                 need.source,
             )
             try:
+                self._check_room(worker, totals)
                 await self.systemd.reset_failed(name)
                 await self.systemd.start_transient(unit)
             except BaseException as exc:
@@ -424,6 +430,19 @@ class WorkerManager:
             await self._await_healthy(worker)
         self._spawn(self._measure(worker))
         return worker
+
+    def _check_room(self, new: Worker, totals: dict[int, int]) -> None:
+        """The invariant placement guarantees, checked where it matters: the budgets of
+        the workers whose processes run on a GPU never add up to more than it has."""
+        for g in new.gpus:
+            running = sum(
+                w.budget_bytes for w in self.workers.values() if g in w.gpus and (w.unit_seen_active or w is new)
+            )
+            if running > totals[g]:
+                raise SswError(
+                    f"refusing to start {new.unit}: GPU {g} would hold {running / GB:.1f} GB of "
+                    f"{totals[g] / GB:.1f} GB (a placement bug; please report it)"
+                )
 
     async def _measure(self, worker: Worker) -> None:
         """Record what the healthy worker really holds and how long it took to load."""

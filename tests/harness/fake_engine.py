@@ -27,6 +27,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--shutdown-timeout", type=float, default=0.0)
     p.add_argument("--load-delay", type=float, default=float(os.environ.get("SSW_FAKE_LOAD_DELAY", "0")))
     p.add_argument("--tokens-per-second", type=float, default=float(os.environ.get("SSW_FAKE_TPS", "0")))
     p.add_argument("--fail", default=os.environ.get("SSW_FAKE_FAIL", ""))
@@ -158,7 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.fail == "exit-on-start":
         print("fake engine: failing on purpose (exit-on-start)", file=sys.stderr, flush=True)
         sys.exit(3)
-    web.run_app(make_app(args), host=args.host, port=args.port, print=None, access_log=None)
+    # Like vLLM's --shutdown-timeout: on SIGTERM, stop accepting and let
+    # in-flight requests finish for that long.
+    web.run_app(
+        make_app(args),
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=args.shutdown_timeout,
+    )
 
 
 if __name__ == "__main__":
