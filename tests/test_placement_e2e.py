@@ -47,7 +47,7 @@ def stack(sysbox: SysBox) -> Iterator[Stack]:
     make_model_dir(models_dir / "m", QWEN2_CONFIG)
     extra = {
         "gpus": {"source": "simulated", "simulated": [{"memory_gb": 10}, {"memory_gb": 10}]},
-        "placement": {"runtime_overhead_gb": 0, "failed_load_cooldown_s": 3},
+        "placement": {"runtime_overhead_gb": 0, "failed_load_cooldown_s": 3, "restart_backoff_s": 0.5},
         "vllm": {"shutdown_timeout_s": 15},
     }
     s = start_stack(sysbox, WORK_ROOT / f"placement-{id(sysbox)}", models_dir, models(), "fake", extra)
@@ -220,3 +220,18 @@ def test_measured_load_times_survive_a_loader_restart(stack: Stack) -> None:
     entry = stack.status()["models"]["m1"]
     assert entry["load_seconds"] is not None and entry["load_seconds"] > 0
     assert workers(stack)["ssw-worker@pin.service"]["adopted"] is True
+
+
+def test_a_pinned_worker_that_dies_is_restored(stack: Stack) -> None:
+    unit = "ssw-worker@pin.service"
+    pid = stack.unit_show(unit, "MainPID")["MainPID"]
+    assert stack.box.systemctl("kill", "--signal=KILL", unit).returncode == 0
+
+    def restored() -> bool:
+        w = workers(stack).get(unit)
+        return w is not None and w["state"] == "ready" and stack.unit_show(unit, "MainPID")["MainPID"] != pid
+
+    wait_for(restored, 30, "the pinned worker to come back")
+    assert f"{unit}: ready -> gone (the unit went failed/failed unexpectedly" in stack.loader.log()
+    assert "pinned model pin: worker died; restarting" in stack.loader.log()
+    assert chat(stack, "pin")[0] == 200
