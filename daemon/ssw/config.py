@@ -134,9 +134,15 @@ class PlacementSettings(_Section):
         description="After a failed load the model is refused this long, with the reason.",
     )
     restart_backoff_s: float = Field(
-        default=2.0, gt=0, description="First delay before restarting a pinned worker that died; doubles each time."
+        default=2.0, gt=0, description="First delay before restarting a worker that died; doubles each time."
     )
     restart_backoff_max_s: float = Field(default=300.0, gt=0, description="Longest delay between restarts.")
+    max_restarts: int = Field(
+        default=5,
+        ge=0,
+        description="An unpinned model whose worker died this many times in a row goes into the failed-load "
+        "cooldown instead of being restarted (pinned models are always restarted).",
+    )
 
 
 class GatewaySettings(_Section):
@@ -152,6 +158,12 @@ class GatewaySettings(_Section):
     )
     shutdown_timeout_s: float = Field(
         default=30.0, ge=0, description="How long a stopping gateway lets in-flight requests finish."
+    )
+    max_waiters_per_model: int = Field(
+        default=1000, ge=1, description="Requests that may wait for one model's load; more get 429."
+    )
+    routing: Literal["round_robin", "least_outstanding"] = Field(
+        default="round_robin", description="How requests are spread over a model's replicas."
     )
 
 

@@ -62,6 +62,8 @@ def vllm_argv(
         argv += ["--max-num-seqs", str(spec.max_num_seqs)]
     if spec.tool_call_parser:
         argv += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
+    if spec.scheduling_policy:
+        argv += ["--scheduling-policy", spec.scheduling_policy]
     if spec.reasoning_parser:
         argv += ["--reasoning-parser", spec.reasoning_parser]
     if spec.chat_template_kwargs:

@@ -7,9 +7,12 @@ chunk by chunk. It never starts units itself: loads are asked of the loader.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,19 +21,37 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import __version__, http_errors
 from .config import Config
-from .errors import BadRequest, LoaderUnavailable, LoadFailed, ModelLoading, ModelNotFound, UpstreamError
+from .errors import (
+    BadRequest,
+    LoaderUnavailable,
+    LoadFailed,
+    ModelLoading,
+    ModelNotFound,
+    NoCapacity,
+    UpstreamError,
+)
 from .loader_client import LoaderClient
 from .registry import valid_name
-from .routing import RoundRobin
+from .routing import RoundRobin, least_outstanding
+from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETRY_AFTER_S = 60
+DEFAULT_RETRY_AFTER_S = 60  # when a model has never loaded here
 MAX_FAILOVER_ATTEMPTS = 3
 SUSPECT_FOR_S = 5.0  # a worker that refused a connection is skipped this long
 WAIT_HEADER = "x-ssw-wait"
+PRIORITY_HEADER = "x-ssw-priority"
+FALLBACK_HEADER = "x-ssw-fallback"
+FALLBACK_FROM_HEADER = "X-SSW-Fallback-From"
 _FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+def _truthy(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    return value.strip().lower() in ("1", "true", "yes")
 
 
 class Gateway:
@@ -39,12 +60,16 @@ class Gateway:
         self.loader = loader
         self.session = session
         self.rr = RoundRobin()
+        self.queue = WaitQueue(cfg.gateway.max_waiters_per_model)
+        self.outstanding: dict[str, int] = {}  # worker url -> requests in flight
         self._suspect_until: dict[str, float] = {}
+        self._wait_seq: dict[str, int] = {}  # model -> snapshot seq that reflects its load request
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=cfg.gateway.upstream_connect_timeout_s,
             sock_read=cfg.gateway.upstream_read_timeout_s,
         )
+        loader.on_snapshot(self._on_snapshot)
 
     # --- names -------------------------------------------------------------------------
 
@@ -71,33 +96,78 @@ class Gateway:
         healthy = [w for w in workers if self._suspect_until.get(w["url"], 0.0) <= now]
         return healthy or workers
 
+    def retry_after(self, model: str) -> int:
+        """An honest wait: the model's measured load time less what has passed."""
+        entry = self._snapshot()["models"].get(model, {})
+        load_s = entry.get("load_seconds")
+        if not load_s:
+            return DEFAULT_RETRY_AFTER_S
+        since = entry.get("loading_since")
+        elapsed = time.time() - since if since else 0.0
+        return max(1, math.ceil(load_s - elapsed))
+
     # --- loading -----------------------------------------------------------------------
 
-    async def workers_for(self, model: str, wait: bool) -> list[dict[str, Any]]:
+    def _on_snapshot(self) -> None:
+        """Release or fail waiters as soon as the loader's news arrives."""
+        snap = self.loader.snapshot
+        if snap is None:
+            return
+        for model in self.queue.models():
+            if self.ready_workers(model):
+                released = self.queue.release(model)
+                log.info("%s: ready; released %d waiting requests", model, len(released))
+                continue
+            if snap["seq"] < self._wait_seq.get(model, 0):
+                continue  # this snapshot predates the load request
+            entry = snap["models"].get(model)
+            starting = any(w["model"] == model for w in snap["workers"])
+            if entry is None or (not entry.get("loading") and not starting):
+                reason = (entry or {}).get("last_error") or "no worker came up"
+                self.queue.fail(model, LoadFailed(f"loading '{model}' failed: {reason}", self.retry_after(model)))
+
+    async def workers_for(self, model: str, wait: bool, priority: str) -> list[dict[str, Any]]:
         workers = self.ready_workers(model)
         if workers:
             return workers
         seq = await self.loader.request_load(model)
+        retry = self.retry_after(model)
         if not wait:
-            raise ModelLoading(f"model '{model}' is loading", DEFAULT_RETRY_AFTER_S)
-        deadline = time.monotonic() + self.cfg.gateway.wait_timeout_s
-        while True:
-            snap = self._snapshot()
-            if snap["seq"] >= seq:
-                workers = self.ready_workers(model)
-                if workers:
-                    return workers
-                entry = snap["models"].get(model, {})
-                starting = any(w["model"] == model for w in snap["workers"])
-                if not entry.get("loading") and not starting:
-                    raise LoadFailed(f"loading '{model}' failed: {entry.get('last_error') or 'no worker came up'}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ModelLoading(
-                    f"model '{model}' did not become ready within {self.cfg.gateway.wait_timeout_s:.0f} s",
-                    DEFAULT_RETRY_AFTER_S,
-                )
-            await self.loader.wait_update(remaining)
+            raise ModelLoading(f"model '{model}' is loading", retry)
+        self._wait_seq[model] = max(self._wait_seq.get(model, 0), seq)
+        waiter = self.queue.add(model, priority, retry)
+        self._on_snapshot()  # it may have become ready meanwhile
+        try:
+            await asyncio.wait_for(waiter.future, self.cfg.gateway.wait_timeout_s)
+        except TimeoutError:
+            self.queue.discard(waiter)
+            raise ModelLoading(
+                f"model '{model}' did not become ready within {self.cfg.gateway.wait_timeout_s:.0f} s",
+                self.retry_after(model),
+            ) from None
+        workers = self.ready_workers(model)
+        if not workers:
+            raise UpstreamError(f"model '{model}' was ready but its worker is gone again; retry")
+        return workers
+
+    async def _serve_or_fallback(
+        self, model: str, wait: bool, priority: str, fallback: bool | None
+    ) -> tuple[str, list[dict[str, Any]], str | None]:
+        """(model that serves, its workers, the model it stands in for or None)."""
+        try:
+            return model, await self.workers_for(model, wait, priority), None
+        except (LoadFailed, NoCapacity) as exc:
+            entry = self._snapshot()["models"].get(model, {})
+            allowed = fallback if fallback is not None else bool(entry.get("fallback_default"))
+            if not allowed:
+                raise
+            for candidate in entry.get("fallbacks", []):
+                if candidate in self._snapshot()["models"]:
+                    workers = self.ready_workers(candidate)
+                    if workers:
+                        log.info("%s cannot serve (%s); falling back to %s", model, exc.message, candidate)
+                        return candidate, workers, model
+            raise
 
     # --- proxying ----------------------------------------------------------------------
 
@@ -111,10 +181,13 @@ class Gateway:
             raise BadRequest("the request body must be a JSON object")
         if "model" not in body:
             raise BadRequest("'model' is required")
+        priority = parse_priority(request.headers.get(PRIORITY_HEADER))
         model = self.resolve(body["model"])
-        wait = request.headers.get(WAIT_HEADER, "").strip().lower() in ("1", "true", "yes")
+        wait = bool(_truthy(request.headers.get(WAIT_HEADER)))
         try:
-            workers = await self.workers_for(model, wait)
+            served, workers, stands_in_for = await self._serve_or_fallback(
+                model, wait, priority, _truthy(request.headers.get(FALLBACK_HEADER))
+            )
         except ModelLoading as exc:
             if wait:
                 raise
@@ -130,10 +203,11 @@ class Gateway:
                 headers={"Retry-After": str(exc.retry_after_s)},
             )
 
-        changed = body["model"] != model
-        body["model"] = model
+        changed = body["model"] != served
+        body["model"] = served
+        entry = self._snapshot()["models"][served]
         if path == "/v1/chat/completions":
-            defaults = self._snapshot()["models"][model].get("chat_template_kwargs") or {}
+            defaults = entry.get("chat_template_kwargs") or {}
             if defaults:
                 kwargs = body.get("chat_template_kwargs")
                 kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
@@ -142,41 +216,60 @@ class Gateway:
                         kwargs[key] = value
                         changed = True
                 body["chat_template_kwargs"] = kwargs
+        if entry.get("scheduling_policy") == "priority" and "priority" not in body:
+            body["priority"] = VLLM_PRIORITY[priority]
+            changed = True
         payload = json.dumps(body).encode() if changed else raw
         headers = {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-        return await self._send(model, path, payload, headers, workers)
+        response = await self._send(served, path, payload, headers, workers)
+        if stands_in_for is not None:
+            response.headers[FALLBACK_FROM_HEADER] = stands_in_for
+        return response
+
+    def _order(self, model: str, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.cfg.gateway.routing == "least_outstanding":
+            return least_outstanding(workers, lambda w: self.outstanding.get(w["url"], 0), self.rr, model)
+        return self.rr.order(model, workers)
 
     async def _send(
         self, model: str, path: str, payload: bytes, headers: dict[str, str], workers: list[dict[str, Any]]
     ) -> Response:
         last_error: Exception | None = None
-        for worker in self.rr.order(model, workers)[:MAX_FAILOVER_ATTEMPTS]:
+        order = self._order(model, workers)
+        # Cycle through the pool: a lone worker gets another try too, on a fresh
+        # connection (a pooled one may point at a process that was replaced).
+        for attempt in range(MAX_FAILOVER_ATTEMPTS):
+            worker = order[attempt % len(order)]
+            url = worker["url"]
+            self.outstanding[url] = self.outstanding.get(url, 0) + 1
             try:
-                resp = await self.session.post(
-                    worker["url"] + path, data=payload, headers=headers, timeout=self._timeout
-                )
+                resp = await self.session.post(url + path, data=payload, headers=headers, timeout=self._timeout)
             except _CONNECT_ERRORS as exc:
+                self.outstanding[url] -= 1
                 # Nothing has reached the client yet, so the next worker may serve it.
                 log.warning("%s: connection failed (%s); trying the next worker", worker["unit"], exc)
-                self._suspect_until[worker["url"]] = time.monotonic() + SUSPECT_FOR_S
+                self._suspect_until[url] = time.monotonic() + SUSPECT_FOR_S
                 last_error = exc
                 continue
+            except BaseException:
+                self.outstanding[url] -= 1
+                raise
             self.loader.used(worker["unit"])
-            return await self._relay(resp)
+            return await self._relay(resp, url)
         raise UpstreamError(f"no worker of '{model}' could be reached: {last_error}")
 
-    @staticmethod
-    async def _relay(resp: aiohttp.ClientResponse) -> Response:
+    async def _relay(self, resp: aiohttp.ClientResponse, url: str) -> Response:
         ctype = resp.headers.get("Content-Type", "application/json")
         if ctype.startswith("text/event-stream"):
 
-            async def chunks() -> Any:
+            async def chunks() -> AsyncIterator[bytes]:
                 finished = False
                 try:
                     async for chunk in resp.content.iter_any():
                         yield chunk
                     finished = True
                 finally:
+                    self.outstanding[url] -= 1
                     # A client that left mid-stream: closing the connection makes
                     # vLLM abort the request instead of generating for nobody.
                     if finished:
@@ -193,6 +286,7 @@ class Gateway:
         try:
             data = await resp.read()
         finally:
+            self.outstanding[url] -= 1
             resp.release()
         return Response(data, status_code=resp.status, headers={"Content-Type": ctype})
 
@@ -208,6 +302,7 @@ def gateway_app(gw: Gateway) -> FastAPI:
             "status": "ok",
             "loader_connected": gw.loader.connected,
             "workers_ready": sum(1 for w in snap["workers"] if w["state"] == "ready"),
+            "waiting": {m: gw.queue.depth(m) for m in gw.queue.models()},
         }
 
     @app.get("/v1/models")

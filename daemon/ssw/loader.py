@@ -93,6 +93,12 @@ class Loader:
 
     # --- views ----------------------------------------------------------------------
 
+    def _fallback_name(self, name: str) -> str | None:
+        try:
+            return self.registry.resolve(name).name
+        except ModelNotFound:
+            return None
+
     def snapshot(self) -> dict[str, Any]:
         """What the gateway needs to route: models, aliases and workers."""
         reg = self.registry
@@ -107,6 +113,10 @@ class Loader:
                     "last_error": self.manager.last_errors.get(name),
                     "cooldown_s": round(c[0], 1) if (c := self.manager.cooldown(name)) else None,
                     "load_seconds": self.store.load_seconds(name),
+                    "loading_since": self.manager.loading_since(name),
+                    "fallbacks": [self._fallback_name(f) for f in spec.fallbacks if self._fallback_name(f)],
+                    "fallback_default": spec.fallback_default,
+                    "scheduling_policy": spec.scheduling_policy,
                 }
                 for name, spec in sorted(reg.models.items())
             },

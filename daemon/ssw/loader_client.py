@@ -12,11 +12,12 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
-from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, SswError
+from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError
 
 log = logging.getLogger(__name__)
 USAGE_REPORT_INTERVAL_S = 2.0
@@ -32,6 +33,10 @@ class LoaderClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_used: dict[str, float] = {}
         self._unsent: set[str] = set()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_snapshot(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._report_usage())]
@@ -76,6 +81,8 @@ class LoaderClient:
         self.snapshot = snapshot
         event, self._updated = self._updated, asyncio.Event()
         event.set()
+        for listener in self._listeners:
+            listener()
 
     async def _follow(self) -> None:
         backoff = 0.2
@@ -130,6 +137,8 @@ class LoaderClient:
                 raise ModelNotFound(model, [])
             if resp.status >= 500:
                 retry = resp.headers.get("Retry-After", "")
+                if err.get("code") == "no_capacity":
+                    raise NoCapacity(message)
                 raise LoadFailed(message, int(retry) if retry.isdigit() else None)
             raise SswError(message)
         return int(body.get("seq", 0))

@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -55,6 +55,15 @@ class ModelOverride(BaseModel):
     replicas: int = Field(default=1, ge=1, le=16, description="Workers to run for this model.")
     gpus: list[int] | None = Field(
         default=None, description="GPU of each replica, in order (cycled); default: placement decides."
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Models or aliases that may serve when this one cannot."
+    )
+    fallback_default: bool = Field(
+        default=False, description="Use the fallbacks without the client asking (X-SSW-Fallback: true)."
+    )
+    scheduling_policy: Literal["fcfs", "priority"] | None = Field(
+        default=None, description="vLLM --scheduling-policy; 'priority' passes X-SSW-Priority on to vLLM."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment for this model's workers.")
 
@@ -112,6 +121,9 @@ class ModelSpec:
     replicas: int = 1
     env: dict[str, str] = field(default_factory=dict)
     gpus: tuple[int, ...] | None = None
+    fallbacks: tuple[str, ...] = ()
+    fallback_default: bool = False
+    scheduling_policy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -272,6 +284,9 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride) -> ModelS
         replicas=ov.replicas,
         env=dict(ov.env),
         gpus=tuple(ov.gpus) if ov.gpus is not None else None,
+        fallbacks=tuple(ov.fallbacks),
+        fallback_default=ov.fallback_default,
+        scheduling_policy=ov.scheduling_policy,
     )
 
 

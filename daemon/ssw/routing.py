@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -21,3 +21,9 @@ class RoundRobin:
         start = self._next.get(model, 0) % len(pool)
         self._next[model] = start + 1
         return list(pool[start:]) + list(pool[:start])
+
+
+def least_outstanding(pool: Sequence[T], outstanding: Callable[[T], int], rr: RoundRobin, model: str) -> list[T]:
+    """The replica with the fewest requests in flight first; round-robin breaks ties."""
+    rotated = rr.order(model, pool)
+    return sorted(rotated, key=outstanding)  # sorted() is stable: ties keep the rotation

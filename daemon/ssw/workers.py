@@ -31,6 +31,7 @@ from .vram import GB, vram_need
 
 log = logging.getLogger(__name__)
 JOURNAL_LINES_ON_FAILURE = 8
+CRASH_WINDOW_S = 600.0  # crashes further apart than this do not add up to a crash loop
 
 
 class WorkerState(enum.StrEnum):
@@ -102,7 +103,7 @@ class WorkerManager:
         self._load_started: dict[str, float] = {}
         self._place_lock = asyncio.Lock()
         self._device_locks: dict[int, asyncio.Lock] = {}
-        self._restarts: dict[str, int] = {}  # model -> consecutive unexpected exits
+        self._crashes: dict[str, list[float]] = {}  # model -> monotonic times its workers died
         self._subscribers: set[asyncio.Queue[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
@@ -179,6 +180,10 @@ class WorkerManager:
     def loading(self, model: str) -> bool:
         task = self._loads.get(model)
         return task is not None and not task.done()
+
+    def loading_since(self, model: str) -> float | None:
+        """Wall time the model's current load started; None when it is not loading."""
+        return self._load_started.get(model) if self.loading(model) else None
 
     def cooldown(self, model: str) -> tuple[float, str] | None:
         """(seconds left, reason) while a failed model is refused."""
@@ -298,7 +303,7 @@ class WorkerManager:
             )
         task = asyncio.create_task(self._load(spec))
         self._loads[spec.name] = task
-        self._load_started[spec.name] = time.monotonic()
+        self._load_started[spec.name] = time.time()
         task.add_done_callback(lambda t: self._load_done(spec.name, t))
         self.changed()
         return task
@@ -470,7 +475,6 @@ class WorkerManager:
                 raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
             if await self._probe(worker):
                 self._set_state(worker, WorkerState.READY, f"healthy after {time.time() - worker.started_at:.1f} s")
-                self._restarts.pop(worker.model, None)
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.done), self.cfg.health.interval_s)
@@ -513,16 +517,26 @@ class WorkerManager:
         was_ready = worker.state is not WorkerState.STARTING
         self._remove(worker, f"the unit went {active}/{sub} unexpectedly; see 'journalctl -u {unit}'")
         spec = self.registry.models.get(worker.model)
-        # A start-up failure belongs to its load (and its cooldown); a pinned
-        # worker that died after being ready is brought back.
-        if was_ready and spec is not None and spec.pinned:
+        # A start-up failure belongs to its load (and its cooldown); a worker
+        # that died after being ready is brought back.
+        if was_ready and spec is not None:
             self._spawn(self._restore(spec))
 
     async def _restore(self, spec: ModelSpec) -> None:
-        failures = self._restarts.get(spec.name, 0)
-        self._restarts[spec.name] = failures + 1
+        now = time.monotonic()
+        crashes = [t for t in self._crashes.get(spec.name, []) if now - t < CRASH_WINDOW_S] + [now]
+        self._crashes[spec.name] = crashes
+        failures = len(crashes) - 1  # earlier crashes in the window
+        if not spec.pinned and failures >= self.cfg.placement.max_restarts:
+            reason = f"its worker died {failures + 1} times in a row; see 'journalctl -u {unit_name(spec.name)}'"
+            log.error("model %s: %s; not restarting it", spec.name, reason)
+            self.cooldowns[spec.name] = (time.monotonic() + self.cfg.placement.failed_load_cooldown_s, reason)
+            self._crashes.pop(spec.name, None)
+            self.changed()
+            return
         delay = min(self.cfg.placement.restart_backoff_s * 2**failures, self.cfg.placement.restart_backoff_max_s)
-        log.warning("pinned model %s: worker died; restarting in %.0f s (attempt %d)", spec.name, delay, failures + 1)
+        kind = "pinned model" if spec.pinned else "model"
+        log.warning("%s %s: worker died; restarting in %.1f s (attempt %d)", kind, spec.name, delay, failures + 1)
         await asyncio.sleep(delay)
         with contextlib.suppress(SswError):
             await self.load(spec)
