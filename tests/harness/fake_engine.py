@@ -39,6 +39,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     names = args.served_model_name or [args.model]
     ready_at = time.monotonic() + args.load_delay
     delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
+    stats = {"running": 0, "aborted": 0}
 
     def error(status: int, message: str) -> web.Response:
         return web.json_response(
@@ -67,6 +68,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             "chat_template_kwargs": body.get("chat_template_kwargs"),
             "extra": body.get("ssw_test_extra"),
             "port": args.port,
+            "priority": body.get("priority"),
         }
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -95,6 +97,20 @@ def make_app(args: argparse.Namespace) -> web.Application:
             )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        stats["running"] += 1
+        try:
+            await stream(resp, chat, n_tokens, rid, created, body, usage)
+        except (ConnectionResetError, asyncio.CancelledError):
+            # The reader went away: stop generating, as vLLM aborts the request.
+            stats["aborted"] += 1
+            raise
+        finally:
+            stats["running"] -= 1
+        return resp
+
+    async def stream(
+        resp: web.StreamResponse, chat: bool, n_tokens: int, rid: str, created: int, body: dict, usage: dict
+    ) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         for i in range(n_tokens):
             if delay:
@@ -125,7 +141,9 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 + b"\n\n"
             )
         await resp.write(b"data: [DONE]\n\n")
-        return resp
+
+    async def fake_stats(_: web.Request) -> web.Response:
+        return web.json_response(stats)
 
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
@@ -146,6 +164,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/health", health)
+    app.router.add_get("/ssw-fake/stats", fake_stats)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", generate)
     app.router.add_post("/v1/completions", generate)
