@@ -4,16 +4,18 @@ worker for the whole module: it takes about 40 s to start on 2 cores."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, port_open
+from tests.harness.stack import WORK_ROOT, http, port_open, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
@@ -94,6 +96,35 @@ def test_worker_unit_is_transient_in_the_slice_with_accounting_and_journal(stack
     assert "ssw vLLM worker for tiny" in status and "Active: active (running)" in status
     journal = stack.box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
     assert "Application startup complete" in journal
+
+
+def running_requests(worker_url: str) -> float:
+    _, _, text = http("GET", worker_url + "/metrics")
+    values = [
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running")
+    ]
+    assert values, "vLLM exports vllm:num_requests_running"
+    return sum(values)
+
+
+def test_a_client_leaving_mid_stream_aborts_the_request_in_vllm(stack: Stack) -> None:
+    worker = next(w for w in stack.status()["workers"] if w["unit"] == UNIT)
+
+    async def leave_mid_stream() -> float:
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(
+                stack.public + "/v1/chat/completions",
+                json={"model": "tiny", "messages": CHAT, "max_tokens": 900, "stream": True, "ignore_eos": True},
+            )
+            for _ in range(3):
+                await resp.content.readline()
+            during = await asyncio.to_thread(running_requests, worker["url"])
+            resp.close()
+            return during
+
+    during = asyncio.run(leave_mid_stream())
+    assert during == 1
+    wait_for(lambda: running_requests(worker["url"]) == 0, 10, "vLLM to abort the request")
 
 
 def test_gateway_and_loader_restarts_keep_the_model_loaded(stack: Stack, client: openai.OpenAI) -> None:
