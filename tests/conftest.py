@@ -88,6 +88,7 @@ class Stack:
     admin: str
     loader: Role
     gateway: Role
+    gateway_metrics: str
 
     def status(self) -> dict[str, Any]:
         return http("GET", self.admin + "/status")[2]
@@ -107,8 +108,11 @@ def start_stack(
     models: dict[str, Any],
     engine: str,
     extra: dict[str, Any] | None = None,
+    redis_url: str | None = None,
 ) -> Stack:
-    public_port, admin_port = free_port(), free_port()
+    public_port, admin_port, metrics_port = free_port(), free_port(), free_port()
+    extra = dict(extra or {})
+    extra["gateway"] = {**extra.get("gateway", {}), "metrics_listen": {"host": "127.0.0.1", "port": metrics_port}}
     config = write_config(
         directory,
         bus_address=box.bus_address,
@@ -120,11 +124,12 @@ def start_stack(
         admin_port=admin_port,
         ports=free_port_range(20),
         extra=extra,
+        **({"redis_url": redis_url} if redis_url else {}),
     )
     public, admin = f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{admin_port}"
     loader = Role("loader", config, directory).start().wait_healthy(admin)
     gateway = Role("gateway", config, directory).start().wait_healthy(public)
-    return Stack(box, directory, config, public, admin, loader, gateway)
+    return Stack(box, directory, config, public, admin, loader, gateway, f"http://127.0.0.1:{metrics_port}")
 
 
 def stop_stack(stack: Stack) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.parse
 from typing import Any
 
@@ -83,7 +84,10 @@ def _admin(cfg: Config, method: str, path: str, body: dict[str, Any] | None = No
         raise CliError(message, code) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise CliError(f"cannot reach the loader at {url}: {reason}", EXIT_UNREACHABLE) from None
+        raise CliError(
+            f"cannot reach the loader at {url}: {reason} (is ssw-loader running? systemctl status ssw-loader)",
+            EXIT_UNREACHABLE,
+        ) from None
 
 
 def _gb(value: int | None) -> str:
@@ -128,6 +132,68 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"  {name}: configured, files missing at {path}")
 
 
+def _print_stats(st: dict[str, Any]) -> None:
+    print(f"last {st['window_s']:.0f} s")
+    if not st["models"]:
+        print("  no requests")
+    for name, m in st["models"].items():
+        lat, ttft = m["latency_ms"], m["ttft_ms"]
+        print(
+            f"  {name}: {m['requests']} requests, {m['errors']} errors ({m['error_rate'] * 100:.1f} %), "
+            f"latency p50/p95/p99 {lat['p50']}/{lat['p95']}/{lat['p99']} ms, "
+            f"TTFT p50/p95/p99 {ttft['p50']}/{ttft['p95']}/{ttft['p99']} ms, "
+            f"tokens/s in {m['prompt_tokens_per_s']} out {m['completion_tokens_per_s']}"
+        )
+
+
+def _load(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": args.model, "wait": False}
+    if args.gpu is not None:
+        body["gpu"] = args.gpu
+    res: dict[str, Any] = _admin(cfg, "POST", "/load", body)
+    if not args.wait:
+        return res
+    # Show progress while the model loads: the worker states and elapsed time.
+    started, last = time.monotonic(), ""
+    deadline = started + cfg.health.start_timeout_s + 30
+    while time.monotonic() < deadline:
+        st = _admin(cfg, "GET", "/status")
+        entry = st["models"].get(res["model"], {})
+        workers = [w for w in st["workers"] if w["model"] == res["model"]]
+        line = ", ".join(f"{w['unit']} {w['state']}" for w in workers) or "placing"
+        if workers and all(w["state"] == "ready" for w in workers) and not entry.get("loading"):
+            if not args.json:
+                print(f"\r{res['model']}: ready in {time.monotonic() - started:.0f} s ({line})" + " " * 10)
+            return {"model": res["model"], "state": "ready", "workers": workers}
+        if not entry.get("loading") and not workers:
+            raise CliError(f"loading {res['model']} failed: {entry.get('last_error') or 'unknown'}", EXIT_LOAD_FAILED)
+        if not args.json and sys.stdout.isatty():
+            print(f"\r{res['model']}: {line}, {time.monotonic() - started:.0f} s" + " " * 10, end="", flush=True)
+        elif not args.json and line != last:
+            print(f"{res['model']}: {line}", flush=True)
+        last = line
+        time.sleep(0.5)
+    raise CliError(f"{res['model']} did not become ready in time", EXIT_LOAD_FAILED)
+
+
+def _logs(cfg: Config, args: argparse.Namespace) -> None:
+    model = urllib.parse.quote(args.model, safe="")
+    seen: list[str] = []
+    while True:
+        res = _admin(cfg, "GET", f"/logs/{model}?lines={args.lines}&replica={args.replica}")
+        lines: list[str] = res["lines"]
+        # Print what follows the last line already printed.
+        start = 0
+        if seen and seen[-1] in lines:
+            start = len(lines) - lines[::-1].index(seen[-1])
+        for line in lines[start:]:
+            print(line, flush=True)
+        seen = lines
+        if not args.follow:
+            return
+        time.sleep(1.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssw", description="systemd-native model serving")
     parser.add_argument(
@@ -140,19 +206,32 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("gateway", help="run the public OpenAI gateway")
     sub.add_parser("loader", help="run the loader (admin API, workers)")
     sub.add_parser("serve", help="run gateway and loader in one process (development, demo)")
-    p_status = sub.add_parser("status", help="GPUs, workers and models")
-    p_status.add_argument("--json", action="store_true")
-    p_load = sub.add_parser("load", help="load a model (waits until it is ready)")
+
+    def verb(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    verb("status", "GPUs, workers and models")
+    verb("models", "the models and aliases on this host")
+    p_load = verb("load", "load a model")
     p_load.add_argument("model")
-    p_load.add_argument("--no-wait", action="store_true")
-    p_unload = sub.add_parser("unload", help="stop a model's workers")
-    p_unload.add_argument("model")
-    p_logs = sub.add_parser("logs", help="the last lines of a worker's journal")
+    p_load.add_argument("--gpu", type=int, help="place it on this GPU")
+    p_load.add_argument(
+        "--wait",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wait until ready, showing progress (default)",
+    )
+    verb("unload", "stop a model's workers").add_argument("model")
+    p_logs = verb("logs", "a worker's journal")
     p_logs.add_argument("model")
     p_logs.add_argument("-n", "--lines", type=int, default=100)
+    p_logs.add_argument("-f", "--follow", action="store_true")
     p_logs.add_argument("--replica", type=int, default=1)
-    p_cfg = sub.add_parser("config", help="validate the config and print it with defaults")
-    p_cfg.add_argument("--json", action="store_true")
+    verb("stats", "request statistics from Redis").add_argument("--window", default="5m", help="e.g. 30s, 5m, 1h")
+    verb("check-config", "validate the config and models.yaml and print the resolved registry")
+    verb("config", "print the effective config with defaults")
     args = parser.parse_args(argv)
 
     try:
@@ -160,28 +239,65 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb in ("gateway", "loader", "serve"):
             roles = {"gateway", "loader"} if args.verb == "serve" else {args.verb}
             return _run_roles(cfg, roles)
+        out: Any = None
         if args.verb == "config":
-            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            out = cfg.model_dump(mode="json")
+            if not args.json:
+                print(json.dumps(out, indent=2))
+        elif args.verb == "check-config":
+            out = _check_config(cfg)
+            if not args.json:
+                for name, m in out["models"].items():
+                    aliases = f" (aliases: {', '.join(m['aliases'])})" if m["aliases"] else ""
+                    print(
+                        f"{name}{aliases}: {m['path']}, {_gb(m['weight_bytes'])} weights, "
+                        f"needs {_gb(m['vram_need_bytes'])} per GPU ({m['vram_need_source']})"
+                        + (", pinned" if m["pinned"] else "")
+                    )
+                for name, path in out["missing"].items():
+                    print(f"{name}: configured, files missing at {path}")
+                print(f"config and models.yaml are valid: {len(out['models'])} models, {len(out['missing'])} missing")
         elif args.verb == "status":
+            out = _admin(cfg, "GET", "/status")
+            if not args.json:
+                _print_status(out)
+        elif args.verb == "models":
             st = _admin(cfg, "GET", "/status")
-            print(json.dumps(st, indent=2)) if args.json else _print_status(st)
+            out = {
+                name: {
+                    "aliases": m["aliases"],
+                    "pinned": m["pinned"],
+                    "ready": any(w["model"] == name and w["state"] == "ready" for w in st["workers"]),
+                }
+                for name, m in st["models"].items()
+            }
+            if not args.json:
+                for name, m in out.items():
+                    aliases = f" (aliases: {', '.join(m['aliases'])})" if m["aliases"] else ""
+                    print(
+                        f"{name}{aliases}: {'ready' if m['ready'] else 'not loaded'}"
+                        + (", pinned" if m["pinned"] else "")
+                    )
         elif args.verb == "load":
-            res = _admin(
-                cfg,
-                "POST",
-                "/load",
-                {"model": args.model, "wait": not args.no_wait},
-                timeout=cfg.health.start_timeout_s + 30,
-            )
-            units = ", ".join(w["unit"] for w in res.get("workers", []))
-            print(f"{res['model']}: {res['state']}{' (' + units + ')' if units else ''}")
+            out = _load(cfg, args)
+            if not args.json and not args.wait:
+                print(f"{out['model']}: {out['state']}")
         elif args.verb == "unload":
-            res = _admin(cfg, "POST", "/unload", {"model": args.model}, timeout=cfg.workers.stop_timeout_s + 30)
-            print(f"{res['model']}: stopped {', '.join(res['stopped'])}")
+            out = _admin(cfg, "POST", "/unload", {"model": args.model}, timeout=cfg.workers.stop_timeout_s + 30)
+            if not args.json:
+                print(f"{out['model']}: stopped {', '.join(out['stopped'])}")
         elif args.verb == "logs":
-            model = urllib.parse.quote(args.model, safe="")
-            res = _admin(cfg, "GET", f"/logs/{model}?lines={args.lines}&replica={args.replica}")
-            print("\n".join(res["lines"]))
+            if args.json:
+                model = urllib.parse.quote(args.model, safe="")
+                out = _admin(cfg, "GET", f"/logs/{model}?lines={args.lines}&replica={args.replica}")
+            else:
+                _logs(cfg, args)
+        elif args.verb == "stats":
+            out = _admin(cfg, "GET", f"/stats?window={urllib.parse.quote(args.window)}")
+            if not args.json:
+                _print_stats(out)
+        if args.json and out is not None:
+            print(json.dumps(out, indent=2))
     except ConfigError as exc:
         print(f"ssw: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -194,6 +310,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_OK
+
+
+def _check_config(cfg: Config) -> dict[str, Any]:
+    from .registry import scan
+    from .vram import vram_need
+
+    reg = scan(cfg.models_dir, cfg.models_file)
+    models = {}
+    for name, spec in sorted(reg.models.items()):
+        need = vram_need(spec, cfg.placement)
+        models[name] = {
+            "path": str(spec.path),
+            "aliases": list(spec.aliases),
+            "pinned": spec.pinned,
+            "weight_bytes": spec.facts.weight_bytes,
+            "vram_need_bytes": need.per_gpu(1),
+            "vram_need_source": need.source,
+        }
+    return {"models": models, "aliases": reg.aliases, "missing": {k: str(v) for k, v in reg.missing.items()}}
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ class GpuSettings(_Section):
     simulated: list[SimulatedGpu] = Field(
         default_factory=list, description="Simulated devices, used only when source is 'simulated'."
     )
+    sample_interval_s: float = Field(
+        default=5.0, gt=0, description="Seconds between GPU samples (memory, utilization, temperature, power)."
+    )
 
     @model_validator(mode="after")
     def _devices_for_simulation(self) -> GpuSettings:
@@ -164,6 +167,15 @@ class GatewaySettings(_Section):
     )
     routing: Literal["round_robin", "least_outstanding"] = Field(
         default="round_robin", description="How requests are spread over a model's replicas."
+    )
+    metrics_listen: Listen | None = Field(
+        default=Listen(host="127.0.0.1", port=8002),
+        description="Where the gateway's Prometheus /metrics listens (None: nowhere but, if set, the public port).",
+    )
+    public_metrics: bool = Field(default=False, description="Also serve the gateway's /metrics on the public port.")
+    access_log: bool = Field(default=True, description="One key=value log line per request.")
+    metrics_buffer: int = Field(
+        default=50_000, ge=100, description="Request records held for Redis; beyond that they are dropped."
     )
 
 

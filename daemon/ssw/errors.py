@@ -80,6 +80,12 @@ class SystemdError(SswError):
     type = "systemd_error"
 
 
+class MetricsUnavailable(SswError):
+    status = 503
+    type = "metrics_unavailable"
+    code = "metrics_unavailable"
+
+
 class LoaderUnavailable(SswError):
     status = 503
     type = "loader_unavailable"

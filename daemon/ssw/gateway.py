@@ -8,11 +8,13 @@ chunk by chunk. It never starts units itself: loads are asked of the loader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -28,9 +30,12 @@ from .errors import (
     ModelLoading,
     ModelNotFound,
     NoCapacity,
+    SswError,
     UpstreamError,
 )
 from .loader_client import LoaderClient
+from .prom import CONTENT_TYPE, GatewayMetrics
+from .redis_sink import RedisSink, RequestRecord
 from .registry import valid_name
 from .routing import RoundRobin, least_outstanding
 from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
@@ -46,6 +51,30 @@ FALLBACK_HEADER = "x-ssw-fallback"
 FALLBACK_FROM_HEADER = "X-SSW-Fallback-From"
 _FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+@dataclass
+class Exchange:
+    """What one request did, for metrics, Redis and the access log."""
+
+    started: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    model: str = "unknown"  # never client text: unknown names stay "unknown"
+    priority: str = "interactive"
+    stream: bool = False
+    worker: str = ""
+    status: int = 0
+    error: str = ""
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    strip_usage: bool = False  # ssw asked vLLM for the usage chunk, the client did not
+
+    def usage(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.prompt_tokens = p if isinstance(p, int) else None
+            self.completion_tokens = c if isinstance(c, int) else None
 
 
 def _truthy(value: str | None) -> bool | None:
@@ -70,6 +99,56 @@ class Gateway:
             sock_read=cfg.gateway.upstream_read_timeout_s,
         )
         loader.on_snapshot(self._on_snapshot)
+        self.metrics = GatewayMetrics(lambda: {m: self.queue.depth(m) for m in self.queue.models()})
+        self.sink = RedisSink(cfg.redis_url, capacity=cfg.gateway.metrics_buffer)
+        self.sink.on_drop = lambda n: self.metrics.dropped.inc(n)
+
+    def in_flight(self) -> int:
+        return sum(self.outstanding.values())
+
+    def finish(self, ex: Exchange) -> None:
+        """Account for one answered request; never raises, never blocks."""
+        latency = time.perf_counter() - ex.t0
+        m = self.metrics
+        m.requests.labels(ex.model, str(ex.status)).inc()
+        m.duration.labels(ex.model).observe(latency)
+        if ex.ttft_s is not None:
+            m.ttft.labels(ex.model).observe(ex.ttft_s)
+        if ex.prompt_tokens:
+            m.prompt_tokens.labels(ex.model).inc(ex.prompt_tokens)
+        if ex.completion_tokens:
+            m.completion_tokens.labels(ex.model).inc(ex.completion_tokens)
+        ttft_ms = None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2)
+        self.sink.record(
+            RequestRecord(
+                ts=ex.started,
+                model=ex.model,
+                worker=ex.worker,
+                priority=ex.priority,
+                status=ex.status,
+                latency_ms=round(latency * 1000, 2),
+                ttft_ms=ttft_ms,
+                prompt_tokens=ex.prompt_tokens,
+                completion_tokens=ex.completion_tokens,
+                error=ex.error,
+                stream=ex.stream,
+            )
+        )
+        if self.cfg.gateway.access_log:
+            log.info(
+                "request model=%s worker=%s status=%d latency_ms=%.1f ttft_ms=%s prompt_tokens=%s "
+                "completion_tokens=%s priority=%s stream=%s error=%s",
+                ex.model,
+                ex.worker or "-",
+                ex.status,
+                latency * 1000,
+                ttft_ms,
+                ex.prompt_tokens,
+                ex.completion_tokens,
+                ex.priority,
+                ex.stream,
+                ex.error or "-",
+            )
 
     # --- names -------------------------------------------------------------------------
 
@@ -172,6 +251,22 @@ class Gateway:
     # --- proxying ----------------------------------------------------------------------
 
     async def forward(self, request: Request, path: str) -> Response:
+        ex = Exchange()
+        try:
+            response = await self._forward(request, path, ex)
+        except SswError as exc:
+            ex.status, ex.error = exc.status, exc.code or exc.type
+            self.finish(ex)
+            raise
+        except Exception:
+            ex.status, ex.error = 500, "internal_error"
+            self.finish(ex)
+            raise
+        if not isinstance(response, StreamingResponse):
+            self.finish(ex)  # a stream is accounted for when it ends
+        return response
+
+    async def _forward(self, request: Request, path: str, ex: Exchange) -> Response:
         raw = await request.body()
         try:
             body = json.loads(raw)
@@ -181,8 +276,11 @@ class Gateway:
             raise BadRequest("the request body must be a JSON object")
         if "model" not in body:
             raise BadRequest("'model' is required")
+        ex.stream = body.get("stream") is True
         priority = parse_priority(request.headers.get(PRIORITY_HEADER))
+        ex.priority = priority
         model = self.resolve(body["model"])
+        ex.model = model
         wait = bool(_truthy(request.headers.get(WAIT_HEADER)))
         try:
             served, workers, stands_in_for = await self._serve_or_fallback(
@@ -191,6 +289,7 @@ class Gateway:
         except ModelLoading as exc:
             if wait:
                 raise
+            ex.status = 202
             return JSONResponse(
                 {
                     "object": "ssw.model_loading",
@@ -203,8 +302,16 @@ class Gateway:
                 headers={"Retry-After": str(exc.retry_after_s)},
             )
 
+        ex.model = served
         changed = body["model"] != served
         body["model"] = served
+        if ex.stream and path != "/v1/embeddings":
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage")):
+                # Token counts come from vLLM's usage chunk; the client did not
+                # ask for it, so it is taken out of their stream again.
+                body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+                ex.strip_usage = changed = True
         entry = self._snapshot()["models"][served]
         if path == "/v1/chat/completions":
             defaults = entry.get("chat_template_kwargs") or {}
@@ -221,7 +328,7 @@ class Gateway:
             changed = True
         payload = json.dumps(body).encode() if changed else raw
         headers = {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-        response = await self._send(served, path, payload, headers, workers)
+        response = await self._send(served, path, payload, headers, workers, ex)
         if stands_in_for is not None:
             response.headers[FALLBACK_FROM_HEADER] = stands_in_for
         return response
@@ -232,7 +339,13 @@ class Gateway:
         return self.rr.order(model, workers)
 
     async def _send(
-        self, model: str, path: str, payload: bytes, headers: dict[str, str], workers: list[dict[str, Any]]
+        self,
+        model: str,
+        path: str,
+        payload: bytes,
+        headers: dict[str, str],
+        workers: list[dict[str, Any]],
+        ex: Exchange,
     ) -> Response:
         last_error: Exception | None = None
         order = self._order(model, workers)
@@ -255,30 +368,16 @@ class Gateway:
                 self.outstanding[url] -= 1
                 raise
             self.loader.used(worker["unit"])
-            return await self._relay(resp, url)
+            ex.worker = worker["unit"]
+            return await self._relay(resp, url, ex)
         raise UpstreamError(f"no worker of '{model}' could be reached: {last_error}")
 
-    async def _relay(self, resp: aiohttp.ClientResponse, url: str) -> Response:
+    async def _relay(self, resp: aiohttp.ClientResponse, url: str, ex: Exchange) -> Response:
+        ex.status = resp.status
         ctype = resp.headers.get("Content-Type", "application/json")
         if ctype.startswith("text/event-stream"):
-
-            async def chunks() -> AsyncIterator[bytes]:
-                finished = False
-                try:
-                    async for chunk in resp.content.iter_any():
-                        yield chunk
-                    finished = True
-                finally:
-                    self.outstanding[url] -= 1
-                    # A client that left mid-stream: closing the connection makes
-                    # vLLM abort the request instead of generating for nobody.
-                    if finished:
-                        resp.release()
-                    else:
-                        resp.close()
-
             return StreamingResponse(
-                chunks(),
+                self._events(resp, url, ex),
                 status_code=resp.status,
                 media_type=None,
                 headers={"Content-Type": ctype, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -288,7 +387,76 @@ class Gateway:
         finally:
             self.outstanding[url] -= 1
             resp.release()
+        if resp.status == 200 and ctype.startswith("application/json"):
+            with contextlib.suppress(ValueError, AttributeError):
+                ex.usage(json.loads(data).get("usage"))
+        elif resp.status >= 400:
+            ex.error = "upstream_" + str(resp.status)
         return Response(data, status_code=resp.status, headers={"Content-Type": ctype})
+
+    async def _events(self, resp: aiohttp.ClientResponse, url: str, ex: Exchange) -> AsyncIterator[bytes]:
+        """Relay server-sent events as they arrive, noting the first token and the
+        usage chunk (and dropping that chunk when only ssw asked for it)."""
+        finished = False
+        pending = b""
+        try:
+            async for chunk in resp.content.iter_any():
+                pending += chunk
+                cut = pending.rfind(b"\n\n")
+                if cut < 0:
+                    continue
+                complete, pending = pending[: cut + 2], pending[cut + 2 :]
+                out = self._inspect(complete, ex)
+                if out:
+                    yield out
+            if pending:
+                yield pending
+            finished = True
+        finally:
+            self.outstanding[url] -= 1
+            if not finished:
+                ex.error = ex.error or "client_disconnected"
+            # A client that left mid-stream: closing the connection makes vLLM
+            # abort the request instead of generating for nobody.
+            if finished:
+                resp.release()
+            else:
+                resp.close()
+            self.finish(ex)
+
+    @staticmethod
+    def _inspect(events: bytes, ex: Exchange) -> bytes:
+        if ex.ttft_s is not None and b'"usage"' not in events:
+            return events  # the common case: nothing to look at
+        kept = []
+        for event in events.split(b"\n\n"):
+            if not event:
+                continue
+            drop = False
+            if event.startswith(b"data: {"):
+                try:
+                    obj = json.loads(event[6:])
+                except ValueError:
+                    obj = None
+                if isinstance(obj, dict):
+                    if ex.ttft_s is None and _has_token(obj):
+                        ex.ttft_s = time.perf_counter() - ex.t0
+                    if obj.get("usage") and not obj.get("choices"):
+                        ex.usage(obj["usage"])
+                        drop = ex.strip_usage
+            if not drop:
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+
+def _has_token(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict):
+            raw_delta = choice.get("delta")
+            delta: dict[str, Any] = raw_delta if isinstance(raw_delta, dict) else {}
+            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls") or choice.get("text"):
+                return True
+    return False
 
 
 def gateway_app(gw: Gateway) -> FastAPI:
@@ -304,6 +472,9 @@ def gateway_app(gw: Gateway) -> FastAPI:
             "workers_ready": sum(1 for w in snap["workers"] if w["state"] == "ready"),
             "waiting": {m: gw.queue.depth(m) for m in gw.queue.models()},
         }
+
+    if gw.cfg.gateway.public_metrics:
+        app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"], include_in_schema=False)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -331,4 +502,18 @@ def gateway_app(gw: Gateway) -> FastAPI:
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.add_api_route(path, proxy, methods=["POST"], include_in_schema=True)
 
+    return app
+
+
+def metrics_endpoint(gw: Gateway) -> Any:
+    async def metrics() -> Response:
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE)
+
+    return metrics
+
+
+def metrics_app(gw: Gateway) -> FastAPI:
+    """The gateway's Prometheus endpoint on its own loopback listener."""
+    app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"])
     return app

@@ -53,6 +53,8 @@ class GpuInfo:
     memory_used: int
     utilization_pct: int | None
     processes: tuple[ProcessMemory, ...] = ()
+    temperature_c: int | None = None
+    power_w: float | None = None
 
     @property
     def memory_free(self) -> int:
@@ -124,6 +126,14 @@ class NvmlGpus:
                 )
             except nv.NVMLError:
                 procs = ()
+            try:
+                temperature: int | None = int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))
+            except nv.NVMLError:
+                temperature = None
+            try:
+                power: float | None = nv.nvmlDeviceGetPowerUsage(h) / 1000  # milliwatts
+            except nv.NVMLError:
+                power = None
             name = nv.nvmlDeviceGetName(h)
             uuid = nv.nvmlDeviceGetUUID(h)
             out.append(
@@ -135,6 +145,8 @@ class NvmlGpus:
                     memory_used=int(mem.used),
                     utilization_pct=util,
                     processes=procs,
+                    temperature_c=temperature,
+                    power_w=power,
                 )
             )
         return out

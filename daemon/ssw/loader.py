@@ -14,13 +14,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 
-from . import __version__, http_errors, journal
+from . import __version__, http_errors, journal, redis_sink
 from .config import Config
-from .errors import ModelNotFound, SswError
-from .gpus import GpuSource
+from .errors import MetricsUnavailable, ModelNotFound, SswError
+from .gpus import GpuInfo, GpuSource
+from .prom import CONTENT_TYPE, LoaderMetrics
 from .registry import ModelSpec, Registry, scan, valid_name
 from .store import FactStore
 from .systemd import Systemd
@@ -42,6 +44,12 @@ class Loader:
         self.store = store
         self.manager = WorkerManager(cfg, systemd, gpus, registry, store)
         self.started_at = time.time()
+        self.redis = redis_sink.client(cfg.redis_url)
+        self.latest_gpus: list[GpuInfo] = []
+        self.metrics = LoaderMetrics(self.manager, lambda: self.latest_gpus)
+        self.manager.on_load_result = self._load_result
+        self._sampler: asyncio.Task[None] | None = None
+        self._redis_warned = 0.0
         self._last_scan = time.monotonic()
         # Set on shutdown so the open event streams end and the server can stop.
         self.closing = asyncio.Event()
@@ -62,6 +70,8 @@ class Loader:
 
     async def start(self) -> None:
         await self.manager.start()
+        self.latest_gpus = await self.manager.gpu_snapshot()
+        self._sampler = asyncio.create_task(self._sample_gpus())
         for spec in self.registry.models.values():
             if spec.pinned:
                 try:
@@ -70,7 +80,46 @@ class Loader:
                     log.error("pinned model %s: %s", spec.name, exc.message)
 
     async def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         await self.manager.close()
+        await self.redis.aclose()
+
+    def _load_result(self, model: str, result: str, seconds: float) -> None:
+        self.metrics.loads.labels(model, result).inc()
+        if result == "ready":
+            self.metrics.load_duration.labels(model).observe(seconds)
+
+    async def _sample_gpus(self) -> None:
+        """Every few seconds: GPU memory, utilization, temperature, power, and what
+        each worker holds; the latest in /status and /metrics, a history in Redis."""
+        while True:
+            await asyncio.sleep(self.cfg.gpus.sample_interval_s)
+            try:
+                gpus = await self.manager.gpu_snapshot()
+            except Exception:  # a driver hiccup must not end sampling
+                log.exception("GPU sampling failed")
+                continue
+            self.latest_gpus = gpus
+            self.manager.update_held(gpus)
+            samples = [
+                {
+                    "index": g.index,
+                    "ts": round(time.time(), 3),
+                    "memory_used_bytes": g.memory_used,
+                    "memory_total_bytes": g.memory_total,
+                    "utilization_pct": g.utilization_pct,
+                    "temperature_c": g.temperature_c,
+                    "power_w": g.power_w,
+                }
+                for g in gpus
+            ]
+            try:
+                await redis_sink.add_gpu_samples(self.redis, "ssw:", samples)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if time.monotonic() - self._redis_warned > redis_sink.LOG_EVERY_S:
+                    self._redis_warned = time.monotonic()
+                    log.warning("GPU history not written to Redis: %s", exc)
 
     async def rescan(self) -> Registry:
         self.registry = await asyncio.to_thread(scan, self.cfg.models_dir, self.cfg.models_file)
@@ -160,6 +209,8 @@ class Loader:
                     "memory_reserved_bytes": views[g.index].pending,
                     "memory_free_bytes": views[g.index].free,
                     "utilization_pct": g.utilization_pct,
+                    "temperature_c": g.temperature_c,
+                    "power_w": g.power_w,
                     "workers": sorted(per_gpu.get(g.index, [])),
                 }
                 for g in gpus
@@ -174,6 +225,7 @@ class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=256, description="Model name or alias.")
     wait: bool = Field(default=True, description="Answer when the model is ready (or failed) instead of at once.")
+    gpu: int | None = Field(default=None, ge=0, le=63, description="Place the model's workers on this GPU.")
 
 
 class UsageReport(BaseModel):
@@ -201,7 +253,7 @@ def admin_app(loader: Loader) -> FastAPI:
     @app.post("/load")
     async def load(req: LoadRequest) -> JSONResponse:
         spec = await loader.resolve(req.model)
-        task = loader.manager.load(spec)
+        task = loader.manager.load(spec, req.gpu)
         if not req.wait:
             return JSONResponse({"model": spec.name, "state": "loading", "seq": loader.manager.seq}, status_code=202)
         workers = await asyncio.shield(task)
@@ -230,6 +282,20 @@ def admin_app(loader: Loader) -> FastAPI:
         spec = await loader.resolve(model)
         unit = unit_name(spec.name, replica)
         return {"unit": unit, "lines": await journal.tail(unit, lines, loader.cfg.systemd.journal_directory)}
+
+    @app.get("/stats")
+    async def stats(window: str = Query("5m", pattern=r"^\d{1,6}[smhd]?$")) -> dict[str, Any]:
+        seconds = parse_window(window)
+        try:
+            return await redis_sink.request_stats(loader.redis, "ssw:", seconds)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise MetricsUnavailable(
+                f"the metrics store (Redis at {loader.cfg.redis_url}) is unavailable: {exc}"
+            ) from None
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(loader.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/events")
     async def events() -> StreamingResponse:
@@ -263,3 +329,10 @@ async def _event_stream(loader: Loader) -> AsyncIterator[bytes]:
     finally:
         closing.cancel()
         loader.manager.unsubscribe(queue)
+
+
+def parse_window(text: str) -> float:
+    """'5m' -> 300.0; a bare number is seconds."""
+    unit = text[-1] if text[-1] in "smhd" else "s"
+    number = float(text.rstrip("smhd"))
+    return max(number * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit], 1.0)

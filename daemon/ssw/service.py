@@ -14,7 +14,7 @@ import aiohttp
 import uvicorn
 
 from .config import Config, Listen
-from .gateway import Gateway, gateway_app
+from .gateway import Gateway, gateway_app, metrics_app
 from .gpus import make_gpu_source
 from .loader import Loader, admin_app
 from .loader_client import LoaderClient
@@ -22,6 +22,7 @@ from .notify import Notifier
 from .systemd import Systemd
 
 log = logging.getLogger(__name__)
+STATUS_EVERY_S = 2.0
 
 
 class _Server(uvicorn.Server):
@@ -80,7 +81,11 @@ async def run(cfg: Config, roles: set[str]) -> int:
             client.start()
             cleanups.append(client.close)
             gateway = Gateway(cfg, client, session)
+            gateway.sink.start()
+            cleanups.append(gateway.sink.close)
             servers.append(_server(gateway_app(gateway), cfg.public, cfg, cfg.gateway.shutdown_timeout_s))
+            if cfg.gateway.metrics_listen is not None:
+                servers.append(_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1))
 
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         while not all(s.started for s in servers):
@@ -124,7 +129,7 @@ def _status_line(loader: Loader | None, gateway: Gateway | None) -> str:
 async def _status_updates(notifier: Notifier, loader: Loader | None, gateway: Gateway | None) -> None:
     last = ""
     while True:
-        await asyncio.sleep(5)
+        await asyncio.sleep(STATUS_EVERY_S)
         line = _status_line(loader, gateway)
         if line != last:
             notifier.status(line)

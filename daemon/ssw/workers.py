@@ -13,6 +13,7 @@ import enum
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,8 @@ class WorkerManager:
         self._subscribers: set[asyncio.Queue[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: aiohttp.ClientSession | None = None
+        # (model, "ready" or "failed", seconds from unit start to healthy or failure)
+        self.on_load_result: Callable[[str, str, float], None] | None = None
         systemd.on_state_change(self._on_unit_state)
 
     # --- lifecycle ----------------------------------------------------------------
@@ -289,7 +292,7 @@ class WorkerManager:
 
     # --- loading ----------------------------------------------------------------------
 
-    def load(self, spec: ModelSpec) -> asyncio.Task[list[Worker]]:
+    def load(self, spec: ModelSpec, gpu: int | None = None) -> asyncio.Task[list[Worker]]:
         """Bring the model's replicas up; one load per model however often it is asked (single flight)."""
         task = self._loads.get(spec.name)
         if task is not None and not task.done():
@@ -301,7 +304,7 @@ class WorkerManager:
                 f"'{spec.name}' failed to load and is refused for {left:.0f} s more: {reason}",
                 retry_after_s=max(int(left + 0.999), 1),
             )
-        task = asyncio.create_task(self._load(spec))
+        task = asyncio.create_task(self._load(spec, gpu))
         self._loads[spec.name] = task
         self._load_started[spec.name] = time.time()
         task.add_done_callback(lambda t: self._load_done(spec.name, t))
@@ -315,9 +318,9 @@ class WorkerManager:
             task.exception()  # a background load may have no awaiter; this marks its error as seen
         self.changed()
 
-    async def _load(self, spec: ModelSpec) -> list[Worker]:
+    async def _load(self, spec: ModelSpec, gpu: int | None = None) -> list[Worker]:
         existing = {w.replica for w in self.workers_of(spec.name) if w.state is not WorkerState.STOPPING}
-        starts = [self._start_replica(spec, r) for r in range(1, spec.replicas + 1) if r not in existing]
+        starts = [self._start_replica(spec, r, gpu) for r in range(1, spec.replicas + 1) if r not in existing]
         results = await asyncio.gather(*starts, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         ready = [w for w in self.workers_of(spec.name) if w.state is WorkerState.READY]
@@ -354,9 +357,9 @@ class WorkerManager:
             f"no free worker port in {self.cfg.workers.port_min}-{self.cfg.workers.port_max} (workers.port_min/max)"
         )
 
-    async def _start_replica(self, spec: ModelSpec, replica: int) -> Worker:
+    async def _start_replica(self, spec: ModelSpec, replica: int, gpu: int | None = None) -> Worker:
         need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
-        allowed = (spec.gpus[(replica - 1) % len(spec.gpus)],) if spec.gpus else None
+        allowed = (gpu,) if gpu is not None else (spec.gpus[(replica - 1) % len(spec.gpus)],) if spec.gpus else None
         async with self._place_lock:
             # Everything from the snapshot to the reservation happens under one
             # lock: two loads can never both count the same free memory.
@@ -449,6 +452,14 @@ class WorkerManager:
                     f"{totals[g] / GB:.1f} GB (a placement bug; please report it)"
                 )
 
+    def update_held(self, gpus: list[GpuInfo]) -> None:
+        """What each worker holds now (NVML attribution); unknown stays None."""
+        if self.gpus.kind != "nvml":
+            return
+        for w in self.workers.values():
+            if w.state is not WorkerState.STARTING:
+                w.held_bytes = self._held(w, gpus) or None
+
     async def _measure(self, worker: Worker) -> None:
         """Record what the healthy worker really holds and how long it took to load."""
         load_s = worker.state_since - worker.started_at
@@ -474,7 +485,10 @@ class WorkerManager:
             if worker.done.done():
                 raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
             if await self._probe(worker):
-                self._set_state(worker, WorkerState.READY, f"healthy after {time.time() - worker.started_at:.1f} s")
+                took = time.time() - worker.started_at
+                self._set_state(worker, WorkerState.READY, f"healthy after {took:.1f} s")
+                if self.on_load_result is not None:
+                    self.on_load_result(worker.model, "ready", took)
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.done), self.cfg.health.interval_s)
@@ -483,6 +497,8 @@ class WorkerManager:
         raise LoadFailed(await self._failure_reason(worker, reason))
 
     async def _failure_reason(self, worker: Worker, error: str | None) -> str:
+        if self.on_load_result is not None:
+            self.on_load_result(worker.model, "failed", time.time() - worker.started_at)
         lines = await journal.tail(worker.unit, JOURNAL_LINES_ON_FAILURE, self.cfg.systemd.journal_directory)
         base = error or f"{worker.unit} stopped during start-up"
         return base + (" | last log lines: " + " | ".join(lines) if lines else "")

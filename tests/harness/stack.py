@@ -99,8 +99,10 @@ def write_config(
     admin_port: int,
     ports: tuple[int, int],
     extra: dict[str, Any] | None = None,
+    redis_url: str = "redis://127.0.0.1:1/0",
 ) -> Path:
-    """A config for a test stack; engine 'fake' (fast stand-in) or 'vllm' (real, CPU)."""
+    """A config for a test stack; engine 'fake' (fast stand-in) or 'vllm' (real, CPU).
+    Without a redis_url, metrics go nowhere (and are counted as dropped)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "models.yaml").write_text(yaml.safe_dump({"models": models}))
     if engine == "vllm":
@@ -126,6 +128,7 @@ def write_config(
         "health": {"interval_s": 0.25, "check_interval_s": 1.0, "start_timeout_s": 300},
         "gateway": {"loader_url": f"http://127.0.0.1:{admin_port}", "wait_timeout_s": 120},
         "systemd": {"bus_address": bus_address, "journal_directory": str(journal_dir) if journal_dir else None},
+        "redis_url": redis_url,
         "log_level": "info",
     }
     for key, value in (extra or {}).items():
@@ -186,3 +189,43 @@ class Role:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class RedisServer:
+    """Debian's redis-server on a free loopback port, without persistence."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: port_open(self.port), 10, "redis-server")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)

@@ -1,0 +1,120 @@
+"""Prometheus metrics: one registry per role, so ``ssw serve`` (both roles in one
+process) exposes each set once. Names follow Prometheus conventions: the
+``ssw_`` prefix, base units (seconds, bytes), ``_total`` for counters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .gpus import GpuInfo
+    from .workers import WorkerManager
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class GatewayMetrics:
+    def __init__(self, waiting: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("ssw_requests", "Requests answered by the gateway.", ["model", "status"], registry=r)
+        self.duration = Histogram(
+            "ssw_request_duration_seconds",
+            "End-to-end request latency.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "ssw_time_to_first_token_seconds",
+            "Time to the first streamed token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("ssw_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
+        self.completion_tokens = Counter("ssw_completion_tokens", "Completion tokens generated.", ["model"], registry=r)
+        self.dropped = Counter(
+            "ssw_metrics_records_dropped", "Request records not written to Redis (down, slow or full).", registry=r
+        )
+        r.register(_WaitingCollector(waiting))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WaitingCollector(Collector):
+    def __init__(self, waiting: Callable[[], dict[str, int]]) -> None:
+        self._waiting = waiting
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        g = GaugeMetricFamily("ssw_waiting_requests", "Requests waiting for their model to load.", labels=["model"])
+        for model, depth in sorted(self._waiting().items()):
+            g.add_metric([model], depth)
+        yield g
+
+
+class LoaderMetrics:
+    def __init__(self, manager: WorkerManager, latest_gpus: Callable[[], list[GpuInfo]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.loads = Counter("ssw_loads", "Model loads by result.", ["model", "result"], registry=self.registry)
+        self.load_duration = Histogram(
+            "ssw_load_duration_seconds",
+            "Time from a worker's start to healthy.",
+            ["model"],
+            buckets=LOAD_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_LoaderCollector(manager, latest_gpus))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LoaderCollector(Collector):
+    def __init__(self, manager: WorkerManager, latest_gpus: Callable[[], list[GpuInfo]]) -> None:
+        self._m = manager
+        self._gpus = latest_gpus
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        from .workers import WorkerState
+
+        workers = GaugeMetricFamily("ssw_workers", "Workers by state.", labels=["state"])
+        counts = {s.value: 0 for s in WorkerState}
+        for w in self._m.workers.values():
+            counts[w.state.value] += 1
+        for state, n in counts.items():
+            workers.add_metric([state], n)
+        yield workers
+        yield CounterMetricFamily("ssw_evictions", "Workers evicted to make room.", value=self._m.evictions)
+        reserved = {v.index: v.pending for v in self._m.device_views(self._gpus())}
+        families = {
+            "total": GaugeMetricFamily("ssw_gpu_memory_total_bytes", "GPU memory.", labels=["gpu"]),
+            "used": GaugeMetricFamily("ssw_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"]),
+            "reserved": GaugeMetricFamily(
+                "ssw_gpu_memory_reserved_bytes", "GPU memory reserved by loads in flight.", labels=["gpu"]
+            ),
+            "util": GaugeMetricFamily("ssw_gpu_utilization_ratio", "GPU utilization (0-1).", labels=["gpu"]),
+            "temp": GaugeMetricFamily("ssw_gpu_temperature_celsius", "GPU temperature.", labels=["gpu"]),
+            "power": GaugeMetricFamily("ssw_gpu_power_watts", "GPU power draw.", labels=["gpu"]),
+        }
+        for g in self._gpus():
+            label = [str(g.index)]
+            families["total"].add_metric(label, g.memory_total)
+            families["used"].add_metric(label, g.memory_used)
+            families["reserved"].add_metric(label, reserved.get(g.index, 0))
+            # Unknown values are left out rather than reported as zero.
+            if g.utilization_pct is not None:
+                families["util"].add_metric(label, g.utilization_pct / 100)
+            if g.temperature_c is not None:
+                families["temp"].add_metric(label, g.temperature_c)
+            if g.power_w is not None:
+                families["power"].add_metric(label, g.power_w)
+        yield from families.values()

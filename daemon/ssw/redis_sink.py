@@ -1,0 +1,194 @@
+"""Request records and GPU samples into Redis, off the request path.
+
+Requests only append to a bounded in-memory buffer; a background task writes
+batches with one pipelined round trip. When Redis is down or slow, records are
+dropped (counted, with a log line at most every 30 s) and requests are served
+exactly as fast; writing resumes by itself when Redis answers again.
+
+Keys (all under the prefix, default ``ssw:``):
+- ``ssw:requests`` — a stream of raw request records (capped at ~100k
+  entries); its IDs are millisecond timestamps, so a time window is one XRANGE.
+- ``ssw:minute:<model>:<YYYYmmddHHMM>`` — a hash of per-minute counters
+  (requests, errors, prompt_tokens, completion_tokens, latency_ms_sum), kept 7 days.
+- ``ssw:gpu:<index>`` — a stream of GPU samples (capped at ~720 entries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+REQUESTS_KEY = "requests"
+STREAM_MAXLEN = 100_000
+GPU_MAXLEN = 720
+MINUTE_TTL_S = 7 * 24 * 3600
+FLUSH_INTERVAL_S = 0.5
+BATCH = 500
+LOG_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    ts: float  # wall time the request arrived
+    model: str
+    worker: str  # unit name, or "" when no worker was reached
+    priority: str
+    status: int
+    latency_ms: float
+    ttft_ms: float | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str  # "" or the kind: model_not_found, load_failed, upstream_error, ...
+    stream: bool
+    key: str = ""  # the API key's name, never the key
+
+    def fields(self) -> dict[str, str]:
+        return {k: "" if v is None else str(int(v) if isinstance(v, bool) else v) for k, v in asdict(self).items()}
+
+
+def client(url: str) -> aioredis.Redis:
+    # Short timeouts: a slow Redis must cost a dropped batch, never a stalled loop.
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=1.0, socket_timeout=1.0, decode_responses=True, health_check_interval=10
+    )
+
+
+class RedisSink:
+    def __init__(self, url: str, prefix: str = "ssw:", capacity: int = 50_000) -> None:
+        self.redis = client(url)
+        self.prefix = prefix
+        self._buffer: collections.deque[RequestRecord] = collections.deque()
+        self._capacity = capacity
+        self.dropped = 0
+        self.written = 0
+        self._last_log = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.on_drop: Callable[[int], None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush(), 2)
+        await self.redis.aclose()
+
+    def record(self, rec: RequestRecord) -> None:
+        if len(self._buffer) >= self._capacity:
+            self._drop(1, "the buffer is full")
+            return
+        self._buffer.append(rec)
+
+    def _drop(self, n: int, why: str) -> None:
+        self.dropped += n
+        if self.on_drop is not None:
+            self.on_drop(n)
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            log.warning("metrics: dropped %d request records so far (%s)", self.dropped, why)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            while self._buffer:
+                if not await self._flush():
+                    break
+
+    async def _flush(self) -> bool:
+        batch = [self._buffer.popleft() for _ in range(min(BATCH, len(self._buffer)))]
+        if not batch:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        stream = self.prefix + REQUESTS_KEY
+        for rec in batch:
+            fields: dict[Any, Any] = rec.fields()
+            pipe.xadd(stream, fields, id=f"{int(rec.ts * 1000)}-*", maxlen=STREAM_MAXLEN, approximate=True)
+            minute = self.prefix + f"minute:{rec.model}:{time.strftime('%Y%m%d%H%M', time.gmtime(rec.ts))}"
+            pipe.hincrby(minute, "requests", 1)
+            if rec.status >= 400 or rec.error:
+                pipe.hincrby(minute, "errors", 1)
+            if rec.prompt_tokens:
+                pipe.hincrby(minute, "prompt_tokens", rec.prompt_tokens)
+            if rec.completion_tokens:
+                pipe.hincrby(minute, "completion_tokens", rec.completion_tokens)
+            pipe.hincrbyfloat(minute, "latency_ms_sum", rec.latency_ms)
+            pipe.expire(minute, MINUTE_TTL_S)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._drop(len(batch), f"Redis: {exc}")
+            return False
+        self.written += len(batch)
+        return True
+
+
+# --- reading (the loader's /stats) -------------------------------------------------------
+
+
+def _percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 2)
+
+
+async def request_stats(redis: aioredis.Redis, prefix: str, window_s: float) -> dict[str, Any]:
+    """Per model: count, errors, error rate, latency and TTFT percentiles, tokens per second."""
+    start_ms = int((time.time() - window_s) * 1000)
+    entries = cast(
+        "list[tuple[str, dict[str, str]]]",
+        await redis.xrange(prefix + REQUESTS_KEY, min=str(start_ms), max="+", count=1_000_000),
+    )
+    per: dict[str, dict[str, Any]] = {}
+    for _id, f in entries:
+        m = per.setdefault(
+            f["model"], {"requests": 0, "errors": 0, "latency": [], "ttft": [], "prompt": 0, "completion": 0}
+        )
+        m["requests"] += 1
+        if int(f["status"]) >= 400 or f["error"]:
+            m["errors"] += 1
+        m["latency"].append(float(f["latency_ms"]))
+        if f["ttft_ms"]:
+            m["ttft"].append(float(f["ttft_ms"]))
+        m["prompt"] += int(f["prompt_tokens"] or 0)
+        m["completion"] += int(f["completion_tokens"] or 0)
+    models = {}
+    for name, m in sorted(per.items()):
+        models[name] = {
+            "requests": m["requests"],
+            "errors": m["errors"],
+            "error_rate": round(m["errors"] / m["requests"], 4),
+            "latency_ms": {f"p{int(p * 100)}": _percentile(m["latency"], p) for p in (0.5, 0.95, 0.99)},
+            "ttft_ms": {f"p{int(p * 100)}": _percentile(m["ttft"], p) for p in (0.5, 0.95, 0.99)},
+            "prompt_tokens": m["prompt"],
+            "completion_tokens": m["completion"],
+            "prompt_tokens_per_s": round(m["prompt"] / window_s, 2),
+            "completion_tokens_per_s": round(m["completion"] / window_s, 2),
+        }
+    return {"window_s": window_s, "models": models}
+
+
+async def add_gpu_samples(redis: aioredis.Redis, prefix: str, samples: list[dict[str, Any]]) -> None:
+    pipe = redis.pipeline(transaction=False)
+    for s in samples:
+        fields: dict[Any, Any] = {k: "" if v is None else str(v) for k, v in s.items()}
+        pipe.xadd(prefix + f"gpu:{s['index']}", fields, maxlen=GPU_MAXLEN, approximate=True)
+    await pipe.execute()
