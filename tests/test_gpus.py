@@ -51,6 +51,16 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetComputeRunningProcesses(self, h: dict[str, Any]) -> list[Any]:
         return [types.SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in h["procs"]]
 
+    NVML_TEMPERATURE_GPU = 0
+
+    def nvmlDeviceGetTemperature(self, h: dict[str, Any], sensor: int) -> int:
+        return 61
+
+    def nvmlDeviceGetPowerUsage(self, h: dict[str, Any]) -> int:
+        if h.get("power_mw") is None:
+            raise self.NVMLError("Not Supported")
+        return int(h["power_mw"])
+
     def nvmlDeviceGetName(self, h: dict[str, Any]) -> bytes:
         return b"NVIDIA A40"
 
@@ -62,7 +72,14 @@ class FakeNvml(types.ModuleType):
 def fake_nvml() -> Iterator[FakeNvml]:
     fake = FakeNvml(
         [
-            {"uuid": "GPU-0", "total": 48 * GB, "used": 20 * GB, "util": 37, "procs": [(os.getpid(), 19 * GB)]},
+            {
+                "uuid": "GPU-0",
+                "total": 48 * GB,
+                "used": 20 * GB,
+                "util": 37,
+                "procs": [(os.getpid(), 19 * GB)],
+                "power_mw": 212_500,
+            },
             {"uuid": "GPU-1", "total": 48 * GB, "used": 1 * GB, "util": None, "procs": [(999_999_999, None)]},
         ]
     )
@@ -81,7 +98,8 @@ async def test_nvml_source_reads_devices_and_attributes_processes(fake_nvml: Fak
     g0, g1 = await source.snapshot({})
     assert (g0.index, g0.uuid, g0.name, g0.memory_total, g0.memory_used) == (0, "GPU-0", "NVIDIA A40", 48 * GB, 20 * GB)
     assert g0.memory_free == 28 * GB and g0.utilization_pct == 37
-    assert g1.utilization_pct is None  # unknown stays unknown, not 0
+    assert g0.temperature_c == 61 and g0.power_w == 212.5
+    assert g1.utilization_pct is None and g1.power_w is None  # unknown stays unknown, not 0
     (proc,) = g0.processes
     assert proc.pid == os.getpid() and proc.used_bytes == 19 * GB
     assert proc.unit == unit_of_pid(os.getpid())
