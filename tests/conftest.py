@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.harness.stack import (
+    ADMIN_TOKENS,
     REPO,
     VLLM_VENV,
     WORK_ROOT,
@@ -127,6 +128,7 @@ def start_stack(
         **({"redis_url": redis_url} if redis_url else {}),
     )
     public, admin = f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{admin_port}"
+    ADMIN_TOKENS[admin] = directory / "admin.token"
     loader = Role("loader", config, directory).start().wait_healthy(admin)
     gateway = Role("gateway", config, directory).start().wait_healthy(public)
     return Stack(box, directory, config, public, admin, loader, gateway, f"http://127.0.0.1:{metrics_port}")

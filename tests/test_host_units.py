@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.hostinstall import UNITS, install_units
-from tests.harness.stack import WORK_ROOT, free_port, free_port_range, http, wait_for, write_config
+from tests.harness.stack import ADMIN_TOKENS, WORK_ROOT, free_port, free_port_range, http, wait_for, write_config
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -33,7 +33,18 @@ def host(sysbox: SysBox, models_root: Path) -> Iterator[tuple[SysBox, str, str]]
         public_port=public,
         admin_port=admin,
         ports=free_port_range(10),
+        extra={
+            # The sandboxed loader may write only its StateDirectory.
+            "state_dir": "/var/lib/ssw",
+            "auth": {
+                "enabled": False,
+                "admin_token_file": "/var/lib/ssw/admin.token",
+                "gateway_token_file": "/var/lib/ssw/gateway.token",
+            },
+            "gateway": {"metrics_listen": {"host": "127.0.0.1", "port": free_port()}},
+        },
     )
+    ADMIN_TOKENS[f"http://127.0.0.1:{admin}"] = sysbox.path("/var/lib/ssw/admin.token")
     directory.chmod(0o755)
     config.chmod(0o644)
     install_units(sysbox, config)

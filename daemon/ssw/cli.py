@@ -69,9 +69,15 @@ def _admin(cfg: Config, method: str, path: str, body: dict[str, Any] | None = No
     import urllib.error
     import urllib.request
 
+    from .auth import read_token
+
     url = f"http://{cfg.admin.host}:{cfg.admin.port}{path}"
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    token = read_token(cfg.auth.admin_token_file)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -80,6 +86,10 @@ def _admin(cfg: Config, method: str, path: str, body: dict[str, Any] | None = No
             message = json.loads(exc.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = f"HTTP {exc.code}"
+        if exc.code == 401:
+            message += (
+                f" (cannot read {cfg.auth.admin_token_file}? operators need to be in group {cfg.auth.admin_group})"
+            )
         code = {404: EXIT_NOT_FOUND, 503: EXIT_LOAD_FAILED}.get(exc.code, EXIT_ERROR)
         raise CliError(message, code) from None
     except (urllib.error.URLError, OSError) as exc:
@@ -232,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     verb("stats", "request statistics from Redis").add_argument("--window", default="5m", help="e.g. 30s, 5m, 1h")
     verb("check-config", "validate the config and models.yaml and print the resolved registry")
     verb("config", "print the effective config with defaults")
+    p_keys = sub.add_parser("keys", help="API keys of the public API")
+    keys_sub = p_keys.add_subparsers(dest="keys_verb", required=True)
+    k_add = keys_sub.add_parser("add", help="create a key (printed once)")
+    k_add.add_argument("name")
+    k_add.add_argument("--models", help="comma-separated models or aliases it may use (default: all)")
+    k_add.add_argument("--max-in-flight", type=int)
+    keys_sub.add_parser("revoke", help="delete a key").add_argument("name")
+    keys_sub.add_parser("list", help="key names and scopes (never the keys)")
     args = parser.parse_args(argv)
 
     try:
@@ -240,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             roles = {"gateway", "loader"} if args.verb == "serve" else {args.verb}
             return _run_roles(cfg, roles)
         out: Any = None
+        if args.verb == "keys":
+            return _keys(cfg, args)
         if args.verb == "config":
             out = cfg.model_dump(mode="json")
             if not args.json:
@@ -309,6 +329,42 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    return EXIT_OK
+
+
+def _keys(cfg: Config, args: argparse.Namespace) -> int:
+    from . import auth
+    from .registry import valid_name
+
+    path = cfg.auth.keys_file
+    entries = auth.load_raw(path)
+    if args.keys_verb == "list":
+        for name, existing in sorted(entries.items()):
+            models = existing.get("models")
+            scope = ", ".join(str(m) for m in models) if isinstance(models, list) else "all models"
+            print(f"{name}: {scope}")
+        return EXIT_OK
+    if not valid_name(args.name):
+        raise CliError(f"invalid key name {args.name!r}", EXIT_USAGE)
+    if args.keys_verb == "add":
+        if args.name in entries:
+            raise CliError(f"a key named {args.name} exists; revoke it first", EXIT_ERROR)
+        secret = auth.new_secret()
+        entry: dict[str, object] = {"sha256": auth.digest(secret), "created": int(time.time())}
+        if args.models:
+            entry["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+        if args.max_in_flight:
+            entry["max_in_flight"] = args.max_in_flight
+        entries[args.name] = entry
+        auth.write_keys(path, entries, cfg.auth.gateway_group)
+        print(secret)
+        print(f"ssw: key {args.name} added; it is shown only now", file=sys.stderr)
+        return EXIT_OK
+    if args.name not in entries:
+        raise CliError(f"no key named {args.name}", EXIT_NOT_FOUND)
+    del entries[args.name]
+    auth.write_keys(path, entries, cfg.auth.gateway_group)
+    print(f"ssw: key {args.name} revoked; the gateway drops it within 2 s", file=sys.stderr)
     return EXIT_OK
 
 

@@ -192,6 +192,38 @@ class SystemdSettings(_Section):
     )
 
 
+class AuthSettings(_Section):
+    enabled: bool = Field(
+        default=True,
+        description="Require an API key on /v1/*. Turning it off is logged as a warning at every start.",
+    )
+    keys_file: Path = Field(
+        default=Path("/etc/ssw/keys.yaml"), description="API keys (SHA-256 digests), managed by `ssw keys`."
+    )
+    admin_token_file: Path = Field(
+        default=Path("/var/lib/ssw/admin.token"),
+        description="Token for the admin API; created by the loader if absent, readable by admin_group.",
+    )
+    gateway_token_file: Path = Field(
+        default=Path("/var/lib/ssw/gateway.token"),
+        description="The gateway's own credential for the loader; created if absent, readable by gateway_group.",
+    )
+    admin_group: str = Field(default="ssw-admin", description="Group of the operators who may use the admin API.")
+    gateway_group: str = Field(default="ssw", description="Group of the gateway's account.")
+
+
+class LimitSettings(_Section):
+    max_body_bytes: int = Field(default=10 * 2**20, ge=1024, description="Largest request body (413 beyond).")
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="Largest total of request headers (431).")
+    max_messages: int = Field(default=2048, ge=1, description="Most messages in one chat request (400 beyond).")
+    max_in_flight_per_key: int = Field(
+        default=256, ge=1, description="Requests one API key may have in flight (429 beyond); a key may set less."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="A client must send its whole body within this (408 otherwise)."
+    )
+
+
 class Config(_Section):
     public: Listen = Field(
         default=Listen(host="0.0.0.0", port=8000), description="The OpenAI API (gateway) listens here."
@@ -212,6 +244,8 @@ class Config(_Section):
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     systemd: SystemdSettings = Field(default_factory=SystemdSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("admin")
@@ -228,6 +262,13 @@ class Config(_Section):
             path: Path = getattr(self, key)
             if not path.is_absolute():
                 updates[key] = (base / path).resolve()
+        auth_paths = {
+            key: (base / getattr(self.auth, key)).resolve()
+            for key in ("keys_file", "admin_token_file", "gateway_token_file")
+            if not getattr(self.auth, key).is_absolute()
+        }
+        if auth_paths:
+            updates["auth"] = self.auth.model_copy(update=auth_paths)
         if not self.vllm.python.is_absolute() and len(self.vllm.python.parts) > 1:
             # normpath, not resolve: a venv's python is a symlink that must stay one.
             updates["vllm"] = self.vllm.model_copy(update={"python": Path(os.path.normpath(base / self.vllm.python))})

@@ -24,6 +24,34 @@ class BadRequest(SswError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(SswError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RequestTimeout(SswError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(SswError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class TooManyRequests(SswError):
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelNotFound(SswError):
     status = 404
     type = "invalid_request_error"

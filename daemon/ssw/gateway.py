@@ -22,15 +22,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from . import __version__, http_errors
+from .auth import ApiKey, Forbidden, KeyRing
 from .config import Config
 from .errors import (
     BadRequest,
+    HeadersTooLarge,
     LoaderUnavailable,
     LoadFailed,
     ModelLoading,
     ModelNotFound,
     NoCapacity,
+    PayloadTooLarge,
+    RequestTimeout,
     SswError,
+    TooManyRequests,
     UpstreamError,
 )
 from .loader_client import LoaderClient
@@ -50,6 +55,7 @@ PRIORITY_HEADER = "x-ssw-priority"
 FALLBACK_HEADER = "x-ssw-fallback"
 FALLBACK_FROM_HEADER = "X-SSW-Fallback-From"
 _FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
@@ -69,6 +75,8 @@ class Exchange:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     strip_usage: bool = False  # ssw asked vLLM for the usage chunk, the client did not
+    key: str = ""  # the API key's name
+    admitted: bool = False  # counted against its key's in-flight limit
 
     def usage(self, usage: object) -> None:
         if isinstance(usage, dict):
@@ -102,6 +110,109 @@ class Gateway:
         self.metrics = GatewayMetrics(lambda: {m: self.queue.depth(m) for m in self.queue.models()})
         self.sink = RedisSink(cfg.redis_url, capacity=cfg.gateway.metrics_buffer)
         self.sink.on_drop = lambda n: self.metrics.dropped.inc(n)
+        self.keys = KeyRing(cfg.auth.keys_file)
+        self.keys.reload()
+        self.key_in_flight: dict[str, int] = {}
+
+    # --- who may call ------------------------------------------------------------------
+
+    def authenticate(self, request: Request) -> ApiKey | None:
+        """The caller's key (None when auth is off); 401 for a missing or wrong key."""
+        raw_size = sum(len(k) + len(v) for k, v in request.headers.raw)
+        if raw_size > self.cfg.limits.max_header_bytes:
+            raise HeadersTooLarge(f"request headers exceed {self.cfg.limits.max_header_bytes} bytes")
+        if not self.cfg.auth.enabled:
+            return None
+        return self.keys.check(request.headers.get("authorization"))
+
+    def check_scope(self, key: ApiKey | None, name: object) -> None:
+        """403 for a model outside the key's scope, whether or not that model exists."""
+        if key is None or key.models is None:
+            return
+        if isinstance(name, str) and name in key.models:
+            return
+        try:
+            target = self.resolve(name)
+        except (ModelNotFound, BadRequest):
+            target = None
+        if target is not None:
+            allowed = set()
+            for entry in key.models:
+                with contextlib.suppress(ModelNotFound, BadRequest):
+                    allowed.add(self.resolve(entry))
+            if target in allowed:
+                return
+        raise Forbidden("This API key may not use that model.")
+
+    def allowed_models(self, key: ApiKey | None) -> set[str] | None:
+        if key is None or key.models is None:
+            return None
+        out = set()
+        for entry in key.models:
+            with contextlib.suppress(ModelNotFound, BadRequest):
+                out.add(self.resolve(entry))
+        return out
+
+    def admit(self, key: ApiKey | None, ex: Exchange) -> None:
+        if key is None:
+            return
+        limit = min(key.max_in_flight or self.cfg.limits.max_in_flight_per_key, self.cfg.limits.max_in_flight_per_key)
+        if self.key_in_flight.get(key.name, 0) >= limit:
+            raise TooManyRequests(f"this API key already has {limit} requests in flight")
+        self.key_in_flight[key.name] = self.key_in_flight.get(key.name, 0) + 1
+        ex.admitted = True
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.cfg.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.cfg.limits.body_timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.cfg.limits.body_timeout_s:.0f} s"
+            ) from None
+        return b"".join(chunks)
+
+    def validate(self, body: dict[str, Any], path: str, model: str) -> None:
+        """The fields ssw relies on, checked before any worker is touched; the rest
+        passes through to vLLM untouched."""
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise BadRequest("'stream' must be a boolean")
+        if path == "/v1/chat/completions":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise BadRequest("'messages' must be a non-empty array")
+            if len(messages) > self.cfg.limits.max_messages:
+                raise BadRequest(f"at most {self.cfg.limits.max_messages} messages per request")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                    raise BadRequest(f"messages[{i}]: an object whose 'role' is one of {', '.join(CHAT_ROLES)}")
+        elif path == "/v1/completions" and not isinstance(body.get("prompt"), str | list):
+            raise BadRequest("'prompt' must be a string or an array")
+        elif path == "/v1/embeddings" and not isinstance(body.get("input"), str | list):
+            raise BadRequest("'input' must be a string or an array")
+        ceiling = self._snapshot()["models"].get(model, {}).get("max_tokens")
+        for field_name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(field_name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise BadRequest(f"'{field_name}' must be a positive integer")
+            if ceiling and value > ceiling:
+                raise BadRequest(f"'{field_name}' may be at most {ceiling} for this model")
 
     def in_flight(self) -> int:
         return sum(self.outstanding.values())
@@ -132,12 +243,16 @@ class Gateway:
                 completion_tokens=ex.completion_tokens,
                 error=ex.error,
                 stream=ex.stream,
+                key=ex.key,
             )
         )
+        if ex.admitted:
+            self.key_in_flight[ex.key] -= 1
         if self.cfg.gateway.access_log:
             log.info(
-                "request model=%s worker=%s status=%d latency_ms=%.1f ttft_ms=%s prompt_tokens=%s "
+                "request key=%s model=%s worker=%s status=%d latency_ms=%.1f ttft_ms=%s prompt_tokens=%s "
                 "completion_tokens=%s priority=%s stream=%s error=%s",
+                ex.key or "-",
                 ex.model,
                 ex.worker or "-",
                 ex.status,
@@ -253,7 +368,10 @@ class Gateway:
     async def forward(self, request: Request, path: str) -> Response:
         ex = Exchange()
         try:
-            response = await self._forward(request, path, ex)
+            key = self.authenticate(request)
+            ex.key = key.name if key else ""
+            self.admit(key, ex)
+            response = await self._forward(request, path, ex, key)
         except SswError as exc:
             ex.status, ex.error = exc.status, exc.code or exc.type
             self.finish(ex)
@@ -266,8 +384,8 @@ class Gateway:
             self.finish(ex)  # a stream is accounted for when it ends
         return response
 
-    async def _forward(self, request: Request, path: str, ex: Exchange) -> Response:
-        raw = await request.body()
+    async def _forward(self, request: Request, path: str, ex: Exchange, key: ApiKey | None) -> Response:
+        raw = await self.read_body(request)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -279,8 +397,10 @@ class Gateway:
         ex.stream = body.get("stream") is True
         priority = parse_priority(request.headers.get(PRIORITY_HEADER))
         ex.priority = priority
+        self.check_scope(key, body["model"])
         model = self.resolve(body["model"])
         ex.model = model
+        self.validate(body, path, model)
         wait = bool(_truthy(request.headers.get(WAIT_HEADER)))
         try:
             served, workers, stands_in_for = await self._serve_or_fallback(
@@ -477,10 +597,14 @@ def gateway_app(gw: Gateway) -> FastAPI:
         app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"], include_in_schema=False)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        key = gw.authenticate(request)
         snap = gw._snapshot()
+        allowed = gw.allowed_models(key)
         data = []
         for name, entry in snap["models"].items():
+            if allowed is not None and name not in allowed:
+                continue
             states = {w["state"] for w in snap["workers"] if w["model"] == name}
             state = "ready" if "ready" in states else "loading" if entry["loading"] or states else "unloaded"
             data.append(
@@ -493,6 +617,8 @@ def gateway_app(gw: Gateway) -> FastAPI:
                 }
             )
         for alias, target in snap["aliases"].items():
+            if allowed is not None and target not in allowed:
+                continue
             data.append({"id": alias, "object": "model", "created": 0, "owned_by": "ssw", "ssw": {"alias_of": target}})
         return {"object": "list", "data": data}
 

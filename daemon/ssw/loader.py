@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query
@@ -18,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from . import __version__, http_errors, journal, redis_sink
+from . import __version__, auth, http_errors, journal, redis_sink
 from .config import Config
 from .errors import MetricsUnavailable, ModelNotFound, SswError
 from .gpus import GpuInfo, GpuSource
@@ -166,6 +167,7 @@ class Loader:
                     "fallbacks": [self._fallback_name(f) for f in spec.fallbacks if self._fallback_name(f)],
                     "fallback_default": spec.fallback_default,
                     "scheduling_policy": spec.scheduling_policy,
+                    "max_tokens": spec.max_tokens,
                 }
                 for name, spec in sorted(reg.models.items())
             },
@@ -238,9 +240,50 @@ class UnloadRequest(BaseModel):
     model: str = Field(max_length=256, description="Model name or alias.")
 
 
+# What the gateway's own token may do; everything else needs the admin token.
+GATEWAY_PATHS = frozenset({"/events", "/load", "/usage"})
+
+
+class AdminGuard:
+    """ASGI middleware: a bearer token on every admin route but /health, so that
+    another local account cannot load, unload or read status."""
+
+    def __init__(self, app: Any, admin_token: str, gateway_token: str, token_file: Path) -> None:
+        self.app = app
+        self.admin = [admin_token]
+        self.gateway = [gateway_token]
+        self.token_file = token_file
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        if auth.token_matches(header, self.admin) or (
+            scope["path"] in GATEWAY_PATHS and auth.token_matches(header, self.gateway)
+        ):
+            await self.app(scope, receive, send)
+            return
+        response = http_errors.error_response(
+            401,
+            f"the admin API needs 'Authorization: Bearer <token>'; the token is in {self.token_file}",
+            "invalid_request_error",
+            "invalid_admin_token",
+            source="ssw-loader",
+        )
+        await response(scope, receive, send)
+
+
 def admin_app(loader: Loader) -> FastAPI:
     app = FastAPI(title="ssw admin API", version=__version__, docs_url=None, redoc_url=None)
     http_errors.install(app, "ssw-loader")
+    a = loader.cfg.auth
+    app.add_middleware(
+        AdminGuard,
+        admin_token=auth.ensure_token(a.admin_token_file, a.admin_group),
+        gateway_token=auth.ensure_token(a.gateway_token_file, a.gateway_group),
+        token_file=a.admin_token_file,
+    )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

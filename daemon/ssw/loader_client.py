@@ -13,10 +13,12 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from .auth import read_token
 from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,11 @@ USAGE_REPORT_INTERVAL_S = 2.0
 
 
 class LoaderClient:
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, url: str, session: aiohttp.ClientSession, token_file: Path | None = None) -> None:
         self.url = url.rstrip("/")
         self._session = session
+        self._token_file = token_file
+        self._token: str | None = None
         self.snapshot: dict[str, Any] | None = None
         self.connected = False
         self._updated = asyncio.Event()
@@ -34,6 +38,12 @@ class LoaderClient:
         self._last_used: dict[str, float] = {}
         self._unsent: set[str] = set()
         self._listeners: list[Callable[[], None]] = []
+
+    def _auth(self) -> dict[str, str]:
+        # Read lazily: the loader creates the token at its first start.
+        if self._token is None and self._token_file is not None:
+            self._token = read_token(self._token_file)
+        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
     def on_snapshot(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -60,7 +70,10 @@ class LoaderClient:
         self._unsent.clear()
         try:
             async with self._session.post(
-                self.url + "/usage", json={"last_used": batch}, timeout=aiohttp.ClientTimeout(total=5)
+                self.url + "/usage",
+                json={"last_used": batch},
+                headers=self._auth(),
+                timeout=aiohttp.ClientTimeout(total=5),
             ) as resp:
                 resp.raise_for_status()
         except (aiohttp.ClientError, OSError, TimeoutError):
@@ -89,7 +102,10 @@ class LoaderClient:
         while True:
             try:
                 timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-                async with self._session.get(self.url + "/events", timeout=timeout) as resp:
+                async with self._session.get(self.url + "/events", headers=self._auth(), timeout=timeout) as resp:
+                    if resp.status == 401:
+                        self._token = None  # re-read: the loader may have created a new one
+                        log.error("the loader refused the gateway's token from %s", self._token_file)
                     resp.raise_for_status()
                     if not self.connected:
                         log.info("connected to the loader at %s", self.url)
@@ -125,7 +141,7 @@ class LoaderClient:
         try:
             timeout = aiohttp.ClientTimeout(total=30)
             async with self._session.post(
-                self.url + "/load", json={"model": model, "wait": False}, timeout=timeout
+                self.url + "/load", json={"model": model, "wait": False}, headers=self._auth(), timeout=timeout
             ) as resp:
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:

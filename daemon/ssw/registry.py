@@ -53,6 +53,9 @@ class ModelOverride(BaseModel):
     )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments for this model.")
     replicas: int = Field(default=1, ge=1, le=16, description="Workers to run for this model.")
+    max_tokens: int | None = Field(
+        default=None, gt=0, description="The largest max_tokens a request may ask of this model (400 beyond)."
+    )
     gpus: list[int] | None = Field(
         default=None, description="GPU of each replica, in order (cycled); default: placement decides."
     )
@@ -121,6 +124,7 @@ class ModelSpec:
     replicas: int = 1
     env: dict[str, str] = field(default_factory=dict)
     gpus: tuple[int, ...] | None = None
+    max_tokens: int | None = None
     fallbacks: tuple[str, ...] = ()
     fallback_default: bool = False
     scheduling_policy: str | None = None
@@ -284,6 +288,7 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride) -> ModelS
         replicas=ov.replicas,
         env=dict(ov.env),
         gpus=tuple(ov.gpus) if ov.gpus is not None else None,
+        max_tokens=ov.max_tokens,
         fallbacks=tuple(ov.fallbacks),
         fallback_default=ov.fallback_default,
         scheduling_policy=ov.scheduling_policy,

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import uvicorn
 
+from .auth import KeyRing
 from .config import Config, Listen
 from .gateway import Gateway, gateway_app, metrics_app
 from .gpus import make_gpu_source
@@ -23,6 +24,7 @@ from .systemd import Systemd
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 2.0
+KEYS_POLL_S = 2.0
 
 
 class _Server(uvicorn.Server):
@@ -60,6 +62,7 @@ async def run(cfg: Config, roles: set[str]) -> int:
 
     servers: list[_Server] = []
     cleanups: list[Any] = []
+    background: list[asyncio.Task[None]] = []
     loader: Loader | None = None
     gateway: Gateway | None = None
     try:
@@ -77,10 +80,17 @@ async def run(cfg: Config, roles: set[str]) -> int:
                 auto_decompress=False,
             )
             cleanups.append(session.close)
-            client = LoaderClient(cfg.gateway.loader_url, session)
+            client = LoaderClient(cfg.gateway.loader_url, session, cfg.auth.gateway_token_file)
             client.start()
             cleanups.append(client.close)
             gateway = Gateway(cfg, client, session)
+            if not cfg.auth.enabled:
+                log.warning("auth.enabled is false: anyone who reaches port %d may use every model", cfg.public.port)
+            elif len(gateway.keys) == 0:
+                log.warning("no API keys in %s: every request will be refused (ssw keys add NAME)", cfg.auth.keys_file)
+            keyring = gateway.keys
+            loop.add_signal_handler(signal.SIGHUP, lambda: keyring.reload(force=True))
+            background.append(asyncio.create_task(_watch_keys(keyring)))
             gateway.sink.start()
             cleanups.append(gateway.sink.close)
             servers.append(_server(gateway_app(gateway), cfg.public, cfg, cfg.gateway.shutdown_timeout_s))
@@ -105,7 +115,7 @@ async def run(cfg: Config, roles: set[str]) -> int:
         for s in servers:
             s.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
-        for t in (watchdog, stopper, status_task):
+        for t in (watchdog, stopper, status_task, *background):
             t.cancel()
         return 0 if stop.is_set() else 1
     finally:
@@ -134,3 +144,10 @@ async def _status_updates(notifier: Notifier, loader: Loader | None, gateway: Ga
         if line != last:
             notifier.status(line)
             last = line
+
+
+async def _watch_keys(keyring: KeyRing) -> None:
+    """Pick up added and revoked keys without a restart (SIGHUP does it at once)."""
+    while True:
+        await asyncio.sleep(KEYS_POLL_S)
+        keyring.reload()

@@ -58,10 +58,19 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Admin base URL -> the file holding its token: http() sends it to those URLs,
+# as the CLI does, unless a test sets Authorization itself.
+ADMIN_TOKENS: dict[str, Path] = {}
+
+
 def http(
     method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 30
 ) -> tuple[int, dict[str, str], Any]:
     """(status, lower-cased headers, parsed JSON or text) without raising on 4xx/5xx."""
+    headers = dict(headers or {})
+    for base, token_file in ADMIN_TOKENS.items():
+        if url.startswith(base + "/") and "Authorization" not in headers and token_file.exists():
+            headers["Authorization"] = "Bearer " + token_file.read_text().strip()
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
     req = urllib.request.Request(
         url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
@@ -129,6 +138,13 @@ def write_config(
         "gateway": {"loader_url": f"http://127.0.0.1:{admin_port}", "wait_timeout_s": 120},
         "systemd": {"bus_address": bus_address, "journal_directory": str(journal_dir) if journal_dir else None},
         "redis_url": redis_url,
+        # Auth has its own tests; elsewhere the public API is open (said explicitly).
+        "auth": {
+            "enabled": False,
+            "keys_file": str(directory / "keys.yaml"),
+            "admin_token_file": str(directory / "admin.token"),
+            "gateway_token_file": str(directory / "gateway.token"),
+        },
         "log_level": "info",
     }
     for key, value in (extra or {}).items():
