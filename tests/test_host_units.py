@@ -130,3 +130,41 @@ def test_a_wedged_gateway_is_restarted_by_the_watchdog(host: tuple[SysBox, str, 
     wait_for(lambda: http("GET", public + "/health")[0] == 200, 15, "the new gateway")
     dropin.unlink()
     box.systemctl("daemon-reload")
+
+
+def test_another_local_account_cannot_use_the_admin_api(host: tuple[SysBox, str, str]) -> None:
+    box, _, admin = host
+    if box.run("id", "mallory").returncode != 0:
+        box.run("useradd", "--no-create-home", "mallory", check=True)
+    for account, path in (
+        ("mallory", "/var/lib/ssw/admin.token"),
+        ("mallory", "/var/lib/ssw/gateway.token"),
+        ("ssw", "/var/lib/ssw/admin.token"),
+    ):
+        result = box.run("runuser", "-u", account, "--", "cat", path)
+        assert result.returncode != 0 and "Permission denied" in result.stderr, (account, path)
+    # The gateway's account reads its own credential, and only that.
+    assert box.run("runuser", "-u", "ssw", "--", "cat", "/var/lib/ssw/gateway.token").returncode == 0
+    for path in ("/status", "/load", "/unload"):
+        method = "GET" if path == "/status" else "POST"
+        code = box.run(
+            "runuser",
+            "-u",
+            "mallory",
+            "--",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            method,
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"model": "alpha"}',
+            admin + path,
+        ).stdout
+        assert code == "401", (path, code)
+    assert any(w["model"] == "alpha" for w in http("GET", admin + "/status")[2]["workers"])

@@ -579,6 +579,66 @@ def _has_token(chunk: dict[str, Any]) -> bool:
     return False
 
 
+# The request bodies ssw reads; every other field passes through to vLLM, so
+# the schemas allow additional properties. Published at /openapi.json.
+_MODEL = {"type": "string", "description": "A model name or alias."}
+_MAX_TOKENS = {"type": "integer", "minimum": 1}
+REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {
+            "model": _MODEL,
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["role"],
+                    "properties": {"role": {"type": "string", "enum": list(CHAT_ROLES)}, "content": {}},
+                },
+            },
+            "max_tokens": _MAX_TOKENS,
+            "max_completion_tokens": _MAX_TOKENS,
+            "stream": {"type": "boolean"},
+        },
+    },
+    "/v1/completions": {
+        "type": "object",
+        "required": ["model", "prompt"],
+        "properties": {"model": _MODEL, "prompt": {}, "max_tokens": _MAX_TOKENS, "stream": {"type": "boolean"}},
+    },
+    "/v1/embeddings": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {"model": _MODEL, "input": {}},
+    },
+}
+_ERROR = {"description": "An OpenAI error envelope.", "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    header = {"in": "header", "required": False, "schema": {"type": "string"}}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        "parameters": [
+            {**header, "name": "Authorization", "description": "Bearer <API key>"},
+            {**header, "name": "X-SSW-Wait", "description": "true: hold the request while the model loads"},
+            {
+                **header,
+                "name": "X-SSW-Priority",
+                "schema": {"type": "string", "enum": ["realtime", "interactive", "batch"]},
+            },
+            {**header, "name": "X-SSW-Fallback", "description": "true: a fallback model may answer"},
+        ],
+        "responses": {
+            "200": {"description": "The worker's answer (JSON, or server-sent events when streaming)."},
+            "202": {"description": "The model is loading; retry after Retry-After seconds."},
+            **{code: _ERROR for code in ("400", "401", "403", "404", "408", "413", "422", "429", "431", "503")},
+        },
+    }
+
+
 def gateway_app(gw: Gateway) -> FastAPI:
     app = FastAPI(title="ssw OpenAI-compatible API", version=__version__, docs_url=None, redoc_url=None)
     http_errors.install(app, "ssw-gateway")
@@ -625,8 +685,8 @@ def gateway_app(gw: Gateway) -> FastAPI:
     async def proxy(request: Request) -> Response:
         return await gw.forward(request, request.url.path)
 
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.add_api_route(path, proxy, methods=["POST"], include_in_schema=True)
+    for path, schema in REQUEST_SCHEMAS.items():
+        app.add_api_route(path, proxy, methods=["POST"], openapi_extra=_openapi(schema))
 
     return app
 

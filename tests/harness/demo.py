@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 
 from tests.harness.hostinstall import install_units
-from tests.harness.stack import REPO, VLLM_VENV, http, wait_for
+from tests.harness.stack import REPO, SSW_VENV, VLLM_VENV, http, wait_for
 from tests.harness.sysbox import SysBox
 
 CONFIG = REPO / "etc/ssw/demo/config.yaml"
 MODELS = REPO / ".cache/demo-models"
 PIDFILE = REPO / ".cache/demo.pid"
+KEYFILE = REPO / ".cache/demo-key"
 
 
 def up() -> None:
@@ -39,25 +40,35 @@ def up() -> None:
     if started.returncode != 0:
         print(box.run("journalctl", "-u", "ssw-loader", "-u", "ssw-gateway", "-n", "50", "--no-pager").stdout)
         sys.exit(f"demo: ssw.target failed to start: {started.stderr.strip()}")
+    # The first API key, as a provisioned host gets one (only its digest is kept).
+    added = box.run(str(SSW_VENV / "bin/ssw"), "-c", str(CONFIG), "keys", "add", "demo", check=True)
+    KEYFILE.write_text(added.stdout.strip() + "\n")
+    KEYFILE.chmod(0o600)
     print("demo: ssw is up; waiting for the pinned model 'tiny' (real vLLM on the CPU, about a minute)")
 
     def tiny_ready() -> bool:
         try:
-            status, _, body = http("GET", "http://127.0.0.1:8001/status", timeout=5)
+            status, _, body = http(
+                "GET",
+                "http://127.0.0.1:8000/v1/models",
+                timeout=5,
+                headers={"Authorization": "Bearer " + KEYFILE.read_text().strip()},
+            )
         except OSError:
             return False
-        return status == 200 and any(w["model"] == "tiny" and w["state"] == "ready" for w in body["workers"])
+        return status == 200 and any(m["id"] == "tiny" and m["ssw"].get("state") == "ready" for m in body["data"])
 
     t0 = time.monotonic()
     wait_for(tiny_ready, 600, "the tiny model to load", interval=1)
     print(f"demo: ready in {time.monotonic() - t0:.0f} s. OpenAI API on http://127.0.0.1:8000/v1")
     print(
-        "  try:  curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' "
+        '  try:  curl -s localhost:8000/v1/chat/completions -H "Authorization: Bearer $(cat .cache/demo-key)" '
+        "-H 'Content-Type: application/json' "
         '-d \'{"model": "light", "messages": [{"role": "user", "content": "hi"}]}\''
     )
     print(f"  host: nsenter -t {box.pid} -m -p systemctl status ssw-worker@tiny")
     print(f"        nsenter -t {box.pid} -m -p journalctl -u ssw-worker@tiny")
-    print(f"  cli:  .venvs/ssw/bin/ssw -c {CONFIG.relative_to(REPO)} status")
+    print(f"  cli:  nsenter -t {box.pid} -m -p {SSW_VENV}/bin/ssw -c {CONFIG} status")
     print("  stop: .venvs/ssw/bin/python -m tests.harness.demo down")
 
 

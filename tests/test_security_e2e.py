@@ -1,0 +1,294 @@
+"""Who may call what, and what bad input gets, against real systemd and real
+Redis with the fake engine: API keys, scopes, revocation, the admin token,
+limits, hostile model names, fuzzing, and secrets kept out of logs and Redis."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import redis
+
+from tests.conftest import Stack, start_stack, stop_stack
+from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, wait_for
+from tests.harness.sysbox import SysBox
+
+pytestmark = pytest.mark.systemd
+CHAT = [{"role": "user", "content": "hi"}]
+MODELS = {
+    "alpha": {"path": "fake-a", "vram_gb": 2, "aliases": ["light"], "max_tokens": 100},
+    "beta": {"path": "fake-b", "vram_gb": 2},
+    "slow": {"path": "fake-a", "vram_gb": 2, "env": {"SSW_FAKE_TPS": "10"}},
+}
+HOSTILE = ["../../etc/passwd", "a;b", "x@y.service", "$(reboot)", "ssw-worker@alpha", "x" * 10_000, "a/b", ""]
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(WORK_ROOT / "redis-security").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Iterator[Stack]:
+    extra = {
+        "auth": {"enabled": True},
+        "limits": {"max_body_bytes": 65536, "max_messages": 8, "body_timeout_s": 2, "max_header_bytes": 8192},
+    }
+    s = start_stack(
+        sysbox, WORK_ROOT / f"security-{id(sysbox)}", models_root, MODELS, "fake", extra, redis_url=redis_server.url
+    )
+    for model in ("alpha", "beta", "slow"):
+        assert http("POST", s.admin + "/load", {"model": model})[0] == 200
+    yield s
+    stop_stack(s)
+
+
+def ssw(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def keys(stack: Stack) -> dict[str, str]:
+    out = {}
+    for name, extra in (("full", []), ("scoped", ["--models", "light"]), ("single", ["--max-in-flight", "1"])):
+        result = ssw(stack, "keys", "add", name, *extra)
+        assert result.returncode == 0, result.stderr
+        out[name] = result.stdout.strip()
+    # Picked up without a restart (the gateway polls the file; SIGHUP is immediate).
+    stack.gateway.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(
+        lambda: (
+            http("GET", stack.public + "/v1/models", headers={"Authorization": f"Bearer {out['single']}"})[0] == 200
+        ),
+        10,
+        "the new keys",
+    )
+    return out
+
+
+def client(stack: Stack, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.public + "/v1", api_key=key, max_retries=0, timeout=30)
+
+
+def test_keys_file_holds_only_digests(stack: Stack, keys: dict[str, str]) -> None:
+    text = (stack.dir / "keys.yaml").read_text()
+    assert all(secret not in text for secret in keys.values())
+    assert "sha256" in text and oct((stack.dir / "keys.yaml").stat().st_mode)[-3:] in ("600", "640")
+    assert ssw(stack, "keys", "list").stdout.splitlines() == ["full: all models", "scoped: light", "single: all models"]
+
+
+def test_401_without_or_with_a_wrong_key_200_with_a_right_one(stack: Stack, keys: dict[str, str]) -> None:
+    status, _, body = http("POST", stack.public + "/v1/chat/completions", {"model": "alpha", "messages": CHAT})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    for key in ("sk-wrong", keys["full"] + "x"):
+        with client(stack, key) as c, pytest.raises(openai.AuthenticationError) as err:
+            c.chat.completions.create(model="alpha", messages=CHAT)
+        assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+    with client(stack, keys["full"]) as c:
+        assert c.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2).model == "alpha"
+    # No key, no model list, and the answer does not depend on the model asked for.
+    assert http("GET", stack.public + "/v1/models")[0] == 401
+    assert http("POST", stack.public + "/v1/chat/completions", {"model": "nope", "messages": CHAT})[0] == 401
+
+
+def test_403_outside_the_keys_scope_without_saying_whether_the_model_exists(stack: Stack, keys: dict[str, str]) -> None:
+    with client(stack, keys["scoped"]) as scoped:
+        assert scoped.chat.completions.create(model="light", messages=CHAT, max_tokens=2).model == "alpha"
+        assert scoped.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2).model == "alpha"
+        messages = set()
+        for model in ("beta", "no-such-model"):
+            with pytest.raises(openai.PermissionDeniedError) as err:
+                scoped.chat.completions.create(model=model, messages=CHAT)
+            messages.add(err.value.message)
+        assert len(messages) == 1  # the same answer for a real and a made-up model
+        assert {m.id for m in scoped.models.list()} == {"alpha", "light"}
+
+
+def test_revoking_a_key_takes_effect_without_a_restart(stack: Stack, keys: dict[str, str]) -> None:
+    result = ssw(stack, "keys", "add", "temp")
+    temp = result.stdout.strip()
+    wait_for(
+        lambda: http("GET", stack.public + "/v1/models", headers={"Authorization": f"Bearer {temp}"})[0] == 200,
+        10,
+        "the new key",
+    )
+    pid = stack.gateway.proc.pid  # type: ignore[union-attr]
+    assert ssw(stack, "keys", "revoke", "temp").returncode == 0
+    wait_for(
+        lambda: http("GET", stack.public + "/v1/models", headers={"Authorization": f"Bearer {temp}"})[0] == 401,
+        10,
+        "the revocation",
+    )
+    assert stack.gateway.proc.pid == pid and stack.gateway.proc.poll() is None  # type: ignore[union-attr]
+    assert ssw(stack, "keys", "revoke", "temp").returncode == 4
+
+
+def test_the_admin_api_needs_its_token(stack: Stack, keys: dict[str, str]) -> None:
+    none = {"Authorization": ""}
+    for method, path, body in (
+        ("GET", "/status", None),
+        ("POST", "/load", {"model": "beta"}),
+        ("POST", "/unload", {"model": "beta"}),
+        ("GET", "/stats", None),
+    ):
+        status, _, answer = http(method, stack.admin + path, body, headers=none)
+        assert status == 401 and answer["error"]["code"] == "invalid_admin_token", path
+    api_key = {"Authorization": f"Bearer {keys['full']}"}
+    assert http("GET", stack.admin + "/status", headers=api_key)[0] == 401
+    gateway_token = {"Authorization": "Bearer " + (stack.dir / "gateway.token").read_text().strip()}
+    assert http("GET", stack.admin + "/status", headers=gateway_token)[0] == 401  # the gateway may not read status
+    assert http("GET", stack.admin + "/health", headers=none)[0] == 200
+    assert http("GET", stack.admin + "/status")[0] == 200  # with the admin token
+
+
+def test_limits_answer_4xx_before_any_worker_is_touched(stack: Stack, keys: dict[str, str]) -> None:
+    url, auth = stack.public + "/v1/chat/completions", {"Authorization": f"Bearer {keys['full']}"}
+    big = {"model": "alpha", "messages": [{"role": "user", "content": "x" * 70_000}]}
+    assert http("POST", url, big, headers=auth)[0] == 413
+    many = {"model": "alpha", "messages": CHAT * 9}
+    status, _, body = http("POST", url, many, headers=auth)
+    assert status == 400 and "at most 8 messages" in body["error"]["message"]
+    status, _, body = http("POST", url, {"model": "alpha", "messages": CHAT, "max_tokens": 101}, headers=auth)
+    assert status == 400 and "at most 100" in body["error"]["message"]
+    for bad in (
+        {"model": "alpha", "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": "alpha", "messages": "hi"},
+        {"model": "alpha", "messages": CHAT, "max_tokens": "5"},
+        {"model": "alpha", "messages": CHAT, "stream": "yes"},
+    ):
+        assert http("POST", url, bad, headers=auth)[0] == 400, bad
+    assert http("POST", url, {"model": "alpha", "messages": CHAT}, headers={**auth, "X-Junk": "y" * 9000})[0] == 431
+
+
+def test_in_flight_limit_per_key(stack: Stack, keys: dict[str, str]) -> None:
+    auth = {"Authorization": f"Bearer {keys['single']}"}
+    url = stack.public + "/v1/chat/completions"
+    result: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: result.update(
+            s=http("POST", url, {"model": "slow", "messages": CHAT, "max_tokens": 20, "stream": True}, headers=auth)[0]
+        )
+    )
+    t.start()
+    time.sleep(0.5)
+    status, headers, _ = http("POST", url, {"model": "alpha", "messages": CHAT}, headers=auth)
+    assert status == 429 and "retry-after" in headers
+    t.join(30)
+    assert result["s"] == 200
+    assert http("POST", url, {"model": "alpha", "messages": CHAT, "max_tokens": 2}, headers=auth)[0] == 200
+
+
+def test_a_slow_client_is_cut_off(stack: Stack, keys: dict[str, str]) -> None:
+    port = int(stack.public.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + keys["full"].encode() + b'\r\nContent-Length: 500\r\n\r\n{"mo'
+        )
+        started = time.monotonic()
+        answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+        assert time.monotonic() - started < 8
+
+
+def test_hostile_model_names_never_reach_systemd(stack: Stack, keys: dict[str, str]) -> None:
+    auth = {"Authorization": f"Bearer {keys['full']}"}
+    before = stack.box.systemctl("list-units", "--all", "--plain", "--no-legend", "ssw-worker@*").stdout
+    for name in HOSTILE:
+        for wait in ({}, {"X-SSW-Wait": "true"}):
+            status, _, body = http(
+                "POST",
+                stack.public + "/v1/chat/completions",
+                {"model": name, "messages": CHAT},
+                headers={**auth, **wait},
+            )
+            assert status in (400, 404), (name[:40], status)
+            assert len(body["error"]["message"]) < 1000  # a 10 kB name is not echoed back whole
+        status, _, _ = http("POST", stack.admin + "/load", {"model": name})
+        assert status in (404, 422), name[:40]
+    raw = b'{"model": "\xff\xfe", "messages": [{"role": "user", "content": "x"}]}'
+    assert http("POST", stack.public + "/v1/chat/completions", raw, headers=auth)[0] == 400
+    after = stack.box.systemctl("list-units", "--all", "--plain", "--no-legend", "ssw-worker@*").stdout
+    assert after == before
+
+
+def run_schemathesis(url: str, headers: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
+    args = [
+        str(SSW_VENV / "bin/schemathesis"),
+        "run",
+        url + "/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "25",
+        "--request-timeout",
+        "20",
+        "--generation-deterministic",
+        "--workers",
+        "1",
+        *extra,
+    ]
+    for k, v in headers.items():
+        args += ["-H", f"{k}: {v}"]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_fuzzing_finds_no_server_error_and_starts_no_worker(stack: Stack, keys: dict[str, str]) -> None:
+    units_before = stack.box.systemctl("list-units", "--all", "--plain", "--no-legend", "ssw-worker@*").stdout
+    gateway = run_schemathesis(stack.public, {"Authorization": f"Bearer {keys['full']}"})
+    print(gateway.stdout[-1500:])
+    assert gateway.returncode == 0, gateway.stdout[-4000:]
+    token = (stack.dir / "admin.token").read_text().strip()
+    loader = run_schemathesis(
+        stack.admin, {"Authorization": f"Bearer {token}"}, "--exclude-path", "/events", "--exclude-path", "/rescan"
+    )
+    print(loader.stdout[-1500:])
+    assert loader.returncode == 0, loader.stdout[-4000:]
+    assert stack.loader.proc.poll() is None and stack.gateway.proc.poll() is None  # type: ignore[union-attr]
+    units_after = stack.box.systemctl("list-units", "--all", "--plain", "--no-legend", "ssw-worker@*").stdout
+    assert units_after == units_before
+
+
+def test_no_key_or_token_in_journal_logs_redis_status_or_units(
+    stack: Stack, keys: dict[str, str], redis_server: RedisServer
+) -> None:
+    secrets = [
+        *keys.values(),
+        (stack.dir / "admin.token").read_text().strip(),
+        (stack.dir / "gateway.token").read_text().strip(),
+    ]
+    journal = stack.box.run("journalctl", "--no-pager", "-o", "verbose").stdout
+    units = stack.box.systemctl("show", "ssw-worker@*").stdout
+    logs = stack.loader.log() + stack.gateway.log()
+    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    dump = json.dumps([r.xrange(k) if r.type(k) == "stream" else r.hgetall(k) for k in r.keys("*")])
+    status = json.dumps(http("GET", stack.admin + "/status")[2])
+    metrics = http("GET", stack.gateway_metrics + "/metrics")[2]
+    assert '"key": "full"' in dump  # the key's name is what gets recorded
+    for secret in secrets:
+        for where, text in (
+            ("journal", journal),
+            ("units", units),
+            ("logs", logs),
+            ("redis", dump),
+            ("status", status),
+            ("metrics", metrics),
+        ):
+            assert secret not in text, f"a secret is in the {where}"
