@@ -127,12 +127,19 @@ async def run(cfg: Config, roles: set[str]) -> int:
 
 
 def _status_line(loader: Loader | None, gateway: Gateway | None) -> str:
+    """One line for `systemctl status`: what is loaded, what is in flight."""
     parts = []
     if loader is not None:
-        ws = loader.manager.workers.values()
-        parts.append(f"{sum(1 for w in ws if w.state == 'ready')} workers ready, {len(ws)} in all")
+        ws = list(loader.manager.workers.values())
+        ready = sorted({w.model for w in ws if w.state == "ready"})
+        starting = sum(1 for w in ws if w.state == "starting")
+        parts.append(
+            f"{len(ready)} models ready ({', '.join(ready) or 'none'})" + (f", {starting} starting" if starting else "")
+        )
     if gateway is not None:
-        parts.append("loader connected" if gateway.loader.connected else "loader not connected")
+        parts.append(f"{gateway.in_flight()} requests in flight")
+        if not gateway.loader.connected:
+            parts.append("loader not connected")
     return "; ".join(parts) or "serving"
 
 
