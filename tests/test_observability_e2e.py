@@ -181,6 +181,8 @@ def test_gpu_samples_reach_status_and_redis(stack: Stack, redis_server: RedisSer
 def test_cli_verbs_against_the_running_daemon(stack: Stack) -> None:
     st = ssw(stack, "status")
     assert st.returncode == 0 and "ssw-worker@alpha.service: ready on GPU 0" in st.stdout
+    # alpha's 2.95 GB of 48: one '#' of 24, the rest free.
+    assert "GPU 0 Simulated GPU (simulated) [#......................." in st.stdout
     assert json.loads(ssw(stack, "status", "--json").stdout)["workers"][0]["model"] == "alpha"
     models = json.loads(ssw(stack, "models", "--json").stdout)
     assert models["alpha"] == {"aliases": ["light"], "pinned": False, "ready": True}

@@ -104,6 +104,15 @@ def _gb(value: int | None) -> str:
     return "unknown" if value is None else f"{value / 1e9:.1f} GB"
 
 
+def _bar(used: int, reserved: int, total: int, width: int = 24) -> str:
+    """[######++......] : '#' in use, '+' reserved by loads in flight, '.' free."""
+    if total <= 0:
+        return ""
+    u = min(round(used / total * width), width)
+    r = min(round(reserved / total * width), width - u)
+    return "[" + "#" * u + "+" * r + "." * (width - u - r) + "]"
+
+
 def _print_status(st: dict[str, Any]) -> None:
     print(
         f"ssw {st['version']}  up {st['uptime_s']:.0f} s  GPU source: {st['gpu_source']}  "
@@ -111,8 +120,9 @@ def _print_status(st: dict[str, Any]) -> None:
     )
     for g in st["gpus"]:
         util = "unknown" if g["utilization_pct"] is None else f"{g['utilization_pct']} %"
+        bar = _bar(g["memory_used_bytes"], g["memory_reserved_bytes"], g["memory_total_bytes"])
         print(
-            f"  GPU {g['index']} {g['name']}{' (simulated)' if g['simulated'] else ''}: "
+            f"  GPU {g['index']} {g['name']}{' (simulated)' if g['simulated'] else ''} {bar} "
             f"total {_gb(g['memory_total_bytes'])}, used {_gb(g['memory_used_bytes'])}, "
             f"reserved {_gb(g['memory_reserved_bytes'])}, free {_gb(g['memory_free_bytes'])}, util {util}"
         )
