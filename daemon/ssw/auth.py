@@ -97,16 +97,24 @@ def write_keys(path: Path, keys: dict[str, dict[str, object]], group: str | None
     """Replace the key file atomically, readable by its owner (and the gateway's group) only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640 if group else 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("# ssw API keys: managed by `ssw keys`; only SHA-256 digests are stored.\n")
         yaml.safe_dump({"keys": keys}, f, sort_keys=True)
+    _share_with_group(tmp, group)
+    os.replace(tmp, path)
+
+
+def _share_with_group(path: Path, group: str | None) -> None:
+    """Mode 0640 to the group when it exists, else 0600; explicit, whatever the umask."""
     if group:
         try:
-            os.chown(tmp, -1, grp.getgrnam(group).gr_gid)
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            os.chmod(path, 0o640)
+            return
         except KeyError:
-            os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+            pass  # no such group here: owner only
+    os.chmod(path, 0o600)
 
 
 def load_raw(path: Path) -> dict[str, dict[str, object]]:
@@ -169,14 +177,10 @@ def ensure_token(path: Path, group: str | None) -> str:
         return token
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640 if group else 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
-    if group:
-        try:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        except KeyError:
-            os.chmod(path, 0o600)  # no such group here: owner only
+    _share_with_group(path, group)
     log.info("created %s", path)
     return token
 
