@@ -20,6 +20,7 @@ from tests.harness.stack import (
     free_port,
     free_port_range,
     http,
+    wait_for,
     write_config,
 )
 from tests.harness.sysbox import SysBox
@@ -100,6 +101,7 @@ class Stack:
 
     def restart(self, role: Role) -> None:
         role.start().wait_healthy(self.public if role is self.gateway else self.admin)
+        wait_for(lambda: http("GET", self.public + "/health")[2].get("loader_connected"), 30, "the loader connection")
 
 
 def start_stack(
@@ -131,6 +133,8 @@ def start_stack(
     ADMIN_TOKENS[admin] = directory / "admin.token"
     loader = Role("loader", config, directory).start().wait_healthy(admin)
     gateway = Role("gateway", config, directory).start().wait_healthy(public)
+    # Healthy is not yet connected: wait for the loader's first snapshot.
+    wait_for(lambda: http("GET", public + "/health")[2].get("loader_connected"), 30, "the gateway to reach the loader")
     return Stack(box, directory, config, public, admin, loader, gateway, f"http://127.0.0.1:{metrics_port}")
 
 

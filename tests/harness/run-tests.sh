@@ -7,7 +7,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 "$repo/tests/harness/bootstrap.sh"
 cd "$repo"
-.venvs/ssw/bin/ruff check daemon tests
-.venvs/ssw/bin/ruff format --check daemon tests
+.venvs/ssw/bin/ruff check daemon tests bench
+.venvs/ssw/bin/ruff format --check daemon tests bench
 .venvs/ssw/bin/mypy
 exec .venvs/ssw/bin/pytest "$@"
