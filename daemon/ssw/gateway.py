@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,7 +380,7 @@ class Gateway:
             ex.status, ex.error = 500, "internal_error"
             self.finish(ex)
             raise
-        if not isinstance(response, StreamingResponse):
+        if not isinstance(response, _Stream):
             self.finish(ex)  # a stream is accounted for when it ends
         return response
 
@@ -496,8 +496,28 @@ class Gateway:
         ex.status = resp.status
         ctype = resp.headers.get("Content-Type", "application/json")
         if ctype.startswith("text/event-stream"):
-            return StreamingResponse(
-                self._events(resp, url, ex),
+            done = {"closed": False}
+
+            def close(finished: bool) -> None:
+                # Once, from whichever comes first: the end of the stream, or
+                # the response being torn down before the stream even began.
+                if done["closed"]:
+                    return
+                done["closed"] = True
+                self.outstanding[url] -= 1
+                if not finished:
+                    ex.error = ex.error or "client_disconnected"
+                # A client that left mid-stream: closing the connection makes
+                # vLLM abort the request instead of generating for nobody.
+                if finished:
+                    resp.release()
+                else:
+                    resp.close()
+                self.finish(ex)
+
+            return _Stream(
+                self._events(resp, ex, close),
+                close,
                 status_code=resp.status,
                 media_type=None,
                 headers={"Content-Type": ctype, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -514,7 +534,9 @@ class Gateway:
             ex.error = "upstream_" + str(resp.status)
         return Response(data, status_code=resp.status, headers={"Content-Type": ctype})
 
-    async def _events(self, resp: aiohttp.ClientResponse, url: str, ex: Exchange) -> AsyncIterator[bytes]:
+    async def _events(
+        self, resp: aiohttp.ClientResponse, ex: Exchange, close: Callable[[bool], None]
+    ) -> AsyncIterator[bytes]:
         """Relay server-sent events as they arrive, noting the first token and the
         usage chunk (and dropping that chunk when only ssw asked for it)."""
         finished = False
@@ -533,16 +555,7 @@ class Gateway:
                 yield pending
             finished = True
         finally:
-            self.outstanding[url] -= 1
-            if not finished:
-                ex.error = ex.error or "client_disconnected"
-            # A client that left mid-stream: closing the connection makes vLLM
-            # abort the request instead of generating for nobody.
-            if finished:
-                resp.release()
-            else:
-                resp.close()
-            self.finish(ex)
+            close(finished)
 
     @staticmethod
     def _inspect(events: bytes, ex: Exchange) -> bytes:
@@ -567,6 +580,21 @@ class Gateway:
             if not drop:
                 kept.append(event + b"\n\n")
         return b"".join(kept)
+
+
+class _Stream(StreamingResponse):
+    """A streamed relay whose upstream is closed even if the client leaves before
+    the first byte (then the body iterator never runs its own cleanup)."""
+
+    def __init__(self, body: AsyncIterator[bytes], close: Callable[[bool], None], **kwargs: Any) -> None:
+        super().__init__(body, **kwargs)
+        self._close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._close(False)  # a no-op after a stream that ended on its own
 
 
 def _has_token(chunk: dict[str, Any]) -> bool:
@@ -651,6 +679,7 @@ def gateway_app(gw: Gateway) -> FastAPI:
             "loader_connected": gw.loader.connected,
             "workers_ready": sum(1 for w in snap["workers"] if w["state"] == "ready"),
             "waiting": {m: gw.queue.depth(m) for m in gw.queue.models()},
+            "requests_in_flight": gw.in_flight(),
         }
 
     if gw.cfg.gateway.public_metrics:
