@@ -89,3 +89,32 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
     run = json.loads(out.read_text())["runs"][0]
     assert len(run["rounds"]["A"]) == len(run["rounds"]["B"]) == 2
     assert run["throughput_ratio"] > 0 and "added_p50_ms" in run
+
+
+def test_control_plane_bench_runs(tmp_path: Path) -> None:
+    out = tmp_path / "cp.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/control_plane.py"),
+            "--models",
+            "50",
+            "--gpus",
+            "8",
+            "--residents",
+            "100",
+            "--decisions",
+            "200",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["scan"]["models"] == 50 and figures["placement"]["residents"] == 100
+    assert figures["placement"]["decisions"] == 200
