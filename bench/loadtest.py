@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -184,6 +185,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"args": vars(args), "machine": {"cpus": os.cpu_count()}, "runs": []}
     if args.ab:
         direct, gateway = args.ab
+        if direct == "worker":
+            direct = await worker_url(args)
+            print(f"A: {args.model}'s worker at {direct}")
         print(
             "A = straight to the worker, B = through the gateway; all processes share "
             f"this machine's {os.cpu_count()} cores, so the gateway's CPU use shows in B."
@@ -207,6 +211,21 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             show(r)
             out["runs"].append(r)
     return out
+
+
+async def worker_url(args: argparse.Namespace) -> str:
+    """The model's worker, loaded if it is not, from the loader's admin API."""
+    # A small local file, read once before any load runs.
+    token = Path(args.admin_token_file).read_text().strip() if args.admin_token_file else ""  # noqa: ASYNC240
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session,
+        session.post(args.admin + "/load", json={"model": args.model, "wait": True}, headers=headers) as resp,
+    ):
+        body = await resp.json(content_type=None)
+        if resp.status != 200:
+            sys.exit(f"loadtest: loading {args.model} through {args.admin}: HTTP {resp.status}: {body}")
+    return str(body["workers"][0]["url"])
 
 
 def _ab_ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, float]:
@@ -248,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="base URL of an OpenAI-compatible server")
-    target.add_argument("--ab", nargs=2, metavar=("DIRECT", "GATEWAY"), help="alternate two base URLs")
+    target.add_argument(
+        "--ab",
+        nargs=2,
+        metavar=("DIRECT", "GATEWAY"),
+        help="alternate two base URLs; DIRECT 'worker': the model's worker, found (and loaded) through --admin",
+    )
+    p.add_argument("--admin", default="http://127.0.0.1:8001", help="the loader's admin API (for --ab worker)")
+    p.add_argument("--admin-token-file", default="/var/lib/ssw/admin.token", help="'' when the admin API is open")
     p.add_argument("--model", required=True, help="model or alias; a comma list is a mix")
     p.add_argument("--concurrency", default="8", help="one level, or a comma list for a sweep")
     p.add_argument("--requests", type=int, default=100, help="requests per level (and per A/B round)")

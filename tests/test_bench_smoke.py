@@ -19,9 +19,10 @@ pytestmark = pytest.mark.systemd
 
 @pytest.fixture(scope="module")
 def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
-    s = start_stack(
-        sysbox, WORK_ROOT / f"bench-{id(sysbox)}", models_root, {"alpha": {"path": "fake-a", "vram_gb": 2}}, "fake"
-    )
+    # cold and swap fit on GPU 1 only one at a time, so loading swap evicts cold.
+    slow = {"path": "fake-b", "vram_gb": 30, "gpus": [1], "env": {"SSW_FAKE_LOAD_DELAY": "0.5"}}
+    models = {"alpha": {"path": "fake-a", "vram_gb": 2, "gpus": [0]}, "cold": slow, "swap": slow}
+    s = start_stack(sysbox, WORK_ROOT / f"bench-{id(sysbox)}", models_root, models, "fake")
     assert http("POST", s.admin + "/load", {"model": "alpha"})[0] == 200
     yield s
     stop_stack(s)
@@ -65,12 +66,15 @@ def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> 
 
 
 def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path) -> None:
-    worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
     out = tmp_path / "ab.json"
     result = loadtest(
         "--ab",
-        worker["url"],
+        "worker",  # found through the admin API
         stack.public,
+        "--admin",
+        stack.admin,
+        "--admin-token-file",
+        str(stack.dir / "admin.token"),
         "--model",
         "alpha",
         "--concurrency",
@@ -86,9 +90,101 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
     )
     print(result.stdout)
     assert result.returncode == 0, result.stderr
+    worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
+    assert f"A: alpha's worker at {worker['url']}" in result.stdout
     run = json.loads(out.read_text())["runs"][0]
     assert len(run["rounds"]["A"]) == len(run["rounds"]["B"]) == 2
     assert run["throughput_ratio"] > 0 and "added_p50_ms" in run
+
+
+def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "loads.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/loads.py"),
+            "--url",
+            stack.public,
+            "--admin",
+            stack.admin,
+            "--admin-token-file",
+            str(stack.dir / "admin.token"),
+            "--cold",
+            "cold",
+            "--swap",
+            "swap",
+            "--waiters",
+            "50",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    for step in ("cold", "swap"):
+        phases = figures[step]["phases_s"]
+        assert list(phases) == [
+            "request_to_loader",
+            "placement",
+            "unit_start",
+            "process_up",
+            "engine_ready",
+            "first_token",
+        ]
+        # The fake engine's 0.5 s load delay is vLLM's own time.
+        assert figures[step]["vllm_own_s"] >= 0.5
+        assert figures[step]["to_first_token_s"] == pytest.approx(sum(phases.values()), abs=0.01)
+    assert figures["swap"]["evictions"] == 1
+    waiters = figures["waiters"]
+    assert (waiters["clients"], waiters["served"], waiters["errors"]) == (50, 50, [])
+    assert waiters["healthy_to_last_answer_s"] >= waiters["healthy_to_first_answer_s"] >= 0
+
+
+def test_gateway_memory_bench_holds_connections_and_waiters(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/gateway_memory.py"),
+            "--url",
+            stack.public,
+            "--metrics",
+            stack.gateway_metrics + "/metrics",
+            "--admin",
+            stack.admin,
+            "--admin-token-file",
+            str(stack.dir / "admin.token"),
+            "--connections",
+            "300",
+            "--batch",
+            "100",
+            "--waiters",
+            "40",
+            "--waiters-model",
+            "swap",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    conns = figures["connections"]
+    assert (conns["held"], conns["errors"]) == (300, {})
+    # The gateway itself holds a descriptor for each idle connection.
+    assert conns["gateway_open_fds_held"] >= 300
+    assert conns["rss_held_mib"] > 0
+    waiters = figures["waiters"]
+    assert waiters["seen_waiting"] == 40 and waiters["answers"] == {"200": 40}
 
 
 def test_control_plane_bench_runs(tmp_path: Path) -> None:

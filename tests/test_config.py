@@ -7,6 +7,7 @@ import yaml
 
 from ssw.config import Config, load_config
 from ssw.errors import ConfigError
+from ssw.registry import ModelOverride
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,12 @@ def test_shipped_config_validates_and_documents_every_default() -> None:
         for part in dotted.split("."):
             assert isinstance(node, dict) and part in node, f"{dotted} is not documented in etc/ssw/config.yaml"
             node = node[part]
+
+
+def test_shipped_models_file_documents_every_key() -> None:
+    header = (REPO / "models.yaml").read_text().split("\nmodels:", 1)[0]
+    documented = {line[1:].split()[0] for line in header.splitlines() if line.startswith("#   ") and line[4] != " "}
+    assert documented == set(ModelOverride.model_fields)
 
 
 def test_defaults_match_the_ssw_design() -> None:

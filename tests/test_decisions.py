@@ -13,6 +13,7 @@ from ssw.placement import DeviceView, Policy, Resident, place
 from ssw.registry import ModelFacts, ModelSpec
 from ssw.routing import RoundRobin
 from ssw.vram import VramNeed, vram_need
+from ssw.workers import load_phases
 
 GB = 10**9
 
@@ -189,3 +190,19 @@ def test_vram_need_prefers_models_yaml_then_measured_then_estimate() -> None:
     assert est.source == "estimate" and est.kv_bytes == kv
     assert est.per_gpu() == 10 * GB + kv + overhead
     assert vram_need(spec(max_model_len=16384), PlacementSettings(kv_cache_sequences=2)).kv_bytes == 2 * kv
+
+
+@pytest.mark.parametrize(
+    ("marks", "expected"),
+    [
+        ({}, None),  # adopted: this loader did not see the load
+        ({"requested": 10.0}, {}),
+        ({"requested": 10.0, "placed": 10.5, "unit_started": 10.6}, {"placement": 0.5, "unit_start": 0.1}),
+        (
+            {"requested": 10.0, "placed": 10.5, "unit_started": 10.6, "listening": 18.6, "healthy": 40.0},
+            {"placement": 0.5, "unit_start": 0.1, "process_up": 8.0, "engine_ready": 21.4, "total": 30.0},
+        ),
+    ],
+)
+def test_load_phases_follow_the_marks(marks: dict[str, float], expected: dict[str, float] | None) -> None:
+    assert load_phases(marks) == expected

@@ -70,6 +70,14 @@ def test_unloaded_model_answers_202_with_retry_after_and_loads(stack: Stack) -> 
     wait_for(lambda: ready(stack, "beta"), 30, "beta to become ready")
     status, _, body = http("POST", stack.public + "/v1/chat/completions", {"model": "beta", "messages": CHAT})
     assert status == 200 and body["model"] == "beta"
+    # The load, phase by phase: the fake engine binds at once and answers /health
+    # after its 1.5 s load delay, so that delay is the engine's phase.
+    phases = next(w for w in stack.status()["workers"] if w["model"] == "beta")["load_phases_s"]
+    print("beta's load phases:", phases)
+    assert list(phases) == ["placement", "unit_start", "process_up", "engine_ready", "total"]
+    assert all(v >= 0 for v in phases.values())
+    assert phases["process_up"] + phases["engine_ready"] >= 1.5
+    assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=0.01)
 
 
 def test_wait_header_holds_the_request_and_alias_resolves(client: openai.OpenAI) -> None:

@@ -167,6 +167,11 @@ def test_prometheus_endpoints_parse_and_carry_the_series(stack: Stack) -> None:
     assert 'ssw_workers{state="ready"} 1.0' in loader_text
     assert 'ssw_loads_total{model="alpha",result="ready"} 1.0' in loader_text
     assert 'ssw_gpu_memory_total_bytes{gpu="0"} 4.8e+10' in loader_text
+    # Each role's own footprint, as its process sees it.
+    for text in (loader_text, gateway_text):
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["process_resident_memory_bytes"].samples[0].value > 10 * 2**20
+        assert families["process_open_fds"].samples[0].value > 0
 
 
 def test_gpu_samples_reach_status_and_redis(stack: Stack, redis_server: RedisServer) -> None:

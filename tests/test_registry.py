@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ssw.config import Config
+from ssw.engine import vllm_argv
 from ssw.errors import ConfigError, ModelNotFound
 from ssw.registry import family_defaults, read_facts, scan
 from tests.conftest import QWEN2_CONFIG, make_model_dir
@@ -117,6 +119,20 @@ def test_parsers_can_be_turned_off(tmp_path: Path) -> None:
     make_model_dir(tmp_path / "m" / "q", QWEN2_CONFIG)
     reg = scan(tmp_path / "m", write_models(tmp_path / "y.yaml", {"q": {"tool_call_parser": "none"}}))
     assert reg.models["q"].tool_call_parser is None
+
+
+def test_a_model_may_run_with_its_own_vllm_environment(tmp_path: Path) -> None:
+    for name in ("old", "new", "abs"):
+        make_model_dir(tmp_path / "m" / name, QWEN2_CONFIG)
+    models = {"new": {"python": "venvs/vllm-next/bin/python"}, "abs": {"python": "/opt/other/bin/python"}}
+    reg = scan(tmp_path / "m", write_models(tmp_path / "y.yaml", models))
+    cfg = Config()
+    argv = {name: vllm_argv(cfg, reg.models[name], 8100, 10**9, None)[0] for name in ("old", "new", "abs")}
+    assert argv == {
+        "old": str(cfg.vllm.python),
+        "new": str(tmp_path / "venvs/vllm-next/bin/python"),  # relative to the models file
+        "abs": "/opt/other/bin/python",
+    }
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,12 @@ class WorkerSettings(_Section):
 
 
 class HealthSettings(_Section):
-    interval_s: float = Field(default=1.0, gt=0, description="Seconds between /health probes of a loading worker.")
+    interval_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="Seconds between checks of a loading worker whose port is not bound yet or that "
+        "answers 'not ready' (a bound vLLM is probed without a pause).",
+    )
     check_interval_s: float = Field(default=10.0, gt=0, description="Seconds between /health probes of a ready worker.")
     start_timeout_s: float = Field(
         default=900.0, gt=0, description="A worker not healthy within this many seconds of its start is failed."

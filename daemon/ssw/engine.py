@@ -31,7 +31,7 @@ def vllm_argv(
     tensor_parallel: int = 1,
 ) -> list[str]:
     argv = [
-        str(cfg.vllm.python),
+        str(spec.python or cfg.vllm.python),
         "-m",
         ENTRY_POINT,
         "--model",

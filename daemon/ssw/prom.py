@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -45,6 +45,9 @@ class GatewayMetrics:
             "ssw_metrics_records_dropped", "Request records not written to Redis (down, slow or full).", registry=r
         )
         r.register(_WaitingCollector(waiting))
+        # process_resident_memory_bytes, process_open_fds, CPU seconds: what the
+        # gateway costs, per connection and per waiting request.
+        ProcessCollector(registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -73,6 +76,7 @@ class LoaderMetrics:
             registry=self.registry,
         )
         self.registry.register(_LoaderCollector(manager, latest_gpus))
+        ProcessCollector(registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

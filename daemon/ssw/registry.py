@@ -69,6 +69,11 @@ class ModelOverride(BaseModel):
         default=None, description="vLLM --scheduling-policy; 'priority' passes X-SSW-Priority on to vLLM."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment for this model's workers.")
+    python: str | None = Field(
+        default=None,
+        description="Python of the vLLM environment this model runs with (default: vllm.python), for a model "
+        "that needs another vLLM version; absolute, or relative to the models file.",
+    )
 
     @field_validator("aliases")
     @classmethod
@@ -128,6 +133,7 @@ class ModelSpec:
     fallbacks: tuple[str, ...] = ()
     fallback_default: bool = False
     scheduling_policy: str | None = None
+    python: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,7 @@ def load_models_file(path: Path) -> ModelsFile:
         raise ConfigError("\n".join(lines)) from exc
 
 
-def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride) -> ModelSpec:
+def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride, base: Path) -> ModelSpec:
     defaults = family_defaults(name, facts)
 
     def parser(value: str | None, key: str) -> str | None:
@@ -292,6 +298,7 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride) -> ModelS
         fallbacks=tuple(ov.fallbacks),
         fallback_default=ov.fallback_default,
         scheduling_policy=ov.scheduling_policy,
+        python=(base / ov.python) if ov.python else None,
     )
 
 
@@ -313,7 +320,7 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
             missing[name] = models_dir / rel
             continue
         try:
-            models[name] = _spec(name, path, read_facts(path), ov)
+            models[name] = _spec(name, path, read_facts(path), ov, models_file.parent)
         except (OSError, ValueError) as exc:
             log.warning("model %s: cannot read %s: %s", name, path / "config.json", exc)
             missing[name] = path
@@ -325,7 +332,7 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
             log.warning("skipping model directory %s: %r is not usable as a model name", path, name)
             continue
         try:
-            models[name] = _spec(name, path, read_facts(path), ModelOverride())
+            models[name] = _spec(name, path, read_facts(path), ModelOverride(), models_file.parent)
         except (OSError, ValueError) as exc:
             log.warning("skipping model directory %s: %s", path, exc)
 

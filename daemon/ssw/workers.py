@@ -57,6 +57,9 @@ class Worker:
     last_used: float = field(default_factory=time.time)
     adopted: bool = False
     held_bytes: int | None = None  # measured on its busiest GPU (NVML); None: unknown
+    # When each step of its load happened (time.time()): requested, unit_started,
+    # listening (vLLM binds its port early, before the engine), healthy.
+    marks: dict[str, float] = field(default_factory=dict)
     # systemd reports a new transient unit as inactive before it activates; only
     # an inactive state after the unit was seen running means the worker ended.
     unit_seen_active: bool = False
@@ -85,7 +88,42 @@ class Worker:
             "idle_s": round(now - self.last_used, 1),
             "adopted": self.adopted,
             "unit_active": self.unit_seen_active,
+            "load_phases_s": load_phases(self.marks),
+            "load_marks": {k: round(v, 4) for k, v in self.marks.items()},
         }
+
+
+# A load, step by step: each phase ends at its mark and starts at the one before.
+PHASES = (
+    ("placement", "placed"),  # deciding where, evicting, waiting for the GPU's start lock
+    ("unit_start", "unit_started"),  # StartTransientUnit until systemd's job is done
+    ("process_up", "listening"),  # Python and vLLM's imports until its port is bound
+    ("engine_ready", "healthy"),  # weights, KV cache, warm-up until /health answers 200
+)
+
+
+def load_phases(marks: dict[str, float]) -> dict[str, float] | None:
+    """Seconds spent in each phase of a load (None for a phase not reached); None for an
+    adopted worker, whose load this loader did not see."""
+    start = marks.get("requested")
+    if start is None:
+        return None
+    phases: dict[str, float] = {}
+    previous = start
+    for phase, mark in PHASES:
+        at = marks.get(mark)
+        if at is None:
+            break
+        phases[phase] = round(at - previous, 3)
+        previous = at
+    if "healthy" in marks:
+        phases["total"] = round(marks["healthy"] - start, 3)
+    return phases
+
+
+def describe_phases(marks: dict[str, float]) -> str:
+    phases = load_phases(marks) or {}
+    return ", ".join(f"{phase.replace('_', ' ')} {phases[phase]:.2f} s" for phase, _ in PHASES if phase in phases)
 
 
 class WorkerManager:
@@ -399,6 +437,7 @@ class WorkerManager:
                 state=WorkerState.STARTING,
                 pinned=spec.pinned,
             )
+            worker.marks["requested"] = self._load_started.get(spec.name, worker.started_at)
             self.workers[name] = worker
             self.changed()
         if victims:
@@ -427,6 +466,7 @@ class WorkerManager:
                 plan.per_gpu_bytes / GB,
                 need.source,
             )
+            worker.marks["placed"] = time.time()
             try:
                 self._check_room(worker, totals)
                 await self.systemd.reset_failed(name)
@@ -434,6 +474,7 @@ class WorkerManager:
             except BaseException as exc:
                 self._remove(worker, f"start failed: {exc}")
                 raise
+            worker.marks["unit_started"] = time.time()
             worker.unit_seen_active = True
             await self._await_healthy(worker)
         self._spawn(self._measure(worker))
@@ -479,17 +520,47 @@ class WorkerManager:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
+    async def _listening(self, worker: Worker) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", worker.port), 1.0)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
+
     async def _await_healthy(self, worker: Worker) -> None:
+        """Until the starting worker answers /health, fails, or runs out of time.
+
+        vLLM binds its port long before its HTTP server runs, and a probe sent
+        meanwhile waits in the listen backlog and is answered the moment the server
+        starts: so once the port is bound, probes follow each other without a pause
+        and readiness is seen within milliseconds, not an interval later.
+        """
         deadline = time.monotonic() + self.cfg.health.start_timeout_s
         while time.monotonic() < deadline:
             if worker.done.done():
                 raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
-            if await self._probe(worker):
-                took = time.time() - worker.started_at
-                self._set_state(worker, WorkerState.READY, f"healthy after {took:.1f} s")
-                if self.on_load_result is not None:
-                    self.on_load_result(worker.model, "ready", took)
-                return
+            if "listening" not in worker.marks and await self._listening(worker):
+                worker.marks["listening"] = time.time()
+            if "listening" in worker.marks:
+                sent = time.monotonic()
+                probe = asyncio.ensure_future(self._probe(worker))
+                await asyncio.wait((probe, worker.done), return_when=asyncio.FIRST_COMPLETED)
+                if not probe.done():
+                    probe.cancel()
+                    continue  # the worker ended; said at the top of the loop
+                if probe.result():
+                    worker.marks["healthy"] = time.time()
+                    took = worker.marks["healthy"] - worker.started_at
+                    phases = describe_phases(worker.marks)
+                    self._set_state(
+                        worker, WorkerState.READY, f"healthy after {took:.1f} s" + (f": {phases}" if phases else "")
+                    )
+                    if self.on_load_result is not None:
+                        self.on_load_result(worker.model, "ready", took)
+                    return
+                if time.monotonic() - sent >= self.cfg.health.probe_timeout_s * 0.9:
+                    continue  # it waited in the backlog until its timeout: ask again at once
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.done), self.cfg.health.interval_s)
         reason = f"not healthy within {self.cfg.health.start_timeout_s:.0f} s (health.start_timeout_s)"

@@ -19,6 +19,8 @@ CONFIG = REPO / "etc/ssw/demo/config.yaml"
 MODELS = REPO / ".cache/demo-models"
 PIDFILE = REPO / ".cache/demo.pid"
 KEYFILE = REPO / ".cache/demo-key"
+# A copy of the admin token, for the benchmarks that drive the admin API from outside.
+ADMIN_TOKEN = REPO / ".cache/demo-admin-token"
 
 
 def up() -> None:
@@ -60,6 +62,8 @@ def up() -> None:
 
     t0 = time.monotonic()
     wait_for(tiny_ready, 600, "the tiny model to load", interval=1)
+    ADMIN_TOKEN.write_text(box.path("/var/lib/ssw/admin.token").read_text())
+    ADMIN_TOKEN.chmod(0o600)
     print(f"demo: ready in {time.monotonic() - t0:.0f} s. OpenAI API on http://127.0.0.1:8000/v1")
     print(
         '  try:  curl -s localhost:8000/v1/chat/completions -H "Authorization: Bearer $(cat .cache/demo-key)" '
