@@ -10,4 +10,5 @@ cd "$repo"
 .venvs/ssw/bin/ruff check daemon tests bench
 .venvs/ssw/bin/ruff format --check daemon tests bench
 .venvs/ssw/bin/mypy
+.venvs/ssw/bin/mypy bench/*.py
 exec .venvs/ssw/bin/pytest "$@"
