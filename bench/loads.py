@@ -10,12 +10,15 @@
 2. swap: the same for a model that fits only after an eviction; the eviction
    (stopping the least recently used worker) is part of its placement phase.
    The cold model must be loaded and the swap model must not fit beside it.
-3. waiters: the model is unloaded and N clients ask for it at once; reported
-   is the time from the worker being healthy to the last client's answer.
+3. waiters: the model is unloaded and N clients ask for it at once (one token
+   each); reported is the time from the worker being healthy to the last
+   client's answer.
 
 vLLM's own time is its process's: from the unit's start to /health answering.
 ssw's added time is everything else from the request to the first token, less
-what the same request takes straight to the now warm worker (its TTFT).
+what the same request takes straight to the now warm worker (its TTFT) and
+less the evicted worker's shutdown (vLLM's, and unavoidable: its memory must
+be free before the next worker starts).
 """
 
 from __future__ import annotations
@@ -63,11 +66,13 @@ class Stack:
         # Returns once the units have stopped; 404: it was not loaded.
         await self.admin_call("POST", "/unload", {"model": model}, ok=(404,))
 
-    def body(self, model: str, stream: bool) -> dict[str, Any]:
+    def body(self, model: str, stream: bool, max_tokens: int | None = None) -> dict[str, Any]:
         return {
             "model": model,
             "messages": [{"role": "user", "content": "Say hello."}],
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens,
+            # vLLM's: a random tiny model may end at once, or with tokens of no text.
+            "ignore_eos": True,
             "stream": stream,
         }
 
@@ -82,16 +87,20 @@ class Stack:
             first = None
             async for line in resp.content:
                 if first is None and line.startswith(b"data: {"):
-                    choices = json.loads(line[6:]).get("choices") or [{}]
-                    if (choices[0].get("delta") or {}).get("content"):
+                    choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                    delta = choice.get("delta") or {}
+                    # Not the role chunk vLLM sends before generating: a token, or the end.
+                    if delta.get("content") or ("role" not in delta and choice.get("finish_reason")):
                         first = time.time()
             if first is None:
                 sys.exit(f"loads: {model}: the stream had no token")
             return sent, first
 
     async def answer(self, model: str) -> float:
+        # One token: the time to the last answer is then the release, not generation.
+        body = self.body(model, False, max_tokens=1)
         async with self.session.post(
-            self.url + "/v1/chat/completions", json=self.body(model, False), headers={**self.public_headers, **WAIT}
+            self.url + "/v1/chat/completions", json=body, headers={**self.public_headers, **WAIT}
         ) as resp:
             await resp.read()
             if resp.status != 200:
@@ -102,6 +111,9 @@ class Stack:
 def breakdown(sent: float, first: float, worker: dict[str, Any], direct_ttft: float) -> dict[str, Any]:
     marks, phases = worker["load_marks"], worker["load_phases_s"]
     vllm_own = marks["healthy"] - marks["unit_started"]
+    # Stopping the evicted worker: its vLLM's shutdown, which a swap cannot skip
+    # (the memory must be free before the next one starts).
+    eviction = phases.get("eviction", 0.0)
     total = first - sent
     return {
         "model": worker["model"],
@@ -113,8 +125,9 @@ def breakdown(sent: float, first: float, worker: dict[str, Any], direct_ttft: fl
             "first_token": round(first - marks["healthy"], 3),
         },
         "vllm_own_s": round(vllm_own, 3),
+        "eviction_s": round(eviction, 3),
         "direct_ttft_s": round(direct_ttft, 4),
-        "ssw_added_s": round(total - vllm_own - direct_ttft, 3),
+        "ssw_added_s": round(total - vllm_own - eviction - direct_ttft, 3),
     }
 
 
@@ -153,8 +166,9 @@ def show(title: str, r: dict[str, Any]) -> None:
     for phase, s in r["phases_s"].items():
         print(f"  {phase:<18} {s:8.3f} s")
     print(
-        f"  vLLM's own start {r['vllm_own_s']:.2f} s, its TTFT when warm {r['direct_ttft_s'] * 1000:.1f} ms; "
-        f"ssw added {r['ssw_added_s']:.3f} s"
+        f"  vLLM's own start {r['vllm_own_s']:.2f} s, its TTFT when warm {r['direct_ttft_s'] * 1000:.1f} ms"
+        + (f", the evicted worker's shutdown {r['eviction_s']:.2f} s" if r["eviction_s"] >= 0.01 else "")
+        + f"; ssw added {r['ssw_added_s']:.3f} s"
     )
 
 

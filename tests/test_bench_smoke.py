@@ -131,6 +131,7 @@ def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path
         assert list(phases) == [
             "request_to_loader",
             "placement",
+            "eviction",
             "unit_start",
             "process_up",
             "engine_ready",

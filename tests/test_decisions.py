@@ -197,10 +197,20 @@ def test_vram_need_prefers_models_yaml_then_measured_then_estimate() -> None:
     [
         ({}, None),  # adopted: this loader did not see the load
         ({"requested": 10.0}, {}),
-        ({"requested": 10.0, "placed": 10.5, "unit_started": 10.6}, {"placement": 0.5, "unit_start": 0.1}),
         (
-            {"requested": 10.0, "placed": 10.5, "unit_started": 10.6, "listening": 18.6, "healthy": 40.0},
-            {"placement": 0.5, "unit_start": 0.1, "process_up": 8.0, "engine_ready": 21.4, "total": 30.0},
+            {"requested": 10.0, "placed": 10.5, "evicted": 14.5, "unit_started": 14.6},
+            {"placement": 0.5, "eviction": 4.0, "unit_start": 0.1},
+        ),
+        (
+            {"requested": 10.0, "placed": 10.5, "evicted": 10.5, "unit_started": 10.6, "bound": 18.6, "healthy": 40.0},
+            {
+                "placement": 0.5,
+                "eviction": 0.0,
+                "unit_start": 0.1,
+                "process_up": 8.0,
+                "engine_ready": 21.4,
+                "total": 30.0,
+            },
         ),
     ],
 )

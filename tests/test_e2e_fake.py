@@ -74,7 +74,7 @@ def test_unloaded_model_answers_202_with_retry_after_and_loads(stack: Stack) -> 
     # after its 1.5 s load delay, so that delay is the engine's phase.
     phases = next(w for w in stack.status()["workers"] if w["model"] == "beta")["load_phases_s"]
     print("beta's load phases:", phases)
-    assert list(phases) == ["placement", "unit_start", "process_up", "engine_ready", "total"]
+    assert list(phases) == ["placement", "eviction", "unit_start", "process_up", "engine_ready", "total"]
     assert all(v >= 0 for v in phases.values())
     assert phases["process_up"] + phases["engine_ready"] >= 1.5
     assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=0.01)

@@ -57,8 +57,8 @@ class Worker:
     last_used: float = field(default_factory=time.time)
     adopted: bool = False
     held_bytes: int | None = None  # measured on its busiest GPU (NVML); None: unknown
-    # When each step of its load happened (time.time()): requested, unit_started,
-    # listening (vLLM binds its port early, before the engine), healthy.
+    # When each step of its load happened (time.time()): requested, placed, evicted,
+    # unit_started, bound (vLLM binds its port before it builds the engine), healthy.
     marks: dict[str, float] = field(default_factory=dict)
     # systemd reports a new transient unit as inactive before it activates; only
     # an inactive state after the unit was seen running means the worker ended.
@@ -95,9 +95,10 @@ class Worker:
 
 # A load, step by step: each phase ends at its mark and starts at the one before.
 PHASES = (
-    ("placement", "placed"),  # deciding where, evicting, waiting for the GPU's start lock
+    ("placement", "placed"),  # deciding where (and whom to evict)
+    ("eviction", "evicted"),  # the victims' vLLM shutting down; waiting for the GPU's start lock
     ("unit_start", "unit_started"),  # StartTransientUnit until systemd's job is done
-    ("process_up", "listening"),  # Python and vLLM's imports until its port is bound
+    ("process_up", "bound"),  # Python and vLLM's imports until it binds its port
     ("engine_ready", "healthy"),  # weights, KV cache, warm-up until /health answers 200
 )
 
@@ -379,18 +380,25 @@ class WorkerManager:
 
     def _free_port(self) -> int:
         taken = {w.port for w in self.workers.values()}
+        reusable: int | None = None
         for port in range(self.cfg.workers.port_min, self.cfg.workers.port_max + 1):
             if port in taken:
                 continue
+            if not self._port_bound(port):
+                return port
+            # As servers bind (SO_REUSEADDR), a port a stopped worker left in TIME_WAIT
+            # is free too; a clean one is preferred, since it shows when vLLM binds it.
             # A port some other process holds would make vLLM fail after a long start.
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                # As servers bind: a port in TIME_WAIT from a stopped worker is free.
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-            return port
+            if reusable is None:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    try:
+                        s.bind(("127.0.0.1", port))
+                        reusable = port
+                    except OSError:
+                        pass
+        if reusable is not None:
+            return reusable
         raise SswError(
             f"no free worker port in {self.cfg.workers.port_min}-{self.cfg.workers.port_max} (workers.port_min/max)"
         )
@@ -438,6 +446,7 @@ class WorkerManager:
                 pinned=spec.pinned,
             )
             worker.marks["requested"] = self._load_started.get(spec.name, worker.started_at)
+            worker.marks["placed"] = time.time()
             self.workers[name] = worker
             self.changed()
         if victims:
@@ -466,7 +475,7 @@ class WorkerManager:
                 plan.per_gpu_bytes / GB,
                 need.source,
             )
-            worker.marks["placed"] = time.time()
+            worker.marks["evicted"] = time.time()
             try:
                 self._check_room(worker, totals)
                 await self.systemd.reset_failed(name)
@@ -520,47 +529,39 @@ class WorkerManager:
         except (aiohttp.ClientError, TimeoutError, OSError):
             return False
 
-    async def _listening(self, worker: Worker) -> bool:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", worker.port), 1.0)
-        except (OSError, TimeoutError):
-            return False
-        writer.close()
-        return True
+    @staticmethod
+    def _port_bound(port: int) -> bool:
+        """Whether some socket holds the port. vLLM binds its port once its imports are
+        done but listens only when the engine is up, so a connection cannot tell."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: any holder makes this fail
+            except OSError:
+                return True
+        return False
 
     async def _await_healthy(self, worker: Worker) -> None:
-        """Until the starting worker answers /health, fails, or runs out of time.
-
-        vLLM binds its port long before its HTTP server runs, and a probe sent
-        meanwhile waits in the listen backlog and is answered the moment the server
-        starts: so once the port is bound, probes follow each other without a pause
-        and readiness is seen within milliseconds, not an interval later.
-        """
+        """Probe /health until the starting worker answers, fails, or runs out of time;
+        meanwhile note when its process has bound the port (the end of process_up)."""
         deadline = time.monotonic() + self.cfg.health.start_timeout_s
+        # Connections a previous worker left in TIME_WAIT on this port also block a
+        # bind: if the port is held before vLLM could have started, the mark is skipped.
+        watch_bind = "requested" in worker.marks and not self._port_bound(worker.port)
         while time.monotonic() < deadline:
             if worker.done.done():
                 raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
-            if "listening" not in worker.marks and await self._listening(worker):
-                worker.marks["listening"] = time.time()
-            if "listening" in worker.marks:
-                sent = time.monotonic()
-                probe = asyncio.ensure_future(self._probe(worker))
-                await asyncio.wait((probe, worker.done), return_when=asyncio.FIRST_COMPLETED)
-                if not probe.done():
-                    probe.cancel()
-                    continue  # the worker ended; said at the top of the loop
-                if probe.result():
-                    worker.marks["healthy"] = time.time()
-                    took = worker.marks["healthy"] - worker.started_at
-                    phases = describe_phases(worker.marks)
-                    self._set_state(
-                        worker, WorkerState.READY, f"healthy after {took:.1f} s" + (f": {phases}" if phases else "")
-                    )
-                    if self.on_load_result is not None:
-                        self.on_load_result(worker.model, "ready", took)
-                    return
-                if time.monotonic() - sent >= self.cfg.health.probe_timeout_s * 0.9:
-                    continue  # it waited in the backlog until its timeout: ask again at once
+            if watch_bind and "bound" not in worker.marks and self._port_bound(worker.port):
+                worker.marks["bound"] = time.time()
+            if await self._probe(worker):
+                worker.marks["healthy"] = time.time()
+                took = worker.marks["healthy"] - worker.started_at
+                phases = describe_phases(worker.marks)
+                self._set_state(
+                    worker, WorkerState.READY, f"healthy after {took:.1f} s" + (f": {phases}" if phases else "")
+                )
+                if self.on_load_result is not None:
+                    self.on_load_result(worker.model, "ready", took)
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.done), self.cfg.health.interval_s)
         reason = f"not healthy within {self.cfg.health.start_timeout_s:.0f} s (health.start_timeout_s)"
