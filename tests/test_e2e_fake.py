@@ -156,12 +156,20 @@ def test_worker_is_a_transient_unit_in_the_workers_slice(stack: Stack) -> None:
         "Type",
         "CollectMode",
         "SyslogIdentifier",
+        "LimitNOFILE",
+        "LimitNOFILESoft",
+        "MainPID",
     )
     assert props["Transient"] == "yes"
     assert props["Slice"] == "ssw-workers.slice"
     assert props["ActiveState"] == "active"
     assert props["MemoryAccounting"] == "yes" and props["CPUAccounting"] == "yes"
     assert props["CollectMode"] == "inactive-or-failed"
+    assert props["LimitNOFILE"] == props["LimitNOFILESoft"] == "65536"
+    # ... and the process really has it (the box's PIDs differ from this side's).
+    limits = stack.box.run("cat", f"/proc/{props['MainPID']}/limits").stdout
+    nofile = next(line.split()[3:5] for line in limits.splitlines() if line.startswith("Max open files"))
+    assert nofile == ["65536", "65536"]
     env = dict(item.split("=", 1) for item in props["Environment"].split())
     worker = next(w for w in stack.status()["workers"] if w["unit"] == "ssw-worker@alpha.service")
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, worker["gpus"]))

@@ -15,6 +15,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from ssw.redis_sink import RedisSink, RequestRecord
 from tests.conftest import Stack, start_stack, stop_stack
 from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, wait_for
 from tests.harness.sysbox import SysBox
@@ -139,6 +140,22 @@ def test_redis_down_costs_no_request_and_writing_resumes(stack: Stack, redis_ser
             == 200
         )
     wait_for(lambda: records(redis_server) >= 3, 15, "new records after Redis came back")
+
+
+async def test_a_long_request_ending_after_a_later_one_is_still_recorded(redis_server: RedisServer) -> None:
+    sink = RedisSink(redis_server.url, prefix="ssw-order:")
+    now = time.time()
+
+    def rec(started: float) -> RequestRecord:
+        return RequestRecord(started, "alpha", "ssw-worker@alpha.service", "interactive", 200, 1, None, 1, 1, "", False)
+
+    sink.record(rec(now))
+    assert await sink._flush()
+    sink.record(rec(now - 60))  # a stream that began a minute earlier and just ended
+    assert await sink._flush()
+    await sink.close()
+    assert (sink.written, sink.dropped) == (2, 0)
+    assert redis.Redis.from_url(redis_server.url).xlen("ssw-order:requests") == 2
 
 
 def test_prometheus_endpoints_parse_and_carry_the_series(stack: Stack) -> None:

@@ -84,6 +84,7 @@ def test_transient_properties_carry_slice_accounting_and_environment() -> None:
     assert props["TimeoutStopUSec"] == ("t", 30_000_000)
     assert props["User"] == ("s", "ssw-worker")
     assert props["MemoryMax"] == ("t", 2**30)
+    assert props["LimitNOFILE"] == props["LimitNOFILESoft"] == ("t", 65536)
     assert props["LogExtraFields"] == ("aay", [b"SSW_MODEL=m"])
 
 

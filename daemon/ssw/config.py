@@ -89,6 +89,11 @@ class WorkerSettings(_Section):
     memory_max: str | None = Field(
         default=None, description="MemoryMax of each worker unit (host RAM, e.g. '64G'); None: unlimited."
     )
+    limit_nofile: int = Field(
+        default=65536,
+        ge=1024,
+        description="LimitNOFILE of each worker unit: one descriptor per client connection, and more.",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> WorkerSettings:

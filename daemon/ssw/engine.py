@@ -110,4 +110,5 @@ def worker_unit(
         stop_timeout_s=cfg.workers.stop_timeout_s,
         memory_max_bytes=parse_size(cfg.workers.memory_max) if cfg.workers.memory_max else None,
         log_extra={"SSW_MODEL": spec.name, "SSW_REPLICA": str(replica)},
+        limit_nofile=cfg.workers.limit_nofile,
     )

@@ -118,7 +118,10 @@ class RedisSink:
         stream = self.prefix + REQUESTS_KEY
         for rec in batch:
             fields: dict[Any, Any] = rec.fields()
-            pipe.xadd(stream, fields, id=f"{int(rec.ts * 1000)}-*", maxlen=STREAM_MAXLEN, approximate=True)
+            # Redis's own ID (the time of writing): records come in the order requests
+            # end, not start, and an ID from the start time would be refused as out of
+            # order after any request that outlived a later one.
+            pipe.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
             minute = self.prefix + f"minute:{rec.model}:{time.strftime('%Y%m%d%H%M', time.gmtime(rec.ts))}"
             pipe.hincrby(minute, "requests", 1)
             if rec.status >= 400 or rec.error:

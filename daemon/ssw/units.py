@@ -78,6 +78,7 @@ class WorkerUnit:
     stop_timeout_s: int
     memory_max_bytes: int | None
     log_extra: dict[str, str]
+    limit_nofile: int = 65536
 
     def properties(self) -> list[tuple[str, tuple[str, object]]]:
         """The a(sv) list for StartTransientUnit."""
@@ -100,6 +101,10 @@ class WorkerUnit:
             ("KillMode", ("s", "mixed")),
             ("TimeoutStopUSec", ("t", self.stop_timeout_s * 1_000_000)),
             ("WorkingDirectory", ("s", "/")),
+            # A descriptor per client connection: at the service default (1024) vLLM
+            # fails requests once about a thousand are in flight.
+            ("LimitNOFILE", ("t", self.limit_nofile)),
+            ("LimitNOFILESoft", ("t", self.limit_nofile)),
             # journald wants raw field bytes here.
             ("LogExtraFields", ("aay", [f"{k}={v}".encode() for k, v in sorted(self.log_extra.items())])),
         ]
