@@ -192,6 +192,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "A = straight to the worker, B = through the gateway; all processes share "
             f"this machine's {os.cpu_count()} cores, so the gateway's CPU use shows in B."
         )
+        if args.warmup:
+            # Not counted: first requests pay for connection set-up and, on vLLM,
+            # for compiling each new batch shape, which would land in one side only.
+            for label, url in (("A", direct), ("B", gateway)):
+                saved, args.requests = args.requests, args.warmup
+                await run_load(args, url, max(levels), f"warm-up {label}")
+                args.requests = saved
         for c in levels:
             rounds: dict[str, list[dict[str, Any]]] = {"A": [], "B": []}
             for _ in range(args.rounds):
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=100, help="requests per level (and per A/B round)")
     p.add_argument("--duration", type=float, help="seconds per level instead of a request count")
     p.add_argument("--rounds", type=int, default=3, help="A/B rounds per level")
+    p.add_argument("--warmup", type=int, default=0, help="A/B: requests sent to each side first, not counted")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     p.add_argument("--prompt-words", type=int, default=32)
