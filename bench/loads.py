@@ -179,7 +179,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         stack = Stack(session, args)
         if args.cold:
-            await stack.unload(args.cold)
+            # From nothing: neither model loaded, so the cold load evicts nobody.
+            for model in (args.cold, args.swap):
+                if model:
+                    await stack.unload(model)
             report["cold"] = await timed_load(stack, args.cold)
             show("cold load", report["cold"])
         if args.swap:

@@ -182,7 +182,13 @@ def show(result: dict[str, Any]) -> None:
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in str(args.concurrency).split(",")]
-    out: dict[str, Any] = {"args": vars(args), "machine": {"cpus": os.cpu_count()}, "runs": []}
+    # The results are meant to be kept and shared: no key or header value in them.
+    shown = {
+        **vars(args),
+        "api_key": "<redacted>" if args.api_key else "",
+        "header": [h.split(":", 1)[0] for h in args.header],
+    }
+    out: dict[str, Any] = {"args": shown, "machine": {"cpus": os.cpu_count()}, "runs": []}
     if args.ab:
         direct, gateway = args.ab
         if direct == "worker":

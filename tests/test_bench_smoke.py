@@ -65,6 +65,18 @@ def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_loadtest_results_carry_no_key(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    secret = "sk-never-in-results"
+    result = loadtest(
+        "--url", stack.public, "--model", "alpha", "--requests", "2", "--concurrency", "1",
+        "--api-key", secret, "--header", f"X-Token:{secret}", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert secret not in text and json.loads(text)["args"]["api_key"] == "<redacted>"
+
+
 def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "ab.json"
     result = loadtest(
