@@ -21,7 +21,15 @@ pytestmark = pytest.mark.systemd
 def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
     # cold and swap fit on GPU 1 only one at a time, so loading swap evicts cold.
     slow = {"path": "fake-b", "vram_gb": 30, "gpus": [1], "env": {"SSW_FAKE_LOAD_DELAY": "0.5"}}
-    models = {"alpha": {"path": "fake-a", "vram_gb": 2, "gpus": [0]}, "cold": slow, "swap": slow}
+    # paced: the demo's bench-fake-paced, run as the demo runs it (models.yaml's python).
+    paced = {
+        "path": "fake-a",
+        "vram_gb": 1,
+        "gpus": [0],
+        "python": str(REPO / "tests/harness/fake-python"),
+        "env": {"SSW_FAKE_TPS": "500"},
+    }
+    models = {"alpha": {"path": "fake-a", "vram_gb": 2, "gpus": [0]}, "cold": slow, "swap": slow, "paced": paced}
     s = start_stack(sysbox, WORK_ROOT / f"bench-{id(sysbox)}", models_root, models, "fake")
     assert http("POST", s.admin + "/load", {"model": "alpha"})[0] == 200
     yield s
@@ -63,6 +71,25 @@ def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> 
     assert [(r["concurrency"], r["ok"], r["errors"]) for r in runs] == [(1, 20, {}), (4, 20, {})]
     assert all(r["output_tokens_per_s"] > 0 and r["ttft_ms"]["p50"] is not None for r in runs)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_paced_fake_engine_streams_token_by_token(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "paced.json"
+    result = loadtest(
+        "--ab", "worker", stack.public, "--admin", stack.admin, "--admin-token-file", str(stack.dir / "admin.token"),
+        "--model", "paced", "--concurrency", "2", "--requests", "4", "--rounds", "1", "--warmup", "2",
+        "--stream", "--max-tokens", "10", "--json", str(out),
+    )  # fmt: skip
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    # 500 tokens/s: about 2 ms between tokens, on both sides of the gateway.
+    for side in ("A", "B"):
+        itl = run["rounds"][side][0]["itl_ms"]["p50"]
+        assert 1.0 <= itl <= 50, (side, itl)
+    unit = next(w["unit"] for w in stack.status()["workers"] if w["model"] == "paced")
+    argv = stack.unit_show(unit, "ExecStart")["ExecStart"]
+    assert "tests/harness/fake-python" in argv
 
 
 def test_loadtest_results_carry_no_key(stack: Stack, tmp_path: Path) -> None:
