@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import admin_api
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 MiB = 2**20
 
@@ -39,11 +41,8 @@ MiB = 2**20
 async def footprint(session: aiohttp.ClientSession, metrics_url: str) -> dict[str, float]:
     async with session.get(metrics_url) as resp:
         text = await resp.text()
-    found: dict[str, float] = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("process_resident_memory_bytes", "process_open_fds"):
-            found[name] = float(value)
+    wanted = ("process_resident_memory_bytes", "process_open_fds")
+    found = {f.name: f.samples[0].value for f in text_string_to_metric_families(text) if f.name in wanted and f.samples}
     if len(found) != 2:
         sys.exit(f"gateway_memory: {metrics_url} has no process_resident_memory_bytes/process_open_fds")
     return {"rss_bytes": found["process_resident_memory_bytes"], "open_fds": found["process_open_fds"]}
@@ -112,8 +111,9 @@ async def connections(session: aiohttp.ClientSession, args: argparse.Namespace) 
 
 
 async def waiters(session: aiohttp.ClientSession, args: argparse.Namespace) -> dict[str, Any]:
-    admin = {"Authorization": f"Bearer {args.admin_token}"} if args.admin_token else {}
-    async with session.post(args.admin + "/unload", json={"model": args.waiters_model}, headers=admin) as resp:
+    async with session.post(
+        args.admin + "/unload", json={"model": args.waiters_model}, headers=args.admin_headers
+    ) as resp:
         if resp.status not in (200, 404):
             sys.exit(f"gateway_memory: unloading {args.waiters_model}: HTTP {resp.status}")
     before = await settle(session, args.metrics)
@@ -175,8 +175,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
     p.add_argument("--metrics", default="http://127.0.0.1:8002/metrics", help="the gateway's Prometheus endpoint")
     p.add_argument("--api-key", default="")
-    p.add_argument("--admin", default="http://127.0.0.1:8001", help="the loader's admin API (to unload)")
-    p.add_argument("--admin-token-file", default="/var/lib/ssw/admin.token", help="'' when the admin API is open")
+    admin_api.add_arguments(p, "to unload")
     p.add_argument("--connections", type=int, default=10000, help="idle keep-alive connections (0: skip)")
     p.add_argument("--batch", type=int, default=500, help="connections opened at once")
     p.add_argument("--waiters", type=int, default=1000, help="requests waiting for one load (0: skip)")
@@ -188,7 +187,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 if __name__ == "__main__":
     options = parse(sys.argv[1:])
-    options.admin_token = Path(options.admin_token_file).read_text().strip() if options.admin_token_file else ""
+    options.admin_headers = admin_api.headers(options)
     # One descriptor per connection, on this side too.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = options.connections + options.waiters + 256

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import admin_api
 import aiohttp
 
 WAIT = {"X-SSW-Wait": "true"}
@@ -46,8 +47,7 @@ class Stack:
         self.admin = args.admin.rstrip("/")
         self.max_tokens = args.max_tokens
         self.public_headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        token = Path(args.admin_token_file).read_text().strip() if args.admin_token_file else ""
-        self.admin_headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.admin_headers: dict[str, str] = args.admin_headers
 
     async def admin_call(
         self, method: str, path: str, body: dict[str, Any] | None = None, ok: tuple[int, ...] = ()
@@ -219,8 +219,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
     p.add_argument("--api-key", default="", help="a key for the gateway (none: auth is off)")
-    p.add_argument("--admin", default="http://127.0.0.1:8001", help="the loader's admin API")
-    p.add_argument("--admin-token-file", default="/var/lib/ssw/admin.token", help="'' when the admin API is open")
+    admin_api.add_arguments(p, "to load, unload and read the marks")
     p.add_argument("--cold", help="model to load from nothing")
     p.add_argument("--swap", help="model that fits only by evicting --cold")
     p.add_argument("--waiters", type=int, default=0, help="clients waiting on one load")
@@ -233,6 +232,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 if __name__ == "__main__":
     options = parse(sys.argv[1:])
+    options.admin_headers = admin_api.headers(options)
     result = asyncio.run(main(options))
     if options.json:
         Path(options.json).write_text(json.dumps(result, indent=2) + "\n")

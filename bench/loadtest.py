@@ -23,9 +23,9 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+import admin_api
 import aiohttp
 
 PERCENTILES = (0.5, 0.95, 0.99)
@@ -184,7 +184,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     levels = [int(c) for c in str(args.concurrency).split(",")]
     # The results are meant to be kept and shared: no key or header value in them.
     shown = {
-        **vars(args),
+        **{k: v for k, v in vars(args).items() if k != "admin_headers"},
         "api_key": "<redacted>" if args.api_key else "",
         "header": [h.split(":", 1)[0] for h in args.header],
     }
@@ -228,12 +228,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 async def worker_url(args: argparse.Namespace) -> str:
     """The model's worker, loaded if it is not, from the loader's admin API."""
-    # A small local file, read once before any load runs.
-    token = Path(args.admin_token_file).read_text().strip() if args.admin_token_file else ""  # noqa: ASYNC240
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    load = {"model": args.model, "wait": True}
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as session,
-        session.post(args.admin + "/load", json={"model": args.model, "wait": True}, headers=headers) as resp,
+        session.post(args.admin + "/load", json=load, headers=args.admin_headers) as resp,
     ):
         body = await resp.json(content_type=None)
         if resp.status != 200:
@@ -286,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("DIRECT", "GATEWAY"),
         help="alternate two base URLs; DIRECT 'worker': the model's worker, found (and loaded) through --admin",
     )
-    p.add_argument("--admin", default="http://127.0.0.1:8001", help="the loader's admin API (for --ab worker)")
-    p.add_argument("--admin-token-file", default="/var/lib/ssw/admin.token", help="'' when the admin API is open")
+    admin_api.add_arguments(p, "for --ab worker")
     p.add_argument("--model", required=True, help="model or alias; a comma list is a mix")
     p.add_argument("--concurrency", default="8", help="one level, or a comma list for a sweep")
     p.add_argument("--requests", type=int, default=100, help="requests per level (and per A/B round)")
@@ -306,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", help="write a PNG of throughput and latency against concurrency")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    args.admin_headers = admin_api.headers(args) if args.ab and args.ab[0] == "worker" else {}
     result = asyncio.run(main_async(args))
     if args.json:
         with open(args.json, "w") as f:

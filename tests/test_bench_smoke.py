@@ -36,14 +36,19 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
     stop_stack(s)
 
 
-def loadtest(*args: str) -> subprocess.CompletedProcess[str]:
+def bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(REPO / "bench/loadtest.py"), "--quiet", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+        [sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
+
+
+def loadtest(*args: str) -> subprocess.CompletedProcess[str]:
+    return bench("loadtest.py", "--quiet", *args)
+
+
+def admin(stack: Stack) -> list[str]:
+    """Where the scripts find the stack's admin API, and its token."""
+    return ["--admin", stack.admin, "--admin-token-file", str(stack.dir / "admin.token")]
 
 
 def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> None:
@@ -76,7 +81,7 @@ def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> 
 def test_a_paced_fake_engine_streams_token_by_token(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "paced.json"
     result = loadtest(
-        "--ab", "worker", stack.public, "--admin", stack.admin, "--admin-token-file", str(stack.dir / "admin.token"),
+        "--ab", "worker", stack.public, *admin(stack),
         "--model", "paced", "--concurrency", "2", "--requests", "4", "--rounds", "1", "--warmup", "2",
         "--stream", "--max-tokens", "10", "--json", str(out),
     )  # fmt: skip
@@ -110,10 +115,7 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
         "--ab",
         "worker",  # found through the admin API
         stack.public,
-        "--admin",
-        stack.admin,
-        "--admin-token-file",
-        str(stack.dir / "admin.token"),
+        *admin(stack),
         "--model",
         "alpha",
         "--concurrency",
@@ -131,6 +133,7 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
     assert f"A: alpha's worker at {worker['url']}" in result.stdout
+    assert (stack.dir / "admin.token").read_text().strip() not in out.read_text()
     run = json.loads(out.read_text())["runs"][0]
     assert len(run["rounds"]["A"]) == len(run["rounds"]["B"]) == 2
     assert run["throughput_ratio"] > 0 and "added_p50_ms" in run
@@ -138,29 +141,19 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
 
 def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "loads.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench/loads.py"),
-            "--url",
-            stack.public,
-            "--admin",
-            stack.admin,
-            "--admin-token-file",
-            str(stack.dir / "admin.token"),
-            "--cold",
-            "cold",
-            "--swap",
-            "swap",
-            "--waiters",
-            "50",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+    result = bench(
+        "loads.py",
+        "--url",
+        stack.public,
+        *admin(stack),
+        "--cold",
+        "cold",
+        "--swap",
+        "swap",
+        "--waiters",
+        "50",
+        "--json",
+        str(out),
     )
     print(result.stdout)
     assert result.returncode == 0, result.stderr
@@ -187,33 +180,23 @@ def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path
 
 def test_gateway_memory_bench_holds_connections_and_waiters(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench/gateway_memory.py"),
-            "--url",
-            stack.public,
-            "--metrics",
-            stack.gateway_metrics + "/metrics",
-            "--admin",
-            stack.admin,
-            "--admin-token-file",
-            str(stack.dir / "admin.token"),
-            "--connections",
-            "300",
-            "--batch",
-            "100",
-            "--waiters",
-            "40",
-            "--waiters-model",
-            "swap",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
+    result = bench(
+        "gateway_memory.py",
+        "--url",
+        stack.public,
+        "--metrics",
+        stack.gateway_metrics + "/metrics",
+        *admin(stack),
+        "--connections",
+        "300",
+        "--batch",
+        "100",
+        "--waiters",
+        "40",
+        "--waiters-model",
+        "swap",
+        "--json",
+        str(out),
     )
     print(result.stdout)
     assert result.returncode == 0, result.stderr
@@ -229,25 +212,19 @@ def test_gateway_memory_bench_holds_connections_and_waiters(stack: Stack, tmp_pa
 
 def test_control_plane_bench_runs(tmp_path: Path) -> None:
     out = tmp_path / "cp.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench/control_plane.py"),
-            "--models",
-            "50",
-            "--gpus",
-            "8",
-            "--residents",
-            "100",
-            "--decisions",
-            "200",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    result = bench(
+        "control_plane.py",
+        "--models",
+        "50",
+        "--gpus",
+        "8",
+        "--residents",
+        "100",
+        "--decisions",
+        "200",
+        "--json",
+        str(out),
         timeout=120,
-        cwd=REPO,
     )
     print(result.stdout)
     assert result.returncode == 0, result.stderr

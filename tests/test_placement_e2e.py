@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, wait_for
+from tests.harness.stack import WORK_ROOT, http, http_in_background, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -114,20 +114,13 @@ def test_eviction_lets_a_stream_in_progress_finish(stack: Stack) -> None:
     for model in ("s1", "s2"):
         assert http("POST", stack.admin + "/load", {"model": model})[0] == 200
     assert {w["gpus"][0] for w in workers(stack).values() if w["model"] in ("s1", "s2")} == {1}
-    result: dict[str, Any] = {}
-
-    def stream() -> None:
-        # s1 generates 10 tokens per second: this stream takes 3 s.
-        status, _, body = http(
-            "POST",
-            stack.public + "/v1/chat/completions",
-            {"model": "s1", "messages": CHAT, "max_tokens": 30, "stream": True},
-            timeout=60,
-        )
-        result["status"], result["body"] = status, body
-
-    reader = threading.Thread(target=stream)
-    reader.start()
+    # s1 generates 10 tokens per second: this stream takes 3 s.
+    reader, result = http_in_background(
+        "POST",
+        stack.public + "/v1/chat/completions",
+        {"model": "s1", "messages": CHAT, "max_tokens": 30, "stream": True},
+        timeout=60,
+    )
     time.sleep(0.5)
     # 'big' needs 8 GB: only GPU 1 can make room, by evicting both s1 and s2.
     status, body = chat(stack, "big")

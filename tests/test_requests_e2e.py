@@ -11,13 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, wait_for
+from tests.harness.stack import WORK_ROOT, http, http_in_background, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -196,19 +195,12 @@ def test_priority_header_is_validated_and_passed_to_vllm(stack: Stack) -> None:
 
 
 def test_gateway_sigterm_drains_in_flight_streams(stack: Stack) -> None:
-    result: dict[str, Any] = {}
-
-    def stream() -> None:
-        status, _, body = http(
-            "POST",
-            stack.public + "/v1/chat/completions",
-            {"model": "slow", "messages": CHAT, "max_tokens": 20, "stream": True},
-            timeout=30,
-        )
-        result["status"], result["body"] = status, body
-
-    reader = threading.Thread(target=stream)
-    reader.start()
+    reader, result = http_in_background(
+        "POST",
+        stack.public + "/v1/chat/completions",
+        {"model": "slow", "messages": CHAT, "max_tokens": 20, "stream": True},
+        timeout=30,
+    )
     time.sleep(0.5)
     assert stack.gateway.kill(signal.SIGTERM) == 0  # exits cleanly once the stream is done
     reader.join(30)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -84,6 +85,19 @@ def http(
         return status, hdrs, json.loads(raw)
     except ValueError:
         return status, hdrs, raw.decode(errors="replace")
+
+
+def http_in_background(method: str, url: str, body: Any, timeout: float) -> tuple[threading.Thread, dict[str, Any]]:
+    """A request on its own thread (a stream to interrupt, drain or evict under);
+    the dict gets its status and body when it ends."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        result["status"], _, result["body"] = http(method, url, body, timeout=timeout)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
