@@ -104,8 +104,8 @@ PHASES = (
 
 
 def load_phases(marks: dict[str, float]) -> dict[str, float] | None:
-    """Seconds spent in each phase of a load (None for a phase not reached); None for an
-    adopted worker, whose load this loader did not see."""
+    """Seconds spent in each phase of a load, up to the last one reached ("total" once
+    healthy); None for an adopted worker, whose load this loader did not see."""
     start = marks.get("requested")
     if start is None:
         return None
@@ -389,14 +389,8 @@ class WorkerManager:
             # As servers bind (SO_REUSEADDR), a port a stopped worker left in TIME_WAIT
             # is free too; a clean one is preferred, since it shows when vLLM binds it.
             # A port some other process holds would make vLLM fail after a long start.
-            if reusable is None:
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    try:
-                        s.bind(("127.0.0.1", port))
-                        reusable = port
-                    except OSError:
-                        pass
+            if reusable is None and not self._port_bound(port, as_server=True):
+                reusable = port
         if reusable is not None:
             return reusable
         raise SswError(
@@ -530,12 +524,16 @@ class WorkerManager:
             return False
 
     @staticmethod
-    def _port_bound(port: int) -> bool:
-        """Whether some socket holds the port. vLLM binds its port once its imports are
-        done but listens only when the engine is up, so a connection cannot tell."""
+    def _port_bound(port: int, as_server: bool = False) -> bool:
+        """Whether some socket holds the port: any socket at all, even a connection in
+        TIME_WAIT; or, as_server, one that would keep a server (SO_REUSEADDR) from
+        binding it. vLLM binds its port once its imports are done but listens only
+        when the engine is up, so a connection attempt cannot tell."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if as_server:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: any holder makes this fail
+                s.bind(("127.0.0.1", port))
             except OSError:
                 return True
         return False
