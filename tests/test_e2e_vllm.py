@@ -98,32 +98,43 @@ def test_worker_unit_is_transient_in_the_slice_with_accounting_and_journal(stack
     assert "Application startup complete" in journal
 
 
-def running_requests(worker_url: str) -> float:
+def vllm_metric(worker_url: str, name: str) -> float:
     _, _, text = http("GET", worker_url + "/metrics")
-    values = [
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:num_requests_running")
-    ]
-    assert values, "vLLM exports vllm:num_requests_running"
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    assert values, f"vLLM exports {name}"
     return sum(values)
 
 
 def test_a_client_leaving_mid_stream_aborts_the_request_in_vllm(stack: Stack) -> None:
     worker = next(w for w in stack.status()["workers"] if w["unit"] == UNIT)
+    n, max_tokens = 4, 900
+    before = vllm_metric(worker["url"], "vllm:generation_tokens_total")
 
     async def leave_mid_stream() -> None:
         async with aiohttp.ClientSession() as session:
-            # Four long sequences, so the request is still generating when the client leaves.
             resp = await session.post(
                 stack.public + "/v1/chat/completions",
-                json={"model": "tiny", "messages": CHAT, "max_tokens": 900, "n": 4, "stream": True, "ignore_eos": True},
+                json={
+                    "model": "tiny",
+                    "messages": CHAT,
+                    "max_tokens": max_tokens,
+                    "n": n,
+                    "stream": True,
+                    "ignore_eos": True,
+                },
             )
             for _ in range(3):
                 await resp.content.readline()
-            await asyncio.to_thread(wait_for, lambda: running_requests(worker["url"]) >= 1, 10, "vLLM running it")
             resp.close()
 
     asyncio.run(leave_mid_stream())
-    wait_for(lambda: running_requests(worker["url"]) == 0, 10, "vLLM to abort the request")
+    # vLLM records an iteration's stats before its tokens reach any client, so
+    # the request counted as running before we left; zero now means it is gone.
+    wait_for(lambda: vllm_metric(worker["url"], "vllm:num_requests_running") == 0, 30, "vLLM to drop the request")
+    generated = vllm_metric(worker["url"], "vllm:generation_tokens_total") - before
+    print(f"vLLM generated {generated:.0f} of {n * max_tokens} tokens before the abort")
+    # Run to the end it would have generated exactly n * max_tokens (ignore_eos).
+    assert 0 < generated < n * max_tokens
 
 
 def test_gateway_and_loader_restarts_keep_the_model_loaded(stack: Stack, client: openai.OpenAI) -> None:
