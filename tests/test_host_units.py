@@ -92,7 +92,7 @@ def test_restarting_the_services_keeps_the_worker(host: tuple[SysBox, str, str])
     # Type=notify: restart returns once READY=1 came, i.e. after adoption.
     workers = http("GET", admin + "/status")[2]["workers"]
     assert [(w["unit"], w["adopted"], w["state"]) for w in workers] == [("ssw-worker@alpha.service", True, "ready")]
-    wait_for(lambda: http("POST", public + "/v1/chat/completions", CHAT)[0] == 200, 10, "the gateway")
+    wait_for(lambda: http("POST", public + "/v1/chat/completions", CHAT)[0] == 200, 30, "the gateway")
     assert show(box, "ssw-worker@alpha.service", "MainPID")["MainPID"] == pid
 
 

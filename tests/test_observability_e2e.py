@@ -88,7 +88,7 @@ def test_stats_match_what_was_sent(stack: Stack, redis_server: RedisServer) -> N
     assert '"usage"' in body  # asked for by the client: kept
     for _ in range(3):
         assert http("POST", url, {"model": "nope", "messages": CHAT})[0] == 404
-    wait_for(lambda: records(redis_server) >= 18, 10, "the records in Redis")
+    wait_for(lambda: records(redis_server) >= 18, 30, "the records in Redis")
 
     stats = http("GET", stack.admin + "/stats?window=5m")[2]
     alpha = stats["models"]["alpha"]
@@ -193,7 +193,7 @@ def test_prometheus_endpoints_parse_and_carry_the_series(stack: Stack) -> None:
 
 def test_gpu_samples_reach_status_and_redis(stack: Stack, redis_server: RedisServer) -> None:
     r = redis.Redis.from_url(redis_server.url)
-    wait_for(lambda: r.xlen("ssw:gpu:0") > 0, 10, "GPU samples in Redis")
+    wait_for(lambda: r.xlen("ssw:gpu:0") > 0, 30, "GPU samples in Redis")
     sample: dict[Any, Any] = r.xrevrange("ssw:gpu:0", count=1)[0][1]
     assert int(sample[b"memory_total_bytes"]) == 48 * 10**9
     gpu0 = stack.status()["gpus"][0]

@@ -158,12 +158,12 @@ def test_a_client_that_disconnects_mid_stream_aborts_the_upstream_request(stack:
             resp.close()
 
     asyncio.run(read_two_chunks_and_leave())
-    wait_for(lambda: http("GET", stats_url)[2] == {"running": 0, "aborted": 1}, 5, "the worker to see the abort")
+    wait_for(lambda: http("GET", stats_url)[2] == {"running": 0, "aborted": 1}, 20, "the worker to see the abort")
     for _ in range(5):
         asyncio.run(leave_before_the_first_byte())
     # Nothing is left open in the gateway, whenever the client left.
-    wait_for(lambda: http("GET", stack.public + "/health")[2]["requests_in_flight"] == 0, 5, "the gateway to let go")
-    wait_for(lambda: http("GET", stats_url)[2]["running"] == 0, 5, "the worker to see every abort")
+    wait_for(lambda: http("GET", stack.public + "/health")[2]["requests_in_flight"] == 0, 20, "the gateway to let go")
+    wait_for(lambda: http("GET", stats_url)[2]["running"] == 0, 20, "the worker to see every abort")
 
 
 def test_fallback_serves_when_the_model_cannot_and_says_so(stack: Stack) -> None:
