@@ -36,13 +36,17 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
     stop_stack(s)
 
 
-def bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+def bench(script: str, *args: str, timeout: float = 300) -> str:
+    """Runs a bench script to success and gives back what it printed."""
+    result = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
-def loadtest(*args: str) -> subprocess.CompletedProcess[str]:
+def loadtest(*args: str) -> str:
     return bench("loadtest.py", "--quiet", *args)
 
 
@@ -53,7 +57,7 @@ def admin(stack: Stack) -> list[str]:
 
 def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> None:
     out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
-    result = loadtest(
+    loadtest(
         "--plot",
         str(png),
         "--url",
@@ -70,8 +74,6 @@ def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> 
         "--json",
         str(out),
     )
-    print(result.stdout)
-    assert result.returncode == 0, result.stderr
     runs = json.loads(out.read_text())["runs"]
     assert [(r["concurrency"], r["ok"], r["errors"]) for r in runs] == [(1, 20, {}), (4, 20, {})]
     assert all(r["output_tokens_per_s"] > 0 and r["ttft_ms"]["p50"] is not None for r in runs)
@@ -80,13 +82,11 @@ def test_loadtest_sweep_writes_json_and_a_plot(stack: Stack, tmp_path: Path) -> 
 
 def test_a_paced_fake_engine_streams_token_by_token(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "paced.json"
-    result = loadtest(
+    loadtest(
         "--ab", "worker", stack.public, *admin(stack),
         "--model", "paced", "--concurrency", "2", "--requests", "4", "--rounds", "1", "--warmup", "2",
         "--stream", "--max-tokens", "10", "--json", str(out),
     )  # fmt: skip
-    print(result.stdout)
-    assert result.returncode == 0, result.stderr
     run = json.loads(out.read_text())["runs"][0]
     # 500 tokens/s: about 2 ms between tokens, on both sides of the gateway.
     for side in ("A", "B"):
@@ -100,18 +100,17 @@ def test_a_paced_fake_engine_streams_token_by_token(stack: Stack, tmp_path: Path
 def test_loadtest_results_carry_no_key(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "run.json"
     secret = "sk-never-in-results"
-    result = loadtest(
+    loadtest(
         "--url", stack.public, "--model", "alpha", "--requests", "2", "--concurrency", "1",
         "--api-key", secret, "--header", f"X-Token:{secret}", "--json", str(out),
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     text = out.read_text()
     assert secret not in text and json.loads(text)["args"]["api_key"] == "<redacted>"
 
 
 def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "ab.json"
-    result = loadtest(
+    stdout = loadtest(
         "--ab",
         "worker",  # found through the admin API
         stack.public,
@@ -129,10 +128,8 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
         "--json",
         str(out),
     )
-    print(result.stdout)
-    assert result.returncode == 0, result.stderr
     worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
-    assert f"A: alpha's worker at {worker['url']}" in result.stdout
+    assert f"A: alpha's worker at {worker['url']}" in stdout
     assert (stack.dir / "admin.token").read_text().strip() not in out.read_text()
     run = json.loads(out.read_text())["runs"][0]
     assert len(run["rounds"]["A"]) == len(run["rounds"]["B"]) == 2
@@ -141,7 +138,7 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
 
 def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "loads.json"
-    result = bench(
+    bench(
         "loads.py",
         "--url",
         stack.public,
@@ -155,8 +152,6 @@ def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path
         "--json",
         str(out),
     )
-    print(result.stdout)
-    assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     for step in ("cold", "swap"):
         phases = figures[step]["phases_s"]
@@ -180,7 +175,7 @@ def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path
 
 def test_gateway_memory_bench_holds_connections_and_waiters(stack: Stack, tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
-    result = bench(
+    bench(
         "gateway_memory.py",
         "--url",
         stack.public,
@@ -198,8 +193,6 @@ def test_gateway_memory_bench_holds_connections_and_waiters(stack: Stack, tmp_pa
         "--json",
         str(out),
     )
-    print(result.stdout)
-    assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     conns = figures["connections"]
     assert (conns["held"], conns["errors"]) == (300, {})
@@ -212,7 +205,7 @@ def test_gateway_memory_bench_holds_connections_and_waiters(stack: Stack, tmp_pa
 
 def test_control_plane_bench_runs(tmp_path: Path) -> None:
     out = tmp_path / "cp.json"
-    result = bench(
+    bench(
         "control_plane.py",
         "--models",
         "50",
@@ -226,8 +219,6 @@ def test_control_plane_bench_runs(tmp_path: Path) -> None:
         str(out),
         timeout=120,
     )
-    print(result.stdout)
-    assert result.returncode == 0, result.stderr
     figures = json.loads(out.read_text())
     assert figures["scan"]["models"] == 50 and figures["placement"]["residents"] == 100
     assert figures["placement"]["decisions"] == 200
