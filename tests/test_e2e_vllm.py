@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, start_stack, stop_stack
 from tests.harness.stack import WORK_ROOT, http, port_open, wait_for
@@ -99,8 +100,8 @@ def test_worker_unit_is_transient_in_the_slice_with_accounting_and_journal(stack
 
 
 def vllm_metric(worker_url: str, name: str) -> float:
-    _, _, text = http("GET", worker_url + "/metrics")
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    families = text_string_to_metric_families(http("GET", worker_url + "/metrics")[2])
+    values = [sample.value for family in families for sample in family.samples if sample.name == name]
     assert values, f"vLLM exports {name}"
     return sum(values)
 
