@@ -18,7 +18,6 @@ from tests.harness.stack import (
     WORK_ROOT,
     Role,
     free_port,
-    free_port_range,
     http,
     wait_for,
     write_config,
@@ -76,7 +75,8 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="module")
 def sysbox() -> Iterator[SysBox]:
-    box = SysBox.boot()
+    # The tests' work root is shared with the host: worker sockets, models, configs.
+    box = SysBox.boot(share=(WORK_ROOT,))
     yield box
     box.stop()
 
@@ -125,7 +125,6 @@ def start_stack(
         engine=engine,
         public_port=public_port,
         admin_port=admin_port,
-        ports=free_port_range(20),
         extra=extra,
         **({"redis_url": redis_url} if redis_url else {}),
     )
@@ -139,9 +138,14 @@ def start_stack(
 
 
 def stop_stack(stack: Stack) -> None:
+    """Stop both roles; a Traceback in either's log fails the test module: the
+    roles never log one for anything but a bug."""
     stack.gateway.stop()
     stack.loader.stop()
+    broken = []
     for role in (stack.loader, stack.gateway):
         log = role.log()
         if "Traceback" in log:
             print(f"--- {role.role} log ---\n{log}")
+            broken.append(role.role)
+    assert not broken, f"Traceback in the log of: {', '.join(broken)} (printed above)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, http, port_open, wait_for
+from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, http, socket_open, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -32,7 +33,9 @@ CHAT = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
-    s = start_stack(sysbox, WORK_ROOT / f"fake-stack-{id(sysbox)}", models_root, MODELS, "fake")
+    # The SSW platform's contract for models that are not loaded: 202 and Retry-After.
+    extra = {"gateway": {"not_loaded": "accept"}}
+    s = start_stack(sysbox, WORK_ROOT / f"fake-stack-{id(sysbox)}", models_root, MODELS, "fake", extra)
     yield s
     stop_stack(s)
 
@@ -138,8 +141,10 @@ def test_a_failed_load_is_a_503_with_the_reason(stack: Stack) -> None:
     assert status == 503
     assert body["error"]["code"] == "load_failed"
     assert "ssw-worker@broken.service" in body["error"]["message"]
-    entry = stack.status()["models"]["broken"]
-    assert entry["loading"] is False and "ssw-worker@broken.service" in entry["last_error"]
+    load = stack.status()["models"]["broken"]["load"]
+    # Not its host's fault: refused for a while instead of being retried by every request.
+    assert load["state"] == "cooling_down" and load["deadline"] > time.time()
+    assert "ssw-worker@broken.service" in load["last_error"]
     assert not any(w["model"] == "broken" for w in stack.status()["workers"])
 
 
@@ -181,7 +186,7 @@ def test_worker_is_a_transient_unit_in_the_workers_slice(stack: Stack) -> None:
     worker = next(w for w in stack.status()["workers"] if w["unit"] == "ssw-worker@alpha.service")
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, worker["gpus"]))
     assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-    assert env["SSW_MODEL"] == "alpha" and env["SSW_PORT"] == str(worker["port"])
+    assert env["SSW_MODEL"] == "alpha" and env["SSW_SOCKET"] == worker["socket"]
     journal = stack.box.run("journalctl", "-u", "ssw-worker@alpha.service", "--no-pager", "-o", "cat").stdout
     assert "fake engine for" in journal
     lines = http("GET", stack.admin + "/logs/light?lines=20")[2]["lines"]
@@ -213,13 +218,14 @@ def test_loader_killed_and_restarted_adopts_the_worker(stack: Stack, client: ope
     assert stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"] == pid
 
 
-def test_unload_stops_the_unit_and_frees_its_port(stack: Stack) -> None:
+def test_unload_stops_the_unit_and_removes_its_socket(stack: Stack) -> None:
+    wait_for(lambda: ready(stack, "alpha") or http("POST", stack.admin + "/load", {"model": "alpha"}), 30, "alpha")
     worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
-    assert port_open(worker["port"])
+    assert socket_open(worker["socket"])
     status, _, body = http("POST", stack.admin + "/unload", {"model": "light"})
     assert status == 200 and body["stopped"] == ["ssw-worker@alpha.service"]
     assert stack.box.systemctl("is-active", "ssw-worker@alpha.service").stdout.strip() == "inactive"
-    assert not port_open(worker["port"])
+    assert not Path(worker["socket"]).exists()
     assert not any(w["model"] == "alpha" for w in stack.status()["workers"])
 
 
@@ -241,11 +247,11 @@ def test_replicas_get_distinct_units_and_share_requests_round_robin(stack: Stack
     assert status == 200
     units = sorted(w["unit"] for w in body["workers"])
     assert units == ["ssw-worker@gamma.service", "ssw-worker@gamma:2.service"]
-    ports = set()
+    sockets = set()
     for _ in range(4):
         _, _, answer = http("POST", stack.public + "/v1/chat/completions", {"model": "gamma", "messages": CHAT})
-        ports.add(answer["ssw_echo"]["port"])
-    assert ports == {w["port"] for w in body["workers"]}
+        sockets.add(answer["ssw_echo"]["socket"])
+    assert sockets == {w["socket"] for w in body["workers"]}
     assert stack.box.systemctl("is-active", *units).stdout.split() == ["active", "active"]
     status, _, body = http("POST", stack.admin + "/unload", {"model": "gamma"})
     assert sorted(body["stopped"]) == units

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, port_open, wait_for
+from tests.harness.stack import WORK_ROOT, http, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
@@ -99,8 +99,8 @@ def test_worker_unit_is_transient_in_the_slice_with_accounting_and_journal(stack
     assert "Application startup complete" in journal
 
 
-def vllm_metric(worker_url: str, name: str) -> float:
-    families = text_string_to_metric_families(http("GET", worker_url + "/metrics")[2])
+def vllm_metric(sock: str, name: str) -> float:
+    families = text_string_to_metric_families(worker_http(sock, "GET", "/metrics")[1])
     values = [sample.value for family in families for sample in family.samples if sample.name == name]
     assert values, f"vLLM exports {name}"
     return sum(values)
@@ -109,7 +109,7 @@ def vllm_metric(worker_url: str, name: str) -> float:
 def test_a_client_leaving_mid_stream_aborts_the_request_in_vllm(stack: Stack) -> None:
     worker = next(w for w in stack.status()["workers"] if w["unit"] == UNIT)
     n, max_tokens = 4, 900
-    before = vllm_metric(worker["url"], "vllm:generation_tokens_total")
+    before = vllm_metric(worker["socket"], "vllm:generation_tokens_total")
 
     async def leave_mid_stream() -> None:
         async with aiohttp.ClientSession() as session:
@@ -131,8 +131,8 @@ def test_a_client_leaving_mid_stream_aborts_the_request_in_vllm(stack: Stack) ->
     asyncio.run(leave_mid_stream())
     # vLLM records an iteration's stats before its tokens reach any client, so
     # the request counted as running before we left; zero now means it is gone.
-    wait_for(lambda: vllm_metric(worker["url"], "vllm:num_requests_running") == 0, 30, "vLLM to drop the request")
-    generated = vllm_metric(worker["url"], "vllm:generation_tokens_total") - before
+    wait_for(lambda: vllm_metric(worker["socket"], "vllm:num_requests_running") == 0, 30, "vLLM to drop the request")
+    generated = vllm_metric(worker["socket"], "vllm:generation_tokens_total") - before
     print(f"vLLM generated {generated:.0f} of {n * max_tokens} tokens before the abort")
     # Run to the end it would have generated exactly n * max_tokens (ignore_eos).
     assert 0 < generated < n * max_tokens
@@ -153,9 +153,9 @@ def test_gateway_and_loader_restarts_keep_the_model_loaded(stack: Stack, client:
     assert stack.unit_show(UNIT, "MainPID")["MainPID"] == pid
 
 
-def test_unload_stops_the_real_worker_and_frees_its_port(stack: Stack) -> None:
+def test_unload_stops_the_real_worker_and_removes_its_socket(stack: Stack) -> None:
     worker = next(w for w in stack.status()["workers"] if w["unit"] == UNIT)
     status, _, body = http("POST", stack.admin + "/unload", {"model": "tiny"}, timeout=120)
     assert status == 200 and body["stopped"] == [UNIT]
     assert stack.box.systemctl("is-active", UNIT).stdout.strip() == "inactive"
-    assert not port_open(worker["port"])
+    assert not Path(worker["socket"]).exists()

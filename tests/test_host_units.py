@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.hostinstall import UNITS, install_units
-from tests.harness.stack import ADMIN_TOKENS, WORK_ROOT, free_port, free_port_range, http, wait_for, write_config
+from tests.harness.stack import ADMIN_TOKENS, WORK_ROOT, free_port, http, wait_for, write_config
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -32,7 +32,6 @@ def host(sysbox: SysBox, models_root: Path) -> Iterator[tuple[SysBox, str, str]]
         engine="fake",
         public_port=public,
         admin_port=admin,
-        ports=free_port_range(10),
         extra={
             # The sandboxed loader may write only its StateDirectory.
             "state_dir": "/var/lib/ssw",

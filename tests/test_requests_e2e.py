@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, http_in_background, wait_for
+from tests.harness.stack import WORK_ROOT, http, http_in_background, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -40,7 +40,10 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
-    extra = {"placement": {"restart_backoff_s": 0.5}, "gateway": {"max_waiters_per_model": WAITERS + 10}}
+    extra = {
+        "placement": {"restart_backoff_s": 0.5},
+        "gateway": {"max_waiters_per_model": WAITERS + 10, "not_loaded": "accept"},
+    }
     s = start_stack(sysbox, WORK_ROOT / f"requests-{id(sysbox)}", models_root, MODELS, "fake", extra)
     yield s
     stop_stack(s)
@@ -61,7 +64,7 @@ def test_202_then_an_honest_retry_after_once_the_load_time_is_known(stack: Stack
     status, headers, _ = http("POST", url, {"model": "crowd", "messages": CHAT})
     print(f"measured load {load_s:.1f} s; Retry-After {headers['retry-after']}")
     assert status == 202 and 1 <= int(headers["retry-after"]) <= round(load_s) + 1
-    wait_for(lambda: stack.status()["models"]["crowd"]["loading"] is False, 30, "the load to finish")
+    wait_for(lambda: stack.status()["models"]["crowd"]["load"]["state"] == "idle", 30, "the load to finish")
     http("POST", stack.admin + "/unload", {"model": "crowd"})
 
 
@@ -137,7 +140,9 @@ def test_a_replica_killed_under_steady_load_loses_no_request(stack: Stack) -> No
 def test_a_client_that_disconnects_mid_stream_aborts_the_upstream_request(stack: Stack) -> None:
     assert http("POST", stack.admin + "/load", {"model": "slow"})[0] == 200
     worker = next(w for w in stack.status()["workers"] if w["model"] == "slow")
-    stats_url = worker["url"] + "/ssw-fake/stats"
+
+    def stats() -> dict[str, int]:
+        return worker_http(worker["socket"], "GET", "/ssw-fake/stats")[1]
 
     async def read_two_chunks_and_leave() -> None:
         async with aiohttp.ClientSession() as session:
@@ -158,12 +163,12 @@ def test_a_client_that_disconnects_mid_stream_aborts_the_upstream_request(stack:
             resp.close()
 
     asyncio.run(read_two_chunks_and_leave())
-    wait_for(lambda: http("GET", stats_url)[2] == {"running": 0, "aborted": 1}, 20, "the worker to see the abort")
+    wait_for(lambda: stats() == {"running": 0, "aborted": 1}, 20, "the worker to see the abort")
     for _ in range(5):
         asyncio.run(leave_before_the_first_byte())
     # Nothing is left open in the gateway, whenever the client left.
     wait_for(lambda: http("GET", stack.public + "/health")[2]["requests_in_flight"] == 0, 20, "the gateway to let go")
-    wait_for(lambda: http("GET", stats_url)[2]["running"] == 0, 20, "the worker to see every abort")
+    wait_for(lambda: stats()["running"] == 0, 20, "the worker to see every abort")
 
 
 def test_fallback_serves_when_the_model_cannot_and_says_so(stack: Stack) -> None:

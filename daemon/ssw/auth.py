@@ -40,12 +40,16 @@ class Forbidden(SswError):
     code = "model_not_allowed"
 
 
+NOT_LOADED_MODES = ("wait", "accept", "unavailable")
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
     digest: str
     models: tuple[str, ...] | None  # None: every model
     max_in_flight: int | None = None
+    not_loaded: str | None = None  # None: gateway.not_loaded
 
 
 def digest(secret: str) -> str:
@@ -84,11 +88,15 @@ def read_keys(path: Path) -> dict[str, ApiKey]:
         if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
             raise ConfigError(f"{path}: keys.{name}.models: must be a list of model names or aliases")
         limit = entry.get("max_in_flight")
+        not_loaded = entry.get("not_loaded")
+        if not_loaded is not None and not_loaded not in NOT_LOADED_MODES:
+            raise ConfigError(f"{path}: keys.{name}.not_loaded: must be one of {', '.join(NOT_LOADED_MODES)}")
         out[entry["sha256"]] = ApiKey(
             name,
             entry["sha256"],
             tuple(models) if models is not None else None,
             limit if isinstance(limit, int) and limit > 0 else None,
+            not_loaded,
         )
     return out
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .units import MAX_SOCKET_PATH, SOCKET_DIR_NAME_MAX, SOCKET_NAME
 
 
 class _Section(BaseModel):
@@ -77,11 +78,21 @@ class VllmSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    port_min: int = Field(default=8100, ge=1024, le=65535, description="Lowest port given to a worker.")
-    port_max: int = Field(default=8199, ge=1024, le=65535, description="Highest port given to a worker.")
+    socket_dir: Path = Field(
+        default=Path("/run/ssw/workers"),
+        description="Each worker serves on a unix socket in a directory of its own under this one; only the "
+        "gateway's group (and root) may enter those directories. Workers have no TCP port.",
+    )
     slice: str = Field(default="ssw-workers.slice", description="Slice the worker units run in.")
-    user: str | None = Field(
-        default=None, description="Account the workers run as (None: the service manager's default, root)."
+    user: str = Field(
+        default="ssw-worker",
+        description="Account the workers run as; never root (ansible creates it, with no login and no home).",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="When a worker is unloaded or evicted it takes no new requests, and ssw waits this long "
+        "for its in-flight ones to finish before stopping it.",
     )
     stop_timeout_s: int = Field(
         default=60, ge=1, description="TimeoutStopSec of worker units; longer than vllm.shutdown_timeout_s."
@@ -95,11 +106,32 @@ class WorkerSettings(_Section):
         description="LimitNOFILE of each worker unit: one descriptor per client connection, and more.",
     )
 
-    @model_validator(mode="after")
-    def _range(self) -> WorkerSettings:
-        if self.port_min > self.port_max:
-            raise ValueError("port_min must not exceed port_max")
-        return self
+    @field_validator("socket_dir")
+    @classmethod
+    def _short_absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        longest = len(str(value)) + 1 + SOCKET_DIR_NAME_MAX + 1 + len(SOCKET_NAME)
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"too long: socket paths under it would take {longest} bytes, and a unix socket's path may take "
+                f"{MAX_SOCKET_PATH} (keep it under {MAX_SOCKET_PATH - longest + len(str(value))} characters)"
+            )
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value in ("root", "0") or not value:
+            raise ValueError("workers never run as root: name the unprivileged account they run as")
+        return value
+
+    @field_validator("slice")
+    @classmethod
+    def _a_slice(cls, value: str) -> str:
+        if not value.endswith(".slice") or "/" in value:
+            raise ValueError("must name a slice unit, e.g. ssw-workers.slice")
+        return value
 
 
 class HealthSettings(_Section):
@@ -114,6 +146,19 @@ class HealthSettings(_Section):
         default=900.0, gt=0, description="A worker not healthy within this many seconds of its start is failed."
     )
     probe_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one /health probe.")
+    failures_to_replace: int = Field(
+        default=3,
+        ge=1,
+        description="A ready worker whose /health (or canary) fails this many checks in a row is killed and "
+        "replaced (restart backoff applies).",
+    )
+    canary_interval_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="Every this many seconds, an idle ready worker must generate one token (a 1-token "
+        "completion), which catches an engine that answers /health but cannot generate; 0: off.",
+    )
+    canary_timeout_s: float = Field(default=30.0, gt=0, description="How long the 1-token canary may take.")
 
 
 class PlacementSettings(_Section):
@@ -158,9 +203,25 @@ class PlacementSettings(_Section):
     )
 
 
+NotLoaded = Literal["wait", "accept", "unavailable"]
+
+
 class GatewaySettings(_Section):
+    not_loaded: NotLoaded = Field(
+        default="wait",
+        description="What a request for a model that is not ready gets: 'wait' (held until the model is ready, "
+        "then served; an unmodified OpenAI SDK just sees a slow answer), 'accept' (202 with Retry-After and "
+        "{status: loading}), 'unavailable' (503 with Retry-After, which the SDKs retry). An API key may "
+        "set its own; X-SSW-Wait: true or false on a request wins.",
+    )
     wait_timeout_s: float = Field(
-        default=180.0, gt=0, description="How long a request with 'X-SSW-Wait: true' waits for its model to load."
+        default=180.0, gt=0, description="How long a held request waits for its model to become ready (503 after)."
+    )
+    keepalive_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A held streamed request starts its event stream after this long and sends an SSE comment "
+        "this often, so that proxies and clients do not time it out.",
     )
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0, description="Timeout connecting to a worker.")
     upstream_read_timeout_s: float = Field(
@@ -231,6 +292,9 @@ class LimitSettings(_Section):
     )
     body_timeout_s: float = Field(
         default=30.0, gt=0, description="A client must send its whole body within this (408 otherwise)."
+    )
+    max_json_depth: int = Field(
+        default=64, ge=4, le=200, description="How deeply a request body's JSON may nest (400 beyond)."
     )
 
 

@@ -6,25 +6,32 @@ Built only from the registry and the config: nothing a client sends reaches it.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .config import Config
 from .registry import ModelSpec
-from .units import WorkerUnit, parse_size, unit_name
+from .units import NVIDIA_CONTROL_DEVICES, WorkerUnit, escape, parse_size
 
 ENTRY_POINT = "vllm.entrypoints.openai.api_server"
+CACHE_ROOT = "ssw"  # /var/cache/ssw/<model>: vLLM's, torch's and Triton's compile caches
 
 # Variables that let ssw recognise its own units and read them back on adoption.
 ENV_MODEL = "SSW_MODEL"
 ENV_REPLICA = "SSW_REPLICA"
-ENV_PORT = "SSW_PORT"
+ENV_SOCKET = "SSW_SOCKET"
 ENV_GPU = "SSW_GPU"
 ENV_BUDGET = "SSW_VRAM_BYTES"
+
+
+def cache_directory(model: str) -> str:
+    """The model's directory under /var/cache (systemd's CacheDirectory=), kept across restarts."""
+    return f"{CACHE_ROOT}/{escape(model)}"
 
 
 def vllm_argv(
     cfg: Config,
     spec: ModelSpec,
-    port: int,
+    socket: Path,
     budget_bytes: int,
     gpu_total_bytes: int | None,
     kv_bytes: int | None = None,
@@ -38,10 +45,9 @@ def vllm_argv(
         str(spec.path),
         "--served-model-name",
         spec.name,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        # Its only listener: no TCP port, and the socket's directory decides who may connect.
+        "--uds",
+        str(socket),
         "--shutdown-timeout",
         str(cfg.vllm.shutdown_timeout_s),
     ]
@@ -76,39 +82,53 @@ def vllm_argv(
 def worker_unit(
     cfg: Config,
     spec: ModelSpec,
+    unit: str,
     replica: int,
-    port: int,
+    socket: Path,
     gpus: tuple[int, ...],
     budget_bytes: int,
     gpu_total_bytes: int | None,
     kv_bytes: int | None = None,
+    device_nodes: tuple[str, ...] = (),
 ) -> WorkerUnit:
     """``budget_bytes`` is per GPU; ``gpu_total_bytes`` is None for simulated GPUs
-    (vLLM on the CPU has no device memory to check)."""
-    name = unit_name(spec.name, replica)
+    (vLLM on the CPU has no device memory to check); ``device_nodes`` are the
+    GPUs' own /dev/nvidiaN (none on simulated hosts)."""
     devices = ",".join(str(g) for g in gpus)
+    cache = f"/var/cache/{cache_directory(spec.name)}"
     env = {
         **cfg.vllm.env,
         **spec.env,
         # Bus order makes the index mean the same device to CUDA and to NVML.
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": devices,
+        # The account has no home: caches go where they survive restarts.
+        "HOME": cache,
+        "XDG_CACHE_HOME": cache,
+        "VLLM_CACHE_ROOT": f"{cache}/vllm",
+        "TORCHINDUCTOR_CACHE_DIR": f"{cache}/torchinductor",
+        "TRITON_CACHE_DIR": f"{cache}/triton",
+        # Workers serve what is on disk; they never reach out to a model hub.
+        "HF_HUB_OFFLINE": "1",
         ENV_MODEL: spec.name,
         ENV_REPLICA: str(replica),
-        ENV_PORT: str(port),
+        ENV_SOCKET: str(socket),
         ENV_GPU: devices,
         ENV_BUDGET: str(budget_bytes),
         "PYTHONUNBUFFERED": "1",
     }
     return WorkerUnit(
-        name=name,
-        description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices}, port {port})",
-        argv=tuple(vllm_argv(cfg, spec, port, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus))),
+        name=unit,
+        description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices})",
+        argv=tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus))),
         env=env,
         slice=cfg.workers.slice,
         user=cfg.workers.user,
         stop_timeout_s=cfg.workers.stop_timeout_s,
         memory_max_bytes=parse_size(cfg.workers.memory_max) if cfg.workers.memory_max else None,
         log_extra={"SSW_MODEL": spec.name, "SSW_REPLICA": str(replica)},
+        socket_dir=socket.parent,
+        cache_directory=cache_directory(spec.name),
+        devices=(*device_nodes, *NVIDIA_CONTROL_DEVICES) if device_nodes else (),
         limit_nofile=cfg.workers.limit_nofile,
     )

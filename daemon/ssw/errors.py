@@ -84,6 +84,14 @@ class LoadFailed(SswError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    @classmethod
+    def cooling_down(cls, model: str, seconds_left: float, why: str) -> LoadFailed:
+        """The refusal of a model in its failed-load cooldown (the loader's and the gateway's)."""
+        return cls(
+            f"'{model}' failed to load and is refused for {seconds_left:.0f} s more: {why}",
+            retry_after_s=max(int(seconds_left + 0.999), 1),
+        )
+
 
 class ModelLoading(SswError):
     """The model is not ready yet; carries how long the client should wait."""
@@ -95,6 +103,8 @@ class ModelLoading(SswError):
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        # With gateway.not_loaded 'accept': the 202 body to answer with instead.
+        self.accepted: dict[str, object] | None = None
 
 
 class UpstreamError(SswError):

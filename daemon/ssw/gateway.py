@@ -1,429 +1,383 @@
 """The gateway role: the OpenAI-compatible API on the public port.
 
-It resolves names and aliases against the loader's pushed snapshot, holds or
-answers 202 for models that are not loaded, and proxies to a worker, streaming
-chunk by chunk. It never starts units itself: loads are asked of the loader.
+A request passes admission (:mod:`ssw.admission`), is resolved by name or
+alias against the loader's pushed snapshot, finds a ready worker (or is held
+while its model loads, or answered 202 or 503, as ``gateway.not_loaded`` and
+the request say), and is relayed to the worker (:mod:`ssw.relay`); what it did
+is accounted for once it is answered (:mod:`ssw.accounting`). The gateway
+never starts units itself: loads are asked of the loader.
+
+The proxy routes are served by a plain ASGI handler; FastAPI serves the rest
+(/health, /v1/models) and publishes the OpenAPI document for all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
+import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
 from . import __version__, http_errors
-from .auth import ApiKey, Forbidden, KeyRing
+from .accounting import Accounting, Exchange
+from .admission import Admission, parse_body
+from .auth import ApiKey, KeyRing
 from .config import Config
+from .contract import ModelView, Snapshot, WorkerView
 from .errors import (
     BadRequest,
-    HeadersTooLarge,
     LoaderUnavailable,
     LoadFailed,
     ModelLoading,
     ModelNotFound,
     NoCapacity,
-    PayloadTooLarge,
-    RequestTimeout,
     SswError,
-    TooManyRequests,
     UpstreamError,
 )
+from .lifecycle import LIVE, Failure, LoadState, WorkerState
 from .loader_client import LoaderClient
 from .prom import CONTENT_TYPE, GatewayMetrics
-from .redis_sink import RedisSink, RequestRecord
 from .registry import valid_name
-from .routing import RoundRobin, least_outstanding
+from .relay import Receive, Relay, Reply, Send
 from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER_S = 60  # when a model has never loaded here
-MAX_FAILOVER_ATTEMPTS = 3
-SUSPECT_FOR_S = 5.0  # a worker that refused a connection is skipped this long
-WAIT_HEADER = "x-ssw-wait"
-PRIORITY_HEADER = "x-ssw-priority"
-FALLBACK_HEADER = "x-ssw-fallback"
-FALLBACK_FROM_HEADER = "X-SSW-Fallback-From"
-_FORWARD_HEADERS = ("content-type", "accept", "x-request-id")
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+WAIT_HEADER = b"x-ssw-wait"
+PRIORITY_HEADER = b"x-ssw-priority"
+FALLBACK_HEADER = b"x-ssw-fallback"
+FALLBACK_FROM_HEADER = b"x-ssw-fallback-from"
+FORWARD_HEADERS = (b"accept", b"x-request-id")
+PROXY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+SOURCE = "ssw-gateway"
 
 
-@dataclass
-class Exchange:
-    """What one request did, for metrics, Redis and the access log."""
-
-    started: float = field(default_factory=time.time)
-    t0: float = field(default_factory=time.perf_counter)
-    model: str = "unknown"  # never client text: unknown names stay "unknown"
-    priority: str = "interactive"
-    stream: bool = False
-    worker: str = ""
-    status: int = 0
-    error: str = ""
-    ttft_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    strip_usage: bool = False  # ssw asked vLLM for the usage chunk, the client did not
-    key: str = ""  # the API key's name
-    admitted: bool = False  # counted against its key's in-flight limit
-
-    def usage(self, usage: object) -> None:
-        if isinstance(usage, dict):
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            self.prompt_tokens = p if isinstance(p, int) else None
-            self.completion_tokens = c if isinstance(c, int) else None
-
-
-def _truthy(value: str | None) -> bool | None:
+def _truthy(value: bytes | None) -> bool | None:
     if value is None:
         return None
-    return value.strip().lower() in ("1", "true", "yes")
+    return value.strip().lower() in (b"1", b"true", b"yes")
+
+
+class Names:
+    """Names, aliases and workers as of one snapshot, indexed for the hot path."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+        self.ready: dict[str, list[WorkerView]] = {}
+        self.live: dict[str, list[WorkerView]] = {}
+        for w in snap.workers:
+            if w.state is WorkerState.READY:
+                self.ready.setdefault(w.model, []).append(w)
+            if w.state in LIVE:
+                self.live.setdefault(w.model, []).append(w)
+
+    def resolve(self, name: object) -> str:
+        if not isinstance(name, str):
+            raise BadRequest("'model' must be a string naming a model or alias")
+        models = self.snap.models
+        if valid_name(name):
+            if name in models:
+                return name
+            target = self.snap.aliases.get(name)
+            if target in models:
+                return target
+        raise ModelNotFound(name, sorted(models) + sorted(self.snap.aliases))
+
+    def state(self, model: str) -> str:
+        """ready, loading or unloaded, as /v1/models says."""
+        if model in self.ready:
+            return "ready"
+        entry = self.snap.models[model]
+        if model in self.live or entry.load.state in (LoadState.LOADING, LoadState.BACKING_OFF):
+            return "loading"
+        return "unloaded"
 
 
 class Gateway:
-    def __init__(self, cfg: Config, loader: LoaderClient, session: aiohttp.ClientSession) -> None:
+    def __init__(self, cfg: Config, loader: LoaderClient) -> None:
         self.cfg = cfg
         self.loader = loader
-        self.session = session
-        self.rr = RoundRobin()
         self.queue = WaitQueue(cfg.gateway.max_waiters_per_model)
-        self.outstanding: dict[str, int] = {}  # worker url -> requests in flight
-        self._suspect_until: dict[str, float] = {}
-        self._wait_seq: dict[str, int] = {}  # model -> snapshot seq that reflects its load request
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=cfg.gateway.upstream_connect_timeout_s,
-            sock_read=cfg.gateway.upstream_read_timeout_s,
-        )
-        loader.on_snapshot(self._on_snapshot)
         self.metrics = GatewayMetrics(lambda: {m: self.queue.depth(m) for m in self.queue.models()})
-        self.sink = RedisSink(cfg.redis_url, capacity=cfg.gateway.metrics_buffer)
-        self.sink.on_drop = lambda n: self.metrics.dropped.inc(n)
         self.keys = KeyRing(cfg.auth.keys_file)
         self.keys.reload()
-        self.key_in_flight: dict[str, int] = {}
+        self.admission = Admission(cfg, self.keys)
+        self.accounting = Accounting(cfg, self.metrics)
+        self.relay = Relay(cfg, loader.used)
+        self._names: Names | None = None
+        # model -> (epoch, seq) of the snapshot that reflects its load request
+        self._asked: dict[str, tuple[str, int]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        loader.on_snapshot(self._on_snapshot)
 
-    # --- who may call ------------------------------------------------------------------
+    async def close(self) -> None:
+        await self.relay.pool.close()
 
-    def authenticate(self, request: Request) -> ApiKey | None:
-        """The caller's key (None when auth is off); 401 for a missing or wrong key."""
-        raw_size = sum(len(k) + len(v) for k, v in request.headers.raw)
-        if raw_size > self.cfg.limits.max_header_bytes:
-            raise HeadersTooLarge(f"request headers exceed {self.cfg.limits.max_header_bytes} bytes")
-        if not self.cfg.auth.enabled:
-            return None
-        return self.keys.check(request.headers.get("authorization"))
+    # --- names ---------------------------------------------------------------------------
 
-    def check_scope(self, key: ApiKey | None, name: object) -> None:
-        """403 for a model outside the key's scope, whether or not that model exists."""
-        if key is None or key.models is None:
-            return
-        if isinstance(name, str) and name in key.models:
-            return
-        try:
-            target = self.resolve(name)
-        except (ModelNotFound, BadRequest):
-            target = None
-        if target is not None:
-            allowed = set()
-            for entry in key.models:
-                with contextlib.suppress(ModelNotFound, BadRequest):
-                    allowed.add(self.resolve(entry))
-            if target in allowed:
-                return
-        raise Forbidden("This API key may not use that model.")
-
-    def allowed_models(self, key: ApiKey | None) -> set[str] | None:
-        if key is None or key.models is None:
-            return None
-        out = set()
-        for entry in key.models:
-            with contextlib.suppress(ModelNotFound, BadRequest):
-                out.add(self.resolve(entry))
-        return out
-
-    def admit(self, key: ApiKey | None, ex: Exchange) -> None:
-        if key is None:
-            return
-        limit = min(key.max_in_flight or self.cfg.limits.max_in_flight_per_key, self.cfg.limits.max_in_flight_per_key)
-        if self.key_in_flight.get(key.name, 0) >= limit:
-            raise TooManyRequests(f"this API key already has {limit} requests in flight")
-        self.key_in_flight[key.name] = self.key_in_flight.get(key.name, 0) + 1
-        ex.admitted = True
-
-    async def read_body(self, request: Request) -> bytes:
-        limit = self.cfg.limits.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-
-        async def read() -> None:
-            nonlocal size
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
-                chunks.append(chunk)
-
-        try:
-            await asyncio.wait_for(read(), self.cfg.limits.body_timeout_s)
-        except TimeoutError:
-            raise RequestTimeout(
-                f"the request body did not arrive within {self.cfg.limits.body_timeout_s:.0f} s"
-            ) from None
-        return b"".join(chunks)
-
-    def validate(self, body: dict[str, Any], path: str, model: str) -> None:
-        """The fields ssw relies on, checked before any worker is touched; the rest
-        passes through to vLLM untouched."""
-        if "stream" in body and not isinstance(body["stream"], bool):
-            raise BadRequest("'stream' must be a boolean")
-        if path == "/v1/chat/completions":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise BadRequest("'messages' must be a non-empty array")
-            if len(messages) > self.cfg.limits.max_messages:
-                raise BadRequest(f"at most {self.cfg.limits.max_messages} messages per request")
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-                    raise BadRequest(f"messages[{i}]: an object whose 'role' is one of {', '.join(CHAT_ROLES)}")
-        elif path == "/v1/completions" and not isinstance(body.get("prompt"), str | list):
-            raise BadRequest("'prompt' must be a string or an array")
-        elif path == "/v1/embeddings" and not isinstance(body.get("input"), str | list):
-            raise BadRequest("'input' must be a string or an array")
-        ceiling = self._snapshot()["models"].get(model, {}).get("max_tokens")
-        for field_name in ("max_tokens", "max_completion_tokens"):
-            value = body.get(field_name)
-            if value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise BadRequest(f"'{field_name}' must be a positive integer")
-            if ceiling and value > ceiling:
-                raise BadRequest(f"'{field_name}' may be at most {ceiling} for this model")
-
-    def in_flight(self) -> int:
-        return sum(self.outstanding.values())
-
-    def finish(self, ex: Exchange) -> None:
-        """Account for one answered request; never raises, never blocks."""
-        latency = time.perf_counter() - ex.t0
-        m = self.metrics
-        m.requests.labels(ex.model, str(ex.status)).inc()
-        m.duration.labels(ex.model).observe(latency)
-        if ex.ttft_s is not None:
-            m.ttft.labels(ex.model).observe(ex.ttft_s)
-        if ex.prompt_tokens:
-            m.prompt_tokens.labels(ex.model).inc(ex.prompt_tokens)
-        if ex.completion_tokens:
-            m.completion_tokens.labels(ex.model).inc(ex.completion_tokens)
-        ttft_ms = None if ex.ttft_s is None else round(ex.ttft_s * 1000, 2)
-        self.sink.record(
-            RequestRecord(
-                ts=ex.started,
-                model=ex.model,
-                worker=ex.worker,
-                priority=ex.priority,
-                status=ex.status,
-                latency_ms=round(latency * 1000, 2),
-                ttft_ms=ttft_ms,
-                prompt_tokens=ex.prompt_tokens,
-                completion_tokens=ex.completion_tokens,
-                error=ex.error,
-                stream=ex.stream,
-                key=ex.key,
-            )
-        )
-        if ex.admitted:
-            self.key_in_flight[ex.key] -= 1
-        if self.cfg.gateway.access_log:
-            log.info(
-                "request key=%s model=%s worker=%s status=%d latency_ms=%.1f ttft_ms=%s prompt_tokens=%s "
-                "completion_tokens=%s priority=%s stream=%s error=%s",
-                ex.key or "-",
-                ex.model,
-                ex.worker or "-",
-                ex.status,
-                latency * 1000,
-                ttft_ms,
-                ex.prompt_tokens,
-                ex.completion_tokens,
-                ex.priority,
-                ex.stream,
-                ex.error or "-",
-            )
-
-    # --- names -------------------------------------------------------------------------
-
-    def _snapshot(self) -> dict[str, Any]:
-        if self.loader.snapshot is None:
-            raise LoaderUnavailable("the gateway has not reached the loader yet; retry shortly")
-        return self.loader.snapshot
-
-    def resolve(self, name: object) -> str:
-        snap = self._snapshot()
-        if not isinstance(name, str):
-            raise BadRequest("'model' must be a string naming a model or alias")
-        if valid_name(name):
-            if name in snap["models"]:
-                return name
-            target = snap["aliases"].get(name)
-            if target in snap["models"]:
-                return str(target)
-        raise ModelNotFound(name, sorted(snap["models"]) + sorted(snap["aliases"]))
-
-    def ready_workers(self, model: str) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        workers = [w for w in self._snapshot()["workers"] if w["model"] == model and w["state"] == "ready"]
-        healthy = [w for w in workers if self._suspect_until.get(w["url"], 0.0) <= now]
-        return healthy or workers
-
-    def retry_after(self, model: str) -> int:
-        """An honest wait: the model's measured load time less what has passed."""
-        entry = self._snapshot()["models"].get(model, {})
-        load_s = entry.get("load_seconds")
-        if not load_s:
-            return DEFAULT_RETRY_AFTER_S
-        since = entry.get("loading_since")
-        elapsed = time.time() - since if since else 0.0
-        return max(1, math.ceil(load_s - elapsed))
-
-    # --- loading -----------------------------------------------------------------------
-
-    def _on_snapshot(self) -> None:
-        """Release or fail waiters as soon as the loader's news arrives."""
+    @property
+    def names(self) -> Names:
         snap = self.loader.snapshot
         if snap is None:
-            return
+            raise LoaderUnavailable("the gateway has not reached the loader yet; retry shortly")
+        if self._names is None or self._names.snap is not snap:
+            self._names = Names(snap)
+        return self._names
+
+    def in_flight(self) -> int:
+        return self.relay.in_flight()
+
+    def retry_after(self, model: str) -> int:
+        """An honest wait: the model's measured load time less what has passed, plus
+        what is left of a backoff."""
+        entry = self.names.snap.models.get(model)
+        if entry is None:
+            return DEFAULT_RETRY_AFTER_S
+        load_s = entry.load_seconds or DEFAULT_RETRY_AFTER_S
+        rec = entry.load
+        now = time.time()
+        if rec.state is LoadState.BACKING_OFF and rec.deadline:
+            return max(1, math.ceil(rec.deadline - now + load_s))
+        if rec.state is LoadState.COOLING_DOWN and rec.deadline:
+            return max(1, math.ceil(rec.deadline - now))
+        if rec.state is LoadState.LOADING and entry.load_seconds:
+            return max(1, math.ceil(load_s - (now - rec.since)))
+        return max(1, math.ceil(load_s))
+
+    # --- waiting for loads -------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_snapshot(self, snap: Snapshot, restarted: bool) -> None:
+        """Release or fail waiters as soon as the loader's news arrives; after a loader
+        restart, ask again for the loads they wait for."""
+        names = self.names
         for model in self.queue.models():
-            if self.ready_workers(model):
+            if model in names.ready:
                 released = self.queue.release(model)
                 log.info("%s: ready; released %d waiting requests", model, len(released))
                 continue
-            if snap["seq"] < self._wait_seq.get(model, 0):
-                continue  # this snapshot predates the load request
-            entry = snap["models"].get(model)
-            starting = any(w["model"] == model for w in snap["workers"])
-            if entry is None or (not entry.get("loading") and not starting):
-                reason = (entry or {}).get("last_error") or "no worker came up"
-                self.queue.fail(model, LoadFailed(f"loading '{model}' failed: {reason}", self.retry_after(model)))
+            entry = snap.models.get(model)
+            if entry is None:
+                self.queue.fail(model, ModelNotFound(model, sorted(snap.models)))
+                continue
+            if restarted and model not in names.live and entry.load.state is LoadState.IDLE:
+                self._spawn(self._ask_again(model))
+                continue
+            failure = self._failure(model, entry, names)
+            if failure is not None:
+                self.queue.fail(model, failure)
 
-    async def workers_for(self, model: str, wait: bool, priority: str) -> list[dict[str, Any]]:
-        workers = self.ready_workers(model)
+    def _failure(self, model: str, entry: ModelView, names: Names) -> SswError | None:
+        """Why the waiters of a model will not be served, if the snapshot says so."""
+        rec = entry.load
+        if rec.state is LoadState.COOLING_DOWN:
+            return LoadFailed.cooling_down(model, (rec.deadline or 0) - time.time(), rec.last_error or rec.reason)
+        if rec.state is LoadState.IDLE and model not in names.live:
+            asked = self._asked.get(model)
+            if asked is None or asked[0] != names.snap.epoch or names.snap.seq < asked[1]:
+                return None  # this snapshot predates the load request
+            why = rec.last_error or rec.reason or "no worker came up"
+            if rec.reason.startswith(Failure.NO_ROOM.value):
+                return NoCapacity(why)
+            return LoadFailed(f"loading '{model}' failed: {why}", self.retry_after(model))
+        return None
+
+    async def _ask_again(self, model: str) -> None:
+        try:
+            accepted = await self.loader.request_load(model)
+        except SswError as exc:
+            self.queue.fail(model, exc)
+            return
+        self._asked[model] = (accepted.epoch, accepted.seq)
+
+    async def workers_for(self, model: str, mode: str, priority: str, reply: Reply, stream: bool) -> list[WorkerView]:
+        """The model's ready workers; while it is not ready, hold the request (mode
+        'wait'), or raise ModelLoading for a 202 or 503 answer."""
+        names = self.names
+        workers = names.ready.get(model)
         if workers:
             return workers
-        seq = await self.loader.request_load(model)
+        entry = names.snap.models[model]
+        rec = entry.load
+        if rec.state is LoadState.COOLING_DOWN:
+            failure = self._failure(model, entry, names)
+            assert failure is not None
+            raise failure
+        if rec.state is LoadState.IDLE and model not in names.live:
+            accepted = await self.loader.request_load(model)
+            self._asked[model] = (accepted.epoch, accepted.seq)
+        else:
+            self._asked.setdefault(model, (names.snap.epoch, names.snap.seq))
         retry = self.retry_after(model)
-        if not wait:
+        if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading", retry)
-        self._wait_seq[model] = max(self._wait_seq.get(model, 0), seq)
         waiter = self.queue.add(model, priority, retry)
-        self._on_snapshot()  # it may have become ready meanwhile
+        self._on_snapshot(names.snap, False)  # it may have become ready meanwhile
+        keepalive = self._spawn_keepalive(reply) if stream else None
         try:
-            await asyncio.wait_for(waiter.future, self.cfg.gateway.wait_timeout_s)
+            async with asyncio.timeout(self.cfg.gateway.wait_timeout_s):
+                await waiter.future
         except TimeoutError:
             self.queue.discard(waiter)
             raise ModelLoading(
                 f"model '{model}' did not become ready within {self.cfg.gateway.wait_timeout_s:.0f} s",
                 self.retry_after(model),
             ) from None
-        workers = self.ready_workers(model)
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await keepalive
+        workers = self.names.ready.get(model)
         if not workers:
             raise UpstreamError(f"model '{model}' was ready but its worker is gone again; retry")
         return workers
 
+    def _spawn_keepalive(self, reply: Reply) -> asyncio.Task[None]:
+        async def beat() -> None:
+            interval = self.cfg.gateway.keepalive_s
+            await asyncio.sleep(interval)
+            # Held this long: start the event stream, so that proxies and clients see life.
+            if not reply.started:
+                await reply.start_sse()
+            while True:
+                await reply.body(b": ssw: waiting for the model to load\n\n")
+                await asyncio.sleep(interval)
+
+        return asyncio.ensure_future(beat())
+
+    def not_loaded_mode(self, key: ApiKey | None, wait_header: bool | None) -> str:
+        mode = (key.not_loaded if key else None) or self.cfg.gateway.not_loaded
+        if wait_header is True:
+            return "wait"
+        if wait_header is False and mode == "wait":
+            return "unavailable"
+        return mode
+
     async def _serve_or_fallback(
-        self, model: str, wait: bool, priority: str, fallback: bool | None
-    ) -> tuple[str, list[dict[str, Any]], str | None]:
+        self,
+        key: ApiKey | None,
+        model: str,
+        body: dict[str, Any],
+        path: str,
+        mode: str,
+        priority: str,
+        fallback: bool | None,
+        reply: Reply,
+        stream: bool,
+    ) -> tuple[str, list[WorkerView], str | None]:
         """(model that serves, its workers, the model it stands in for or None)."""
         try:
-            return model, await self.workers_for(model, wait, priority), None
+            return model, await self.workers_for(model, mode, priority, reply, stream), None
         except (LoadFailed, NoCapacity) as exc:
-            entry = self._snapshot()["models"].get(model, {})
-            allowed = fallback if fallback is not None else bool(entry.get("fallback_default"))
-            if not allowed:
+            names = self.names
+            entry = names.snap.models.get(model)
+            allowed = fallback if fallback is not None else bool(entry and entry.fallback_default)
+            if entry is None or not allowed:
                 raise
-            for candidate in entry.get("fallbacks", []):
-                if candidate in self._snapshot()["models"]:
-                    workers = self.ready_workers(candidate)
-                    if workers:
-                        log.info("%s cannot serve (%s); falling back to %s", model, exc.message, candidate)
-                        return candidate, workers, model
+            in_scope = self.admission.allowed_models(key, names.resolve)
+            for candidate in entry.fallbacks:
+                candidate_entry = names.snap.models.get(candidate)
+                workers = names.ready.get(candidate)
+                if candidate_entry is None or not workers:
+                    continue
+                if in_scope is not None and candidate not in in_scope:
+                    continue  # a fallback never widens what the key may use
+                try:
+                    self.admission.validate(body, path, candidate_entry.max_tokens)
+                except BadRequest:
+                    continue  # nor the limits the fallback has
+                log.info("%s cannot serve (%s); falling back to %s", model, exc.message, candidate)
+                return candidate, workers, model
             raise
 
-    # --- proxying ----------------------------------------------------------------------
+    # --- the proxy routes --------------------------------------------------------------------
 
-    async def forward(self, request: Request, path: str) -> Response:
-        ex = Exchange()
+    async def proxy(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        ex = Exchange(route=scope["path"])
+        reply = Reply(send)
         try:
-            key = self.authenticate(request)
-            ex.key = key.name if key else ""
-            self.admit(key, ex)
-            response = await self._forward(request, path, ex, key)
+            await self._proxy(scope, receive, reply, ex)
         except SswError as exc:
             ex.status, ex.error = exc.status, exc.code or exc.type
-            self.finish(ex)
-            raise
+            if isinstance(exc, ModelLoading) and exc.accepted:
+                await reply.whole(202, orjson.dumps(exc.accepted), [(b"retry-after", b"%d" % exc.retry_after_s)])
+                ex.status = 202
+            elif not reply.ended:
+                await reply.error(exc, SOURCE)
         except Exception:
+            log.exception("unhandled error in the gateway")
             ex.status, ex.error = 500, "internal_error"
-            self.finish(ex)
-            raise
-        if not isinstance(response, _Stream):
-            self.finish(ex)  # a stream is accounted for when it ends
-        return response
+            if not reply.started:
+                await reply.error(SswError("internal error in ssw; see its journal"), SOURCE)
+        finally:
+            self.admission.release(ex)
+            self.accounting.finish(ex)
 
-    async def _forward(self, request: Request, path: str, ex: Exchange, key: ApiKey | None) -> Response:
-        raw = await self.read_body(request)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
+    async def _proxy(self, scope: dict[str, Any], receive: Receive, reply: Reply, ex: Exchange) -> None:
+        path: str = scope["path"]
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        key = self.admission.authenticate(scope["headers"])
+        ex.key = key.name if key else ""
+        self.admission.admit(key, ex)
+        raw = await self.admission.read_body(headers.get(b"content-length"), _body(receive))
+        body = parse_body(raw, self.cfg.limits.max_json_depth)
         if "model" not in body:
             raise BadRequest("'model' is required")
-        ex.stream = body.get("stream") is True
-        priority = parse_priority(request.headers.get(PRIORITY_HEADER))
+        ex.stream = stream = body.get("stream") is True
+        priority = parse_priority(headers[PRIORITY_HEADER].decode("latin-1") if PRIORITY_HEADER in headers else None)
         ex.priority = priority
-        self.check_scope(key, body["model"])
-        model = self.resolve(body["model"])
+        names = self.names
+        asked = body["model"]
+        try:
+            resolved: str | None = names.resolve(asked)
+        except (ModelNotFound, BadRequest):
+            resolved = None
+        # Outside the key's scope the answer is the same whether or not the model exists.
+        self.admission.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
+        model = names.resolve(asked)
         ex.model = model
-        self.validate(body, path, model)
-        wait = bool(_truthy(request.headers.get(WAIT_HEADER)))
+        entry = names.snap.models[model]
+        self.admission.validate(body, path, entry.max_tokens)
+        mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)))
         try:
             served, workers, stands_in_for = await self._serve_or_fallback(
-                model, wait, priority, _truthy(request.headers.get(FALLBACK_HEADER))
+                key, model, body, path, mode, priority, _truthy(headers.get(FALLBACK_HEADER)), reply, stream
             )
         except ModelLoading as exc:
-            if wait:
-                raise
-            ex.status = 202
-            return JSONResponse(
-                {
+            if mode == "accept" and not reply.started:
+                exc.accepted = {
                     "object": "ssw.model_loading",
                     "model": model,
                     "status": "loading",
                     "message": exc.message,
                     "retry_after_s": exc.retry_after_s,
-                },
-                status_code=202,
-                headers={"Retry-After": str(exc.retry_after_s)},
-            )
-
+                }
+            raise
         ex.model = served
-        changed = body["model"] != served
+        payload = self._payload(body, raw, path, served, priority, ex, asked)
+        head = _request_head(path, payload, headers)
+        if stands_in_for is not None:
+            reply.extra_headers.append((FALLBACK_FROM_HEADER, stands_in_for.encode()))
+        await self.relay.forward(served, head, payload, workers, ex, reply, receive)
+
+    def _payload(
+        self, body: dict[str, Any], raw: bytes, path: str, served: str, priority: str, ex: Exchange, asked: object
+    ) -> bytes:
+        """The body the worker gets: the client's bytes unless ssw had to change something."""
+        changed = asked != served
         body["model"] = served
         if ex.stream and path != "/v1/embeddings":
             options = body.get("stream_options")
@@ -432,185 +386,54 @@ class Gateway:
                 # ask for it, so it is taken out of their stream again.
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 ex.strip_usage = changed = True
-        entry = self._snapshot()["models"][served]
-        if path == "/v1/chat/completions":
-            defaults = entry.get("chat_template_kwargs") or {}
-            if defaults:
-                kwargs = body.get("chat_template_kwargs")
-                kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
-                for key, value in defaults.items():
-                    if key not in kwargs:
-                        kwargs[key] = value
-                        changed = True
-                body["chat_template_kwargs"] = kwargs
-        if entry.get("scheduling_policy") == "priority" and "priority" not in body:
+        entry = self.names.snap.models[served]
+        if path == "/v1/chat/completions" and entry.chat_template_kwargs:
+            kwargs = body.get("chat_template_kwargs")
+            kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+            for name, value in entry.chat_template_kwargs.items():
+                if name not in kwargs:
+                    kwargs[name] = value
+                    changed = True
+            body["chat_template_kwargs"] = kwargs
+        if entry.scheduling_policy == "priority" and "priority" not in body:
             body["priority"] = VLLM_PRIORITY[priority]
             changed = True
-        payload = json.dumps(body).encode() if changed else raw
-        headers = {k: v for k in _FORWARD_HEADERS if (v := request.headers.get(k)) is not None}
-        response = await self._send(served, path, payload, headers, workers, ex)
-        if stands_in_for is not None:
-            response.headers[FALLBACK_FROM_HEADER] = stands_in_for
-        return response
-
-    def _order(self, model: str, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if self.cfg.gateway.routing == "least_outstanding":
-            return least_outstanding(workers, lambda w: self.outstanding.get(w["url"], 0), self.rr, model)
-        return self.rr.order(model, workers)
-
-    async def _send(
-        self,
-        model: str,
-        path: str,
-        payload: bytes,
-        headers: dict[str, str],
-        workers: list[dict[str, Any]],
-        ex: Exchange,
-    ) -> Response:
-        last_error: Exception | None = None
-        order = self._order(model, workers)
-        # Cycle through the pool: a lone worker gets another try too, on a fresh
-        # connection (a pooled one may point at a process that was replaced).
-        for attempt in range(MAX_FAILOVER_ATTEMPTS):
-            worker = order[attempt % len(order)]
-            url = worker["url"]
-            self.outstanding[url] = self.outstanding.get(url, 0) + 1
-            try:
-                resp = await self.session.post(url + path, data=payload, headers=headers, timeout=self._timeout)
-            except _CONNECT_ERRORS as exc:
-                self.outstanding[url] -= 1
-                # Nothing has reached the client yet, so the next worker may serve it.
-                log.warning("%s: connection failed (%s); trying the next worker", worker["unit"], exc)
-                self._suspect_until[url] = time.monotonic() + SUSPECT_FOR_S
-                last_error = exc
-                continue
-            except BaseException:
-                self.outstanding[url] -= 1
-                raise
-            self.loader.used(worker["unit"])
-            ex.worker = worker["unit"]
-            return await self._relay(resp, url, ex)
-        raise UpstreamError(f"no worker of '{model}' could be reached: {last_error}")
-
-    async def _relay(self, resp: aiohttp.ClientResponse, url: str, ex: Exchange) -> Response:
-        ex.status = resp.status
-        ctype = resp.headers.get("Content-Type", "application/json")
-        if ctype.startswith("text/event-stream"):
-            done = {"closed": False}
-
-            def close(finished: bool) -> None:
-                # Once, from whichever comes first: the end of the stream, or
-                # the response being torn down before the stream even began.
-                if done["closed"]:
-                    return
-                done["closed"] = True
-                self.outstanding[url] -= 1
-                if not finished:
-                    ex.error = ex.error or "client_disconnected"
-                # A client that left mid-stream: closing the connection makes
-                # vLLM abort the request instead of generating for nobody.
-                if finished:
-                    resp.release()
-                else:
-                    resp.close()
-                self.finish(ex)
-
-            return _Stream(
-                self._events(resp, ex, close),
-                close,
-                status_code=resp.status,
-                media_type=None,
-                headers={"Content-Type": ctype, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            data = await resp.read()
-        finally:
-            self.outstanding[url] -= 1
-            resp.release()
-        if resp.status == 200 and ctype.startswith("application/json"):
-            with contextlib.suppress(ValueError, AttributeError):
-                ex.usage(json.loads(data).get("usage"))
-        elif resp.status >= 400:
-            ex.error = "upstream_" + str(resp.status)
-        return Response(data, status_code=resp.status, headers={"Content-Type": ctype})
-
-    async def _events(
-        self, resp: aiohttp.ClientResponse, ex: Exchange, close: Callable[[bool], None]
-    ) -> AsyncIterator[bytes]:
-        """Relay server-sent events as they arrive, noting the first token and the
-        usage chunk (and dropping that chunk when only ssw asked for it)."""
-        finished = False
-        pending = b""
-        try:
-            async for chunk in resp.content.iter_any():
-                pending += chunk
-                cut = pending.rfind(b"\n\n")
-                if cut < 0:
-                    continue
-                complete, pending = pending[: cut + 2], pending[cut + 2 :]
-                out = self._inspect(complete, ex)
-                if out:
-                    yield out
-            if pending:
-                yield pending
-            finished = True
-        finally:
-            close(finished)
-
-    @staticmethod
-    def _inspect(events: bytes, ex: Exchange) -> bytes:
-        if ex.ttft_s is not None and b'"usage"' not in events:
-            return events  # the common case: nothing to look at
-        kept = []
-        for event in events.split(b"\n\n"):
-            if not event:
-                continue
-            drop = False
-            if event.startswith(b"data: {"):
-                try:
-                    obj = json.loads(event[6:])
-                except ValueError:
-                    obj = None
-                if isinstance(obj, dict):
-                    if ex.ttft_s is None and _has_token(obj):
-                        ex.ttft_s = time.perf_counter() - ex.t0
-                    if obj.get("usage") and not obj.get("choices"):
-                        ex.usage(obj["usage"])
-                        drop = ex.strip_usage
-            if not drop:
-                kept.append(event + b"\n\n")
-        return b"".join(kept)
+        return orjson.dumps(body) if changed else raw
 
 
-class _Stream(StreamingResponse):
-    """A streamed relay whose upstream is closed even if the client leaves before
-    the first byte (then the body iterator never runs its own cleanup)."""
-
-    def __init__(self, body: AsyncIterator[bytes], close: Callable[[bool], None], **kwargs: Any) -> None:
-        super().__init__(body, **kwargs)
-        self._close = close
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self._close(False)  # a no-op after a stream that ended on its own
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client left before sending its whole body")
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
-def _has_token(chunk: dict[str, Any]) -> bool:
-    for choice in chunk.get("choices") or ():
-        if isinstance(choice, dict):
-            raw_delta = choice.get("delta")
-            delta: dict[str, Any] = raw_delta if isinstance(raw_delta, dict) else {}
-            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls") or choice.get("text"):
-                return True
-    return False
+def _request_head(path: str, payload: bytes, headers: dict[bytes, bytes]) -> bytes:
+    lines = [
+        b"POST " + path.encode() + b" HTTP/1.1",
+        b"host: localhost",
+        b"content-type: application/json",
+        b"content-length: %d" % len(payload),
+    ]
+    for name in FORWARD_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
+
+# --- the apps ------------------------------------------------------------------------------------
 
 # The request bodies ssw reads; every other field passes through to vLLM, so
 # the schemas allow additional properties. Published at /openapi.json.
 _MODEL = {"type": "string", "description": "A model name or alias."}
 _MAX_TOKENS = {"type": "integer", "minimum": 1}
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {
         "type": "object",
@@ -661,23 +484,42 @@ def _openapi(schema: dict[str, Any]) -> dict[str, Any]:
         ],
         "responses": {
             "200": {"description": "The worker's answer (JSON, or server-sent events when streaming)."},
-            "202": {"description": "The model is loading; retry after Retry-After seconds."},
+            "202": {"description": "The model is loading; retry after Retry-After seconds (not_loaded: accept)."},
             **{code: _ERROR for code in ("400", "401", "403", "404", "408", "413", "422", "429", "431", "503")},
         },
     }
 
 
-def gateway_app(gw: Gateway) -> FastAPI:
+class GatewayApp:
+    """The public ASGI app: the proxy routes go straight to the gateway's handler,
+    everything else to FastAPI."""
+
+    def __init__(self, gw: Gateway, api: FastAPI) -> None:
+        self.gw = gw
+        self.api = api
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXY_ROUTES:
+            await self.gw.proxy(scope, receive, send)
+            return
+        await self.api(scope, receive, send)
+
+
+def gateway_app(gw: Gateway) -> GatewayApp:
     app = FastAPI(title="ssw OpenAI-compatible API", version=__version__, docs_url=None, redoc_url=None)
-    http_errors.install(app, "ssw-gateway")
+    http_errors.install(app, SOURCE)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        snap = gw.loader.snapshot or {"workers": []}
+        loader = gw.loader
+        snap = loader.snapshot
         return {
             "status": "ok",
-            "loader_connected": gw.loader.connected,
-            "workers_ready": sum(1 for w in snap["workers"] if w["state"] == "ready"),
+            "loader_connected": loader.connected,
+            "loader_epoch": snap.epoch if snap else None,
+            "loader_error": loader.last_error,
+            "snapshot_age_s": round(time.monotonic() - loader.snapshot_at, 1) if snap else None,
+            "workers_ready": sum(1 for w in snap.workers if w.state is WorkerState.READY) if snap else 0,
             "waiting": {m: gw.queue.depth(m) for m in gw.queue.models()},
             "requests_in_flight": gw.in_flight(),
         }
@@ -686,38 +528,37 @@ def gateway_app(gw: Gateway) -> FastAPI:
         app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"], include_in_schema=False)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        key = gw.authenticate(request)
-        snap = gw._snapshot()
-        allowed = gw.allowed_models(key)
+    async def models(request: Request) -> Response:
+        key = gw.admission.authenticate(request.headers.raw)
+        names = gw.names
+        allowed = gw.admission.allowed_models(key, names.resolve)
         data = []
-        for name, entry in snap["models"].items():
+        for name, entry in names.snap.models.items():
             if allowed is not None and name not in allowed:
                 continue
-            states = {w["state"] for w in snap["workers"] if w["model"] == name}
-            state = "ready" if "ready" in states else "loading" if entry["loading"] or states else "unloaded"
             data.append(
                 {
                     "id": name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "ssw",
-                    "ssw": {"state": state, "aliases": entry["aliases"], "pinned": entry["pinned"]},
+                    "ssw": {"state": names.state(name), "aliases": entry.aliases, "pinned": entry.pinned},
                 }
             )
-        for alias, target in snap["aliases"].items():
+        for alias, target in names.snap.aliases.items():
             if allowed is not None and target not in allowed:
                 continue
             data.append({"id": alias, "object": "model", "created": 0, "owned_by": "ssw", "ssw": {"alias_of": target}})
-        return {"object": "list", "data": data}
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
-    async def proxy(request: Request) -> Response:
-        return await gw.forward(request, request.url.path)
+    async def documented_only(request: Request) -> Response:
+        # GatewayApp serves these paths; the route is here for the OpenAPI document.
+        return Response(status_code=405)
 
     for path, schema in REQUEST_SCHEMAS.items():
-        app.add_api_route(path, proxy, methods=["POST"], openapi_extra=_openapi(schema))
+        app.add_api_route(path, documented_only, methods=["POST"], openapi_extra=_openapi(schema))
 
-    return app
+    return GatewayApp(gw, app)
 
 
 def metrics_endpoint(gw: Gateway) -> Any:

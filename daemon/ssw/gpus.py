@@ -55,6 +55,8 @@ class GpuInfo:
     processes: tuple[ProcessMemory, ...] = ()
     temperature_c: int | None = None
     power_w: float | None = None
+    # Its device node, /dev/nvidia<minor> (not always /dev/nvidia<index>); None when simulated.
+    device_node: str | None = None
 
     @property
     def memory_free(self) -> int:
@@ -136,6 +138,10 @@ class NvmlGpus:
                 power = None
             name = nv.nvmlDeviceGetName(h)
             uuid = nv.nvmlDeviceGetUUID(h)
+            try:
+                node: str | None = f"/dev/nvidia{int(nv.nvmlDeviceGetMinorNumber(h))}"
+            except nv.NVMLError:
+                node = None
             out.append(
                 GpuInfo(
                     index=i,
@@ -147,6 +153,7 @@ class NvmlGpus:
                     processes=procs,
                     temperature_c=temperature,
                     power_w=power,
+                    device_node=node,
                 )
             )
         return out

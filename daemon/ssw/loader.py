@@ -7,7 +7,6 @@ workers from its ``GET /events`` stream and asks it for loads.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,15 +20,16 @@ from redis.exceptions import RedisError
 
 from . import __version__, auth, http_errors, journal, redis_sink
 from .config import Config
+from .contract import GpuView, LoadAccepted, ModelStatus, ModelView, Snapshot, Status
 from .errors import MetricsUnavailable, ModelNotFound, SswError
 from .gpus import GpuInfo, GpuSource
 from .prom import CONTENT_TYPE, LoaderMetrics
 from .registry import ModelSpec, Registry, scan, valid_name
-from .store import FactStore
+from .store import FactStore, Retiring
+from .supervisor import Supervisor
 from .systemd import Systemd
 from .units import unit_name
 from .vram import vram_need
-from .workers import WorkerManager
 
 log = logging.getLogger(__name__)
 RESCAN_MIN_INTERVAL_S = 2.0
@@ -37,17 +37,30 @@ EVENTS_KEEPALIVE_S = 15.0
 
 
 class Loader:
-    def __init__(self, cfg: Config, systemd: Systemd, gpus: GpuSource, registry: Registry, store: FactStore) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        systemd: Systemd,
+        gpus: GpuSource,
+        registry: Registry,
+        store: FactStore,
+        retiring: Retiring,
+    ) -> None:
         self.cfg = cfg
         self.systemd = systemd
         self.gpus = gpus
         self.registry = registry
         self.store = store
-        self.manager = WorkerManager(cfg, systemd, gpus, registry, store)
+        self.manager = Supervisor(cfg, systemd, gpus, registry, store, retiring)
         self.started_at = time.time()
         self.redis = redis_sink.client(cfg.redis_url)
         self.latest_gpus: list[GpuInfo] = []
-        self.metrics = LoaderMetrics(self.manager, lambda: self.latest_gpus)
+        self.metrics = LoaderMetrics(
+            worker_counts=self.manager.table.counts,
+            evictions=lambda: self.manager.evictions,
+            gpus=lambda: self.latest_gpus,
+            reserved=lambda: {v.index: v.pending for v in self.manager.device_views(self.latest_gpus)},
+        )
         self.manager.on_load_result = self._load_result
         self._sampler: asyncio.Task[None] | None = None
         self._redis_warned = 0.0
@@ -67,7 +80,9 @@ class Loader:
         )
         store = FactStore(cfg.state_dir / "models.json")
         await asyncio.to_thread(store.load)
-        return cls(cfg, systemd, gpus, registry, store)
+        retiring = Retiring(cfg.state_dir / "retiring.json")
+        await asyncio.to_thread(retiring.load)
+        return cls(cfg, systemd, gpus, registry, store, retiring)
 
     async def start(self) -> None:
         await self.manager.start()
@@ -76,7 +91,7 @@ class Loader:
         for spec in self.registry.models.values():
             if spec.pinned:
                 try:
-                    self.manager.load(spec)
+                    self.manager.load(spec, reason="pinned: loaded at start")
                 except SswError as exc:
                     log.error("pinned model %s: %s", spec.name, exc.message)
 
@@ -149,75 +164,83 @@ class Loader:
         except ModelNotFound:
             return None
 
-    def snapshot(self) -> dict[str, Any]:
-        """What the gateway needs to route: models, aliases and workers."""
-        reg = self.registry
-        return {
-            "seq": self.manager.seq,
-            "models": {
-                name: {
-                    "aliases": list(spec.aliases),
-                    "pinned": spec.pinned,
-                    "chat_template_kwargs": spec.chat_template_kwargs,
-                    "loading": self.manager.loading(name),
-                    "last_error": self.manager.last_errors.get(name),
-                    "cooldown_s": round(c[0], 1) if (c := self.manager.cooldown(name)) else None,
-                    "load_seconds": self.store.load_seconds(name),
-                    "loading_since": self.manager.loading_since(name),
-                    "fallbacks": [self._fallback_name(f) for f in spec.fallbacks if self._fallback_name(f)],
-                    "fallback_default": spec.fallback_default,
-                    "scheduling_policy": spec.scheduling_policy,
-                    "max_tokens": spec.max_tokens,
-                }
-                for name, spec in sorted(reg.models.items())
-            },
-            "aliases": dict(sorted(reg.aliases.items())),
-            "missing": {name: str(path) for name, path in sorted(reg.missing.items())},
-            "workers": [w.public() for w in sorted(self.manager.workers.values(), key=lambda w: w.unit)],
-        }
+    def _model_view(self, spec: ModelSpec) -> ModelView:
+        return ModelView(
+            aliases=list(spec.aliases),
+            pinned=spec.pinned,
+            load=self.manager.loads.view(spec.name),
+            load_seconds=self.store.load_seconds(spec.name),
+            chat_template_kwargs=spec.chat_template_kwargs,
+            fallbacks=[n for f in spec.fallbacks if (n := self._fallback_name(f))],
+            fallback_default=spec.fallback_default,
+            scheduling_policy=spec.scheduling_policy,
+            max_tokens=spec.max_tokens,
+        )
 
-    async def status(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
+        """What the gateway needs to route: models (with their load records), aliases and workers."""
+        reg = self.registry
+        now = time.time()
+        return Snapshot(
+            epoch=self.manager.epoch,
+            seq=self.manager.seq,
+            models={name: self._model_view(spec) for name, spec in sorted(reg.models.items())},
+            aliases=dict(sorted(reg.aliases.items())),
+            missing={name: str(path) for name, path in sorted(reg.missing.items())},
+            workers=[w.view(now) for w in sorted(self.manager.table, key=lambda w: w.unit)],
+        )
+
+    async def status(self) -> Status:
         gpus = await self.manager.gpu_snapshot()
         views = {v.index: v for v in self.manager.device_views(gpus)}
-        snap = self.snapshot()
-        for name, entry in snap["models"].items():
-            spec = self.registry.models[name]
+        now = time.time()
+        models = {}
+        for name, spec in sorted(self.registry.models.items()):
             need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(name))
-            entry["path"] = str(spec.path)
-            entry["weight_bytes"] = spec.facts.weight_bytes
-            entry["vram_need_bytes"] = need.per_gpu(1)
-            entry["vram_need_source"] = need.source
-            entry["measured_vram_bytes"] = self.store.vram_bytes(name)
-            entry["unit"] = unit_name(name)
+            models[name] = ModelStatus(
+                **self._model_view(spec).model_dump(),
+                path=str(spec.path),
+                weight_bytes=spec.facts.weight_bytes,
+                vram_need_bytes=need.per_gpu(1),
+                vram_need_source=need.source,
+                measured_vram_bytes=self.store.vram_bytes(name),
+                unit=unit_name(name),
+            )
         per_gpu: dict[int, list[str]] = {}
-        for w in self.manager.workers.values():
+        for w in self.manager.table:
             for g in w.gpus:
                 per_gpu.setdefault(g, []).append(w.unit)
-        return {
-            **snap,
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "gpu_source": self.gpus.kind,
-            "placement_policy": self.cfg.placement.policy,
-            "evictions_total": self.manager.evictions,
-            "gpus": [
-                {
-                    "index": g.index,
-                    "uuid": g.uuid,
-                    "name": g.name,
-                    "simulated": self.gpus.kind == "simulated",
-                    "memory_total_bytes": g.memory_total,
-                    "memory_used_bytes": g.memory_used,
-                    "memory_reserved_bytes": views[g.index].pending,
-                    "memory_free_bytes": views[g.index].free,
-                    "utilization_pct": g.utilization_pct,
-                    "temperature_c": g.temperature_c,
-                    "power_w": g.power_w,
-                    "workers": sorted(per_gpu.get(g.index, [])),
-                }
+        return Status(
+            epoch=self.manager.epoch,
+            seq=self.manager.seq,
+            ssw_version=__version__,
+            uptime_s=round(now - self.started_at, 1),
+            gpu_source=self.gpus.kind,
+            placement_policy=self.cfg.placement.policy,
+            evictions_total=self.manager.evictions,
+            gpus=[
+                GpuView(
+                    index=g.index,
+                    uuid=g.uuid,
+                    name=g.name,
+                    simulated=self.gpus.kind == "simulated",
+                    memory_total_bytes=g.memory_total,
+                    memory_used_bytes=g.memory_used,
+                    memory_reserved_bytes=views[g.index].pending,
+                    memory_releasing_bytes=views[g.index].releasing,
+                    memory_free_bytes=views[g.index].free,
+                    utilization_pct=g.utilization_pct,
+                    temperature_c=g.temperature_c,
+                    power_w=g.power_w,
+                    workers=sorted(per_gpu.get(g.index, [])),
+                )
                 for g in gpus
             ],
-        }
+            models=models,
+            aliases=dict(sorted(self.registry.aliases.items())),
+            missing={name: str(path) for name, path in sorted(self.registry.missing.items())},
+            workers=[w.view(now) for w in sorted(self.manager.table, key=lambda w: w.unit)],
+        )
 
 
 # --- admin API ------------------------------------------------------------------------
@@ -289,8 +312,8 @@ def admin_app(loader: Loader) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "systemd": loader.systemd.connected}
 
-    @app.get("/status")
-    async def status() -> dict[str, Any]:
+    @app.get("/status", response_model=Status)
+    async def status() -> Status:
         return await loader.status()
 
     @app.post("/load")
@@ -298,9 +321,18 @@ def admin_app(loader: Loader) -> FastAPI:
         spec = await loader.resolve(req.model)
         task = loader.manager.load(spec, req.gpu)
         if not req.wait:
-            return JSONResponse({"model": spec.name, "state": "loading", "seq": loader.manager.seq}, status_code=202)
+            accepted = LoadAccepted(
+                model=spec.name,
+                load=loader.manager.loads.view(spec.name),
+                epoch=loader.manager.epoch,
+                seq=loader.manager.seq,
+            )
+            return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
         workers = await asyncio.shield(task)
-        return JSONResponse({"model": spec.name, "state": "ready", "workers": [w.public() for w in workers]})
+        now = time.time()
+        return JSONResponse(
+            {"model": spec.name, "state": "ready", "workers": [w.view(now).model_dump(mode="json") for w in workers]}
+        )
 
     @app.post("/unload")
     async def unload(req: UnloadRequest) -> dict[str, Any]:
@@ -323,7 +355,9 @@ def admin_app(loader: Loader) -> FastAPI:
         model: str, lines: int = Query(100, ge=1, le=journal.MAX_LINES), replica: int = Query(1, ge=1, le=16)
     ) -> dict[str, Any]:
         spec = await loader.resolve(model)
-        unit = unit_name(spec.name, replica)
+        # The replica's current unit, else the unit it would have (its last run's journal).
+        running = [w.unit for w in loader.manager.table.of_model(spec.name) if w.replica == replica]
+        unit = running[0] if running else unit_name(spec.name, replica)
         return {"unit": unit, "lines": await journal.tail(unit, lines, loader.cfg.systemd.journal_directory)}
 
     @app.get("/stats")
@@ -353,7 +387,8 @@ async def _event_stream(loader: Loader) -> AsyncIterator[bytes]:
     queue = loader.manager.subscribe()
 
     def frame() -> bytes:
-        return b"event: snapshot\ndata: " + json.dumps(loader.snapshot()).encode() + b"\n\n"
+        # JSON has no raw newline, so the snapshot is one data line of any length.
+        return b"event: snapshot\ndata: " + loader.snapshot().model_dump_json().encode() + b"\n\n"
 
     closing = asyncio.ensure_future(loader.closing.wait())
     try:

@@ -1,28 +1,34 @@
 """The gateway's side of the local channel to the loader: a pushed stream of
-snapshots (models, aliases, workers) and load requests.
+typed snapshots (:class:`ssw.contract.Snapshot`), load requests, and usage
+reports for the loader's LRU eviction.
 
 If the loader goes away, the last snapshot stays in force, so the gateway
-keeps serving the workers it knows while the loader restarts.
+keeps serving the workers it knows while the loader restarts. Whatever goes
+wrong on the stream (the loader restarting, a frame of any size, a frame that
+does not parse), the client reconnects; ``connected`` is true only while a
+stream is open and its last frame was good.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
 from .auth import read_token
+from .contract import CONTRACT_VERSION, LoadAccepted, Snapshot
 from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError
 
 log = logging.getLogger(__name__)
 USAGE_REPORT_INTERVAL_S = 2.0
+MAX_FRAME_BYTES = 256 * 2**20  # a runaway stream is cut, not buffered forever
+SILENCE_TIMEOUT_S = 60.0  # the loader sends a keep-alive every 15 s
 
 
 class LoaderClient:
@@ -31,13 +37,17 @@ class LoaderClient:
         self._session = session
         self._token_file = token_file
         self._token: str | None = None
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: Snapshot | None = None
+        self.snapshot_at = 0.0  # monotonic time the last snapshot arrived
         self.connected = False
+        self.last_error: str | None = None
         self._updated = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_used: dict[str, float] = {}
         self._unsent: set[str] = set()
-        self._listeners: list[Callable[[], None]] = []
+        # Called with each new snapshot, and whether it comes from a loader that
+        # was not the one before (a restart: its epoch differs).
+        self._listeners: list[Callable[[Snapshot, bool], None]] = []
 
     def _auth(self) -> dict[str, str]:
         # Read lazily: the loader creates the token at its first start.
@@ -45,7 +55,7 @@ class LoaderClient:
             self._token = read_token(self._token_file)
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 
-    def on_snapshot(self, listener: Callable[[], None]) -> None:
+    def on_snapshot(self, listener: Callable[[Snapshot, bool], None]) -> None:
         self._listeners.append(listener)
 
     def start(self) -> None:
@@ -84,58 +94,90 @@ class LoaderClient:
             await asyncio.sleep(USAGE_REPORT_INTERVAL_S)
             await self.flush_usage()
 
+    # --- the snapshot stream -------------------------------------------------------
+
     async def wait_update(self, timeout: float) -> None:
         """Until the next snapshot arrives (or the timeout passes)."""
         event = self._updated
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    def _publish(self, snapshot: dict[str, Any]) -> None:
+    def _publish(self, snapshot: Snapshot) -> None:
+        restarted = self.snapshot is not None and self.snapshot.epoch != snapshot.epoch
+        if restarted:
+            log.info("the loader restarted (epoch %s); asking again for what was pending", snapshot.epoch[:8])
         self.snapshot = snapshot
+        self.snapshot_at = time.monotonic()
         event, self._updated = self._updated, asyncio.Event()
         event.set()
         for listener in self._listeners:
-            listener()
+            try:
+                listener(snapshot, restarted)
+            except Exception:  # a listener's bug must not end the stream
+                log.exception("snapshot listener failed")
+
+    def _frame(self, frame: bytes) -> None:
+        data = b"\n".join(line[5:].lstrip() for line in frame.split(b"\n") if line.startswith(b"data:"))
+        if not data:
+            return  # a comment (keep-alive) or an event without data
+        snapshot = Snapshot.model_validate_json(data)
+        self._publish(snapshot)
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse) -> None:
+        pending = b""
+        async for chunk in resp.content.iter_any():
+            pending += chunk.replace(b"\r\n", b"\n")
+            while (cut := pending.find(b"\n\n")) >= 0:
+                frame, pending = pending[:cut], pending[cut + 2 :]
+                self._frame(frame)
+                if not self.connected:
+                    self.connected = True
+                    self.last_error = None
+                    log.info(
+                        "connected to the loader at %s (epoch %s)", self.url, self.snapshot and self.snapshot.epoch[:8]
+                    )
+            if len(pending) > MAX_FRAME_BYTES:
+                raise ValueError(f"a snapshot frame exceeds {MAX_FRAME_BYTES} bytes")
 
     async def _follow(self) -> None:
         backoff = 0.2
         while True:
             try:
-                timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=SILENCE_TIMEOUT_S)
                 async with self._session.get(self.url + "/events", headers=self._auth(), timeout=timeout) as resp:
                     if resp.status == 401:
                         self._token = None  # re-read: the loader may have created a new one
-                        log.error("the loader refused the gateway's token from %s", self._token_file)
+                        raise PermissionError(f"the loader refused the gateway's token from {self._token_file}")
                     resp.raise_for_status()
-                    if not self.connected:
-                        log.info("connected to the loader at %s", self.url)
-                        # A restarted loader knows no usage: tell it all again.
-                        self._unsent.update(self._last_used)
-                    self.connected = True
+                    # A restarted loader knows no usage: tell it all again.
+                    self._unsent.update(self._last_used)
                     backoff = 0.2
-                    data: list[bytes] = []
-                    async for raw in resp.content:
-                        line = raw.rstrip(b"\r\n")
-                        if line.startswith(b"data:"):
-                            data.append(line[5:].lstrip())
-                        elif not line and data:
-                            self._publish(json.loads(b"\n".join(data)))
-                            data = []
+                    await self._read_stream(resp)
+                raise ConnectionResetError("the loader ended the stream")
             except asyncio.CancelledError:
                 raise
-            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                if self.connected:
-                    log.warning("lost the loader at %s (%s); serving the last known workers", self.url, exc)
-            self.connected = False
-            # Wake waiters so they can notice the loader is gone.
-            if self.snapshot is not None:
-                self._publish(self.snapshot)
+            except ValidationError as exc:
+                self._lost(f"a snapshot did not match contract version {CONTRACT_VERSION}: {exc.errors()[:1]}")
+            except Exception as exc:  # any failure means: reconnect
+                self._lost(f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    async def request_load(self, model: str) -> int:
-        """Ask for a load without waiting for it; returns the snapshot sequence number
-        that already reflects the request."""
+    def _lost(self, why: str) -> None:
+        if self.connected or self.last_error != why:
+            log.warning("lost the loader at %s (%s); serving the last known workers", self.url, why)
+        self.connected = False
+        self.last_error = why
+        # Wake waiters so they can notice the loader is gone.
+        if self.snapshot is not None:
+            event, self._updated = self._updated, asyncio.Event()
+            event.set()
+
+    # --- loads -------------------------------------------------------------------
+
+    async def request_load(self, model: str) -> LoadAccepted:
+        """Ask for a load without waiting for it; the answer says as of which snapshot
+        (epoch and seq) the request is reflected."""
         # Fresh usage first: the load may evict the least recently used worker.
         await self.flush_usage()
         try:
@@ -157,4 +199,4 @@ class LoaderClient:
                     raise NoCapacity(message)
                 raise LoadFailed(message, int(retry) if retry.isdigit() else None)
             raise SswError(message)
-        return int(body.get("seq", 0))
+        return LoadAccepted.model_validate(body)

@@ -22,10 +22,16 @@ class DeviceView:
     total: int
     used: int  # in use now: ssw's workers and any other process
     pending: int  # reserved by loads in flight and not yet in use
+    releasing: int = 0  # part of `used` held by workers that are draining or stopping
 
     @property
     def free(self) -> int:
         return self.total - self.used - self.pending
+
+    @property
+    def free_after_release(self) -> int:
+        """Free once the workers on their way out are gone (a start waits for them)."""
+        return self.free + self.releasing
 
 
 @dataclass(frozen=True)
@@ -51,17 +57,20 @@ class Placement:
         return len(self.gpus)
 
 
-def _pick(devices: Sequence[DeviceView], need: int, policy: Policy) -> DeviceView:
+def _pick(devices: Sequence[DeviceView], need: int, policy: Policy, after_release: bool = False) -> DeviceView:
+    def free(d: DeviceView) -> int:
+        return d.free_after_release if after_release else d.free
+
     if policy == "pack":
         # Best fit: the least room left over; the lowest index breaks ties.
-        return min(devices, key=lambda d: (d.free - need, d.index))
-    return max(devices, key=lambda d: (d.free, -d.index))
+        return min(devices, key=lambda d: (free(d) - need, d.index))
+    return max(devices, key=lambda d: (free(d), -d.index))
 
 
 def _eviction_on(device: DeviceView, need: int, residents: Sequence[Resident]) -> tuple[list[Resident], bool]:
     """The least recently used evictable workers on this device that make room, in LRU order."""
     chosen: list[Resident] = []
-    free = device.free
+    free = device.free_after_release
     for r in sorted((r for r in residents if r.evictable and device.index in r.gpus), key=lambda r: r.last_used):
         if free >= need:
             break
@@ -87,6 +96,11 @@ def place(
     fitting = [d for d in candidates if d.free >= single]
     if fitting:
         return Placement((_pick(fitting, single, policy).index,), (), single)
+    # Room that workers on their way out (unloaded, evicted) will give back: the
+    # start waits for them rather than evicting anyone else.
+    fitting = [d for d in candidates if d.free_after_release >= single]
+    if fitting:
+        return Placement((_pick(fitting, single, policy, after_release=True).index,), (), single)
 
     # Evict on one GPU: the fewest workers, then the cheapest to bring back,
     # then the longest unused.
@@ -106,18 +120,19 @@ def place(
         n = 2
         while n <= min(len(candidates), MAX_TENSOR_PARALLEL):
             per = need.per_gpu(n)
-            roomy = sorted((d for d in candidates if d.free >= per), key=lambda d: (-d.free, d.index))
+            roomy = sorted(
+                (d for d in candidates if d.free_after_release >= per), key=lambda d: (-d.free_after_release, d.index)
+            )
             if len(roomy) >= n:
                 return Placement(tuple(sorted(d.index for d in roomy[:n])), (), per)
             n *= 2
 
-    best = max(
-        candidates,
-        key=lambda d: d.free + sum(r.held for r in residents if r.evictable and d.index in r.gpus),
-    )
-    achievable = best.free + sum(r.held for r in residents if r.evictable and best.index in r.gpus)
+    def achievable(d: DeviceView) -> int:
+        return d.free_after_release + sum(r.held for r in residents if r.evictable and d.index in r.gpus)
+
+    best = max(candidates, key=achievable)
     hint = "" if tensor_parallel else "; placement.tensor_parallel would split it across GPUs"
     raise NoCapacity(
-        f"needs {single / GB:.1f} GB on one GPU ({need.source}), but at most {achievable / GB:.1f} GB "
+        f"needs {single / GB:.1f} GB on one GPU ({need.source}), but at most {achievable(best) / GB:.1f} GB "
         f"can be freed (GPU {best.index}, {best.total / GB:.1f} GB, evicting every unpinned idle worker){hint}"
     )

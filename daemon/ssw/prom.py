@@ -13,7 +13,6 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .gpus import GpuInfo
-    from .workers import WorkerManager
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -65,7 +64,16 @@ class _WaitingCollector(Collector):
 
 
 class LoaderMetrics:
-    def __init__(self, manager: WorkerManager, latest_gpus: Callable[[], list[GpuInfo]]) -> None:
+    """The loader's series, read at scrape time through plain callables (this module
+    knows nothing of the worker table)."""
+
+    def __init__(
+        self,
+        worker_counts: Callable[[], dict[str, int]],
+        evictions: Callable[[], int],
+        gpus: Callable[[], list[GpuInfo]],
+        reserved: Callable[[], dict[int, int]],
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.loads = Counter("ssw_loads", "Model loads by result.", ["model", "result"], registry=self.registry)
         self.load_duration = Histogram(
@@ -75,7 +83,7 @@ class LoaderMetrics:
             buckets=LOAD_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_LoaderCollector(manager, latest_gpus))
+        self.registry.register(_LoaderCollector(worker_counts, evictions, gpus, reserved))
         ProcessCollector(registry=self.registry)
 
     def render(self) -> bytes:
@@ -83,22 +91,25 @@ class LoaderMetrics:
 
 
 class _LoaderCollector(Collector):
-    def __init__(self, manager: WorkerManager, latest_gpus: Callable[[], list[GpuInfo]]) -> None:
-        self._m = manager
-        self._gpus = latest_gpus
+    def __init__(
+        self,
+        worker_counts: Callable[[], dict[str, int]],
+        evictions: Callable[[], int],
+        gpus: Callable[[], list[GpuInfo]],
+        reserved: Callable[[], dict[int, int]],
+    ) -> None:
+        self._worker_counts = worker_counts
+        self._evictions = evictions
+        self._gpus = gpus
+        self._reserved = reserved
 
     def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
-        from .workers import WorkerState
-
         workers = GaugeMetricFamily("ssw_workers", "Workers by state.", labels=["state"])
-        counts = {s.value: 0 for s in WorkerState}
-        for w in self._m.workers.values():
-            counts[w.state.value] += 1
-        for state, n in counts.items():
+        for state, n in self._worker_counts().items():
             workers.add_metric([state], n)
         yield workers
-        yield CounterMetricFamily("ssw_evictions", "Workers evicted to make room.", value=self._m.evictions)
-        reserved = {v.index: v.pending for v in self._m.device_views(self._gpus())}
+        yield CounterMetricFamily("ssw_evictions", "Workers evicted to make room.", value=self._evictions())
+        reserved = self._reserved()
         families = {
             "total": GaugeMetricFamily("ssw_gpu_memory_total_bytes", "GPU memory.", labels=["gpu"]),
             "used": GaugeMetricFamily("ssw_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"]),

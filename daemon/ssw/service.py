@@ -83,7 +83,8 @@ async def run(cfg: Config, roles: set[str]) -> int:
             client = LoaderClient(cfg.gateway.loader_url, session, cfg.auth.gateway_token_file)
             client.start()
             cleanups.append(client.close)
-            gateway = Gateway(cfg, client, session)
+            gateway = Gateway(cfg, client)
+            cleanups.append(gateway.close)
             if not cfg.auth.enabled:
                 log.warning("auth.enabled is false: anyone who reaches port %d may use every model", cfg.public.port)
             elif len(gateway.keys) == 0:
@@ -91,8 +92,8 @@ async def run(cfg: Config, roles: set[str]) -> int:
             keyring = gateway.keys
             loop.add_signal_handler(signal.SIGHUP, lambda: keyring.reload(force=True))
             background.append(asyncio.create_task(_watch_keys(keyring)))
-            gateway.sink.start()
-            cleanups.append(gateway.sink.close)
+            gateway.accounting.sink.start()
+            cleanups.append(gateway.accounting.sink.close)
             servers.append(_server(gateway_app(gateway), cfg.public, cfg, cfg.gateway.shutdown_timeout_s))
             if cfg.gateway.metrics_listen is not None:
                 servers.append(_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1))
@@ -130,11 +131,14 @@ def _status_line(loader: Loader | None, gateway: Gateway | None) -> str:
     """One line for `systemctl status`: what is loaded, what is in flight."""
     parts = []
     if loader is not None:
-        ws = list(loader.manager.workers.values())
+        ws = list(loader.manager.table)
         ready = sorted({w.model for w in ws if w.state == "ready"})
         starting = sum(1 for w in ws if w.state == "starting")
+        leaving = sum(1 for w in ws if w.state in ("draining", "stopping"))
         parts.append(
-            f"{len(ready)} models ready ({', '.join(ready) or 'none'})" + (f", {starting} starting" if starting else "")
+            f"{len(ready)} models ready ({', '.join(ready) or 'none'})"
+            + (f", {starting} starting" if starting else "")
+            + (f", {leaving} stopping" if leaving else "")
         )
     if gateway is not None:
         parts.append(f"{gateway.in_flight()} requests in flight")

@@ -1,5 +1,7 @@
-"""Facts measured per model, kept across restarts in ``<state_dir>/models.json``:
-the VRAM a healthy worker really held and how long its loads took."""
+"""What the loader keeps on disk across its restarts, under ``state_dir``:
+facts measured per model (``models.json``: the VRAM a healthy worker really
+held, how long its loads took), and the workers it was taking down
+(``retiring.json``), so that a restarted loader finishes the job."""
 
 from __future__ import annotations
 
@@ -55,12 +57,60 @@ class FactStore:
             entry["updated_at"] = time.time()
             payload = json.dumps({"models": self._facts}, indent=1, sort_keys=True)
             try:
-                await asyncio.to_thread(self._write, payload)
+                await asyncio.to_thread(_write_atomic, self.path, payload)
             except OSError as exc:
                 log.warning("cannot save measured facts to %s: %s", self.path, exc)
 
-    def _write(self, payload: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(payload)
-        os.replace(tmp, self.path)  # readers never see half a file
+
+class Retiring:
+    """Units ssw has begun to take down (drain, then stop), with the reason."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._units: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    def load(self) -> None:
+        """Read the file (blocking; call once at start, in a thread)."""
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.path, exc)
+            return
+        if isinstance(data, dict):
+            self._units = {str(k): str(v) for k, v in data.items()}
+
+    def reason(self, unit: str) -> str | None:
+        return self._units.get(unit)
+
+    async def add(self, unit: str, reason: str) -> None:
+        if self._units.get(unit) != reason:
+            self._units[unit] = reason
+            await self._save()
+
+    async def discard(self, unit: str) -> None:
+        if self._units.pop(unit, None) is not None:
+            await self._save()
+
+    async def keep_only(self, units: set[str]) -> None:
+        """Forget units that no longer exist."""
+        if set(self._units) - units:
+            self._units = {u: r for u, r in self._units.items() if u in units}
+            await self._save()
+
+    async def _save(self) -> None:
+        async with self._lock:
+            payload = json.dumps(self._units, indent=1, sort_keys=True)
+            try:
+                await asyncio.to_thread(_write_atomic, self.path, payload)
+            except OSError as exc:
+                log.warning("cannot save %s: %s", self.path, exc)
+
+
+def _write_atomic(path: Path, payload: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(payload)
+    os.replace(tmp, path)  # readers never see half a file

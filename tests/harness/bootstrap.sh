@@ -24,6 +24,14 @@ if ((${#need_pkgs[@]})); then
   rm -f /usr/sbin/policy-rc.d
 fi
 
+# The service accounts a provisioned host has (ansible's ssw role creates them):
+# the gateway's `ssw` and the workers' `ssw-worker`, system accounts without a
+# login. The disposable hosts see this machine's accounts through their overlay.
+for account in ssw ssw-worker; do
+  getent passwd "$account" >/dev/null \
+    || useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$account"
+done
+
 if [ ! -x .venvs/ssw/bin/ssw ] || [ pyproject.toml -nt .venvs/ssw/.stamp ]; then
   echo "bootstrap: ssw venv (.venvs/ssw)"
   "$PYTHON" -m venv .venvs/ssw

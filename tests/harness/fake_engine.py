@@ -6,6 +6,14 @@ knobs, as flags or SSW_FAKE_* environment variables:
   --tokens-per-second N  generation speed; 0 = as fast as possible (SSW_FAKE_TPS)
   --fail MODE            'exit-on-start': exit 3 before listening;
                          'unhealthy': listen but /health answers 503 (SSW_FAKE_FAIL)
+  --backlog N            the listening socket's backlog (SSW_FAKE_BACKLOG)
+
+Like vLLM it serves on --uds PATH (a unix socket) or --host/--port, reports
+the requests it holds as vllm:num_requests_running on /metrics, and on SIGTERM
+lets in-flight requests finish for --shutdown-timeout seconds. For tests,
+POST /ssw-fake/break makes it fail every generation with a 500 while /health
+stays 200 (an engine that cannot generate), and GET /ssw-fake/stats counts
+running and aborted streams.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--uds")
+    p.add_argument("--backlog", type=int, default=int(os.environ.get("SSW_FAKE_BACKLOG", "128")))
     p.add_argument("--shutdown-timeout", type=float, default=0.0)
     p.add_argument("--load-delay", type=float, default=float(os.environ.get("SSW_FAKE_LOAD_DELAY", "0")))
     p.add_argument("--tokens-per-second", type=float, default=float(os.environ.get("SSW_FAKE_TPS", "0")))
@@ -39,7 +49,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
     names = args.served_model_name or [args.model]
     ready_at = time.monotonic() + args.load_delay
     delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
-    stats = {"running": 0, "aborted": 0}
+    stats = {"running": 0, "aborted": 0, "in_flight": 0}
+    broken = {"generate": False}
 
     def error(status: int, message: str) -> web.Response:
         return web.json_response(
@@ -55,7 +66,16 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return web.json_response({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
 
     async def generate(request: web.Request) -> web.StreamResponse:
+        stats["in_flight"] += 1
+        try:
+            return await _generate(request)
+        finally:
+            stats["in_flight"] -= 1
+
+    async def _generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if broken["generate"]:
+            return error(500, "EngineCore encountered an issue (fake engine broken on purpose)")
         if body.get("model") not in names:
             return error(404, f"The model `{body.get('model')}` does not exist.")
         chat = request.path.endswith("/chat/completions")
@@ -67,7 +87,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         echo = {
             "chat_template_kwargs": body.get("chat_template_kwargs"),
             "extra": body.get("ssw_test_extra"),
-            "port": args.port,
+            "socket": args.uds,
             "priority": body.get("priority"),
         }
         usage = {
@@ -143,7 +163,20 @@ def make_app(args: argparse.Namespace) -> web.Application:
         await resp.write(b"data: [DONE]\n\n")
 
     async def fake_stats(_: web.Request) -> web.Response:
-        return web.json_response(stats)
+        return web.json_response({k: v for k, v in stats.items() if k != "in_flight"})
+
+    async def fake_break(_: web.Request) -> web.Response:
+        broken["generate"] = True
+        return web.json_response(broken)
+
+    async def metrics(_: web.Request) -> web.Response:
+        lines = [
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{model_name="{names[0]}"}} {stats["in_flight"]}',
+            "# TYPE vllm:num_requests_waiting gauge",
+            f'vllm:num_requests_waiting{{model_name="{names[0]}"}} 0',
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
@@ -165,6 +198,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/ssw-fake/stats", fake_stats)
+    app.router.add_post("/ssw-fake/break", fake_break)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", generate)
     app.router.add_post("/v1/completions", generate)
@@ -174,19 +209,21 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
-    print(f"fake engine for {args.model} on {args.host}:{args.port}", flush=True)
+    where = args.uds or f"{args.host}:{args.port}"
+    print(f"fake engine for {args.model} on {where}", flush=True)
     if args.fail == "exit-on-start":
         print("fake engine: failing on purpose (exit-on-start)", file=sys.stderr, flush=True)
         sys.exit(3)
     # Like vLLM's --shutdown-timeout: on SIGTERM, stop accepting and let
     # in-flight requests finish for that long.
+    listen: dict[str, object] = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
     web.run_app(
         make_app(args),
-        host=args.host,
-        port=args.port,
+        **listen,  # type: ignore[arg-type]
         print=None,
         access_log=None,
         shutdown_timeout=args.shutdown_timeout,
+        backlog=args.backlog,
     )
 
 

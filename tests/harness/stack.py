@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def free_port_range(size: int) -> tuple[int, int]:
-    """A run of ports nobody listens on (workers take them from here)."""
-    base = 20000 + (os.getpid() * 7) % 20000
-    while True:
-        ports = range(base, base + size)
-        if all(_bindable(p) for p in ports):
-            return ports[0], ports[-1]
-        base += size
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def port_open(port: int) -> bool:
@@ -87,6 +68,42 @@ def http(
         return status, hdrs, raw.decode(errors="replace")
 
 
+class _UnixConnection(HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def worker_http(sock: str, method: str, path: str, body: Any = None, timeout: float = 30) -> tuple[int, Any]:
+    """A request straight to a worker's unix socket (the tests run as root, as the
+    loader does): (status, parsed JSON or text)."""
+    conn = _UnixConnection(sock, timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(raw)
+    except ValueError:
+        return resp.status, raw.decode(errors="replace")
+
+
+def socket_open(sock: str) -> bool:
+    """Whether something accepts connections on this unix socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex(sock) == 0
+
+
 def http_in_background(method: str, url: str, body: Any, timeout: float) -> tuple[threading.Thread, dict[str, Any]]:
     """A request on its own thread (a stream to interrupt, drain or evict under);
     the dict gets its status and body when it ends."""
@@ -120,7 +137,6 @@ def write_config(
     engine: str,
     public_port: int,
     admin_port: int,
-    ports: tuple[int, int],
     extra: dict[str, Any] | None = None,
     redis_url: str = "redis://127.0.0.1:1/0",
 ) -> Path:
@@ -147,7 +163,9 @@ def write_config(
             "simulated": [{"name": "Simulated A40", "memory_gb": 48}, {"name": "Simulated A40", "memory_gb": 48}],
         },
         "vllm": vllm,
-        "workers": {"port_min": ports[0], "port_max": ports[1], "stop_timeout_s": 10},
+        # Shared with the disposable host (same path inside): workers create their
+        # sockets there, and the roles, running out here, reach them.
+        "workers": {"socket_dir": str(directory / "sockets"), "stop_timeout_s": 10, "drain_timeout_s": 10},
         "health": {"interval_s": 0.25, "check_interval_s": 1.0, "start_timeout_s": 300},
         "gateway": {"loader_url": f"http://127.0.0.1:{admin_port}", "wait_timeout_s": 120},
         "systemd": {"bus_address": bus_address, "journal_directory": str(journal_dir) if journal_dir else None},

@@ -14,6 +14,15 @@ mount -t proc proc "$r/proc"
 mount --rbind /sys "$r/sys"
 mount --rbind /dev "$r/dev"
 mount -t tmpfs -o mode=755 tmpfs "$r/run"
+# Directories shared both ways with the machine, at the same path inside (the
+# tests' work root: worker sockets created inside are reached from outside).
+for shared in ${SYSBOX_SHARE:-}; do
+  mkdir -p "$shared" "$r$shared"
+  mount --bind "$shared" "$r$shared"
+done
+# This machine's Python lives under /root (pyenv): let the unprivileged
+# accounts of the host (gateway, workers) reach it. Only the overlay changes.
+chmod 755 "$r/root"
 # /tmp stays the overlay's view of the real /tmp (a checkout may live there),
 # and systemd-tmpfiles must not empty it at boot: mask tmp.conf inside.
 # Deletions would only be whiteouts in the overlay, never on the real disk.

@@ -30,7 +30,7 @@ class SysBox:
         self._launcher = launcher
 
     @classmethod
-    def boot(cls, timeout: float = 180.0, tmpfs_size: str = "6g") -> SysBox:
+    def boot(cls, timeout: float = 180.0, tmpfs_size: str = "6g", share: tuple[Path, ...] = ()) -> SysBox:
         if os.geteuid() != 0:
             raise RuntimeError("booting a disposable systemd host needs root (namespaces, mounts)")
         base = Path(tempfile.mkdtemp(prefix="ssw-sysbox-"))
@@ -40,7 +40,7 @@ class SysBox:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            env={**os.environ, "SYSBOX_TMPFS_SIZE": tmpfs_size},
+            env={**os.environ, "SYSBOX_TMPFS_SIZE": tmpfs_size, "SYSBOX_SHARE": " ".join(str(p) for p in share)},
         )
         deadline = time.monotonic() + timeout
         pid = None

@@ -8,8 +8,7 @@ import yaml
 from ssw.config import Config, load_config
 from ssw.errors import ConfigError
 from ssw.registry import ModelOverride
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.harness.stack import REPO
 
 
 def test_shipped_config_validates_and_documents_every_default() -> None:
@@ -55,7 +54,11 @@ def test_defaults_match_the_ssw_design() -> None:
         ("public: {host: 0.0.0.0, port: 99999}", "public.port"),
         ("gpus: {source: simulated}", "gpus"),
         ("gpus: {source: cuda}", "gpus.source"),
-        ("workers: {port_min: 9000, port_max: 8000}", "workers"),
+        ("workers: {user: root}", "workers.user"),
+        ("workers: {socket_dir: run/ssw}", "workers.socket_dir"),
+        ("workers: {socket_dir: /" + "x" * 70 + "}", "workers.socket_dir"),
+        ("workers: {slice: ssw.service}", "workers.slice"),
+        ("gateway: {not_loaded: maybe}", "gateway.not_loaded"),
         ("health: {interval_s: -1}", "health.interval_s"),
         ("no_such_key: 1", "no_such_key"),
         ("vllm: {pyhton: /x}", "vllm.pyhton"),

@@ -67,6 +67,11 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetUUID(self, h: dict[str, Any]) -> str:
         return h["uuid"]
 
+    def nvmlDeviceGetMinorNumber(self, h: dict[str, Any]) -> int:
+        if h.get("minor") is None:
+            raise self.NVMLError("Not Supported")
+        return int(h["minor"])
+
 
 @pytest.fixture
 def fake_nvml() -> Iterator[FakeNvml]:
@@ -79,6 +84,7 @@ def fake_nvml() -> Iterator[FakeNvml]:
                 "util": 37,
                 "procs": [(os.getpid(), 19 * GB)],
                 "power_mw": 212_500,
+                "minor": 3,  # the device node's number need not be the index
             },
             {"uuid": "GPU-1", "total": 48 * GB, "used": 1 * GB, "util": None, "procs": [(999_999_999, None)]},
         ]
@@ -100,6 +106,7 @@ async def test_nvml_source_reads_devices_and_attributes_processes(fake_nvml: Fak
     assert g0.memory_free == 28 * GB and g0.utilization_pct == 37
     assert g0.temperature_c == 61 and g0.power_w == 212.5
     assert g1.utilization_pct is None and g1.power_w is None  # unknown stays unknown, not 0
+    assert g0.device_node == "/dev/nvidia3" and g1.device_node is None
     (proc,) = g0.processes
     assert proc.pid == os.getpid() and proc.used_bytes == 19 * GB
     assert proc.unit == unit_of_pid(os.getpid())

@@ -11,8 +11,7 @@ from ssw.engine import vllm_argv
 from ssw.errors import ConfigError, ModelNotFound
 from ssw.registry import family_defaults, read_facts, scan
 from tests.conftest import QWEN2_CONFIG, make_model_dir
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.harness.stack import REPO
 
 
 def write_models(path: Path, models: dict) -> Path:

@@ -10,9 +10,9 @@ from ssw.config import PlacementSettings
 from ssw.placement import DeviceView, place
 from ssw.registry import scan
 from ssw.vram import GB, kv_bytes_per_token, vram_need
+from tests.harness.stack import REPO
 from tests.seed_models import SEED_MODELS, make_seed_model
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.unit.test_engine import spec as engine_spec
 
 
 @pytest.mark.parametrize("name", sorted(SEED_MODELS))
@@ -56,3 +56,18 @@ def test_shipped_models_yaml_reproduces_the_reference_layout(tmp_path: Path) -> 
     for d in devices.values():
         print(f"GPU {d.index}: {d.free / GB:.2f} GB free")
         assert abs(d.free - 20.9 * GB) < 0.05 * GB
+
+
+def test_vram_need_prefers_models_yaml_then_measured_then_estimate() -> None:
+    settings = PlacementSettings()
+    overhead = int(0.95 * GB)
+    explicit = vram_need(engine_spec(vram_gb=11.5), settings, measured_bytes=7 * GB)
+    assert explicit.source == "models.yaml" and explicit.per_gpu() == int(11.5 * GB) + overhead
+    assert explicit.kv_bytes == int(1.5 * GB)  # vram_gb less the weights
+    measured = vram_need(engine_spec(), settings, measured_bytes=20 * GB)
+    assert measured.source == "measured" and measured.per_gpu() == int(20 * GB * 1.05)
+    est = vram_need(engine_spec(max_model_len=16384), settings)
+    kv = 2 * 48 * 8 * 128 * 2 * 16384
+    assert est.source == "estimate" and est.kv_bytes == kv
+    assert est.per_gpu() == 10 * GB + kv + overhead
+    assert vram_need(engine_spec(max_model_len=16384), PlacementSettings(kv_cache_sequences=2)).kv_bytes == 2 * kv

@@ -1,0 +1,156 @@
+"""Who may call, and what a request must look like before any worker is touched:
+API keys and their scopes, per-key limits, the body's size, JSON shape and
+nesting, and the fields ssw relies on. Everything else in a body passes
+through to vLLM untouched."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import orjson
+
+from .accounting import Exchange
+from .auth import ApiKey, Forbidden, KeyRing
+from .config import Config
+from .errors import BadRequest, HeadersTooLarge, ModelNotFound, PayloadTooLarge, RequestTimeout, TooManyRequests
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+def too_deep(value: Any, limit: int) -> bool:
+    """Whether JSON containers nest deeper than ``limit`` (iterative: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        children = obj.values() if type(obj) is dict else obj
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_body(raw: bytes, max_depth: int) -> dict[str, Any]:
+    """The request body as a JSON object; BadRequest for anything else."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc):
+            raise BadRequest(f"the request body nests deeper than {max_depth} levels") from None
+        raise BadRequest("the request body is not valid JSON") from None
+    if type(body) is not dict:
+        raise BadRequest("the request body must be a JSON object")
+    if too_deep(body, max_depth):
+        raise BadRequest(f"the request body nests deeper than {max_depth} levels")
+    return body
+
+
+class Admission:
+    def __init__(self, cfg: Config, keys: KeyRing) -> None:
+        self.cfg = cfg
+        self.limits = cfg.limits
+        self.keys = keys
+        self.in_flight: dict[str, int] = {}  # API key name -> requests in flight
+
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> ApiKey | None:
+        """The caller's key (None when auth is off); 401 for a missing or wrong key."""
+        size = 0
+        authorization = None
+        for name, value in headers:
+            size += len(name) + len(value)
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+        if size > self.limits.max_header_bytes:
+            raise HeadersTooLarge(f"request headers exceed {self.limits.max_header_bytes} bytes")
+        if not self.cfg.auth.enabled:
+            return None
+        return self.keys.check(authorization)
+
+    def check_scope(self, key: ApiKey | None, asked: str, model: str | None, resolve: Callable[[str], str]) -> None:
+        """403 for a model outside the key's scope, whether or not that model exists.
+        ``model`` is what ``asked`` resolves to (None: nothing)."""
+        allowed = self.allowed_models(key, resolve)
+        if allowed is None or (key is not None and key.models is not None and asked in key.models):
+            return
+        if model is None or model not in allowed:
+            raise Forbidden("This API key may not use that model.")
+
+    @staticmethod
+    def allowed_models(key: ApiKey | None, resolve: Callable[[str], str]) -> set[str] | None:
+        if key is None or key.models is None:
+            return None
+        out = set()
+        for entry in key.models:
+            try:
+                out.add(resolve(entry))
+            except (ModelNotFound, BadRequest):
+                continue
+        return out
+
+    def admit(self, key: ApiKey | None, ex: Exchange) -> None:
+        if key is None:
+            return
+        cap = self.limits.max_in_flight_per_key
+        limit = min(key.max_in_flight or cap, cap)
+        current = self.in_flight.get(key.name, 0)
+        if current >= limit:
+            raise TooManyRequests(f"this API key already has {limit} requests in flight")
+        self.in_flight[key.name] = current + 1
+        ex.admitted = True
+
+    def release(self, ex: Exchange) -> None:
+        if ex.admitted:
+            ex.admitted = False
+            self.in_flight[ex.key] -= 1
+
+    async def read_body(self, declared: bytes | None, chunks: AsyncIterator[bytes]) -> bytes:
+        limit = self.limits.max_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+                parts.append(chunk)
+
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                await read()
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout_s:.0f} s") from None
+        return b"".join(parts)
+
+    def validate(self, body: dict[str, Any], path: str, max_tokens_ceiling: int | None) -> None:
+        """The fields ssw relies on, checked before any worker is touched; the rest
+        passes through to vLLM untouched."""
+        if "stream" in body and type(body["stream"]) is not bool:
+            raise BadRequest("'stream' must be a boolean")
+        if path == "/v1/chat/completions":
+            messages = body.get("messages")
+            if type(messages) is not list or not messages:
+                raise BadRequest("'messages' must be a non-empty array")
+            if len(messages) > self.limits.max_messages:
+                raise BadRequest(f"at most {self.limits.max_messages} messages per request")
+            for i, m in enumerate(messages):
+                if type(m) is not dict or m.get("role") not in CHAT_ROLES:
+                    raise BadRequest(f"messages[{i}]: an object whose 'role' is one of {', '.join(CHAT_ROLES)}")
+        elif path == "/v1/completions" and not isinstance(body.get("prompt"), str | list):
+            raise BadRequest("'prompt' must be a string or an array")
+        elif path == "/v1/embeddings" and not isinstance(body.get("input"), str | list):
+            raise BadRequest("'input' must be a string or an array")
+        for field_name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(field_name)
+            if value is None:
+                continue
+            if type(value) is not int or value < 1:
+                raise BadRequest(f"'{field_name}' must be a positive integer")
+            if max_tokens_ceiling and value > max_tokens_ceiling:
+                raise BadRequest(f"'{field_name}' may be at most {max_tokens_ceiling} for this model")

@@ -1,0 +1,126 @@
+"""The contract between the loader and its clients (the gateway, the CLI): what
+the loader publishes on ``GET /events`` and answers on ``GET /status``.
+
+One typed, versioned model used on both sides. ``epoch`` changes every time a
+loader starts, so a client recognises a restarted loader (whose ``seq`` starts
+again from 0) and asks again for what it was waiting for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .lifecycle import LoadState, WorkerState
+
+CONTRACT_VERSION: Literal[1] = 1
+
+
+class _View(BaseModel):
+    # Fields a newer loader adds are ignored by an older client of the same version.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class WorkerView(_View):
+    unit: str
+    model: str
+    replica: int
+    state: WorkerState
+    state_reason: str = ""
+    state_for_s: float = 0.0
+    gpus: list[int]
+    socket: str
+    pinned: bool = False
+    vram_budget_bytes: int = 0
+    vram_measured_bytes: int | None = None
+    uptime_s: float = 0.0
+    idle_s: float = 0.0
+    adopted: bool = False
+    unit_active: bool = False
+    load_phases_s: dict[str, float] | None = None
+
+
+class LoadView(_View):
+    """A model's load record."""
+
+    state: LoadState = LoadState.IDLE
+    reason: str = ""
+    since: float = 0.0  # wall time the record entered this state
+    deadline: float | None = None  # wall time a backoff or cooldown ends
+    last_error: str | None = None
+    recent_failures: int = 0  # within the crash window
+
+
+class ModelView(_View):
+    aliases: list[str] = Field(default_factory=list)
+    pinned: bool = False
+    load: LoadView = Field(default_factory=LoadView)
+    load_seconds: float | None = None  # median of measured loads; None: never loaded here
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    fallbacks: list[str] = Field(default_factory=list)
+    fallback_default: bool = False
+    scheduling_policy: str | None = None
+    max_tokens: int | None = None
+
+
+class Snapshot(_View):
+    version: Literal[1] = CONTRACT_VERSION
+    epoch: str  # a new value each time a loader starts
+    seq: int  # increases with every change within an epoch
+    models: dict[str, ModelView]
+    aliases: dict[str, str]
+    missing: dict[str, str] = Field(default_factory=dict)  # configured, files absent: name -> expected path
+    workers: list[WorkerView]
+
+
+class GpuView(_View):
+    index: int
+    uuid: str
+    name: str
+    simulated: bool
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_reserved_bytes: int
+    memory_releasing_bytes: int
+    memory_free_bytes: int
+    utilization_pct: int | None
+    temperature_c: int | None
+    power_w: float | None
+    workers: list[str]
+
+
+class ModelStatus(ModelView):
+    path: str
+    weight_bytes: int
+    vram_need_bytes: int
+    vram_need_source: str
+    measured_vram_bytes: int | None
+    unit: str
+
+
+class Status(_View):
+    """``GET /status``: the snapshot with everything an operator wants to see."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    epoch: str
+    seq: int
+    ssw_version: str
+    uptime_s: float
+    gpu_source: str
+    placement_policy: str
+    evictions_total: int
+    gpus: list[GpuView]
+    models: dict[str, ModelStatus]
+    aliases: dict[str, str]
+    missing: dict[str, str]
+    workers: list[WorkerView]
+
+
+class LoadAccepted(_View):
+    """``POST /load`` with ``wait: false``: where the load stands, as of which snapshot."""
+
+    model: str
+    load: LoadView
+    epoch: str
+    seq: int

@@ -1,0 +1,299 @@
+"""The hot path: one request to a worker over its unix socket and its answer
+back to the client, relayed as it arrives, written straight to ASGI.
+
+Workers are tried in routing order; a connection that fails before anything
+reached the worker (refused, missing socket, connect timeout) moves on to the
+next one. Once the request reached a worker nothing is retried. Streams are
+relayed event by event (the time to the first token is noted, and the usage
+chunk ssw asked for on the client's behalf is taken out again); a client that
+leaves closes the upstream connection, which makes vLLM abort the request.
+Errors a worker answers with are wrapped in the OpenAI envelope with
+``source: worker``, status and message kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from .accounting import Exchange
+from .config import Config
+from .contract import WorkerView
+from .errors import SswError, UpstreamError
+from .routing import RoundRobin, least_outstanding
+from .upstream import ConnectFailed, Pool, Response, ResponseFailed
+
+log = logging.getLogger(__name__)
+
+MAX_FAILOVER_ATTEMPTS = 3
+SUSPECT_FOR_S = 5.0  # a worker whose socket refused a connection is skipped this long
+JSON = b"application/json"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+
+
+def envelope(exc: SswError, source: str) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code, "source": source}}
+    )
+
+
+class Reply:
+    """The answer to one client over ASGI. It starts at most once; a held stream
+    that already sent keep-alives can only go on as server-sent events."""
+
+    __slots__ = ("_send", "ended", "extra_headers", "sse", "started", "status")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+        self.sse = False
+        self.ended = False
+        self.status = 0
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # added to whatever response starts
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        self.status = status
+        if self.extra_headers:
+            headers = [*headers, *self.extra_headers]
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def start_sse(self) -> None:
+        self.sse = True
+        await self.start(200, SSE_HEADERS)
+
+    async def body(self, data: bytes, more: bool = True) -> None:
+        if not more:
+            self.ended = True
+        await self._send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def end(self) -> None:
+        if not self.ended:
+            await self.body(b"", more=False)
+
+    async def whole(self, status: int, data: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """A complete JSON answer, or on a started stream the same as one event."""
+        if self.sse:
+            await self.body(b"data: " + data + b"\n\n", more=False)
+            return
+        await self.start(status, [(b"content-type", JSON), (b"content-length", b"%d" % len(data)), *(headers or [])])
+        await self.body(data, more=False)
+
+    async def error(self, exc: SswError, source: str) -> None:
+        headers = []
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            headers.append((b"retry-after", str(retry_after).encode()))
+        await self.whole(exc.status, envelope(exc, source), headers)
+
+
+def wrap_worker_error(status: int, data: bytes) -> tuple[bytes, str]:
+    """A worker's error answer in the envelope: its message, type and param kept,
+    ``code`` a string (vLLM sends the status number), ``source: worker``."""
+    message, type_, param, code = "", "worker_error", None, None
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        body = orjson.loads(data)
+        err = body.get("error", body) if isinstance(body, dict) else {}
+        if isinstance(err, str):
+            err = {"message": err}
+        if isinstance(err, dict):
+            message = str(err.get("message") or err.get("detail") or "")
+            type_ = str(err.get("type") or type_)
+            param = err.get("param") if isinstance(err.get("param"), str) else None
+            code = err.get("code") if isinstance(err.get("code"), str) else None
+    if not message:
+        message = data[:500].decode(errors="replace") or f"the worker answered {status}"
+    wrapped = {"error": {"message": message, "type": type_, "param": param, "code": code, "source": "worker"}}
+    return orjson.dumps(wrapped), type_
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Relay:
+    def __init__(self, cfg: Config, on_used: Callable[[str], None]) -> None:
+        self.pool = Pool(cfg.gateway.upstream_connect_timeout_s, cfg.gateway.upstream_read_timeout_s)
+        self.routing = cfg.gateway.routing
+        self.on_used = on_used
+        self.rr = RoundRobin()
+        self.outstanding: dict[str, int] = {}  # worker unit -> requests in flight
+        self._suspect_until: dict[str, float] = {}
+
+    def in_flight(self) -> int:
+        return sum(self.outstanding.values())
+
+    def healthy_first(self, workers: list[WorkerView]) -> list[WorkerView]:
+        """Workers whose socket refused a connection lately go last (they may be restarting)."""
+        now = time.monotonic()
+        fine = [w for w in workers if self._suspect_until.get(w.unit, 0.0) <= now]
+        return fine or workers
+
+    def order(self, model: str, workers: list[WorkerView]) -> list[WorkerView]:
+        workers = self.healthy_first(workers)
+        if self.routing == "least_outstanding":
+            return least_outstanding(workers, lambda w: self.outstanding.get(w.unit, 0), self.rr, model)
+        return self.rr.order(model, workers)
+
+    async def forward(
+        self,
+        model: str,
+        head: bytes,
+        payload: bytes,
+        workers: list[WorkerView],
+        ex: Exchange,
+        reply: Reply,
+        receive: Receive,
+    ) -> None:
+        """Send the request to the first worker that takes it and relay the answer."""
+        last_error: Exception | None = None
+        order = self.order(model, workers)
+        # Cycle through the pool: a lone worker gets another try too, on a fresh
+        # connection (a pooled one may point at a process that was replaced).
+        for attempt in range(MAX_FAILOVER_ATTEMPTS):
+            worker = order[attempt % len(order)]
+            unit = worker.unit
+            self.outstanding[unit] = self.outstanding.get(unit, 0) + 1
+            try:
+                resp = await self.pool.request(worker.socket, head, payload)
+            except ConnectFailed as exc:
+                self.outstanding[unit] -= 1
+                # Nothing has reached the worker, so the next one may serve it.
+                log.warning("%s: %s; trying the next worker", unit, exc)
+                self._suspect_until[unit] = time.monotonic() + SUSPECT_FOR_S
+                last_error = exc
+                continue
+            except ResponseFailed as exc:
+                self.outstanding[unit] -= 1
+                raise UpstreamError(f"{unit} failed before it answered: {exc}") from None
+            except BaseException:
+                self.outstanding[unit] -= 1
+                raise
+            self.on_used(unit)
+            ex.worker = unit
+            try:
+                await self._answer(resp, ex, reply, receive)
+            finally:
+                self.outstanding[unit] -= 1
+            return
+        raise UpstreamError(f"no worker of '{model}' could be reached: {last_error}")
+
+    async def _answer(self, resp: Response, ex: Exchange, reply: Reply, receive: Receive) -> None:
+        ex.status = resp.status
+        ctype = resp.header(b"content-type") or JSON
+        if ctype.startswith(b"text/event-stream"):
+            await self._stream(resp, ex, reply, receive)
+            return
+        try:
+            data = await resp.read()
+        except BaseException:
+            resp.close()
+            raise
+        resp.release()
+        if resp.status >= 400:
+            data, _ = wrap_worker_error(resp.status, data)
+            ex.error = f"worker_{resp.status}"
+            await reply.whole(resp.status, data)
+            return
+        if resp.status == 200 and ctype.startswith(JSON):
+            with contextlib.suppress(ValueError, AttributeError):
+                ex.usage(orjson.loads(data).get("usage"))
+        if reply.sse:
+            await reply.whole(200, data)
+            return
+        await reply.start(resp.status, [(b"content-type", ctype), (b"content-length", b"%d" % len(data))])
+        await reply.body(data, more=False)
+
+    async def _stream(self, resp: Response, ex: Exchange, reply: Reply, receive: Receive) -> None:
+        if not reply.started:
+            await reply.start_sse()
+        # A client that leaves closes the upstream connection: vLLM aborts the request.
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        watcher.add_done_callback(lambda _: resp.close())
+        finished = False
+        pending = b""
+        try:
+            async for chunk in resp.iter_chunks():
+                data = pending + chunk if pending else chunk
+                cut = data.rfind(b"\n\n")
+                if cut < 0:
+                    pending = data
+                    continue
+                if cut + 2 < len(data):
+                    data, pending = data[: cut + 2], data[cut + 2 :]
+                else:
+                    pending = b""
+                out = _inspect(data, ex)
+                if out:
+                    await reply.body(out)
+            if pending:
+                await reply.body(pending)
+            finished = True
+        except ResponseFailed as exc:
+            if watcher.done():
+                ex.error = "client_disconnected"
+            else:
+                ex.error = "upstream_failed"
+                log.warning("%s: the stream broke off: %s", ex.worker, exc)
+        finally:
+            watcher.cancel()
+            if finished:
+                resp.release()
+            else:
+                resp.close()
+        if not watcher.cancelled() and watcher.done():
+            return  # the client is gone: nothing more to send
+        with contextlib.suppress(Exception):
+            await reply.end()
+
+
+def _inspect(events: bytes, ex: Exchange) -> bytes:
+    """Note the first token's time and the usage chunk; drop that chunk when only
+    ssw asked for it. The common case, once the first token went by, is a scan."""
+    if ex.ttft_s is not None and b'"usage":{' not in events and b'"usage": {' not in events:
+        return events
+    kept = []
+    for event in events.split(b"\n\n"):
+        if not event:
+            continue
+        drop = False
+        if event.startswith(b"data: {"):
+            try:
+                obj = orjson.loads(event[6:])
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                if ex.ttft_s is None and _has_token(obj):
+                    ex.ttft_s = time.perf_counter() - ex.t0
+                if obj.get("usage") and not obj.get("choices"):
+                    ex.usage(obj["usage"])
+                    drop = ex.strip_usage
+        if not drop:
+            kept.append(event + b"\n\n")
+    return b"".join(kept)
+
+
+def _has_token(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict):
+            raw_delta = choice.get("delta")
+            delta: dict[str, Any] = raw_delta if isinstance(raw_delta, dict) else {}
+            if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls") or choice.get("text"):
+                return True
+    return False

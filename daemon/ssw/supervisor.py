@@ -1,0 +1,746 @@
+"""The loader's machinery: places, starts, adopts, watches, drains and stops
+worker units, and carries out the decisions of :mod:`ssw.placement` and
+:mod:`ssw.lifecycle`. States change only through the worker table and the
+load book; this module does the I/O (D-Bus, the workers' sockets, GPUs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import engine, journal
+from .config import Config
+from .errors import ConfigError, LoadFailed, NoCapacity, SswError, SystemdError, WorkerNotFound
+from .gpus import GpuInfo, GpuSource
+from .lifecycle import LEAVING, LIVE, Failure, LoadState, WorkerState, recent, recover
+from .loads import LoadBook, LoadRecord
+from .placement import DeviceView, Resident, place
+from .probes import Canary, Probes
+from .registry import ModelSpec, Registry
+from .store import FactStore, Retiring
+from .systemd import Systemd
+from .units import UNIT_GLOB, instance_for, parse_unit_name, socket_dir_name, socket_path, unit_name
+from .vram import GB, vram_need
+from .workers import Worker, WorkerTable, describe_phases
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+JOURNAL_LINES_ON_FAILURE = 8
+# A drained worker shows no request in flight for this long before it is stopped:
+# a request routed just before the gateway heard of the drain arrives meanwhile.
+DRAIN_SETTLE_S = 0.5
+DRAIN_POLL_S = 0.2
+
+
+def _accounts(cfg: Config) -> tuple[int, int]:
+    """(uid of the workers' account, gid of the gateway's group): the owners of socket directories."""
+    try:
+        user = pwd.getpwnam(cfg.workers.user)
+    except KeyError:
+        raise ConfigError(f"workers.user: no account named {cfg.workers.user!r} on this host") from None
+    if user.pw_uid == 0:
+        raise ConfigError(f"workers.user: {cfg.workers.user!r} is root; workers never run as root")
+    try:
+        group = grp.getgrnam(cfg.auth.gateway_group)
+    except KeyError:
+        raise ConfigError(
+            f"auth.gateway_group: no group named {cfg.auth.gateway_group!r} on this host "
+            "(the gateway reaches the workers' sockets through it)"
+        ) from None
+    return user.pw_uid, group.gr_gid
+
+
+class Supervisor:
+    def __init__(
+        self,
+        cfg: Config,
+        systemd: Systemd,
+        gpus: GpuSource,
+        registry: Registry,
+        store: FactStore,
+        retiring: Retiring,
+    ) -> None:
+        self.cfg = cfg
+        self.systemd = systemd
+        self.gpus = gpus
+        self.registry = registry
+        self.store = store
+        self.retiring = retiring
+        self.epoch = uuid.uuid4().hex
+        self.seq = 0
+        self.table = WorkerTable(self.changed)
+        self.table.on_leave = self._left
+        self.loads = LoadBook(self.changed)
+        self.probes = Probes(cfg.health.probe_timeout_s, cfg.health.canary_timeout_s)
+        self.evictions = 0
+        self._place_lock = asyncio.Lock()
+        self._device_locks: dict[int, asyncio.Lock] = {}
+        self._retirements: dict[str, asyncio.Task[None]] = {}
+        self._subscribers: set[asyncio.Queue[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._uid, self._gid = -1, -1
+        self._closing = False  # shutting down: cancelled starts are adopted later, not stopped
+        # (model, "ready" or "failed", seconds from unit start to healthy or failure)
+        self.on_load_result: Callable[[str, str, float], None] | None = None
+        systemd.on_state_change(self._on_unit_state)
+
+    # --- running ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._uid, self._gid = await asyncio.to_thread(_accounts, self.cfg)
+        await asyncio.to_thread(self._prepare_socket_root)
+        await self.adopt()
+        self._spawn(self._health_loop())
+        if self.cfg.health.canary_interval_s > 0:
+            self._spawn(self._canary_loop())
+
+    async def close(self) -> None:
+        """Stop watching; workers keep running (a restarted loader adopts them)."""
+        self._closing = True
+        pending = list(self._tasks)
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(BaseException):
+                await task
+        await self.probes.close()
+
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_crash)
+        return task
+
+    # --- publishing -----------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Queue[None]:
+        queue: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[None]) -> None:
+        self._subscribers.discard(queue)
+
+    def changed(self) -> None:
+        self.seq += 1
+        for queue in self._subscribers:
+            # One pending token is enough: a subscriber always sends the latest snapshot.
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(None)
+
+    # --- sockets ----------------------------------------------------------------------
+
+    def _prepare_socket_root(self) -> None:
+        root = self.cfg.workers.socket_dir
+        root.mkdir(parents=True, exist_ok=True)
+        # Workers may pass through (to their own directory); nobody may list it.
+        os.chmod(root, 0o711)
+
+    def _make_socket_dir(self, unit: str) -> Path:
+        """A fresh directory for the worker's socket: its account may create the socket,
+        the gateway's group may connect (setgid: the socket gets that group), nobody else
+        may even look."""
+        path = socket_path(self.cfg.workers.socket_dir, unit)
+        shutil.rmtree(path.parent, ignore_errors=True)  # a stale one from a dead worker
+        path.parent.mkdir(mode=0o700)
+        os.chmod(path.parent, 0o2750)  # before chown: chmod needs ownership
+        os.chown(path.parent, self._uid, self._gid)
+        return path
+
+    def _remove_socket_dir(self, socket: Path) -> None:
+        if socket.parent.parent == self.cfg.workers.socket_dir:
+            shutil.rmtree(socket.parent, ignore_errors=True)
+
+    def _remove_stale_socket_dirs(self) -> None:
+        keep = {socket_dir_name(w.unit) for w in self.table}
+        with contextlib.suppress(OSError):
+            for entry in self.cfg.workers.socket_dir.iterdir():
+                if entry.is_dir() and entry.name not in keep:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+    # --- GPUs and placement inputs -------------------------------------------------------
+
+    def _held(self, worker: Worker, gpus: list[GpuInfo]) -> int:
+        """What a worker holds on one of its GPUs now."""
+        if self.gpus.kind == "simulated":
+            # Simulated memory is taken when the worker is up and given back when it is gone.
+            return worker.budget_bytes if worker.state is not WorkerState.STARTING else 0
+        per_gpu = [
+            sum(p.used_bytes or 0 for p in g.processes if p.unit == worker.unit) for g in gpus if g.index in worker.gpus
+        ]
+        return max(per_gpu, default=0)
+
+    def _simulated_use(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for w in self.table:
+            if w.state is not WorkerState.STARTING:
+                for g in w.gpus:
+                    out[g] = out.get(g, 0) + w.budget_bytes
+        return out
+
+    async def gpu_snapshot(self) -> list[GpuInfo]:
+        return await self.gpus.snapshot(self._simulated_use())
+
+    def device_views(self, gpus: list[GpuInfo]) -> list[DeviceView]:
+        pending: dict[int, int] = {}
+        releasing: dict[int, int] = {}
+        for w in self.table:
+            if w.state is WorkerState.STARTING:
+                # Reserved but not yet (fully) allocated: what NVML does not show yet.
+                missing = max(w.budget_bytes - self._held(w, gpus), 0)
+                for g in w.gpus:
+                    pending[g] = pending.get(g, 0) + missing
+            elif w.state in LEAVING:
+                held = self._held(w, gpus) or w.budget_bytes
+                for g in w.gpus:
+                    releasing[g] = releasing.get(g, 0) + held
+        return [
+            DeviceView(
+                g.index,
+                g.memory_total,
+                g.memory_used,
+                pending.get(g.index, 0),
+                min(releasing.get(g.index, 0), g.memory_used),
+            )
+            for g in gpus
+        ]
+
+    def _residents(self, gpus: list[GpuInfo]) -> list[Resident]:
+        out = []
+        for w in self.table:
+            held = self._held(w, gpus) or w.budget_bytes
+            evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY) and not w.pinned
+            # Until a load was measured, size stands in: about 1 s per GB from local disk.
+            cost = self.store.load_seconds(w.model) or w.budget_bytes / GB
+            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost))
+        return out
+
+    def update_held(self, gpus: list[GpuInfo]) -> None:
+        """What each worker holds now (NVML attribution); unknown stays None."""
+        if self.gpus.kind != "nvml":
+            return
+        for w in self.table:
+            if w.state is not WorkerState.STARTING:
+                w.held_bytes = self._held(w, gpus) or None
+
+    def touch(self, unit: str, when: float) -> None:
+        worker = self.table.get(unit)
+        if worker is not None and when > worker.last_used:
+            worker.last_used = min(when, time.time())
+
+    # --- adoption -------------------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """Take over the worker units already running, so a restart never restarts a model,
+        and finish taking down the ones a previous loader was retiring."""
+        starting: set[str] = set()
+        for status in await self.systemd.list_units(UNIT_GLOB):
+            parsed = parse_unit_name(status.name)
+            if parsed is None or status.active_state in ("inactive", "failed"):
+                continue
+            self.systemd.watch(status.name)
+            details = await self.systemd.details(status.name)
+            env = details.environment if details else {}
+            try:
+                model = env[engine.ENV_MODEL]
+                replica = int(env[engine.ENV_REPLICA])
+                socket = Path(env[engine.ENV_SOCKET])
+                gpus = tuple(int(g) for g in env[engine.ENV_GPU].split(","))
+                budget = int(env.get(engine.ENV_BUDGET, "0"))
+            except (KeyError, ValueError):
+                log.warning("%s: not adopted: it lacks ssw's SSW_* environment", status.name)
+                self.systemd.unwatch(status.name)
+                continue
+            spec = self.registry.models.get(model)
+            leaving = status.active_state == "deactivating"
+            assert details is not None
+            worker = Worker(
+                model=model,
+                replica=replica,
+                unit=status.name,
+                socket=socket,
+                gpus=gpus,
+                budget_bytes=budget,
+                state=WorkerState.STOPPING if leaving else WorkerState.STARTING,
+                state_reason="its unit was stopping when the loader started" if leaving else "adopted",
+                pinned=spec.pinned if spec else False,
+                started_at=details.active_enter_us / 1e6 if details.active_enter_us else time.time(),
+                adopted=True,
+                unit_seen_active=True,
+            )
+            self.table.add(worker, f"adopted (model {model}, GPU {env[engine.ENV_GPU]}, socket {socket})")
+            if leaving:
+                self._spawn(self._stop_unit(worker))
+            elif await self.probes.healthy(socket):
+                self.table.move(worker, WorkerState.READY, "adopted, healthy")
+                if (reason := self.retiring.reason(worker.unit)) is not None:
+                    self.retire(worker, reason + " (resumed after a loader restart)")
+            elif self.retiring.reason(worker.unit) is not None:
+                self.retire(worker, self.retiring.reason(worker.unit) or "")
+            else:
+                starting.add(model)
+        await self.retiring.keep_only(self.table.units())
+        await asyncio.to_thread(self._remove_stale_socket_dirs)
+        for model in sorted(starting):
+            spec = self.registry.models.get(model)
+            if spec is not None:
+                # Its load continues here: wait for the adopted worker, start missing replicas.
+                self.load(spec, reason="adopted while starting")
+        self.changed()
+
+    # --- loading ----------------------------------------------------------------------
+
+    def load(self, spec: ModelSpec, gpu: int | None = None, reason: str = "requested") -> asyncio.Future[list[Worker]]:
+        """Bring the model's replicas up: one load per model however often it is asked
+        (single flight), never before a backoff ends, never during a cooldown."""
+        rec = self.loads.get(spec.name)
+        if rec.state in (LoadState.LOADING, LoadState.BACKING_OFF) and rec.task is not None:
+            return rec.task
+        live = self.table.live(spec.name)
+        if len(live) >= spec.replicas and all(w.state is WorkerState.READY for w in live):
+            done: asyncio.Future[list[Worker]] = asyncio.get_running_loop().create_future()
+            done.set_result(live)
+            return done
+        if rec.state is LoadState.COOLING_DOWN:
+            raise LoadFailed.cooling_down(spec.name, rec.seconds_left(), rec.last_error or rec.reason)
+        self.loads.move(rec, LoadState.LOADING, reason)
+        rec.task = self._spawn(self._load(spec, gpu))
+        return rec.task
+
+    async def _load(self, spec: ModelSpec, gpu: int | None = None) -> list[Worker]:
+        rec = self.loads.get(spec.name)
+        rec.died_during_load = 0
+        live = self.table.live(spec.name)
+        have = {w.replica for w in live}
+        jobs: list[Awaitable[Worker]] = [
+            self._start_replica(spec, r, gpu) for r in range(1, spec.replicas + 1) if r not in have
+        ]
+        jobs += [self._await_adopted(w) for w in live if w.state is WorkerState.STARTING]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for err in errors:
+            if not isinstance(err, Exception):
+                raise err  # cancelled (unloaded) or shutting down
+        ready = self.table.ready(spec.name)
+        if not errors and not rec.died_during_load:
+            rec.last_error = None
+            self.loads.move(rec, LoadState.IDLE, "ready")
+            return ready
+        if errors:
+            err = errors[0]
+            message = err.message if isinstance(err, SswError) else f"{type(err).__name__}: {err}"
+            failure = Failure.NO_ROOM if all(isinstance(e, NoCapacity) for e in errors) else Failure.START_FAILED
+        else:
+            message = "a worker died while the model was loading"
+            failure = Failure.DIED
+        if ready:
+            message = f"{len(ready)} of {spec.replicas} replicas ready: {message}"
+        self._recover(spec, failure, message)
+        if ready:
+            return ready
+        if failure is Failure.NO_ROOM:
+            raise NoCapacity(message)
+        raise LoadFailed(f"loading {spec.name} failed: {message}", retry_after_s=self._retry_after(rec))
+
+    @staticmethod
+    def _retry_after(rec: LoadRecord) -> int | None:
+        return max(int(rec.seconds_left() + 0.999), 1) if rec.deadline else None
+
+    def _recover(self, spec: ModelSpec, failure: Failure, message: str) -> None:
+        """Apply the lifecycle's decision after a failure: retry after a backoff, cool down, or give up."""
+        rec = self.loads.get(spec.name)
+        now = time.monotonic()
+        earlier = recent(rec.failures, now)
+        rec.failures = [*earlier, now]
+        rec.last_error = message
+        decision = recover(failure, spec.pinned, len(earlier), self.cfg.placement)
+        why = f"{failure.value}: {message}"
+        if decision.action == "retry":
+            deadline = time.time() + decision.delay_s
+            self.loads.move(
+                rec, LoadState.BACKING_OFF, f"retry {len(earlier) + 1} in {decision.delay_s:.1f} s, {why}", deadline
+            )
+            rec.task = self._spawn(self._retry(spec, deadline))
+        elif decision.action == "cool_down":
+            self.loads.move(rec, LoadState.COOLING_DOWN, f"{decision.reason}; {why}", time.time() + decision.delay_s)
+            rec.task = None
+        else:
+            self.loads.move(rec, LoadState.IDLE, why)
+            rec.task = None
+
+    async def _retry(self, spec: ModelSpec, deadline: float) -> list[Worker]:
+        await asyncio.sleep(max(deadline - time.time(), 0.0))
+        rec = self.loads.get(spec.name)
+        self.loads.move(rec, LoadState.LOADING, "backoff over, retrying")
+        return await self._load(self.registry.models.get(spec.name, spec))
+
+    async def _loaded_units(self, model: str) -> set[str]:
+        """The model's units systemd still has loaded, in any state (a name is never reused
+        while it does: StartTransientUnit would answer UnitExists)."""
+        units = await self.systemd.list_units(UNIT_GLOB)
+        return {u.name for u in units if (parsed := parse_unit_name(u.name)) and parsed[0] == model}
+
+    async def _start_replica(self, spec: ModelSpec, replica: int, gpu: int | None = None) -> Worker:
+        need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
+        allowed = (gpu,) if gpu is not None else (spec.gpus[(replica - 1) % len(spec.gpus)],) if spec.gpus else None
+        requested = self.loads.get(spec.name).since
+        async with self._place_lock:
+            # Everything from the snapshot to the reservation happens under one
+            # lock: two loads can never both count the same free memory.
+            gpus = await self.gpu_snapshot()
+            try:
+                plan = place(
+                    need,
+                    self.device_views(gpus),
+                    self._residents(gpus),
+                    self.cfg.placement.policy,
+                    allowed,
+                    self.cfg.placement.tensor_parallel,
+                )
+            except SswError as exc:
+                exc.message = f"{spec.name}: {exc.message}"
+                raise
+            for unit in plan.evict:
+                victim = self.table.get(unit)
+                if victim is not None:
+                    self.evictions += 1
+                    idle = time.time() - victim.last_used
+                    self.retire(
+                        victim,
+                        f"evicted to make room for {spec.name} on GPU {plan.gpus[0]}: least recently used, "
+                        f"idle {idle:.0f} s",
+                    )
+            taken = self.table.units() | await self._loaded_units(spec.name)
+            name = unit_name(spec.name, instance_for(spec.name, replica, spec.replicas, taken))
+            worker = Worker(
+                model=spec.name,
+                replica=replica,
+                unit=name,
+                socket=socket_path(self.cfg.workers.socket_dir, name),
+                gpus=plan.gpus,
+                budget_bytes=plan.per_gpu_bytes,
+                state=WorkerState.STARTING,
+                state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
+                pinned=spec.pinned,
+            )
+            worker.marks["requested"] = requested
+            worker.marks["placed"] = time.time()
+            self.table.add(worker, "placed")
+        try:
+            totals = {g.index: g.memory_total for g in gpus}
+            nodes = tuple(g.device_node for g in gpus if g.index in plan.gpus and g.device_node)
+            # vLLM checks free device memory at start and profiles it: never start
+            # while a worker on these GPUs is still shutting down.
+            await self._wait_gone(self.table.leaving_on(plan.gpus))
+            async with contextlib.AsyncExitStack() as stack:
+                # ...nor while another one starts there.
+                for g in sorted(plan.gpus):
+                    await stack.enter_async_context(self._device_locks.setdefault(g, asyncio.Lock()))
+                log.info(
+                    "%s: starting (GPU %s, %.1f GB per GPU from %s)",
+                    name,
+                    ",".join(map(str, plan.gpus)),
+                    plan.per_gpu_bytes / GB,
+                    need.source,
+                )
+                worker.marks["evicted"] = time.time()
+                self._check_room(worker, totals)
+                socket = await asyncio.to_thread(self._make_socket_dir, name)
+                transient = engine.worker_unit(
+                    self.cfg,
+                    spec,
+                    name,
+                    replica,
+                    socket,
+                    plan.gpus,
+                    plan.per_gpu_bytes,
+                    totals[plan.gpus[0]] if self.gpus.kind == "nvml" else None,
+                    # vLLM on the CPU (simulated GPUs) sizes its KV cache from VLLM_CPU_KVCACHE_SPACE.
+                    need.kv_bytes if self.gpus.kind == "nvml" else None,
+                    nodes,
+                )
+                await self.systemd.reset_failed(name)
+                await self.systemd.start_transient(transient)
+                worker.marks["unit_started"] = time.time()
+                worker.unit_seen_active = True
+                await self._await_healthy(worker)
+        except BaseException as exc:
+            await self._abandon(worker, exc)
+            raise
+        self._spawn(self._measure(worker))
+        return worker
+
+    def _check_room(self, new: Worker, totals: dict[int, int]) -> None:
+        """The invariant placement guarantees, checked where it matters: the budgets of
+        the workers whose processes run on a GPU never add up to more than it has."""
+        for g in new.gpus:
+            running = sum(w.budget_bytes for w in self.table if g in w.gpus and (w.unit_seen_active or w is new))
+            if running > totals[g]:
+                raise SswError(
+                    f"refusing to start {new.unit}: GPU {g} would hold {running / GB:.1f} GB of "
+                    f"{totals[g] / GB:.1f} GB (a placement bug; please report it)"
+                )
+
+    async def _abandon(self, worker: Worker, exc: BaseException) -> None:
+        """A start that failed or was cancelled leaves nothing behind: no unit, no table
+        entry, no socket directory."""
+        reason = exc.message if isinstance(exc, SswError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if isinstance(exc, asyncio.CancelledError):
+            if self._closing:
+                return  # the loader is stopping: the next one adopts this worker
+            reason = "its load was cancelled"
+        else:
+            worker.failure = f"start failed: {reason}"
+        if worker.state is WorkerState.STARTING:
+            self.table.move(worker, WorkerState.STOPPING, worker.failure or reason)
+        await self._stop_unit(worker)
+
+    async def _await_adopted(self, worker: Worker) -> Worker:
+        try:
+            await self._await_healthy(worker)
+        except BaseException as exc:
+            await self._abandon(worker, exc)
+            raise
+        return worker
+
+    async def _await_healthy(self, worker: Worker) -> None:
+        """Probe /health until the starting worker answers, fails, or runs out of time;
+        meanwhile note when its process has bound its socket (the end of process_up)."""
+        deadline = time.monotonic() + self.cfg.health.start_timeout_s
+        while time.monotonic() < deadline:
+            if worker.done.done():
+                raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
+            if "bound" not in worker.marks and "requested" in worker.marks and worker.socket.exists():
+                worker.marks["bound"] = time.time()
+            if await self.probes.healthy(worker.socket):
+                worker.marks["healthy"] = time.time()
+                took = worker.marks["healthy"] - worker.started_at
+                phases = describe_phases(worker.marks)
+                self.table.move(
+                    worker, WorkerState.READY, f"healthy after {took:.1f} s" + (f": {phases}" if phases else "")
+                )
+                if self.on_load_result is not None:
+                    self.on_load_result(worker.model, "ready", took)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(worker.done), self.cfg.health.interval_s)
+        raise LoadFailed(
+            await self._failure_reason(
+                worker, f"not healthy within {self.cfg.health.start_timeout_s:.0f} s (health.start_timeout_s)"
+            )
+        )
+
+    async def _failure_reason(self, worker: Worker, error: str | None) -> str:
+        if self.on_load_result is not None:
+            self.on_load_result(worker.model, "failed", time.time() - worker.started_at)
+        lines = await journal.tail(worker.unit, JOURNAL_LINES_ON_FAILURE, self.cfg.systemd.journal_directory)
+        base = error or f"{worker.unit} stopped during start-up"
+        return base + (" | last log lines: " + " | ".join(lines) if lines else "")
+
+    async def _measure(self, worker: Worker) -> None:
+        """Record what the healthy worker really holds and how long it took to load."""
+        load_s = worker.state_since - worker.started_at
+        held = None
+        if self.gpus.kind == "nvml":
+            held = self._held(worker, await self.gpu_snapshot()) or None
+            worker.held_bytes = held
+        # A tensor-parallel footprint is per GPU of a split model: not comparable.
+        await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
+        self.changed()
+
+    # --- health ---------------------------------------------------------------------------
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.health.check_interval_s)
+            watched = [w for w in self.table if w.state in (WorkerState.READY, WorkerState.UNHEALTHY)]
+            results = await asyncio.gather(*(self.probes.healthy(w.socket) for w in watched))
+            for worker, ok in zip(watched, results, strict=True):
+                self._checked(worker, ok, "/health did not answer 200")
+
+    async def _canary_loop(self) -> None:
+        interval = self.cfg.health.canary_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for worker in self.table:
+                if not (worker.state is WorkerState.READY and worker.canary):
+                    continue
+                if now - worker.last_used < interval or now - worker.state_since < interval:
+                    continue  # traffic or a recent start already showed it generates
+                result, detail = await self.probes.canary(worker.socket, worker.model)
+                if result is Canary.NOT_APPLICABLE:
+                    worker.canary = False
+                    log.info("%s: no canary for this model (%s)", worker.unit, detail)
+                else:
+                    self._checked(worker, result is Canary.PASSED, f"the 1-token canary failed: {detail}")
+
+    def _checked(self, worker: Worker, ok: bool, failure: str) -> None:
+        """One health check's result: unhealthy workers leave the routing, and one that
+        fails health.failures_to_replace checks in a row is replaced."""
+        if self.table.get(worker.unit) is not worker or worker.state not in (
+            WorkerState.READY,
+            WorkerState.UNHEALTHY,
+        ):
+            return
+        if ok:
+            worker.health_failures = 0
+            self.table.move(worker, WorkerState.READY, "health check passed")
+            return
+        worker.health_failures += 1
+        limit = self.cfg.health.failures_to_replace
+        self.table.move(worker, WorkerState.UNHEALTHY, f"{failure} ({worker.health_failures} of {limit})")
+        if worker.health_failures >= limit:
+            self._spawn(self._replace(worker, f"{failure} in {limit} checks in a row"))
+
+    async def _replace(self, worker: Worker, why: str) -> None:
+        """Kill a worker that hung (a frozen process answers no SIGTERM) and bring its model back."""
+        worker.failure = f"hung: {why}"
+        self.table.move(worker, WorkerState.STOPPING, f"replacing it: {why}")
+        with contextlib.suppress(SystemdError):
+            await self.systemd.kill(worker.unit, signal.SIGKILL)
+        await self._stop_unit(worker)
+        spec = self.registry.models.get(worker.model)
+        if spec is not None:
+            self._worker_lost(spec, Failure.HUNG, f"{worker.unit} was replaced: {why}")
+
+    def _worker_lost(self, spec: ModelSpec, failure: Failure, message: str) -> None:
+        rec = self.loads.get(spec.name)
+        if rec.state is LoadState.LOADING:
+            rec.died_during_load += 1  # its load decides when it ends
+        elif rec.state is LoadState.IDLE:
+            self._recover(spec, failure, message)
+        # Backing off or cooling down already: that decision stands.
+
+    # --- unit events ---------------------------------------------------------------------
+
+    def _on_unit_state(self, unit: str, active: str, sub: str) -> None:
+        worker = self.table.get(unit)
+        if worker is None:
+            return
+        if active in ("activating", "active", "reloading"):
+            worker.unit_seen_active = True
+            return
+        if active not in ("inactive", "failed") or not worker.unit_seen_active:
+            return
+        if worker.state in LEAVING:
+            end = WorkerState.FAILED if worker.failure and worker.state is WorkerState.STOPPING else WorkerState.GONE
+            self.table.move(worker, end, worker.failure or f"its unit is {active}")
+        else:
+            self.table.move(
+                worker, WorkerState.FAILED, f"the unit went {active}/{sub} unexpectedly; see 'journalctl -u {unit}'"
+            )
+
+    def _left(self, worker: Worker, previous: WorkerState, state: WorkerState) -> None:
+        """A worker left the table: let go of everything that was its."""
+        self.systemd.unwatch(worker.unit)
+        self.probes.forget(worker.socket)
+        self._spawn(asyncio.to_thread(self._remove_socket_dir, worker.socket))
+        self._spawn(self.retiring.discard(worker.unit))
+        if state is WorkerState.FAILED and previous in (WorkerState.READY, WorkerState.UNHEALTHY):
+            spec = self.registry.models.get(worker.model)
+            if spec is not None:
+                kind = "pinned model" if spec.pinned else "model"
+                log.warning("%s %s: worker died; restarting it (%s)", kind, spec.name, worker.unit)
+                self._worker_lost(spec, Failure.DIED, f"{worker.unit} died: {worker.state_reason}")
+
+    # --- retiring: unload, eviction ---------------------------------------------------------
+
+    def retire(self, worker: Worker, reason: str) -> asyncio.Task[None]:
+        """Stop routing to the worker at once, let its in-flight requests finish (up to
+        workers.drain_timeout_s), then stop its unit. Returns the task that does it."""
+        existing = self._retirements.get(worker.unit)
+        if existing is not None:
+            return existing
+        if worker.state in (WorkerState.READY, WorkerState.UNHEALTHY):
+            self.table.move(worker, WorkerState.DRAINING, reason)
+        elif worker.state is WorkerState.STARTING:
+            self.table.move(worker, WorkerState.STOPPING, reason)
+        task = self._spawn(self._finish_retiring(worker, reason))
+        self._retirements[worker.unit] = task
+        task.add_done_callback(lambda _: self._retirements.pop(worker.unit, None))
+        return task
+
+    async def _finish_retiring(self, worker: Worker, reason: str) -> None:
+        if worker.state is WorkerState.DRAINING:
+            # Kept on disk: a loader restarted meanwhile finishes the drain.
+            await self.retiring.add(worker.unit, reason)
+            outcome = await self._drain(worker)
+            self.table.move(worker, WorkerState.STOPPING, outcome)
+        await self._stop_unit(worker)
+
+    async def _drain(self, worker: Worker) -> str:
+        limit = self.cfg.workers.drain_timeout_s
+        deadline = time.monotonic() + limit
+        quiet_since: float | None = None
+        in_flight: int | None = None
+        while time.monotonic() < deadline and self.table.get(worker.unit) is worker:
+            in_flight = await self.probes.in_flight(worker.socket)
+            now = time.monotonic()
+            if not in_flight:  # 0, or it cannot even say: nothing to wait for
+                quiet_since = quiet_since if quiet_since is not None else now
+                if now - quiet_since >= DRAIN_SETTLE_S:
+                    return "drained"
+            else:
+                quiet_since = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(worker.done), DRAIN_POLL_S)
+        return f"drain timed out after {limit:.0f} s with {in_flight or 0} requests in flight"
+
+    async def _stop_unit(self, worker: Worker) -> None:
+        """Stop the unit (SIGTERM; vLLM's --shutdown-timeout, then SIGKILL) and wait until it is gone."""
+        try:
+            await self.systemd.stop(worker.unit, timeout=self.cfg.workers.stop_timeout_s + 15)
+        except SystemdError as exc:
+            # It stays tracked as stopping: its unit's end (systemd kills it at
+            # TimeoutStopSec) still takes it out of the table.
+            log.error("%s: stop failed: %s", worker.unit, exc.message)
+            return
+        with contextlib.suppress(SystemdError):
+            await self.systemd.reset_failed(worker.unit)
+        # The stop job is done: the unit is inactive, whether or not its signal came yet.
+        self.table.move(worker, WorkerState.FAILED if worker.failure else WorkerState.GONE, worker.failure or "stopped")
+
+    async def _wait_gone(self, workers: list[Worker]) -> None:
+        if workers:
+            await asyncio.gather(*(asyncio.shield(w.done) for w in workers))
+
+    async def unload(self, model: str) -> list[str]:
+        """Cancel the model's load or retry, and retire its workers; answers once they are gone."""
+        rec = self.loads.get(model)
+        pending = rec.task is not None and not rec.task.done()
+        if rec.task is not None:
+            rec.task.cancel()
+            rec.task = None
+        if rec.state is not LoadState.IDLE:
+            self.loads.move(rec, LoadState.IDLE, "unloaded")
+        workers = self.table.of_model(model)
+        if not workers and not pending:
+            raise WorkerNotFound(f"model '{model}' is not loaded")
+        for worker in workers:
+            if worker.state in LIVE:
+                self.retire(worker, "unload requested")
+        await self._wait_gone(workers)
+        return [w.unit for w in workers]
+
+
+def _log_crash(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, SswError):
+        log.error("background task failed", exc_info=exc)

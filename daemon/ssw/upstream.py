@@ -1,0 +1,357 @@
+"""HTTP/1.1 to workers over their unix sockets: a small client with a pool of
+kept-alive connections per socket, on asyncio protocols and httptools (the
+parser uvicorn uses).
+
+The relay's hot path and the loader's probes both use it. It does only what
+talking to a local vLLM needs: one request at a time per connection, bodies
+known in full before sending, responses read whole or streamed chunk by
+chunk with flow control, a connect timeout and a silence timeout. aiohttp's
+client spent several times as much CPU per request here (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+
+import httptools
+
+HIGH_WATER = 256 * 1024  # buffered response bytes before the socket is paused
+LOW_WATER = 64 * 1024
+MAX_IDLE_PER_SOCKET = 512
+
+
+class UpstreamError(Exception):
+    """The worker could not be talked to."""
+
+
+class ConnectFailed(UpstreamError):
+    """Nothing reached the worker: another worker may take the request."""
+
+
+class ResponseFailed(UpstreamError):
+    """The request was sent, and the connection failed or fell silent before the response was complete."""
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_complete",
+        "_error",
+        "_headers",
+        "_headers_done",
+        "_keep_alive",
+        "_last_data",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_read_timeout",
+        "_timer",
+        "_waiter",
+        "closed",
+        "got_bytes",
+        "pool_key",
+        "status",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: str, read_timeout: float | None) -> None:
+        self._loop = loop
+        self.pool_key = key
+        self._read_timeout = read_timeout
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._parser: httptools.HttpResponseParser | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._headers_done = False
+        self._body: collections.deque[bytes] = collections.deque()
+        self._body_size = 0
+        self._complete = False
+        self._keep_alive = False
+        self._error: UpstreamError | None = None
+        self._paused = False
+        self.got_bytes = False
+        self._last_data = 0.0
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        self._last_data = self._loop.time()
+        if self._parser is None:
+            self._fail(ResponseFailed("the worker sent data without a request"))
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ResponseFailed(f"malformed response from the worker: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if not self._complete and self._parser is not None:
+            self._fail(ResponseFailed(f"the worker closed the connection ({exc or 'EOF'})"))
+
+    # --- httptools callbacks ------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        self.status = self._parser.get_status_code()
+        self._headers_done = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._body_size += len(body)
+        if self._body_size > HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()
+        self._complete = True
+        self._parser = None
+        self._cancel_timer()
+        self._wake()
+
+    # --- used by Response and Pool ----------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self._reset()
+        self._parser = httptools.HttpResponseParser(self)
+        self._last_data = self._loop.time()
+        if self._read_timeout:
+            self._timer = self._loop.call_later(self._read_timeout, self._check_silence)
+        self.transport.write(data)
+
+    def _check_silence(self) -> None:
+        assert self._read_timeout is not None
+        quiet = self._loop.time() - self._last_data
+        if quiet >= self._read_timeout:
+            self._timer = None
+            self._fail(ResponseFailed(f"the worker sent nothing for {self._read_timeout:.0f} s"))
+            self.abort()
+        else:
+            self._timer = self._loop.call_later(self._read_timeout - quiet, self._check_silence)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        self._parser = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def headers(self) -> None:
+        while not self._headers_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def next_chunk(self) -> bytes | None:
+        """Body bytes as they arrive; None once the body is complete."""
+        while True:
+            if self._body:
+                data = b"".join(self._body)
+                self._body.clear()
+                self._body_size = 0
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                return data
+            if self._complete:
+                return None
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    @property
+    def reusable(self) -> bool:
+        return self._complete and self._keep_alive and not self.closed and self._error is None
+
+    def abort(self) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Response:
+    """A worker's response: its status and headers at once, the body whole or as it arrives.
+    Call release() (or close() to abandon it) when done."""
+
+    __slots__ = ("_conn", "_pool", "headers", "status")
+
+    def __init__(self, pool: Pool, conn: _Connection) -> None:
+        self._pool = pool
+        self._conn: _Connection | None = conn
+        self.status = conn.status
+        self.headers = conn._headers
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def read(self) -> bytes:
+        assert self._conn is not None
+        parts = []
+        while (chunk := await self._conn.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        assert self._conn is not None
+        conn = self._conn
+        while (chunk := await conn.next_chunk()) is not None:
+            yield chunk
+
+    def release(self) -> None:
+        """Give the connection back to the pool if the response was read to its end."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if conn.reusable:
+            self._pool._put(conn)
+        else:
+            conn.abort()
+
+    def close(self) -> None:
+        """Drop the connection: the worker sees the client go (vLLM aborts the request)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort()
+
+
+class Pool:
+    """Kept-alive connections to workers, per socket path."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float | None) -> None:
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle: dict[str, list[_Connection]] = {}
+
+    def _put(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.pool_key, [])
+        if len(idle) < MAX_IDLE_PER_SOCKET:
+            idle.append(conn)
+        else:
+            conn.abort()
+
+    def _take(self, path: str) -> _Connection | None:
+        idle = self._idle.get(path)
+        while idle:
+            conn = idle.pop()  # the most recently used: the likeliest to be alive
+            if not conn.closed:
+                return conn
+        return None
+
+    async def _connect(self, path: str) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, proto = await loop.create_unix_connection(lambda: _Connection(loop, path, self.read_timeout), path)
+        except TimeoutError:
+            raise ConnectFailed(f"connecting to {path} timed out after {self.connect_timeout:.1f} s") from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        return proto
+
+    async def request(self, path: str, head: bytes, body: bytes = b"") -> Response:
+        """Send one request (its request line and headers in ``head``, ending with an
+        empty line) and return once the response's headers have arrived."""
+        conn = self._take(path)
+        if conn is not None:
+            conn.send(head + body)
+            try:
+                await conn.headers()
+                return Response(self, conn)
+            except ResponseFailed:
+                if conn.got_bytes:
+                    conn.abort()
+                    raise
+                # The worker closed this idle connection as the request went out:
+                # it never saw the request. Once more on a new connection.
+                conn.abort()
+            except BaseException:
+                conn.abort()
+                raise
+        conn = await self._connect(path)
+        conn.send(head + body)
+        try:
+            await conn.headers()
+        except BaseException:
+            conn.abort()
+            raise
+        return Response(self, conn)
+
+    def forget(self, path: str) -> None:
+        """Close the idle connections to a worker that is gone."""
+        for conn in self._idle.pop(path, []):
+            conn.abort()
+
+    async def close(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.abort()
+        self._idle.clear()
+        await asyncio.sleep(0)
+
+
+def request_head(method: str, target: str, headers: dict[str, str] | None = None, body_length: int = 0) -> bytes:
+    """The request line and headers of a request to a worker."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: localhost"]
+    if method != "GET" or body_length:
+        lines.append(f"Content-Length: {body_length}")
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def fetch(
+    pool: Pool, path: str, method: str, target: str, body: bytes = b"", **headers: str
+) -> tuple[int, bytes]:
+    """A whole small request (probes, control calls): status and body."""
+    head = request_head(method, target, {k.replace("_", "-"): v for k, v in headers.items()}, len(body))
+    resp = await pool.request(path, head, body)
+    try:
+        data = await resp.read()
+    except BaseException:
+        resp.close()
+        raise
+    resp.release()
+    return resp.status, data

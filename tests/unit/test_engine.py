@@ -1,0 +1,88 @@
+"""The vLLM command line and the worker unit, built from the registry and the config only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ssw.config import Config
+from ssw.engine import vllm_argv, worker_unit
+from ssw.registry import ModelFacts, ModelSpec
+from ssw.vram import GB
+
+SOCKET = Path("/run/ssw/workers/qwen3-8b_2-0123456789/http.sock")
+
+
+def spec(**kw: object) -> ModelSpec:
+    facts = ModelFacts(
+        num_layers=48,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype="float16",
+        weight_bytes=10 * GB,
+        max_position_embeddings=32768,
+    )
+    return ModelSpec(name="qwen3-8b", path=Path("/data/models/Qwen3-8B-AWQ"), facts=facts, **kw)  # type: ignore[arg-type]
+
+
+def test_argv_is_built_from_registry_and_config_only() -> None:
+    cfg = Config()
+    s = spec(
+        max_model_len=16384,
+        tool_call_parser="hermes",
+        reasoning_parser=None,
+        chat_template_kwargs={"enable_thinking": False},
+        extra_args=("--enforce-eager",),
+    )
+    argv = vllm_argv(cfg, s, SOCKET, 12 * GB, 48 * GB)
+    assert argv[:3] == ["/opt/ssw/vllm/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(argv)
+    assert "--model /data/models/Qwen3-8B-AWQ --served-model-name qwen3-8b" in joined
+    # The socket is its only listener: no --host, no --port.
+    assert f"--uds {SOCKET}" in joined and "--port" not in joined and "--host" not in joined
+    assert "--gpu-memory-utilization 0.2500" in joined
+    assert "--enable-auto-tool-choice --tool-call-parser hermes" in joined
+    assert '--default-chat-template-kwargs {"enable_thinking": false}' in joined
+    assert argv[-1] == "--enforce-eager"
+    # Simulated GPUs have no memory for vLLM to check against.
+    assert "--gpu-memory-utilization" not in vllm_argv(cfg, s, SOCKET, 12 * GB, None)
+
+
+def test_worker_unit_pins_the_gpu_and_marks_itself() -> None:
+    unit = worker_unit(
+        Config(),
+        spec(replicas=2),
+        "ssw-worker@qwen3-8b:3.service",
+        2,
+        SOCKET,
+        (1,),
+        12 * GB,
+        48 * GB,
+        8 * GB,
+        ("/dev/nvidia3",),
+    )
+    assert "--kv-cache-memory-bytes 8000000000" in " ".join(unit.argv)
+    assert unit.name == "ssw-worker@qwen3-8b:3.service"
+    assert unit.env["CUDA_VISIBLE_DEVICES"] == "1" and unit.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert unit.env["SSW_MODEL"] == "qwen3-8b" and unit.env["SSW_SOCKET"] == str(SOCKET)
+    assert unit.env["SSW_REPLICA"] == "2" and unit.env["SSW_VRAM_BYTES"] == str(12 * GB)
+    assert unit.user == "ssw-worker" and unit.socket_dir == SOCKET.parent
+    # Its GPU's own device node (by minor number) and NVIDIA's control nodes, nothing else.
+    assert unit.devices == ("/dev/nvidia3", "/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+    # Compile caches survive restarts, per model; the account has no home of its own.
+    assert unit.cache_directory == "ssw/qwen3-8b"
+    assert unit.env["HOME"] == unit.env["XDG_CACHE_HOME"] == "/var/cache/ssw/qwen3-8b"
+    assert unit.env["VLLM_CACHE_ROOT"] == "/var/cache/ssw/qwen3-8b/vllm"
+    assert unit.env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_simulated_gpus_give_a_worker_no_device_at_all() -> None:
+    unit = worker_unit(Config(), spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None)
+    assert unit.devices == ()
+    props = dict(unit.properties())
+    assert props["DevicePolicy"] == ("s", "closed") and props["DeviceAllow"] == ("a(ss)", [])
+
+
+def test_tensor_parallel_workers_see_all_their_gpus() -> None:
+    unit = worker_unit(Config(), spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0, 1), 31 * GB, 48 * GB)
+    assert unit.env["CUDA_VISIBLE_DEVICES"] == "0,1" and unit.env["SSW_GPU"] == "0,1"
+    assert "--tensor-parallel-size 2" in " ".join(unit.argv)

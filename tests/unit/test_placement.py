@@ -1,0 +1,108 @@
+"""Placement and eviction (pure decisions over devices and residents), by table."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssw.errors import NoCapacity
+from ssw.placement import DeviceView, Policy, Resident, place
+from ssw.vram import VramNeed
+
+GB = 10**9
+
+
+def need(gb: float, overhead: float = 0.0, source: str = "estimate") -> VramNeed:
+    return VramNeed(int(gb * GB), int(overhead * GB), None, source)
+
+
+def dev(index: int, total: float, used: float = 0, pending: float = 0) -> DeviceView:
+    return DeviceView(index, int(total * GB), int(used * GB), int(pending * GB))
+
+
+def res(unit: str, gpu: int, held: float, last_used: float, evictable: bool = True, cost: float = 30) -> Resident:
+    return Resident(unit, (gpu,), int(held * GB), last_used, evictable, cost)
+
+
+@pytest.mark.parametrize(
+    ("gb", "devices", "policy", "chosen"),
+    [
+        (10, [dev(0, 48), dev(1, 48)], "spread", 0),  # a tie goes to the lowest index
+        (10, [dev(0, 48, used=30), dev(1, 48, used=10)], "spread", 1),  # most free wins
+        (10, [dev(0, 48, used=5), dev(1, 48, pending=20)], "spread", 0),  # reservations in flight count
+        (20, [dev(0, 48, used=20), dev(1, 48, used=30)], "spread", 0),  # memory of any process counts
+        (18, [dev(0, 48, used=30)], "spread", 0),  # exactly fits
+        (10, [dev(0, 48, used=30), dev(1, 48, used=10)], "pack", 0),  # best fit leaves least over
+        (20, [dev(0, 48, used=30), dev(1, 48, used=10)], "pack", 1),  # ...among those that fit
+    ],
+)
+def test_placement_policies(gb: float, devices: list[DeviceView], policy: Policy, chosen: int) -> None:
+    plan = place(need(gb), devices, [], policy)
+    assert plan.gpus == (chosen,) and plan.evict == () and plan.per_gpu_bytes == int(gb * GB)
+
+
+def test_overhead_is_added_on_each_gpu() -> None:
+    assert place(need(18.4, 0.95), [dev(0, 48)], []).per_gpu_bytes == int(18.4 * GB) + int(0.95 * GB)
+
+
+def test_eviction_takes_the_least_recently_used_and_never_pinned() -> None:
+    devices = [dev(0, 48, used=44), dev(1, 48, used=44)]
+    residents = [
+        res("pinned-old", 0, 20, last_used=1, evictable=False),
+        res("a", 0, 12, last_used=5),
+        res("b", 0, 12, last_used=9),
+        res("c", 1, 22, last_used=3, evictable=False),
+        res("d", 1, 22, last_used=8),
+    ]
+    plan = place(need(10), devices, residents)
+    # One eviction on GPU 0 (a, the least recently used there) or on GPU 1 (d):
+    # both free enough; the cheaper and then the longer idle one wins.
+    assert plan.evict == ("a",) and plan.gpus == (0,)
+
+
+def test_eviction_prefers_the_fewest_workers() -> None:
+    devices = [dev(0, 48, used=46), dev(1, 48, used=46)]
+    residents = [res("a", 0, 6, 1), res("b", 0, 6, 2), res("c", 1, 15, 9)]
+    plan = place(need(12), devices, residents)
+    assert plan.evict == ("c",) and plan.gpus == (1,)
+
+
+def test_eviction_prefers_what_is_cheapest_to_bring_back() -> None:
+    devices = [dev(0, 48, used=46), dev(1, 48, used=46)]
+    residents = [res("slow", 0, 15, 1, cost=120), res("fast", 1, 15, 5, cost=20)]
+    assert place(need(12), devices, residents).evict == ("fast",)
+
+
+def test_lru_order_within_a_gpu_takes_several_when_needed() -> None:
+    devices = [dev(0, 48, used=40)]
+    residents = [res("new", 0, 10, 30), res("old", 0, 10, 10), res("mid", 0, 10, 20), res("pin", 0, 10, 1, False)]
+    assert place(need(25), devices, residents).evict == ("old", "mid")
+
+
+def test_starting_workers_are_not_evicted() -> None:
+    devices = [dev(0, 48, used=0, pending=40)]
+    with pytest.raises(NoCapacity):
+        place(need(10), devices, [res("loading", 0, 40, 1, evictable=False)])
+
+
+def test_too_big_for_any_gpu_is_refused_with_numbers() -> None:
+    devices = [dev(0, 48, used=10), dev(1, 48, used=30)]
+    residents = [res("a", 1, 20, 1)]
+    with pytest.raises(NoCapacity) as err:
+        place(need(60), devices, residents)
+    assert "needs 60.0 GB on one GPU" in err.value.message
+    assert "at most 38.0 GB can be freed (GPU 0" in err.value.message
+    assert "tensor_parallel" in err.value.message
+
+
+def test_tensor_parallel_splits_a_model_that_fits_no_gpu() -> None:
+    devices = [dev(0, 48, used=10), dev(1, 48, used=2), dev(2, 48, used=40)]
+    plan = place(need(60, overhead=1), devices, [], tensor_parallel=True)
+    assert plan.gpus == (0, 1) and plan.per_gpu_bytes == int(30 * GB) + int(1 * GB)
+    assert plan.tensor_parallel == 2
+
+
+def test_pinned_replica_gpu_is_respected() -> None:
+    devices = [dev(0, 48, used=40), dev(1, 48)]
+    assert place(need(5), devices, [], allowed=[0]).gpus == (0,)
+    with pytest.raises(NoCapacity):
+        place(need(10), devices, [], allowed=[0])
