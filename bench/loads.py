@@ -36,6 +36,7 @@ from typing import Any
 
 import admin_api
 import aiohttp
+import targets
 
 WAIT = {"X-SSW-Wait": "true"}
 
@@ -48,6 +49,7 @@ class Stack:
         self.max_tokens = args.max_tokens
         self.public_headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         self.admin_headers: dict[str, str] = args.admin_headers
+        self.worker_root: str = args.worker_root
 
     async def admin_call(
         self, method: str, path: str, body: dict[str, Any] | None = None, ok: tuple[int, ...] = ()
@@ -76,12 +78,14 @@ class Stack:
             "stream": stream,
         }
 
-    async def first_token(self, base: str, model: str, headers: dict[str, str]) -> tuple[float, float]:
-        """(sent, first token) of one streamed request, as time.time()."""
+    async def first_token(self, target: str, model: str, headers: dict[str, str]) -> tuple[float, float]:
+        """(sent, first token) of one streamed request to a URL or a worker's socket, as time.time()."""
+        client, base = targets.session(target)
         sent = time.time()
-        async with self.session.post(
-            base + "/v1/chat/completions", json=self.body(model, True), headers=headers
-        ) as resp:
+        async with (
+            client,
+            client.post(base + "/v1/chat/completions", json=self.body(model, True), headers=headers) as resp,
+        ):
             if resp.status != 200:
                 sys.exit(f"loads: {model}: HTTP {resp.status}: {(await resp.read())[:300]!r}")
             first = None
@@ -136,7 +140,7 @@ async def timed_load(stack: Stack, model: str) -> dict[str, Any]:
     worker = next(w for w in await stack.workers(model) if w["state"] == "ready" and w["load_marks"])
     ttfts = []
     for _ in range(3):
-        s, f = await stack.first_token(worker["url"], model, {})
+        s, f = await stack.first_token(targets.worker_target(worker, stack.worker_root), model, {})
         ttfts.append(f - s)
     return breakdown(sent, first, worker, statistics.median(ttfts))
 
@@ -220,6 +224,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway")
     p.add_argument("--api-key", default="", help="a key for the gateway (none: auth is off)")
     admin_api.add_arguments(p, "to load, unload and read the marks")
+    targets.add_arguments(p)
     p.add_argument("--cold", help="model to load from nothing")
     p.add_argument("--swap", help="model that fits only by evicting --cold")
     p.add_argument("--waiters", type=int, default=0, help="clients waiting on one load")

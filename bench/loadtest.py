@@ -27,6 +27,7 @@ from typing import Any
 
 import admin_api
 import aiohttp
+import targets
 
 PERCENTILES = (0.5, 0.95, 0.99)
 
@@ -118,9 +119,8 @@ async def run_load(args: argparse.Namespace, base: str, concurrency: int, label:
     issued = 0
     rng = random.Random(0)
 
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=args.timeout)
-    ) as session:
+    client, base = targets.session(base, args.timeout)
+    async with client as session:
 
         async def worker() -> None:
             nonlocal issued
@@ -236,7 +236,7 @@ async def worker_url(args: argparse.Namespace) -> str:
         body = await resp.json(content_type=None)
         if resp.status != 200:
             sys.exit(f"loadtest: loading {args.model} through {args.admin}: HTTP {resp.status}: {body}")
-    return str(body["workers"][0]["url"])
+    return targets.worker_target(body["workers"][0], args.worker_root)
 
 
 def _ab_ratio(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, float]:
@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         help="alternate two base URLs; DIRECT 'worker': the model's worker, found (and loaded) through --admin",
     )
     admin_api.add_arguments(p, "for --ab worker")
+    targets.add_arguments(p)
     p.add_argument("--model", required=True, help="model or alias; a comma list is a mix")
     p.add_argument("--concurrency", default="8", help="one level, or a comma list for a sweep")
     p.add_argument("--requests", type=int, default=100, help="requests per level (and per A/B round)")

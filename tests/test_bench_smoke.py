@@ -129,7 +129,7 @@ def test_loadtest_ab_reports_the_gateways_overhead(stack: Stack, tmp_path: Path)
         str(out),
     )
     worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
-    assert f"A: alpha's worker at {worker['url']}" in stdout
+    assert f"A: alpha's worker at unix:{worker['socket']}" in stdout
     assert (stack.dir / "admin.token").read_text().strip() not in out.read_text()
     run = json.loads(out.read_text())["runs"][0]
     assert len(run["rounds"]["A"]) == len(run["rounds"]["B"]) == 2

@@ -4,6 +4,7 @@ restarting either service leaves the workers running."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,9 @@ def host(sysbox: SysBox, models_root: Path) -> Iterator[tuple[SysBox, str, str]]
         public_port=public,
         admin_port=admin,
         extra={
-            # The sandboxed loader may write only its StateDirectory.
+            # The sandboxed loader may write only its StateDirectory and RuntimeDirectory.
             "state_dir": "/var/lib/ssw",
+            "workers": {"socket_dir": "/run/ssw/workers", "stop_timeout_s": 10, "drain_timeout_s": 10},
             "auth": {
                 "enabled": False,
                 "admin_token_file": "/var/lib/ssw/admin.token",
@@ -168,3 +170,39 @@ def test_another_local_account_cannot_use_the_admin_api(host: tuple[SysBox, str,
         ).stdout
         assert code == "401", (path, code)
     assert any(w["model"] == "alpha" for w in http("GET", admin + "/status")[2]["workers"])
+
+
+def test_no_other_account_can_reach_a_worker_by_socket_or_tcp(host: tuple[SysBox, str, str]) -> None:
+    box, public, admin = host
+    if box.run("id", "mallory").returncode != 0:
+        box.run("useradd", "--no-create-home", "mallory", check=True)
+    wait_for(
+        lambda: any(w["state"] == "ready" for w in http("GET", admin + "/status")[2]["workers"]), 30, "the pinned model"
+    )
+    worker = next(w for w in http("GET", admin + "/status")[2]["workers"] if w["unit"] == "ssw-worker@alpha.service")
+    sock = worker["socket"]
+    body = '{"model": "alpha", "prompt": "hi", "max_tokens": 2}'
+
+    def completion(account: str, *target: str) -> subprocess.CompletedProcess[str]:
+        return box.run(
+            "runuser", "-u", account, "--", "curl", "-sS", "-m", "5", "-H", "Content-Type: application/json",
+            "-d", body, *target,
+        )  # fmt: skip
+
+    # The gateway's account reaches the socket; any other account is stopped at its directory.
+    ok = completion("ssw", "--unix-socket", sock, "http://worker/v1/completions")
+    assert ok.returncode == 0 and '"choices"' in ok.stdout, ok.stderr
+    denied = completion("mallory", "--unix-socket", sock, "http://worker/v1/completions")
+    assert denied.returncode != 0 and '"choices"' not in denied.stdout
+    assert "Permission denied" in box.run("runuser", "-u", "mallory", "--", "ls", str(Path(sock).parent)).stderr
+    # Workers run unprivileged, in a network namespace of their own: no TCP port of
+    # theirs exists on the host, and none of the host's ports answers as a worker.
+    pid = show(box, "ssw-worker@alpha.service", "MainPID")["MainPID"]
+    assert box.run("ps", "-o", "user=", "-p", pid).stdout.strip() == "ssw-worker"
+    assert box.run("readlink", f"/proc/{pid}/ns/net").stdout != box.run("readlink", "/proc/1/ns/net").stdout
+    listeners = box.run("ss", "-H", "-ltnp").stdout
+    assert f"pid={pid}," not in listeners
+    ports = {line.split()[3].rsplit(":", 1)[1] for line in listeners.splitlines() if line.strip()}
+    for port in sorted(ports - {public.rsplit(":", 1)[1], admin.rsplit(":", 1)[1]}):
+        tried = completion("mallory", f"http://127.0.0.1:{port}/v1/completions")
+        assert '"choices"' not in tried.stdout, (port, tried.stdout)

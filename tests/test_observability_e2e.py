@@ -207,7 +207,7 @@ def test_cli_verbs_against_the_running_daemon(stack: Stack) -> None:
     assert "GPU 0 Simulated GPU (simulated) [#......................." in st.stdout
     assert json.loads(ssw(stack, "status", "--json").stdout)["workers"][0]["model"] == "alpha"
     models = json.loads(ssw(stack, "models", "--json").stdout)
-    assert models["alpha"] == {"aliases": ["light"], "pinned": False, "ready": True}
+    assert models["alpha"] == {"aliases": ["light"], "pinned": False, "ready": True, "load": "idle"}
     assert "beta: not loaded" in ssw(stack, "models").stdout
     load = ssw(stack, "load", "beta", "--gpu", "1")
     assert load.returncode == 0 and "beta: ready in" in load.stdout

@@ -14,7 +14,9 @@ import urllib.parse
 from typing import Any
 
 from .config import Config, load_config
+from .contract import CONTRACT_VERSION, Status
 from .errors import ConfigError, SswError
+from .lifecycle import LIVE
 
 # Exit codes (documented in the README).
 EXIT_OK = 0
@@ -100,6 +102,21 @@ def _admin(cfg: Config, method: str, path: str, body: dict[str, Any] | None = No
         ) from None
 
 
+def _status(cfg: Config) -> Status:
+    """GET /status, read through the loader's typed contract."""
+    from pydantic import ValidationError
+
+    raw = _admin(cfg, "GET", "/status")
+    try:
+        return Status.model_validate(raw)
+    except ValidationError as exc:
+        raise CliError(
+            f"the loader's /status does not match this ssw's contract (version {CONTRACT_VERSION}): "
+            f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}; are ssw and the loader the same version?",
+            EXIT_ERROR,
+        ) from None
+
+
 def _gb(value: int | None) -> str:
     return "unknown" if value is None else f"{value / 1e9:.1f} GB"
 
@@ -113,42 +130,53 @@ def _bar(used: int, reserved: int, total: int, width: int = 24) -> str:
     return "[" + "#" * u + "+" * r + "." * (width - u - r) + "]"
 
 
-def _print_status(st: dict[str, Any]) -> None:
+def _when(deadline: float | None) -> str:
+    if deadline is None:
+        return ""
+    left = deadline - time.time()
+    return f" until {time.strftime('%H:%M:%S', time.localtime(deadline))} ({max(left, 0):.0f} s)"
+
+
+def _print_status(st: Status) -> None:
     print(
-        f"ssw {st['version']}  up {st['uptime_s']:.0f} s  GPU source: {st['gpu_source']}  "
-        f"placement: {st['placement_policy']}  evictions: {st['evictions_total']}"
+        f"ssw {st.ssw_version}  up {st.uptime_s:.0f} s  GPU source: {st.gpu_source}  "
+        f"placement: {st.placement_policy}  evictions: {st.evictions_total}"
     )
-    for g in st["gpus"]:
-        util = "unknown" if g["utilization_pct"] is None else f"{g['utilization_pct']} %"
-        bar = _bar(g["memory_used_bytes"], g["memory_reserved_bytes"], g["memory_total_bytes"])
+    for g in st.gpus:
+        util = "unknown" if g.utilization_pct is None else f"{g.utilization_pct} %"
+        bar = _bar(g.memory_used_bytes, g.memory_reserved_bytes, g.memory_total_bytes)
+        releasing = f", releasing {_gb(g.memory_releasing_bytes)}" if g.memory_releasing_bytes else ""
         print(
-            f"  GPU {g['index']} {g['name']}{' (simulated)' if g['simulated'] else ''} {bar} "
-            f"total {_gb(g['memory_total_bytes'])}, used {_gb(g['memory_used_bytes'])}, "
-            f"reserved {_gb(g['memory_reserved_bytes'])}, free {_gb(g['memory_free_bytes'])}, util {util}"
+            f"  GPU {g.index} {g.name}{' (simulated)' if g.simulated else ''} {bar} "
+            f"total {_gb(g.memory_total_bytes)}, used {_gb(g.memory_used_bytes)}, "
+            f"reserved {_gb(g.memory_reserved_bytes)}{releasing}, free {_gb(g.memory_free_bytes)}, util {util}"
         )
-    print("workers:" if st["workers"] else "workers: none")
-    for w in st["workers"]:
-        gpus = ",".join(str(g) for g in w["gpus"])
+    print("workers:" if st.workers else "workers: none")
+    for w in st.workers:
+        gpus = ",".join(str(g) for g in w.gpus)
         print(
-            f"  {w['unit']}: {w['state']} on GPU {gpus}, port {w['port']}, budget {_gb(w['vram_budget_bytes'])}, "
-            f"measured {_gb(w['vram_measured_bytes'])}, up {w['uptime_s']:.0f} s, idle {w['idle_s']:.0f} s"
-            + (", pinned" if w["pinned"] else "")
+            f"  {w.unit}: {w.state.value} on GPU {gpus} for {w.state_for_s:.0f} s, budget {_gb(w.vram_budget_bytes)}, "
+            f"measured {_gb(w.vram_measured_bytes)}, up {w.uptime_s:.0f} s, idle {w.idle_s:.0f} s"
+            + (", pinned" if w.pinned else "")
         )
+        if w.state_reason:
+            print(f"    {w.state_reason}")
     print("models:")
-    for name, m in st["models"].items():
-        flags = ", ".join(filter(None, ["pinned" if m["pinned"] else "", "loading" if m["loading"] else ""]))
-        aliases = f" (aliases: {', '.join(m['aliases'])})" if m["aliases"] else ""
+    for name, m in st.models.items():
+        rec = m.load
+        flags = ", ".join(filter(None, ["pinned" if m.pinned else "", "" if rec.state == "idle" else rec.state]))
+        aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         print(f"  {name}{aliases}{' [' + flags + ']' if flags else ''}")
-        load = "unknown" if m["load_seconds"] is None else f"{m['load_seconds']:.0f} s"
+        load = "unknown" if m.load_seconds is None else f"{m.load_seconds:.0f} s"
         print(
-            f"    needs {_gb(m['vram_need_bytes'])} per GPU ({m['vram_need_source']}), "
-            f"measured {_gb(m['measured_vram_bytes'])}, load time {load}"
+            f"    needs {_gb(m.vram_need_bytes)} per GPU ({m.vram_need_source}), "
+            f"measured {_gb(m.measured_vram_bytes)}, load time {load}"
         )
-        if m.get("cooldown_s"):
-            print(f"    refused for {m['cooldown_s']:.0f} s more after a failed load")
-        if m.get("last_error"):
-            print(f"    last error: {m['last_error']}")
-    for name, path in st.get("missing", {}).items():
+        if rec.state != "idle":
+            print(f"    load {rec.state.value}{_when(rec.deadline)}: {rec.reason}")
+        if rec.last_error:
+            print(f"    last error: {rec.last_error}")
+    for name, path in st.missing.items():
         print(f"  {name}: configured, files missing at {path}")
 
 
@@ -177,16 +205,21 @@ def _load(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     started, last = time.monotonic(), ""
     deadline = started + cfg.health.start_timeout_s + 30
     while time.monotonic() < deadline:
-        st = _admin(cfg, "GET", "/status")
-        entry = st["models"].get(res["model"], {})
-        workers = [w for w in st["workers"] if w["model"] == res["model"]]
-        line = ", ".join(f"{w['unit']} {w['state']}" for w in workers) or "placing"
-        if workers and all(w["state"] == "ready" for w in workers) and not entry.get("loading"):
+        st = _status(cfg)
+        entry = st.models.get(res["model"])
+        rec = entry.load if entry else None
+        workers = [w for w in st.workers if w.model == res["model"] and w.state in LIVE]
+        line = ", ".join(f"{w.unit} {w.state.value}" for w in workers) or "placing"
+        if rec is not None and rec.state == "backing_off":
+            line += f"; retrying{_when(rec.deadline)} after: {rec.last_error}"
+        idle = rec is None or rec.state in ("idle", "cooling_down")
+        if workers and all(w.state == "ready" for w in workers) and idle:
             if not args.json:
                 print(f"\r{res['model']}: ready in {time.monotonic() - started:.0f} s ({line})" + " " * 10)
-            return {"model": res["model"], "state": "ready", "workers": workers}
-        if not entry.get("loading") and not workers:
-            raise CliError(f"loading {res['model']} failed: {entry.get('last_error') or 'unknown'}", EXIT_LOAD_FAILED)
+            return {"model": res["model"], "state": "ready", "workers": [w.model_dump(mode="json") for w in workers]}
+        if idle and not workers:
+            why = (rec.last_error or rec.reason) if rec else "unknown"
+            raise CliError(f"loading {res['model']} failed: {why}", EXIT_LOAD_FAILED)
         if not args.json and sys.stdout.isatty():
             print(f"\r{res['model']}: {line}, {time.monotonic() - started:.0f} s" + " " * 10, end="", flush=True)
         elif not args.json and line != last:
@@ -288,18 +321,20 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{name}: configured, files missing at {path}")
                 print(f"config and models.yaml are valid: {len(out['models'])} models, {len(out['missing'])} missing")
         elif args.verb == "status":
-            out = _admin(cfg, "GET", "/status")
+            status = _status(cfg)
+            out = status.model_dump(mode="json")
             if not args.json:
-                _print_status(out)
+                _print_status(status)
         elif args.verb == "models":
-            st = _admin(cfg, "GET", "/status")
+            status = _status(cfg)
             out = {
                 name: {
-                    "aliases": m["aliases"],
-                    "pinned": m["pinned"],
-                    "ready": any(w["model"] == name and w["state"] == "ready" for w in st["workers"]),
+                    "aliases": m.aliases,
+                    "pinned": m.pinned,
+                    "ready": any(w.model == name and w.state == "ready" for w in status.workers),
+                    "load": m.load.state.value,
                 }
-                for name, m in st["models"].items()
+                for name, m in status.models.items()
             }
             if not args.json:
                 for name, m in out.items():

@@ -39,6 +39,7 @@ class WorkerView(_View):
     adopted: bool = False
     unit_active: bool = False
     load_phases_s: dict[str, float] | None = None
+    load_marks: dict[str, float] = Field(default_factory=dict)  # when each step of its load happened (wall time)
 
 
 class LoadView(_View):

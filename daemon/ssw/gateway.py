@@ -162,7 +162,11 @@ class Gateway:
     def _on_snapshot(self, snap: Snapshot, restarted: bool) -> None:
         """Release or fail waiters as soon as the loader's news arrives; after a loader
         restart, ask again for the loads they wait for."""
-        names = self.names
+        self._check_waiters(restarted)
+
+    def _check_waiters(self, restarted: bool = False) -> None:
+        names = self.names  # the latest snapshot, and nothing older
+        snap = names.snap
         for model in self.queue.models():
             if model in names.ready:
                 released = self.queue.release(model)
@@ -224,7 +228,7 @@ class Gateway:
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading", retry)
         waiter = self.queue.add(model, priority, retry)
-        self._on_snapshot(names.snap, False)  # it may have become ready meanwhile
+        self._check_waiters()  # it may have become ready (or failed) meanwhile
         keepalive = self._spawn_keepalive(reply) if stream else None
         try:
             async with asyncio.timeout(self.cfg.gateway.wait_timeout_s):

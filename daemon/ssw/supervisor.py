@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 JOURNAL_LINES_ON_FAILURE = 8
+JOURNAL_SEPARATOR = " | last log lines: "
 # A drained worker shows no request in flight for this long before it is stopped:
 # a request routed just before the gateway heard of the drain arrives meanwhile.
 DRAIN_SETTLE_S = 0.5
@@ -155,7 +156,7 @@ class Supervisor:
         the gateway's group may connect (setgid: the socket gets that group), nobody else
         may even look."""
         path = socket_path(self.cfg.workers.socket_dir, unit)
-        shutil.rmtree(path.parent, ignore_errors=True)  # a stale one from a dead worker
+        _remove_dir(path.parent)  # a stale one from a dead worker
         path.parent.mkdir(mode=0o700)
         os.chmod(path.parent, 0o2750)  # before chown: chmod needs ownership
         os.chown(path.parent, self._uid, self._gid)
@@ -163,14 +164,14 @@ class Supervisor:
 
     def _remove_socket_dir(self, socket: Path) -> None:
         if socket.parent.parent == self.cfg.workers.socket_dir:
-            shutil.rmtree(socket.parent, ignore_errors=True)
+            _remove_dir(socket.parent)
 
     def _remove_stale_socket_dirs(self) -> None:
         keep = {socket_dir_name(w.unit) for w in self.table}
         with contextlib.suppress(OSError):
             for entry in self.cfg.workers.socket_dir.iterdir():
                 if entry.is_dir() and entry.name not in keep:
-                    shutil.rmtree(entry, ignore_errors=True)
+                    _remove_dir(entry)
 
     # --- GPUs and placement inputs -------------------------------------------------------
 
@@ -368,7 +369,8 @@ class Supervisor:
         rec.failures = [*earlier, now]
         rec.last_error = message
         decision = recover(failure, spec.pinned, len(earlier), self.cfg.placement)
-        why = f"{failure.value}: {message}"
+        # The record's reason stays one line; last_error keeps the journal's tail.
+        why = f"{failure.value}: {message.split(JOURNAL_SEPARATOR, 1)[0]}"
         if decision.action == "retry":
             deadline = time.time() + decision.delay_s
             self.loads.move(
@@ -468,7 +470,7 @@ class Supervisor:
                     socket,
                     plan.gpus,
                     plan.per_gpu_bytes,
-                    totals[plan.gpus[0]] if self.gpus.kind == "nvml" else None,
+                    totals[plan.gpus[0]],
                     # vLLM on the CPU (simulated GPUs) sizes its KV cache from VLLM_CPU_KVCACHE_SPACE.
                     need.kv_bytes if self.gpus.kind == "nvml" else None,
                     nodes,
@@ -549,7 +551,7 @@ class Supervisor:
             self.on_load_result(worker.model, "failed", time.time() - worker.started_at)
         lines = await journal.tail(worker.unit, JOURNAL_LINES_ON_FAILURE, self.cfg.systemd.journal_directory)
         base = error or f"{worker.unit} stopped during start-up"
-        return base + (" | last log lines: " + " | ".join(lines) if lines else "")
+        return base + (JOURNAL_SEPARATOR + " | ".join(lines) if lines else "")
 
     async def _measure(self, worker: Worker) -> None:
         """Record what the healthy worker really holds and how long it took to load."""
@@ -570,7 +572,7 @@ class Supervisor:
             watched = [w for w in self.table if w.state in (WorkerState.READY, WorkerState.UNHEALTHY)]
             results = await asyncio.gather(*(self.probes.healthy(w.socket) for w in watched))
             for worker, ok in zip(watched, results, strict=True):
-                self._checked(worker, ok, "/health did not answer 200")
+                self._checked(worker, "health", ok, "/health did not answer 200")
 
     async def _canary_loop(self) -> None:
         interval = self.cfg.health.canary_interval_s
@@ -578,33 +580,35 @@ class Supervisor:
             await asyncio.sleep(interval)
             now = time.time()
             for worker in self.table:
-                if not (worker.state is WorkerState.READY and worker.canary):
+                if worker.state not in (WorkerState.READY, WorkerState.UNHEALTHY) or not worker.canary:
                     continue
-                if now - worker.last_used < interval or now - worker.state_since < interval:
+                failing = worker.check_failures.get("canary", 0) > 0
+                if not failing and (now - worker.last_used < interval or now - worker.started_at < interval):
                     continue  # traffic or a recent start already showed it generates
                 result, detail = await self.probes.canary(worker.socket, worker.model)
                 if result is Canary.NOT_APPLICABLE:
                     worker.canary = False
                     log.info("%s: no canary for this model (%s)", worker.unit, detail)
                 else:
-                    self._checked(worker, result is Canary.PASSED, f"the 1-token canary failed: {detail}")
+                    self._checked(worker, "canary", result is Canary.PASSED, f"the 1-token canary failed: {detail}")
 
-    def _checked(self, worker: Worker, ok: bool, failure: str) -> None:
-        """One health check's result: unhealthy workers leave the routing, and one that
-        fails health.failures_to_replace checks in a row is replaced."""
+    def _checked(self, worker: Worker, kind: str, ok: bool, failure: str) -> None:
+        """One check's result: unhealthy workers leave the routing, and one that fails
+        health.failures_to_replace checks of a kind in a row is replaced."""
         if self.table.get(worker.unit) is not worker or worker.state not in (
             WorkerState.READY,
             WorkerState.UNHEALTHY,
         ):
             return
         if ok:
-            worker.health_failures = 0
-            self.table.move(worker, WorkerState.READY, "health check passed")
+            worker.check_failures.pop(kind, None)
+            if not worker.check_failures:
+                self.table.move(worker, WorkerState.READY, f"{kind} check passed")
             return
-        worker.health_failures += 1
+        count = worker.check_failures[kind] = worker.check_failures.get(kind, 0) + 1
         limit = self.cfg.health.failures_to_replace
-        self.table.move(worker, WorkerState.UNHEALTHY, f"{failure} ({worker.health_failures} of {limit})")
-        if worker.health_failures >= limit:
+        self.table.move(worker, WorkerState.UNHEALTHY, f"{failure} ({count} of {limit})")
+        if count >= limit:
             self._spawn(self._replace(worker, f"{failure} in {limit} checks in a row"))
 
     async def _replace(self, worker: Worker, why: str) -> None:
@@ -736,6 +740,14 @@ class Supervisor:
                 self.retire(worker, "unload requested")
         await self._wait_gone(workers)
         return [w.unit for w in workers]
+
+
+def _remove_dir(path: Path) -> None:
+    """Remove a worker's socket directory. The loader has no CAP_DAC_OVERRIDE, so it
+    takes the directory back (CAP_CHOWN) to be allowed to empty it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chown(path, 0, 0)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _log_crash(task: asyncio.Task[Any]) -> None:

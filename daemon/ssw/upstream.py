@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 from collections.abc import AsyncIterator
 
 import httptools
@@ -76,7 +77,7 @@ class _Connection(asyncio.Protocol):
         self._body_size = 0
         self._complete = False
         self._keep_alive = False
-        self._error: UpstreamError | None = None
+        self._error: UpstreamError | None = None  # ConnectFailed or ResponseFailed
         self._paused = False
         self.got_bytes = False
         self._last_data = 0.0
@@ -102,7 +103,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         if not self._complete and self._parser is not None:
-            self._fail(ResponseFailed(f"the worker closed the connection ({exc or 'EOF'})"))
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.ECONNREFUSED) and not self.got_bytes:
+                # Never connected (asyncio's loop reports a full backlog so): nothing was sent.
+                self._fail(ConnectFailed(f"cannot connect to {self.pool_key}: {exc.strerror}"))
+            else:
+                self._fail(ResponseFailed(f"the worker closed the connection ({exc or 'EOF'})"))
 
     # --- httptools callbacks ------------------------------------------------------------
 

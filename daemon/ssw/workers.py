@@ -41,7 +41,9 @@ class Worker:
     # systemd reports a new transient unit as inactive before it activates; only
     # an inactive state after the unit was seen running means the worker ended.
     unit_seen_active: bool = False
-    health_failures: int = 0  # consecutive failed checks while ready or unhealthy
+    # Consecutive failed checks while ready or unhealthy, per kind ("health", "canary"):
+    # a passing /health does not clear a failing canary.
+    check_failures: dict[str, int] = field(default_factory=dict)
     canary: bool = True  # False once the engine showed it does not generate (an embedding model)
     # Why ssw is stopping a worker that failed (start failed, hung): it then ends as failed, not gone.
     failure: str | None = None
@@ -71,6 +73,7 @@ class Worker:
             adopted=self.adopted,
             unit_active=self.unit_seen_active,
             load_phases_s=load_phases(self.marks),
+            load_marks={k: round(v, 4) for k, v in self.marks.items()},
         )
 
 

@@ -214,6 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.fail == "exit-on-start":
         print("fake engine: failing on purpose (exit-on-start)", file=sys.stderr, flush=True)
         sys.exit(3)
+    try:
+        # As vLLM does first: read the model's config (a directory it cannot read fails the start).
+        with open(os.path.join(args.model, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"fake engine: Invalid repository ID or local directory specified: {args.model} ({exc})", flush=True)
+        sys.exit(1)
     # Like vLLM's --shutdown-timeout: on SIGTERM, stop accepting and let
     # in-flight requests finish for that long.
     listen: dict[str, object] = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
