@@ -142,6 +142,10 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._reset()
         self._parser = httptools.HttpResponseParser(self)
+        if self.transport.is_closing():
+            # Closed by the worker while idle, and not noticed yet: nothing is sent.
+            self._fail(ResponseFailed("the worker had closed this connection"))
+            return
         self._last_data = self._loop.time()
         if self._read_timeout:
             self._timer = self._loop.call_later(self._read_timeout, self._check_silence)

@@ -106,3 +106,28 @@ def test_pinned_replica_gpu_is_respected() -> None:
     assert place(need(5), devices, [], allowed=[0]).gpus == (0,)
     with pytest.raises(NoCapacity):
         place(need(10), devices, [], allowed=[0])
+
+
+def test_memory_of_leaving_workers_counts_as_coming_free() -> None:
+    # GPU 1 holds a worker being drained (8 of 10 GB): the new one waits for it
+    # rather than evicting the idle worker on GPU 0.
+    devices = [dev(0, 10, used=9), DeviceView(1, 10 * GB, 8 * GB, 0, releasing=8 * GB)]
+    plan = place(need(8), devices, [res("idle", 0, 9, last_used=1)])
+    assert plan.gpus == (1,) and plan.evict == ()
+
+
+def test_room_that_is_free_now_wins_over_room_coming_free() -> None:
+    devices = [dev(0, 10, used=1), DeviceView(1, 10 * GB, 8 * GB, 0, releasing=8 * GB)]
+    assert place(need(8), devices, []).gpus == (0,)
+
+
+def test_evictions_count_what_leaving_workers_give_back() -> None:
+    devices = [DeviceView(0, 10 * GB, 10 * GB, 0, releasing=4 * GB)]
+    plan = place(need(7), devices, [res("a", 0, 3, last_used=2), res("b", 0, 3, last_used=1)])
+    assert plan.evict == ("b",)  # 4 coming free + 3 from the least recently used
+
+
+def test_a_refusal_counts_leaving_workers_in_what_could_be_freed() -> None:
+    devices = [DeviceView(0, 10 * GB, 10 * GB, 0, releasing=4 * GB)]
+    with pytest.raises(NoCapacity, match=r"at most 7\.0 GB can be freed"):
+        place(need(12), devices, [res("a", 0, 3, last_used=2)])

@@ -1,0 +1,122 @@
+"""The client to workers' unix sockets, against real sockets and a real HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from ssw.upstream import ConnectFailed, Pool, ResponseFailed, fetch, request_head
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[str]:
+    async def small(request: web.Request) -> web.Response:
+        return web.json_response({"echo": (await request.read()).decode()})
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(50):
+            await resp.write(b"data: %d\n\n" % i)
+        return resp
+
+    async def silent(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/small", small)
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/silent", silent)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    path = str(tmp_path / "w.sock")
+    site = web.UnixSite(runner, path)
+    await site.start()
+    yield path
+    await runner.cleanup()
+
+
+async def test_a_request_and_its_answer_over_a_kept_alive_connection(server: str) -> None:
+    path = server
+    pool = Pool(1.0, 5.0)
+    for i in range(3):
+        status, body = await fetch(pool, path, "POST", "/small", f"n{i}".encode())
+        assert status == 200 and body == f'{{"echo": "n{i}"}}'.encode()
+    assert len(pool._idle[path]) == 1  # one connection served all three
+    await pool.close()
+
+
+async def test_a_stream_arrives_whole_chunk_by_chunk(server: str) -> None:
+    path = server
+    pool = Pool(1.0, 5.0)
+    resp = await pool.request(path, request_head("GET", "/stream"))
+    assert resp.status == 200 and resp.header(b"content-type") == b"text/event-stream"
+    data = b"".join([c async for c in resp.iter_chunks()])
+    resp.release()
+    assert data == b"".join(b"data: %d\n\n" % i for i in range(50))
+    await pool.close()
+
+
+async def test_nothing_listening_is_a_connect_failure(tmp_path: Path) -> None:
+    pool = Pool(1.0, 5.0)
+    with pytest.raises(ConnectFailed, match="No such file"):
+        await fetch(pool, str(tmp_path / "none.sock"), "GET", "/health")
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on, as a dead worker leaves
+    with pytest.raises(ConnectFailed, match="refused"):
+        await fetch(pool, str(stale), "GET", "/health")
+
+
+async def test_a_worker_that_closed_an_idle_connection_gets_the_request_on_a_new_one(
+    server: str,
+) -> None:
+    path = server
+    pool = Pool(1.0, 5.0)
+    await fetch(pool, path, "POST", "/small", b"a")
+    (conn,) = pool._idle[path]
+    conn.closed = False  # as if the close had not been noticed yet
+    assert conn.transport is not None
+    conn.transport.close()
+    await asyncio.sleep(0)
+    conn.closed = False
+    status, _ = await fetch(pool, path, "POST", "/small", b"b")
+    assert status == 200
+    await pool.close()
+
+
+async def test_a_silent_worker_times_out(server: str) -> None:
+    path = server
+    pool = Pool(1.0, 0.3)
+    with pytest.raises(ResponseFailed, match="sent nothing for 0 s"):
+        await fetch(pool, path, "GET", "/silent")
+    await pool.close()
+
+
+async def test_a_full_backlog_is_a_connect_failure(tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)  # never accepts
+    held = []
+    for _ in range(3):
+        c = socket.socket(socket.AF_UNIX)
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(path)
+        held.append(c)
+    with pytest.raises(ConnectFailed):
+        await fetch(Pool(1.0, 5.0), path, "GET", "/health")
+    for c in held:
+        c.close()
+    listener.close()
+    os.unlink(path)
