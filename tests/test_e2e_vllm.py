@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -16,12 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, wait_for, worker_http
+from tests.harness.stack import WORK_ROOT, http, http_in_background, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
 
-UNIT = "ssw-worker@tiny.service"
 CHAT = [{"role": "user", "content": "Say something."}]
 
 
@@ -36,6 +36,14 @@ def stack(sysbox: SysBox, tiny_model: Path) -> Iterator[Stack]:
     yield s
     http("POST", s.admin + "/unload", {"model": "tiny"}, timeout=120)
     stop_stack(s)
+
+
+def tiny(stack: Stack) -> dict[str, Any]:
+    """The tiny model's ready worker, loaded first if a test before this one unloaded it."""
+    status, _, body = http("POST", stack.admin + "/load", {"model": "tiny"}, timeout=600)
+    assert status == 200, body
+    (worker,) = (w for w in stack.status()["workers"] if w["model"] == "tiny" and w["state"] == "ready")
+    return worker
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +90,9 @@ def test_unknown_model_is_404_with_alternatives(client: openai.OpenAI) -> None:
 
 
 def test_worker_unit_is_transient_in_the_slice_with_accounting_and_journal(stack: Stack) -> None:
+    unit = tiny(stack)["unit"]
     props = stack.unit_show(
-        UNIT, "Transient", "Slice", "Environment", "MemoryAccounting", "MemoryCurrent", "ActiveState", "ExecStart"
+        unit, "Transient", "Slice", "Environment", "MemoryAccounting", "MemoryCurrent", "ActiveState", "ExecStart"
     )
     assert props["Transient"] == "yes"
     assert props["Slice"] == "ssw-workers.slice"
@@ -93,9 +102,9 @@ def test_worker_unit_is_transient_in_the_slice_with_accounting_and_journal(stack
     print(f"worker MemoryCurrent: {int(props['MemoryCurrent']) / 2**20:.0f} MiB")
     assert int(props["MemoryCurrent"]) > 50 * 2**20  # a real vLLM process, accounted
     assert "vllm.entrypoints.openai.api_server" in props["ExecStart"]
-    status = stack.box.systemctl("status", UNIT).stdout
+    status = stack.box.systemctl("status", unit).stdout
     assert "ssw vLLM worker for tiny" in status and "Active: active (running)" in status
-    journal = stack.box.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
+    journal = stack.box.run("journalctl", "-u", unit, "--no-pager", "-o", "cat").stdout
     assert "Application startup complete" in journal
 
 
@@ -107,7 +116,7 @@ def vllm_metric(sock: str, name: str) -> float:
 
 
 def test_a_client_leaving_mid_stream_aborts_the_request_in_vllm(stack: Stack) -> None:
-    worker = next(w for w in stack.status()["workers"] if w["unit"] == UNIT)
+    worker = tiny(stack)
     n, max_tokens = 4, 900
     before = vllm_metric(worker["socket"], "vllm:generation_tokens_total")
 
@@ -139,23 +148,65 @@ def test_a_client_leaving_mid_stream_aborts_the_request_in_vllm(stack: Stack) ->
 
 
 def test_gateway_and_loader_restarts_keep_the_model_loaded(stack: Stack, client: openai.OpenAI) -> None:
-    pid = stack.unit_show(UNIT, "MainPID")["MainPID"]
+    unit = tiny(stack)["unit"]
+    pid = stack.unit_show(unit, "MainPID")["MainPID"]
     stack.gateway.kill(signal.SIGKILL)
     stack.restart(stack.gateway)
     assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4).model == "tiny"
 
     stack.loader.kill(signal.SIGTERM)
     stack.restart(stack.loader)
-    worker = next(w for w in stack.status()["workers"] if w["unit"] == UNIT)
+    worker = next(w for w in stack.status()["workers"] if w["unit"] == unit)
     assert worker["adopted"] is True and worker["state"] == "ready"
     assert client.chat.completions.create(model="light", messages=CHAT, max_tokens=4).model == "tiny"
     # Same process all along: nothing was reloaded.
-    assert stack.unit_show(UNIT, "MainPID")["MainPID"] == pid
+    assert stack.unit_show(unit, "MainPID")["MainPID"] == pid
 
 
 def test_unload_stops_the_real_worker_and_removes_its_socket(stack: Stack) -> None:
-    worker = next(w for w in stack.status()["workers"] if w["unit"] == UNIT)
+    worker = tiny(stack)
     status, _, body = http("POST", stack.admin + "/unload", {"model": "tiny"}, timeout=120)
-    assert status == 200 and body["stopped"] == [UNIT]
-    assert stack.box.systemctl("is-active", UNIT).stdout.strip() == "inactive"
+    assert status == 200 and body["stopped"] == [worker["unit"]]
+    assert stack.box.systemctl("is-active", worker["unit"]).stdout.strip() == "inactive"
     assert not Path(worker["socket"]).exists()
+
+
+def test_a_stream_on_a_draining_worker_finishes_and_a_held_request_gets_a_new_worker(stack: Stack) -> None:
+    old = tiny(stack)
+    tokens = 300  # several seconds on 2 CPU cores
+    reader, stream = http_in_background(
+        "POST",
+        stack.public + "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "max_tokens": tokens, "stream": True, "ignore_eos": True},
+        timeout=300,
+    )
+    wait_for(lambda: vllm_metric(old["socket"], "vllm:num_requests_running") == 1, 30, "the stream to start")
+    unload_at = time.monotonic()
+    unloading, _ = http_in_background("POST", stack.admin + "/unload", {"model": "tiny"}, timeout=300)
+    wait_for(lambda: tiny_state(stack, old["unit"]) == "draining", 10, "the drain")
+    status, _, body = http(
+        "POST",
+        stack.public + "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "max_tokens": 4},
+        headers={"X-SSW-Wait": "true"},
+        timeout=300,
+    )
+    served = time.monotonic() - unload_at
+    reader.join(300)
+    unloading.join(300)
+    events = [line for line in stream["body"].splitlines() if line.startswith("data: {")]
+    print(
+        f"real vLLM: the draining worker's stream ended intact ({len(events)} events); the held request was "
+        f"served by a new worker {served:.1f} s after the unload"
+    )
+    assert stream["status"] == 200 and stream["body"].rstrip().endswith("data: [DONE]")
+    assert '"finish_reason":"length"' in stream["body"]  # all its tokens: nothing was cut
+    assert status == 200 and body["model"] == "tiny"
+    new = tiny(stack)
+    assert new["unit"] != old["unit"]  # the draining unit's name was not reused while it was loaded
+    log = stack.loader.log()
+    assert f"{old['unit']}: draining -> stopping (drained)" in log and "UnitExists" not in log
+
+
+def tiny_state(stack: Stack, unit: str) -> str | None:
+    return next((w["state"] for w in stack.status()["workers"] if w["unit"] == unit), None)

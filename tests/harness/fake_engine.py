@@ -7,6 +7,9 @@ knobs, as flags or SSW_FAKE_* environment variables:
   --fail MODE            'exit-on-start': exit 3 before listening;
                          'unhealthy': listen but /health answers 503 (SSW_FAKE_FAIL)
   --backlog N            the listening socket's backlog (SSW_FAKE_BACKLOG)
+  --also-port N          with --uds, also listen on 127.0.0.1:N (SSW_FAKE_TCP_PORT): inside
+                         a worker's private network namespace, for benchmarks that
+                         compare going through a relay with going straight to it
 
 Like vLLM it serves on --uds PATH (a unix socket) or --host/--port, reports
 the requests it holds as vllm:num_requests_running on /metrics, and on SIGTERM
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 import uuid
@@ -37,6 +41,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--uds")
     p.add_argument("--backlog", type=int, default=int(os.environ.get("SSW_FAKE_BACKLOG", "128")))
+    p.add_argument("--also-port", type=int, default=int(os.environ.get("SSW_FAKE_TCP_PORT", "0")))
     p.add_argument("--shutdown-timeout", type=float, default=0.0)
     p.add_argument("--load-delay", type=float, default=float(os.environ.get("SSW_FAKE_LOAD_DELAY", "0")))
     p.add_argument("--tokens-per-second", type=float, default=float(os.environ.get("SSW_FAKE_TPS", "0")))
@@ -221,17 +226,34 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as exc:
         print(f"fake engine: Invalid repository ID or local directory specified: {args.model} ({exc})", flush=True)
         sys.exit(1)
-    # Like vLLM's --shutdown-timeout: on SIGTERM, stop accepting and let
-    # in-flight requests finish for that long.
-    listen: dict[str, object] = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
-    web.run_app(
-        make_app(args),
-        **listen,  # type: ignore[arg-type]
-        print=None,
-        access_log=None,
-        shutdown_timeout=args.shutdown_timeout,
-        backlog=args.backlog,
-    )
+    try:
+        import uvloop  # as vLLM's server runs (uvicorn's default)
+    except ImportError:
+        asyncio.run(serve(args))
+    else:
+        uvloop.run(serve(args))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Like vLLM's --shutdown-timeout: on SIGTERM, stop accepting and let
+    in-flight requests finish for that long."""
+    runner = web.AppRunner(make_app(args), access_log=None, shutdown_timeout=args.shutdown_timeout)
+    await runner.setup()
+    sites: list[web.BaseSite] = []
+    if args.uds:
+        sites.append(web.UnixSite(runner, args.uds, backlog=args.backlog))
+        if args.also_port:
+            sites.append(web.TCPSite(runner, "127.0.0.1", args.also_port, backlog=args.backlog))
+    else:
+        sites.append(web.TCPSite(runner, args.host, args.port, backlog=args.backlog))
+    for site in sites:
+        await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
 
 
 if __name__ == "__main__":
