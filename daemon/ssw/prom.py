@@ -47,8 +47,12 @@ class GatewayMetrics:
         # process_resident_memory_bytes, process_open_fds, CPU seconds: what the
         # gateway costs, per connection and per waiting request.
         ProcessCollector(registry=r)
+        # Requests are counted in batches; a scrape folds in the latest first.
+        self.before_scrape: Callable[[], None] | None = None
 
     def render(self) -> bytes:
+        if self.before_scrape is not None:
+            self.before_scrape()
         return generate_latest(self.registry)
 
 
