@@ -53,15 +53,15 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr)
 
 
-def _run_roles(cfg: Config, roles: set[str]) -> int:
+def _run_roles(cfg: Config, roles: set[str], config_path: str | None) -> int:
     from . import service
 
     _setup_logging(cfg.log_level)
     try:
         import uvloop
     except ImportError:  # uvloop is optional; asyncio's own loop works too
-        return int(asyncio.run(service.run(cfg, roles)))
-    return int(uvloop.run(service.run(cfg, roles)))
+        return int(asyncio.run(service.run(cfg, roles, config_path)))
+    return int(uvloop.run(service.run(cfg, roles, config_path)))
 
 
 # --- operator verbs (admin API clients) ------------------------------------------------
@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         if args.verb in ("gateway", "loader", "serve"):
             roles = {"gateway", "loader"} if args.verb == "serve" else {args.verb}
-            return _run_roles(cfg, roles)
+            path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+            return _run_roles(cfg, roles, path)
         out: Any = None
         if args.verb == "keys":
             return _keys(cfg, args)

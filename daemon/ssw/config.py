@@ -236,6 +236,14 @@ class GatewaySettings(_Section):
     max_waiters_per_model: int = Field(
         default=1000, ge=1, description="Requests that may wait for one model's load; more get 429."
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Gateway processes sharing the public port (SO_REUSEPORT); the relay is CPU-bound, so "
+        "a host with spare cores serves more with more. Each follows the loader and holds its own waiting "
+        "requests; metrics add up.",
+    )
     routing: Literal["round_robin", "least_outstanding"] = Field(
         default="round_robin", description="How requests are spread over a model's replicas."
     )

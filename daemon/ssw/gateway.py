@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from prometheus_client import generate_latest
 
 from . import __version__, http_errors
 from .accounting import Accounting, Exchange
@@ -41,9 +42,10 @@ from .errors import (
     SswError,
     UpstreamError,
 )
+from .gateway_pool import GatewayPool
 from .lifecycle import LIVE, Failure, LoadState, WorkerState
 from .loader_client import LoaderClient
-from .prom import CONTENT_TYPE, GatewayMetrics
+from .prom import CONTENT_TYPE, GatewayMetrics, pool_registry
 from .registry import valid_name
 from .relay import Receive, Relay, Reply, Send
 from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
@@ -105,8 +107,10 @@ class Gateway:
     def __init__(self, cfg: Config, loader: LoaderClient) -> None:
         self.cfg = cfg
         self.loader = loader
-        self.queue = WaitQueue(cfg.gateway.max_waiters_per_model)
-        self.metrics = GatewayMetrics(lambda: {m: self.queue.depth(m) for m in self.queue.models()})
+        self.metrics = GatewayMetrics()
+        self.queue = WaitQueue(
+            cfg.gateway.max_waiters_per_model, lambda model, depth: self.metrics.waiting.labels(model).set(depth)
+        )
         self.keys = KeyRing(cfg.auth.keys_file)
         self.keys.reload()
         self.admission = Admission(cfg, self.keys)
@@ -576,4 +580,16 @@ def metrics_app(gw: Gateway) -> FastAPI:
     """The gateway's Prometheus endpoint on its own loopback listener."""
     app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"])
+    return app
+
+
+def pool_metrics_app(pool: GatewayPool) -> FastAPI:
+    """The series of several gateway processes, added up, served by their parent."""
+    registry = pool_registry(pool.metrics_dir)
+    app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None)
+
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+
+    app.add_api_route("/metrics", metrics, methods=["GET"])
     return app

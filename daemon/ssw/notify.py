@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 import sdnotify
 
@@ -26,12 +27,14 @@ class Notifier:
     def stopping(self) -> None:
         self._send("STOPPING=1\nSTATUS=stopping")
 
-    async def watchdog(self) -> None:
+    async def watchdog(self, healthy: Callable[[], bool] | None = None) -> None:
         """Ping at half of WatchdogSec from the event loop itself, so a wedged loop
-        stops the pings and systemd restarts the service."""
+        stops the pings and systemd restarts the service; with ``healthy``, only
+        while it says so (the gateway processes a parent watches)."""
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if not self.enabled or usec <= 0:
             return
         while True:
-            self._send("WATCHDOG=1")
+            if healthy is None or healthy():
+                self._send("WATCHDOG=1")
             await asyncio.sleep(usec / 2e6)

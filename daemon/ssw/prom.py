@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -20,7 +20,10 @@ LOAD_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
 
 
 class GatewayMetrics:
-    def __init__(self, waiting: Callable[[], dict[str, int]]) -> None:
+    """The gateway's series. With several gateway processes (prometheus_client's
+    multiprocess mode) they add up across processes; the parent serves them."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("ssw_requests", "Requests answered by the gateway.", ["model", "status"], registry=r)
@@ -43,7 +46,13 @@ class GatewayMetrics:
         self.dropped = Counter(
             "ssw_metrics_records_dropped", "Request records not written to Redis (down, slow or full).", registry=r
         )
-        r.register(_WaitingCollector(waiting))
+        self.waiting = Gauge(
+            "ssw_waiting_requests",
+            "Requests waiting for their model to load.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         # process_resident_memory_bytes, process_open_fds, CPU seconds: what the
         # gateway costs, per connection and per waiting request.
         ProcessCollector(registry=r)
@@ -56,15 +65,15 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
-class _WaitingCollector(Collector):
-    def __init__(self, waiting: Callable[[], dict[str, int]]) -> None:
-        self._waiting = waiting
+def pool_registry(metrics_dir: str) -> CollectorRegistry:
+    """What the parent of several gateway processes serves: their series added up,
+    and its own process's."""
+    from prometheus_client import multiprocess
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        g = GaugeMetricFamily("ssw_waiting_requests", "Requests waiting for their model to load.", labels=["model"])
-        for model, depth in sorted(self._waiting().items()):
-            g.add_metric([model], depth)
-        yield g
+    registry = CollectorRegistry(auto_describe=True)
+    multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+    ProcessCollector(registry=registry)
+    return registry
 
 
 class LoaderMetrics:

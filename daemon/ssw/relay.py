@@ -1,9 +1,10 @@
 """The hot path: one request to a worker over its unix socket and its answer
 back to the client, relayed as it arrives, written straight to ASGI.
 
-Workers are tried in routing order; a connection that fails before anything
-reached the worker (refused, missing socket, connect timeout) moves on to the
-next one. Once the request reached a worker nothing is retried. Streams are
+Workers are tried in routing order; a request that gets no byte of an answer
+(refused, missing socket, full backlog, or the worker died or closed the
+connection before answering) moves on to the next one. Once any byte of an
+answer came back nothing is retried. Streams are
 relayed event by event (the time to the first token is noted, and the usage
 chunk ssw asked for on the client's behalf is taken out again); a client that
 leaves closes the upstream connection, which makes vLLM abort the request.
@@ -27,7 +28,7 @@ from .config import Config
 from .contract import WorkerView
 from .errors import SswError, UpstreamError
 from .routing import RoundRobin, least_outstanding
-from .upstream import ConnectFailed, Pool, Response, ResponseFailed
+from .upstream import ConnectFailed, NoAnswer, Pool, Response, ResponseFailed
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,11 @@ class Relay:
             self.outstanding[unit] = self.outstanding.get(unit, 0) + 1
             try:
                 resp = await self.pool.request(worker.socket, head, payload)
-            except ConnectFailed as exc:
+            except (ConnectFailed, NoAnswer) as exc:
                 self.outstanding[unit] -= 1
-                # Nothing has reached the worker, so the next one may serve it.
+                # Nothing came back (the worker died, or never took the connection):
+                # no byte of an answer can have reached anyone, so the next worker
+                # may serve it. Inference has no side effect to repeat.
                 log.warning("%s: %s; trying the next worker", unit, exc)
                 self._suspect_until[unit] = time.monotonic() + SUSPECT_FOR_S
                 last_error = exc

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Generator
 from typing import Any
 
@@ -16,7 +17,8 @@ import uvicorn
 
 from .auth import KeyRing
 from .config import Config, Listen
-from .gateway import Gateway, gateway_app, metrics_app
+from .gateway import Gateway, gateway_app, metrics_app, pool_metrics_app
+from .gateway_pool import GatewayPool, Reporter, child_slot, reuse_port_socket
 from .gpus import make_gpu_source
 from .loader import Loader, admin_app
 from .loader_client import LoaderClient
@@ -35,6 +37,9 @@ class _Server(uvicorn.Server):
         yield
 
 
+BACKLOG = 4096
+
+
 def _server(app: Any, listen: Listen, cfg: Config, graceful_s: float) -> _Server:
     return _Server(
         uvicorn.Config(
@@ -49,23 +54,26 @@ def _server(app: Any, listen: Listen, cfg: Config, graceful_s: float) -> _Server
             log_level=cfg.log_level,
             timeout_graceful_shutdown=int(graceful_s) if graceful_s else None,
             timeout_keep_alive=30,
-            backlog=4096,
+            backlog=BACKLOG,
         )
     )
 
 
-async def run(cfg: Config, roles: set[str]) -> int:
+async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> int:
     notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    servers: list[_Server] = []
+    # (server, the sockets it serves on: None to bind its listen address itself)
+    servers: list[tuple[_Server, list[socket.socket] | None]] = []
     cleanups: list[Any] = []
     background: list[asyncio.Task[None]] = []
     loader: Loader | None = None
     gateway: Gateway | None = None
+    pool: GatewayPool | None = None
+    slot = child_slot()  # set when this process is one of several gateway processes
     try:
         if "loader" in roles:
             systemd = await Systemd.connect(cfg.systemd.bus_address)
@@ -74,53 +82,54 @@ async def run(cfg: Config, roles: set[str]) -> int:
             await loader.start()  # adoption happens before READY
             cleanups.append(loader.close)
             # The event stream never ends by itself; do not wait long for it.
-            servers.append(_server(admin_app(loader), cfg.admin, cfg, 2))
-        if "gateway" in roles:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30),
-                auto_decompress=False,
-            )
-            cleanups.append(session.close)
-            client = LoaderClient(cfg.gateway.loader_url, session, cfg.auth.gateway_token_file)
-            client.start()
-            cleanups.append(client.close)
-            gateway = Gateway(cfg, client)
-            cleanups.append(gateway.close)
-            if not cfg.auth.enabled:
-                log.warning("auth.enabled is false: anyone who reaches port %d may use every model", cfg.public.port)
-            elif len(gateway.keys) == 0:
-                log.warning("no API keys in %s: every request will be refused (ssw keys add NAME)", cfg.auth.keys_file)
-            keyring = gateway.keys
-            loop.add_signal_handler(signal.SIGHUP, lambda: keyring.reload(force=True))
-            background.append(asyncio.create_task(_watch_keys(keyring)))
-            gateway.accounting.start()
-            cleanups.append(gateway.accounting.close)
-            servers.append(_server(gateway_app(gateway), cfg.public, cfg, cfg.gateway.shutdown_timeout_s))
+            servers.append((_server(admin_app(loader), cfg.admin, cfg, 2), None))
+        if "gateway" in roles and cfg.gateway.processes > 1 and slot is None:
+            pool = GatewayPool(cfg, config_path)
+            await pool.start()
+            stopping_pool = pool
+            cleanups.append(lambda: stopping_pool.stop(cfg.gateway.shutdown_timeout_s + 5))
+            loop.add_signal_handler(signal.SIGHUP, lambda: stopping_pool.signal_all(signal.SIGHUP))
             if cfg.gateway.metrics_listen is not None:
-                servers.append(_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1))
+                servers.append((_server(pool_metrics_app(pool), cfg.gateway.metrics_listen, cfg, 1), None))
+        elif "gateway" in roles:
+            gateway = await _gateway(cfg, cleanups, background)
+            graceful = cfg.gateway.shutdown_timeout_s
+            if slot is None:
+                servers.append((_server(gateway_app(gateway), cfg.public, cfg, graceful), None))
+                if cfg.gateway.metrics_listen is not None:
+                    servers.append((_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1), None))
+            else:
+                # One of several: the kernel spreads connections over the processes;
+                # the parent serves the metrics of them all.
+                sock = reuse_port_socket(cfg.public, BACKLOG)
+                servers.append((_server(gateway_app(gateway), cfg.public, cfg, graceful), [sock]))
 
         # Everything built so far (modules, apps, the registry) lives as long as the
         # process: out of the collector's sight, a full collection walks only what
         # requests create. Measured: gen-2 pauses of 60-75 ms under load, gone.
         gc.collect()
         gc.freeze()
-        tasks = [asyncio.create_task(s.serve()) for s in servers]
-        while not all(s.started for s in servers):
+        tasks = [asyncio.create_task(server.serve(sockets=socks)) for server, socks in servers]
+        while not all(server.started for server, _ in servers):
             if any(t.done() for t in tasks):
                 log.error("a server failed to start")
                 return 3
             await asyncio.sleep(0.05)
-        notifier.ready(_status_line(loader, gateway))
-        watchdog = asyncio.create_task(notifier.watchdog())
+        if slot is not None and gateway is not None:
+            reporter = Reporter()
+            reporter.ready()
+            background.append(asyncio.create_task(reporter.beat(gateway.in_flight)))
+        notifier.ready(_status_line(loader, gateway, pool))
+        watchdog = asyncio.create_task(notifier.watchdog(pool.healthy if pool else None))
         stopper = asyncio.create_task(stop.wait())
-        status_task = asyncio.create_task(_status_updates(notifier, loader, gateway))
+        status_task = asyncio.create_task(_status_updates(notifier, loader, gateway, pool))
         await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         log.info("stopping; workers keep running")
         notifier.stopping()
         if loader is not None:
             loader.closing.set()
-        for s in servers:
-            s.should_exit = True
+        for server, _ in servers:
+            server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)
         for t in (watchdog, stopper, status_task, *background):
             t.cancel()
@@ -133,7 +142,31 @@ async def run(cfg: Config, roles: set[str]) -> int:
                     await result
 
 
-def _status_line(loader: Loader | None, gateway: Gateway | None) -> str:
+async def _gateway(cfg: Config, cleanups: list[Any], background: list[asyncio.Task[None]]) -> Gateway:
+    """One gateway: its channel to the loader, its keys, its accounting."""
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None, keepalive_timeout=30),
+        auto_decompress=False,
+    )
+    cleanups.append(session.close)
+    client = LoaderClient(cfg.gateway.loader_url, session, cfg.auth.gateway_token_file)
+    client.start()
+    cleanups.append(client.close)
+    gateway = Gateway(cfg, client)
+    cleanups.append(gateway.close)
+    if not cfg.auth.enabled:
+        log.warning("auth.enabled is false: anyone who reaches port %d may use every model", cfg.public.port)
+    elif len(gateway.keys) == 0:
+        log.warning("no API keys in %s: every request will be refused (ssw keys add NAME)", cfg.auth.keys_file)
+    keyring = gateway.keys
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: keyring.reload(force=True))
+    background.append(asyncio.create_task(_watch_keys(keyring)))
+    gateway.accounting.start()
+    cleanups.append(gateway.accounting.close)
+    return gateway
+
+
+def _status_line(loader: Loader | None, gateway: Gateway | None, pool: GatewayPool | None = None) -> str:
     """One line for `systemctl status`: what is loaded, what is in flight."""
     parts = []
     if loader is not None:
@@ -150,14 +183,18 @@ def _status_line(loader: Loader | None, gateway: Gateway | None) -> str:
         parts.append(f"{gateway.in_flight()} requests in flight")
         if not gateway.loader.connected:
             parts.append("loader not connected")
+    if pool is not None:
+        parts.append(f"{pool.in_flight()} requests in flight over {pool.size} gateway processes")
     return "; ".join(parts) or "serving"
 
 
-async def _status_updates(notifier: Notifier, loader: Loader | None, gateway: Gateway | None) -> None:
+async def _status_updates(
+    notifier: Notifier, loader: Loader | None, gateway: Gateway | None, pool: GatewayPool | None
+) -> None:
     last = ""
     while True:
         await asyncio.sleep(STATUS_EVERY_S)
-        line = _status_line(loader, gateway)
+        line = _status_line(loader, gateway, pool)
         if line != last:
             notifier.status(line)
             last = line

@@ -34,6 +34,13 @@ class ConnectFailed(UpstreamError):
 class ResponseFailed(UpstreamError):
     """The request was sent, and the connection failed or fell silent before the response was complete."""
 
+    answered = False  # whether any byte of a response had come back
+
+
+class NoAnswer(ResponseFailed):
+    """The request was sent, and the worker went away (died, closed, fell silent)
+    without a byte of answer: nothing of it can have reached anyone."""
+
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
@@ -106,6 +113,8 @@ class _Connection(asyncio.Protocol):
             if isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.ECONNREFUSED) and not self.got_bytes:
                 # Never connected (asyncio's loop reports a full backlog so): nothing was sent.
                 self._fail(ConnectFailed(f"cannot connect to {self.pool_key}: {exc.strerror}"))
+            elif not self.got_bytes:
+                self._fail(NoAnswer(f"the worker closed the connection without answering ({exc or 'EOF'})"))
             else:
                 self._fail(ResponseFailed(f"the worker closed the connection ({exc or 'EOF'})"))
 
@@ -144,7 +153,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         if self.transport.is_closing():
             # Closed by the worker while idle, and not noticed yet: nothing is sent.
-            self._fail(ResponseFailed("the worker had closed this connection"))
+            self._fail(NoAnswer("the worker had closed this connection"))
             return
         self._last_data = self._loop.time()
         if self._read_timeout:
@@ -156,6 +165,7 @@ class _Connection(asyncio.Protocol):
         quiet = self._loop.time() - self._last_data
         if quiet >= self._read_timeout:
             self._timer = None
+            # Not retried elsewhere: another try would wait as long again.
             self._fail(ResponseFailed(f"the worker sent nothing for {self._read_timeout:.0f} s"))
             self.abort()
         else:
@@ -309,12 +319,9 @@ class Pool:
             try:
                 await conn.headers()
                 return Response(self, conn)
-            except ResponseFailed:
-                if conn.got_bytes:
-                    conn.abort()
-                    raise
-                # The worker closed this idle connection as the request went out:
-                # it never saw the request. Once more on a new connection.
+            except NoAnswer:
+                # Most likely the worker closed this idle connection as the request
+                # went out, and never saw it. Once more on a new connection.
                 conn.abort()
             except BaseException:
                 conn.abort()

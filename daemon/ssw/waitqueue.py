@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import BadRequest, SswError
@@ -45,10 +46,15 @@ class Waiter:
 
 
 class WaitQueue:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_depth: Callable[[str, int], None] | None = None) -> None:
         self.limit = limit
         self._waiting: dict[str, list[Waiter]] = {}
         self._counter = itertools.count()
+        self._on_depth = on_depth  # told a model's new depth after every change
+
+    def _changed(self, model: str) -> None:
+        if self._on_depth is not None:
+            self._on_depth(model, self.depth(model))
 
     def depth(self, model: str) -> int:
         return len(self._waiting.get(model, ()))
@@ -73,12 +79,14 @@ class WaitQueue:
                     QueueFull(f"displaced by more urgent requests for '{model}'", retry_after_s)
                 )
         waiters.append(waiter)
+        self._changed(model)
         return waiter
 
     def discard(self, waiter: Waiter) -> None:
         waiters = self._waiting.get(waiter.model, [])
         if waiter in waiters:
             waiters.remove(waiter)
+            self._changed(waiter.model)
 
     def release(self, model: str) -> list[Waiter]:
         """Wake every waiter of the model, most urgent first; returns them in that order."""
@@ -86,9 +94,11 @@ class WaitQueue:
         for w in waiters:
             if not w.future.done():
                 w.future.set_result(None)
+        self._changed(model)
         return waiters
 
     def fail(self, model: str, exc: Exception) -> None:
         for w in self._waiting.pop(model, []):
             if not w.future.done():
                 w.future.set_exception(exc)
+        self._changed(model)

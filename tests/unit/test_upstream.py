@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from ssw.upstream import ConnectFailed, Pool, ResponseFailed, fetch, request_head
+from ssw.upstream import ConnectFailed, NoAnswer, Pool, ResponseFailed, fetch, request_head
 
 
 @pytest.fixture
@@ -120,3 +120,22 @@ async def test_a_full_backlog_is_a_connect_failure(tmp_path: Path) -> None:
         c.close()
     listener.close()
     os.unlink(path)
+
+
+async def test_a_worker_that_dies_before_answering_is_no_answer(tmp_path: Path) -> None:
+    path = str(tmp_path / "dies.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    listener.setblocking(False)
+
+    async def die_on_request() -> None:
+        conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+        await asyncio.get_running_loop().sock_recv(conn, 1024)
+        conn.close()  # as a SIGKILLed worker's socket does
+
+    dying = asyncio.ensure_future(die_on_request())
+    with pytest.raises(NoAnswer):
+        await fetch(Pool(1.0, 5.0), path, "POST", "/v1/completions", b"{}")
+    await dying
+    listener.close()

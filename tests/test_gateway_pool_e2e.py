@@ -1,0 +1,113 @@
+"""Several gateway processes on one port (gateway.processes: 2), against real
+systemd with the fake engine: connections land on both, each reloads the API
+keys, waiters held in both are served by one load, metrics add up in the
+parent, and a process that dies is replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Stack, start_stack, stop_stack
+from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, http, wait_for
+from tests.harness.sysbox import SysBox
+
+pytestmark = pytest.mark.systemd
+CHAT = [{"role": "user", "content": "hi"}]
+MODELS = {
+    "alpha": {"path": "fake-a", "vram_gb": 2},
+    "slowload": {"path": "fake-b", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": "2"}},
+}
+
+
+@pytest.fixture(scope="module")
+def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
+    extra = {"gateway": {"processes": 2}, "auth": {"enabled": True}}
+    s = start_stack(sysbox, WORK_ROOT / f"pool-{id(sysbox)}", models_root, MODELS, "fake", extra)
+    yield s
+    stop_stack(s)
+
+
+def children(stack: Stack) -> list[int]:
+    assert stack.gateway.proc is not None
+    out = subprocess.run(["pgrep", "-P", str(stack.gateway.proc.pid)], capture_output=True, text=True).stdout
+    return sorted(int(pid) for pid in out.split())
+
+
+@pytest.fixture(scope="module")
+def key(stack: Stack) -> str:
+    added = subprocess.run(
+        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "keys", "add", "pool"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    assert stack.gateway.proc is not None
+    stack.gateway.proc.send_signal(signal.SIGHUP)  # the parent passes it on to every process
+    return added.stdout.strip()
+
+
+def chat(stack: Stack, key: str, model: str = "alpha", wait: bool = False) -> int:
+    headers = {"Authorization": f"Bearer {key}", "Connection": "close"}  # a new connection each time
+    if wait:
+        headers["X-SSW-Wait"] = "true"
+    return http("POST", stack.public + "/v1/chat/completions", {"model": model, "messages": CHAT}, headers, timeout=60)[
+        0
+    ]
+
+
+def requests_total(stack: Stack) -> float:
+    text = http("GET", stack.gateway_metrics + "/metrics")[2]
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "ssw_requests"
+        for sample in family.samples
+        if sample.name == "ssw_requests_total"
+    )
+
+
+def test_two_processes_serve_and_every_one_reloads_the_keys(stack: Stack, key: str) -> None:
+    assert len(children(stack)) == 2
+    assert http("POST", stack.admin + "/load", {"model": "alpha"})[0] == 200
+    before = requests_total(stack)
+    # 40 new connections: the kernel spreads them over both processes, and
+    # every one of them knows the key added after they started.
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: chat(stack, key), range(40)))
+    assert statuses == [200] * 40
+    assert chat(stack, "ssw-not-a-key") == 401
+    # The parent's /metrics adds the processes up (within the accounting's flush interval).
+    wait_for(lambda: requests_total(stack) >= before + 41, 10, "the requests in the parent's metrics")
+    assert requests_total(stack) == before + 41
+    # Both processes served: each keeps its own access log lines in the shared journal stream.
+    log = stack.gateway.log()
+    assert log.count("model=alpha") >= 40
+
+
+def test_waiters_held_in_both_processes_are_served_by_one_load(stack: Stack, key: str) -> None:
+    http("POST", stack.admin + "/unload", {"model": "slowload"})
+    with ThreadPoolExecutor(30) as pool:
+        statuses = list(pool.map(lambda _: chat(stack, key, "slowload", wait=True), range(30)))
+    assert statuses == [200] * 30
+    assert stack.loader.log().count("ssw-worker@slowload.service: starting (GPU") == 1
+
+
+def test_a_gateway_process_that_dies_is_replaced(stack: Stack, key: str) -> None:
+    first, second = children(stack)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(children(stack)) == 2 and first not in children(stack), 20, "a new gateway process")
+    assert second in children(stack)
+    time.sleep(1)  # the new one binds the port and follows the loader
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: chat(stack, key), range(20))) == [200] * 20
+    assert "exited with -9; starting another" in stack.gateway.log()
