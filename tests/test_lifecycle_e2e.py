@@ -278,6 +278,27 @@ def test_traffic_cannot_cut_a_restart_backoff_short(stack: Stack) -> None:
     unload(stack, "crashy")
 
 
+def test_loads_cancelled_at_once_leave_nothing_behind(stack: Stack) -> None:
+    # Each unload cancels the load the request before it started, at any step of it.
+    for _ in range(8):
+        http("POST", stack.admin + "/unload", {"model": "crashy"}, timeout=60)
+        status, _ = chat(stack, "crashy", headers={"X-SSW-Wait": "false"})
+        assert status == 503
+    unloaded_at = time.monotonic()
+    http("POST", stack.admin + "/unload", {"model": "crashy"}, timeout=60)
+    wait_for(lambda: not units_of(stack, "crashy") and not workers(stack, "crashy"), 20, "no unit left")
+    # The unit name is free again and a worker under it loads and unloads at once.
+    assert http("POST", stack.admin + "/load", {"model": "crashy"})[0] == 200
+    assert [w["unit"] for w in workers(stack, "crashy")] == ["ssw-worker@crashy.service"]
+    started = time.monotonic()
+    assert http("POST", stack.admin + "/unload", {"model": "crashy"}, timeout=60)[0] == 200
+    print(
+        f"after 8 cancelled loads: clean in {started - unloaded_at:.1f} s, unload in {time.monotonic() - started:.1f} s"
+    )
+    assert time.monotonic() - started < 10 and not units_of(stack, "crashy")
+    assert "stop failed" not in stack.loader.log()
+
+
 @pytest.mark.parametrize(("model", "why"), [("broken", "failing on purpose"), ("noexec", "job failed")])
 def test_a_failed_start_leaves_no_unit_and_no_worker(stack: Stack, model: str, why: str) -> None:
     status, _, body = http("POST", stack.admin + "/load", {"model": model}, timeout=60)

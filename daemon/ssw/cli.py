@@ -291,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     k_add.add_argument("name")
     k_add.add_argument("--models", help="comma-separated models or aliases it may use (default: all)")
     k_add.add_argument("--max-in-flight", type=int)
+    k_add.add_argument(
+        "--not-loaded",
+        choices=("wait", "accept", "unavailable"),
+        help="what this key's requests get while their model is not ready (default: gateway.not_loaded)",
+    )
     keys_sub.add_parser("revoke", help="delete a key").add_argument("name")
     keys_sub.add_parser("list", help="key names and scopes (never the keys)")
     args = parser.parse_args(argv)
@@ -401,6 +406,8 @@ def _keys(cfg: Config, args: argparse.Namespace) -> int:
             entry["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
         if args.max_in_flight:
             entry["max_in_flight"] = args.max_in_flight
+        if args.not_loaded:
+            entry["not_loaded"] = args.not_loaded
         entries[args.name] = entry
         auth.write_keys(path, entries, cfg.auth.gateway_group)
         print(secret)

@@ -266,11 +266,18 @@ class Gateway:
 
         return asyncio.ensure_future(beat())
 
-    def not_loaded_mode(self, key: ApiKey | None, wait_header: bool | None) -> str:
+    def not_loaded_mode(self, key: ApiKey | None, wait_header: bool | None, sdk: bool) -> str:
+        """wait, accept or unavailable: X-SSW-Wait first, then the key's setting, then
+        gateway.not_loaded. An official OpenAI SDK reads any 2xx as a completion (a
+        202 became one without choices, a stream with no chunk), so where the answer
+        would be 'accept' it gets the same news as a 503 with Retry-After, which the
+        SDKs retry honouring the header."""
         mode = (key.not_loaded if key else None) or self.cfg.gateway.not_loaded
         if wait_header is True:
             return "wait"
         if wait_header is False and mode == "wait":
+            mode = "unavailable"
+        if mode == "accept" and sdk:
             return "unavailable"
         return mode
 
@@ -359,7 +366,8 @@ class Gateway:
         ex.model = model
         entry = names.snap.models[model]
         self.admission.validate(body, path, entry.max_tokens)
-        mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)))
+        sdk = any(name.startswith(b"x-stainless-") for name in headers)
+        mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
         try:
             served, workers, stands_in_for = await self._serve_or_fallback(
                 key, model, body, path, mode, priority, _truthy(headers.get(FALLBACK_HEADER)), reply, stream

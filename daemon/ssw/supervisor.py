@@ -89,7 +89,6 @@ class Supervisor:
         self.evictions = 0
         self._place_lock = asyncio.Lock()
         self._device_locks: dict[int, asyncio.Lock] = {}
-        self._retirements: dict[str, asyncio.Task[None]] = {}
         self._subscribers: set[asyncio.Queue[None]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._uid, self._gid = -1, -1
@@ -461,7 +460,9 @@ class Supervisor:
                 )
                 worker.marks["evicted"] = time.time()
                 self._check_room(worker, totals)
-                socket = await asyncio.to_thread(self._make_socket_dir, name)
+                # A few metadata calls on /run, done inline: in a thread, a cancelled
+                # start would leave them running behind the next worker's back.
+                socket = self._make_socket_dir(name)
                 transient = engine.worker_unit(
                     self.cfg,
                     spec,
@@ -476,7 +477,15 @@ class Supervisor:
                     nodes,
                 )
                 await self.systemd.reset_failed(name)
-                await self.systemd.start_transient(transient)
+                # Shielded: cancelling the await does not cancel systemd's job. A
+                # cancelled load waits for the unit to exist, then stops it.
+                starting = asyncio.ensure_future(self.systemd.start_transient(transient))
+                try:
+                    await asyncio.shield(starting)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await starting
+                    raise
                 worker.marks["unit_started"] = time.time()
                 worker.unit_seen_active = True
                 await self._await_healthy(worker)
@@ -653,7 +662,7 @@ class Supervisor:
         """A worker left the table: let go of everything that was its."""
         self.systemd.unwatch(worker.unit)
         self.probes.forget(worker.socket)
-        self._spawn(asyncio.to_thread(self._remove_socket_dir, worker.socket))
+        self._remove_socket_dir(worker.socket)  # inline, for the reason in _start_replica
         self._spawn(self.retiring.discard(worker.unit))
         if state is WorkerState.FAILED and previous in (WorkerState.READY, WorkerState.UNHEALTHY):
             spec = self.registry.models.get(worker.model)
@@ -667,17 +676,14 @@ class Supervisor:
     def retire(self, worker: Worker, reason: str) -> asyncio.Task[None]:
         """Stop routing to the worker at once, let its in-flight requests finish (up to
         workers.drain_timeout_s), then stop its unit. Returns the task that does it."""
-        existing = self._retirements.get(worker.unit)
-        if existing is not None:
-            return existing
+        if worker.retirement is not None:
+            return worker.retirement
         if worker.state in (WorkerState.READY, WorkerState.UNHEALTHY):
             self.table.move(worker, WorkerState.DRAINING, reason)
         elif worker.state is WorkerState.STARTING:
             self.table.move(worker, WorkerState.STOPPING, reason)
-        task = self._spawn(self._finish_retiring(worker, reason))
-        self._retirements[worker.unit] = task
-        task.add_done_callback(lambda _: self._retirements.pop(worker.unit, None))
-        return task
+        worker.retirement = self._spawn(self._finish_retiring(worker, reason))
+        return worker.retirement
 
     async def _finish_retiring(self, worker: Worker, reason: str) -> None:
         if worker.state is WorkerState.DRAINING:

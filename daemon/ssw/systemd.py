@@ -136,15 +136,14 @@ class Systemd:
             return False
         if msg.member == "JobRemoved" and msg.interface == MANAGER:
             _id, job, _unit, result = msg.body
+            # Kept for a while: the signal can beat the method reply that names the
+            # job, and two calls for one unit may be given the same (merged) job.
+            self._job_results[job] = result
+            if len(self._job_results) > 1024:
+                self._job_results.pop(next(iter(self._job_results)))
             waiter = self._job_waiters.pop(job, None)
-            if waiter is not None:
-                if not waiter.done():
-                    waiter.set_result(result)
-            else:
-                # The signal can beat the method reply that names the job.
-                self._job_results[job] = result
-                if len(self._job_results) > 1024:
-                    self._job_results.pop(next(iter(self._job_results)))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(result)
         elif msg.member == "PropertiesChanged" and msg.path in self._watched:
             changed = msg.body[1]
             if "ActiveState" in changed or "SubState" in changed:
@@ -160,15 +159,15 @@ class Systemd:
 
     async def _wait_job(self, job: str, timeout: float) -> str:
         if job in self._job_results:
-            return self._job_results.pop(job)
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._job_waiters[job] = fut
+            return self._job_results[job]
+        # One outcome per job, shared by everyone who waits for it.
+        fut = self._job_waiters.get(job)
+        if fut is None:
+            fut = self._job_waiters[job] = asyncio.get_running_loop().create_future()
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             raise SystemdError(f"systemd job {job} did not finish within {timeout:.0f} s") from None
-        finally:
-            self._job_waiters.pop(job, None)
 
     # --- units ------------------------------------------------------------------
 

@@ -47,6 +47,8 @@ class Worker:
     canary: bool = True  # False once the engine showed it does not generate (an embedding model)
     # Why ssw is stopping a worker that failed (start failed, hung): it then ends as failed, not gone.
     failure: str | None = None
+    # Its drain-then-stop, once begun (a unit name outlives a worker: never key this by name).
+    retirement: asyncio.Task[None] | None = None
     # Resolved when the worker leaves the table: None when it was asked to go,
     # else why it ended.
     done: asyncio.Future[str | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())

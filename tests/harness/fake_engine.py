@@ -4,7 +4,7 @@ knobs, as flags or SSW_FAKE_* environment variables:
 
   --load-delay S         seconds before /health answers (SSW_FAKE_LOAD_DELAY)
   --tokens-per-second N  generation speed; 0 = as fast as possible (SSW_FAKE_TPS)
-  --fail MODE            'exit-on-start': exit 3 before listening;
+  --fail MODE            'exit-on-start': exit 3 before listening (after the load delay);
                          'unhealthy': listen but /health answers 503 (SSW_FAKE_FAIL)
   --backlog N            the listening socket's backlog (SSW_FAKE_BACKLOG)
   --also-port N          with --uds, also listen on 127.0.0.1:N (SSW_FAKE_TCP_PORT): inside
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     where = args.uds or f"{args.host}:{args.port}"
     print(f"fake engine for {args.model} on {where}", flush=True)
     if args.fail == "exit-on-start":
+        time.sleep(args.load_delay)  # as an engine that fails after loading for a while
         print("fake engine: failing on purpose (exit-on-start)", file=sys.stderr, flush=True)
         sys.exit(3)
     try:
