@@ -29,7 +29,15 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
         "python": str(REPO / "tests/harness/fake-python"),
         "env": {"SSW_FAKE_TPS": "500"},
     }
-    models = {"alpha": {"path": "fake-a", "vram_gb": 2, "gpus": [0]}, "cold": slow, "swap": slow, "paced": paced}
+    # relay: also on TCP inside its network namespace, for bench/relay.py's baseline.
+    relay = {"path": "fake-a", "vram_gb": 1, "gpus": [0], "env": {"SSW_FAKE_TCP_PORT": "18080"}}
+    models = {
+        "alpha": {"path": "fake-a", "vram_gb": 2, "gpus": [0]},
+        "cold": slow,
+        "swap": slow,
+        "paced": paced,
+        "relay": relay,
+    }
     s = start_stack(sysbox, WORK_ROOT / f"bench-{id(sysbox)}", models_root, models, "fake")
     assert http("POST", s.admin + "/load", {"model": "alpha"})[0] == 200
     yield s
@@ -222,3 +230,40 @@ def test_control_plane_bench_runs(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     assert figures["scan"]["models"] == 50 and figures["placement"]["residents"] == 100
     assert figures["placement"]["decisions"] == 200
+
+
+def test_relay_runs_every_peer_side_by_side(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "relay.json"
+    stdout = bench(
+        "relay.py",
+        "--config",
+        str(stack.config),
+        *admin(stack),
+        "--model",
+        "relay",
+        "--workloads",
+        "short,stream",
+        "--processes",
+        "1,2",
+        "--connections",
+        "8",
+        "--duration",
+        "1",
+        "--rounds",
+        "1",
+        "--latency-duration",
+        "1",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "relay.png"),
+        timeout=900,
+    )
+    results = json.loads(out.read_text())
+    for workload in ("short", "stream"):
+        targets = results["workloads"][workload]["targets"]
+        assert set(targets) == {"direct", "nginx", "ssw-1p", "ssw-2p", "litellm"}, targets
+        for name, t in targets.items():
+            assert t["rps_median"] > 0 and t["errors"] == 0, (workload, name, t)
+    assert set(results["workloads"]["short"]["one_connection"]) == {"direct", "nginx", "ssw-1p"}
+    assert "= " in stdout and "x nginx" in stdout and (tmp_path / "relay.png").stat().st_size > 0

@@ -210,3 +210,18 @@ def test_a_stream_on_a_draining_worker_finishes_and_a_held_request_gets_a_new_wo
 
 def tiny_state(stack: Stack, unit: str) -> str | None:
     return next((w["state"] for w in stack.status()["workers"] if w["unit"] == unit), None)
+
+
+def test_errors_from_vllm_are_wrapped_with_their_status_and_message(stack: Stack) -> None:
+    tiny(stack)
+    # More tokens than the model's context (--max-model-len 1024): vLLM refuses it.
+    status, _, body = http(
+        "POST",
+        stack.public + "/v1/chat/completions",
+        {"model": "tiny", "messages": CHAT, "max_tokens": 5000},
+    )
+    error = body["error"]
+    print(f"vLLM's answer, wrapped: {status} {error}")
+    assert status == 400
+    assert error["source"] == "worker" and error["message"]
+    assert error["code"] is None or isinstance(error["code"], str)  # vLLM sends the status number

