@@ -6,8 +6,9 @@ dropped (counted, with a log line at most every 30 s) and requests are served
 exactly as fast; writing resumes by itself when Redis answers again.
 
 Keys (all under the prefix, default ``ssw:``):
-- ``ssw:requests`` — a stream of raw request records (capped at ~100k
-  entries); its IDs are millisecond timestamps, so a time window is one XRANGE.
+- ``ssw:requests`` — a stream of raw request records, each entry one field
+  ``r`` holding the record as JSON (capped at ~100k entries); its IDs are
+  millisecond timestamps, so a time window is one XRANGE.
 - ``ssw:minute:<model>:<YYYYmmddHHMM>`` — a hash of per-minute counters
   (requests, errors, prompt_tokens, completion_tokens, latency_ms_sum), kept 7 days.
 - ``ssw:gpu:<index>`` — a stream of GPU samples (capped at ~720 entries).
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
 from typing import Any, cast
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -54,14 +56,11 @@ class RequestRecord:
     stream: bool
     key: str = ""  # the API key's name, never the key
 
-    def fields(self) -> dict[str, str]:
-        # Field by field: dataclasses.asdict deep-copies, which cost more than the
-        # rest of a record's accounting together.
-        out = {}
-        for name in _FIELDS:
-            value = getattr(self, name)
-            out[name] = "" if value is None else str(int(value) if isinstance(value, bool) else value)
-        return out
+    def json(self) -> bytes:
+        # One JSON field, not one Redis field per attribute: the client packs every
+        # argument in Python, and 29 arguments a request cost more than the relay
+        # (bench/README.md, the profile). dataclasses.asdict would deep-copy.
+        return orjson.dumps({name: getattr(self, name) for name in _FIELDS})
 
 
 _FIELDS = tuple(f.name for f in dataclass_fields(RequestRecord))
@@ -126,21 +125,29 @@ class RedisSink:
             return True
         pipe = self.redis.pipeline(transaction=False)
         stream = self.prefix + REQUESTS_KEY
+        # Per-minute counters are added up here, one HINCRBY per model, minute and
+        # field per batch: six commands a request cost more than the request itself.
+        minutes: dict[str, collections.Counter[str]] = {}
+        latency: dict[str, float] = collections.defaultdict(float)
         for rec in batch:
-            fields: dict[Any, Any] = rec.fields()
+            fields: dict[Any, Any] = {"r": rec.json()}
             # Redis's own ID (the time of writing): records come in the order requests
             # end, not start, and an ID from the start time would be refused as out of
             # order after any request that outlived a later one.
             pipe.xadd(stream, fields, maxlen=STREAM_MAXLEN, approximate=True)
             minute = self.prefix + f"minute:{rec.model}:{time.strftime('%Y%m%d%H%M', time.gmtime(rec.ts))}"
-            pipe.hincrby(minute, "requests", 1)
+            counts = minutes.setdefault(minute, collections.Counter())
+            counts["requests"] += 1
             if rec.status >= 400 or rec.error:
-                pipe.hincrby(minute, "errors", 1)
-            if rec.prompt_tokens:
-                pipe.hincrby(minute, "prompt_tokens", rec.prompt_tokens)
-            if rec.completion_tokens:
-                pipe.hincrby(minute, "completion_tokens", rec.completion_tokens)
-            pipe.hincrbyfloat(minute, "latency_ms_sum", rec.latency_ms)
+                counts["errors"] += 1
+            counts["prompt_tokens"] += rec.prompt_tokens or 0
+            counts["completion_tokens"] += rec.completion_tokens or 0
+            latency[minute] += rec.latency_ms
+        for minute, counts in minutes.items():
+            for name, n in counts.items():
+                if n:
+                    pipe.hincrby(minute, name, n)
+            pipe.hincrbyfloat(minute, "latency_ms_sum", round(latency[minute], 2))
             pipe.expire(minute, MINUTE_TTL_S)
         try:
             await pipe.execute()
@@ -171,18 +178,22 @@ async def request_stats(redis: aioredis.Redis, prefix: str, window_s: float) -> 
         await redis.xrange(prefix + REQUESTS_KEY, min=str(start_ms), max="+", count=1_000_000),
     )
     per: dict[str, dict[str, Any]] = {}
-    for _id, f in entries:
+    for _id, entry in entries:
+        try:
+            f = orjson.loads(entry["r"])
+        except (KeyError, orjson.JSONDecodeError):
+            continue  # not a record of this version
         m = per.setdefault(
             f["model"], {"requests": 0, "errors": 0, "latency": [], "ttft": [], "prompt": 0, "completion": 0}
         )
         m["requests"] += 1
-        if int(f["status"]) >= 400 or f["error"]:
+        if f["status"] >= 400 or f["error"]:
             m["errors"] += 1
         m["latency"].append(float(f["latency_ms"]))
-        if f["ttft_ms"]:
+        if f["ttft_ms"] is not None:
             m["ttft"].append(float(f["ttft_ms"]))
-        m["prompt"] += int(f["prompt_tokens"] or 0)
-        m["completion"] += int(f["completion_tokens"] or 0)
+        m["prompt"] += f["prompt_tokens"] or 0
+        m["completion"] += f["completion_tokens"] or 0
     models = {}
     for name, m in sorted(per.items()):
         models[name] = {

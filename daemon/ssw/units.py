@@ -184,6 +184,9 @@ class WorkerUnit:
             ("LockPersonality", ("b", True)),
             ("ProtectProc", ("s", "invisible")),
             ("SystemCallArchitectures", ("as", ["native"])),
+            # An allow list (True) of what vLLM uses: its socket, TCP on its private
+            # loopback (ZMQ, gloo, NCCL's bootstrap), netlink (interface lookups).
+            ("RestrictAddressFamilies", ("(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]))),
             ("CapabilityBoundingSet", ("t", 0)),
         ]
         if self.memory_max_bytes:

@@ -130,6 +130,7 @@ def test_workers_are_confined_to_their_socket_cache_and_gpus() -> None:
     assert props["DeviceAllow"] == ("a(ss)", [("/dev/nvidia1", "rw"), ("/dev/nvidiactl", "rw")])
     assert props["NoNewPrivileges"] == ("b", True) and props["CapabilityBoundingSet"] == ("t", 0)
     assert props["UMask"] == ("u", 0o007)  # its socket: group rwx for the gateway, nothing for others
+    assert props["RestrictAddressFamilies"] == ("(bas)", (True, ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]))
     assert "MemoryMax" not in props
 
 
