@@ -149,3 +149,16 @@ def stop_stack(stack: Stack) -> None:
             print(f"--- {role.role} log ---\n{log}")
             broken.append(role.role)
     assert not broken, f"Traceback in the log of: {', '.join(broken)} (printed above)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under CI (or SSW_TEST_ORDER=reverse) each module's tests run in reverse
+    order: an end-to-end test must set up what it needs and not lean on the
+    tests before it in its file. Locally they run in file order, so both orders
+    are exercised."""
+    if os.environ.get("SSW_TEST_ORDER", "reverse" if os.environ.get("CI") else "file") != "reverse":
+        return
+    by_module: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    items[:] = [item for module in by_module.values() for item in reversed(module)]
