@@ -99,6 +99,18 @@ class Stack:
         out = self.box.systemctl("show", unit, *(f"--property={p}" for p in props)).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
+    def load(self, model: str) -> dict[str, Any]:
+        """The model ready, whatever the tests before this one did."""
+        status, _, body = http("POST", self.admin + "/load", {"model": model}, timeout=120)
+        assert status == 200, body
+        loaded: dict[str, Any] = body
+        return loaded
+
+    def unload(self, model: str) -> None:
+        """The model with no worker, whatever the tests before this one did."""
+        http("POST", self.admin + "/unload", {"model": model}, timeout=120)
+        wait_for(lambda: not any(w["model"] == model for w in self.status()["workers"]), 60, f"{model} unloaded")
+
     def restart(self, role: Role) -> None:
         role.start().wait_healthy(self.public if role is self.gateway else self.admin)
         wait_for(lambda: http("GET", self.public + "/health")[2].get("loader_connected"), 30, "the loader connection")

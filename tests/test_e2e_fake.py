@@ -66,6 +66,7 @@ def test_unknown_model_is_404_listing_the_alternatives(client: openai.OpenAI) ->
 
 
 def test_unloaded_model_answers_202_with_retry_after_and_loads(stack: Stack) -> None:
+    stack.unload("beta")
     status, headers, body = http("POST", stack.public + "/v1/chat/completions", {"model": "beta", "messages": CHAT})
     assert status == 202
     assert int(headers["retry-after"]) > 0
@@ -83,21 +84,24 @@ def test_unloaded_model_answers_202_with_retry_after_and_loads(stack: Stack) -> 
     assert phases["total"] == pytest.approx(sum(v for k, v in phases.items() if k != "total"), abs=0.01)
 
 
-def test_wait_header_holds_the_request_and_alias_resolves(client: openai.OpenAI) -> None:
+def test_wait_header_holds_the_request_and_alias_resolves(stack: Stack, client: openai.OpenAI) -> None:
+    stack.unload("alpha")
     reply = client.chat.completions.create(model="light", messages=CHAT, max_tokens=4, extra_headers=WAIT)
     # Asked by alias, answered by the model that served it.
     assert reply.model == "alpha"
     assert reply.choices[0].message.content == "t0 t1 t2 t3"
 
 
-def test_streaming_is_proxied_chunk_by_chunk(client: openai.OpenAI) -> None:
+def test_streaming_is_proxied_chunk_by_chunk(stack: Stack, client: openai.OpenAI) -> None:
+    stack.load("alpha")
     chunks = list(client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=5, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "t0 t1 t2 t3 t4 "
     assert {c.model for c in chunks} == {"alpha"}
 
 
-def test_completions_and_embeddings_are_proxied(client: openai.OpenAI) -> None:
+def test_completions_and_embeddings_are_proxied(stack: Stack, client: openai.OpenAI) -> None:
+    stack.load("alpha")
     comp = client.completions.create(model="alpha", prompt="hi", max_tokens=3)
     assert comp.choices[0].text == "t0 t1 t2"
     emb = client.embeddings.create(model="light", input=["a", "bbb"])
@@ -106,6 +110,7 @@ def test_completions_and_embeddings_are_proxied(client: openai.OpenAI) -> None:
 
 
 def test_unknown_fields_pass_through_unchanged(stack: Stack) -> None:
+    stack.load("alpha")
     extra = {"nested": [1, {"x": "y"}], "unicode": "zaż"}
     status, _, body = http(
         "POST", stack.public + "/v1/chat/completions", {"model": "alpha", "messages": CHAT, "ssw_test_extra": extra}
@@ -135,6 +140,7 @@ def test_bad_bodies_are_4xx_in_openai_shape(stack: Stack) -> None:
 
 
 def test_a_failed_load_is_a_503_with_the_reason(stack: Stack) -> None:
+    wait_for(lambda: stack.status()["models"]["broken"]["load"]["state"] != "cooling_down", 90, "no cooldown")
     status, _, body = http(
         "POST", stack.public + "/v1/chat/completions", {"model": "broken", "messages": CHAT}, headers=WAIT
     )
@@ -149,7 +155,7 @@ def test_a_failed_load_is_a_503_with_the_reason(stack: Stack) -> None:
 
 
 def test_worker_is_a_transient_unit_in_the_workers_slice(stack: Stack) -> None:
-    wait_for(lambda: ready(stack, "alpha"), 30, "alpha")
+    stack.load("alpha")
     props = stack.unit_show(
         "ssw-worker@alpha.service",
         "Transient",
@@ -194,22 +200,28 @@ def test_worker_is_a_transient_unit_in_the_workers_slice(stack: Stack) -> None:
 
 
 def test_gateway_killed_and_restarted_keeps_the_worker(stack: Stack, client: openai.OpenAI) -> None:
+    stack.load("alpha")
     pid = stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"]
     assert stack.gateway.kill(signal.SIGKILL) == -signal.SIGKILL
-    assert stack.unit_show("ssw-worker@alpha.service", "ActiveState")["ActiveState"] == "active"
-    stack.restart(stack.gateway)
+    try:
+        assert stack.unit_show("ssw-worker@alpha.service", "ActiveState")["ActiveState"] == "active"
+    finally:
+        stack.restart(stack.gateway)
     reply = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
     assert reply.choices[0].message.content == "t0 t1"
     assert stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"] == pid
 
 
 def test_loader_killed_and_restarted_adopts_the_worker(stack: Stack, client: openai.OpenAI) -> None:
+    stack.load("alpha")
     pid = stack.unit_show("ssw-worker@alpha.service", "MainPID")["MainPID"]
     stack.loader.kill(signal.SIGKILL)
-    # While the loader is away the gateway serves the workers it knows.
-    reply = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
-    assert reply.choices[0].message.content == "t0 t1"
-    stack.restart(stack.loader)
+    try:
+        # While the loader is away the gateway serves the workers it knows.
+        reply = client.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
+        assert reply.choices[0].message.content == "t0 t1"
+    finally:
+        stack.restart(stack.loader)
     workers = {w["unit"]: w for w in stack.status()["workers"]}
     assert workers["ssw-worker@alpha.service"]["adopted"] is True
     assert workers["ssw-worker@alpha.service"]["state"] == "ready"
@@ -219,7 +231,7 @@ def test_loader_killed_and_restarted_adopts_the_worker(stack: Stack, client: ope
 
 
 def test_unload_stops_the_unit_and_removes_its_socket(stack: Stack) -> None:
-    wait_for(lambda: ready(stack, "alpha") or http("POST", stack.admin + "/load", {"model": "alpha"}), 30, "alpha")
+    stack.load("alpha")
     worker = next(w for w in stack.status()["workers"] if w["model"] == "alpha")
     assert socket_open(worker["socket"])
     status, _, body = http("POST", stack.admin + "/unload", {"model": "light"})

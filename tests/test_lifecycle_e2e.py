@@ -99,11 +99,6 @@ def chat(stack: Stack, model: str, headers: dict[str, str] | None = None, **extr
     return status, body
 
 
-def unload(stack: Stack, model: str) -> None:
-    http("POST", stack.admin + "/unload", {"model": model}, timeout=60)
-    wait_for(lambda: not units_of(stack, model), 30, f"{model}'s units to go")
-
-
 def long_stream(stack: Stack, model: str, tokens: int) -> tuple[threading.Thread, dict[str, Any]]:
     return http_in_background(
         "POST",
@@ -161,7 +156,8 @@ def test_a_request_during_a_drain_is_held_and_served_by_a_new_worker(stack: Stac
     log = stack.loader.log()
     assert "UnitExists" not in log and "model solo: load loading -> cooling_down" not in log
     assert f"{old['unit']}: draining -> stopping (drained)" in log
-    unload(stack, "solo")
+    stack.unload("solo")
+    wait_for(lambda: not units_of(stack, "solo"), 30, "its units to go")
 
 
 def test_a_loader_restarted_during_a_drain_finishes_it(stack: Stack) -> None:
@@ -198,7 +194,8 @@ def test_loader_killed_while_twenty_clients_wait_every_one_is_served_by_one_unit
     assert [status for status, _ in results] == [200] * 20
     assert time.monotonic() - killed < 30  # the wait timeout is 60 s
     assert units_of(stack, "slowload") == ["ssw-worker@slowload.service"]
-    unload(stack, "slowload")
+    stack.unload("slowload")
+    wait_for(lambda: not units_of(stack, "slowload"), 30, "its units to go")
 
 
 def test_a_pinned_model_comes_back_after_its_directory_was_unreadable(stack: Stack) -> None:
@@ -275,7 +272,8 @@ def test_traffic_cannot_cut_a_restart_backoff_short(stack: Stack) -> None:
     print(f"restarted {restarted - died:.1f} s after the worker died (backoff {BACKOFF_S:.0f} s)")
     assert restarted >= died + BACKOFF_S - 0.1
     assert stack.loader.log().count("ssw-worker@crashy.service: starting (GPU") == 2  # its load and one restart
-    unload(stack, "crashy")
+    stack.unload("crashy")
+    wait_for(lambda: not units_of(stack, "crashy"), 30, "its units to go")
 
 
 def test_loads_cancelled_at_once_leave_nothing_behind(stack: Stack) -> None:
@@ -331,4 +329,5 @@ def test_a_replica_that_stopped_accepting_is_skipped_at_once(stack: Stack) -> No
         for s in held:
             s.close()
         stack.box.systemctl("kill", "--signal=CONT", second["unit"])
-    unload(stack, "pair")
+    stack.unload("pair")
+    wait_for(lambda: not units_of(stack, "pair"), 30, "its units to go")

@@ -62,11 +62,6 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-def unloaded(stack: Stack, model: str = "loady") -> None:
-    http("POST", stack.admin + "/unload", {"model": model}, timeout=60)
-    wait_for(lambda: not any(w["model"] == model for w in stack.status()["workers"]), 20, f"{model} unloaded")
-
-
 def sdk(stack: Stack, key: str, **kw: object) -> openai.OpenAI:
     """An official client, as an application makes one (close it: `with sdk(...) as c`)."""
     return openai.OpenAI(base_url=stack.public + "/v1", api_key=key, timeout=60, **kw)  # type: ignore[arg-type]
@@ -74,11 +69,11 @@ def sdk(stack: Stack, key: str, **kw: object) -> openai.OpenAI:
 
 def test_wait_the_sdk_just_sees_a_slower_answer(stack: Stack, keys: dict[str, str]) -> None:
     key = keys["wait"]
-    unloaded(stack)
+    stack.unload("loady")
     with sdk(stack, key, max_retries=0) as client:
         reply = client.chat.completions.create(model="loady", messages=CHAT, max_tokens=3)
     assert reply.choices and reply.choices[0].message.content == "t0 t1 t2"
-    unloaded(stack)
+    stack.unload("loady")
 
     async def async_call() -> str | None:
         async with openai.AsyncOpenAI(base_url=stack.public + "/v1", api_key=key, max_retries=0) as client:
@@ -86,14 +81,14 @@ def test_wait_the_sdk_just_sees_a_slower_answer(stack: Stack, keys: dict[str, st
             return answer.choices[0].message.content
 
     assert asyncio.run(async_call()) == "t0 t1"
-    unloaded(stack)
+    stack.unload("loady")
     with sdk(stack, key, max_retries=0) as client:
         chunks = list(client.chat.completions.create(model="loady", messages=CHAT, max_tokens=4, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 t2 t3 "
 
 
 def test_a_held_stream_starts_at_once_and_gets_keepalives(stack: Stack, keys: dict[str, str]) -> None:
-    unloaded(stack)
+    stack.unload("loady")
 
     async def raw_stream() -> tuple[int, float, list[bytes]]:
         started = time.monotonic()
@@ -128,7 +123,7 @@ def test_a_held_stream_whose_load_fails_ends_with_an_error_event(stack: Stack, k
 def test_the_sdk_never_gets_a_2xx_without_choices(stack: Stack, keys: dict[str, str], mode: str) -> None:
     key = keys[mode]
     for call in ("sync", "async", "stream"):
-        unloaded(stack)
+        stack.unload("loady")
         with sdk(stack, key, max_retries=0) as client, pytest.raises(openai.APIStatusError) as err:
             if call == "sync":
                 client.chat.completions.create(model="loady", messages=CHAT)
@@ -146,7 +141,7 @@ def test_the_sdk_never_gets_a_2xx_without_choices(stack: Stack, keys: dict[str, 
 
 
 def test_accept_gives_other_clients_202_and_retry_after(stack: Stack, keys: dict[str, str]) -> None:
-    unloaded(stack)
+    stack.unload("loady")
     status, headers, body = http(
         "POST", stack.public + "/v1/chat/completions", {"model": "loady", "messages": CHAT}, auth(keys["accept"])
     )
@@ -159,17 +154,17 @@ def test_the_sdk_with_its_default_retries_gets_the_answer_once_the_load_time_is_
 ) -> None:
     # Once a load was measured, Retry-After says about LOAD_S: the SDK waits that, then succeeds.
     assert http("POST", stack.admin + "/load", {"model": "loady"})[0] == 200
-    unloaded(stack)
+    stack.unload("loady")
     with sdk(stack, keys["unavailable"]) as client:
         reply = client.chat.completions.create(model="loady", messages=CHAT, max_tokens=2)
     assert reply.choices[0].message.content == "t0 t1"
 
 
 def test_x_ssw_wait_on_a_request_wins_over_the_keys_mode(stack: Stack, keys: dict[str, str]) -> None:
-    unloaded(stack)
+    stack.unload("loady")
     with sdk(stack, keys["unavailable"], max_retries=0, default_headers={"X-SSW-Wait": "true"}) as client:
         assert client.chat.completions.create(model="loady", messages=CHAT, max_tokens=1).choices
-    unloaded(stack)
+    stack.unload("loady")
     with (
         sdk(stack, keys["wait"], max_retries=0, default_headers={"X-SSW-Wait": "false"}) as client,
         pytest.raises(openai.APIStatusError) as err,

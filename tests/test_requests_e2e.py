@@ -25,6 +25,8 @@ WAITERS = 500
 
 MODELS = {
     "crowd": {"path": "fake-a", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": "2"}},
+    # Loaded by one test only: before it, nothing is known of its load time.
+    "honest": {"path": "fake-a", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": "2"}},
     "duo": {"path": "fake-a", "vram_gb": 2, "replicas": 2, "env": {"SSW_FAKE_TPS": "200"}},
     "slow": {"path": "fake-a", "vram_gb": 2, "env": {"SSW_FAKE_TPS": "10"}},
     "primary": {
@@ -55,20 +57,21 @@ def unit_starts(stack: Stack, model: str) -> int:
 
 def test_202_then_an_honest_retry_after_once_the_load_time_is_known(stack: Stack) -> None:
     url = stack.public + "/v1/chat/completions"
-    status, headers, _ = http("POST", url, {"model": "crowd", "messages": CHAT})
+    status, headers, _ = http("POST", url, {"model": "honest", "messages": CHAT})
     assert status == 202 and headers["retry-after"] == "60"  # never loaded here: nothing is known
-    wait_for(lambda: http("POST", url, {"model": "crowd", "messages": CHAT})[0] == 200, 30, "crowd to load")
-    load_s = stack.status()["models"]["crowd"]["load_seconds"]
+    wait_for(lambda: http("POST", url, {"model": "honest", "messages": CHAT})[0] == 200, 30, "honest to load")
+    load_s = stack.status()["models"]["honest"]["load_seconds"]
     assert 2 <= load_s < 10
-    http("POST", stack.admin + "/unload", {"model": "crowd"})
-    status, headers, _ = http("POST", url, {"model": "crowd", "messages": CHAT})
+    http("POST", stack.admin + "/unload", {"model": "honest"})
+    status, headers, _ = http("POST", url, {"model": "honest", "messages": CHAT})
     print(f"measured load {load_s:.1f} s; Retry-After {headers['retry-after']}")
     assert status == 202 and 1 <= int(headers["retry-after"]) <= round(load_s) + 1
-    wait_for(lambda: stack.status()["models"]["crowd"]["load"]["state"] == "idle", 30, "the load to finish")
-    http("POST", stack.admin + "/unload", {"model": "crowd"})
+    wait_for(lambda: stack.status()["models"]["honest"]["load"]["state"] == "idle", 30, "the load to finish")
+    http("POST", stack.admin + "/unload", {"model": "honest"})
 
 
 def test_many_waiters_one_load_all_served(stack: Stack) -> None:
+    stack.unload("crowd")
     starts_before = unit_starts(stack, "crowd")
 
     async def run() -> list[tuple[int, str]]:
@@ -200,6 +203,7 @@ def test_priority_header_is_validated_and_passed_to_vllm(stack: Stack) -> None:
 
 
 def test_gateway_sigterm_drains_in_flight_streams(stack: Stack) -> None:
+    stack.load("slow")
     reader, result = http_in_background(
         "POST",
         stack.public + "/v1/chat/completions",
@@ -207,11 +211,13 @@ def test_gateway_sigterm_drains_in_flight_streams(stack: Stack) -> None:
         timeout=30,
     )
     time.sleep(0.5)
-    assert stack.gateway.kill(signal.SIGTERM) == 0  # exits cleanly once the stream is done
-    reader.join(30)
+    try:
+        assert stack.gateway.kill(signal.SIGTERM) == 0  # exits cleanly once the stream is done
+    finally:
+        reader.join(30)
+        stack.restart(stack.gateway)
     assert result["status"] == 200 and result["body"].rstrip().endswith("data: [DONE]")
     assert stack.box.systemctl("is-active", "ssw-worker@slow.service").stdout.strip() == "active"
-    stack.restart(stack.gateway)
     assert (
         http("POST", stack.public + "/v1/chat/completions", {"model": "slow", "messages": CHAT, "max_tokens": 2})[0]
         == 200
