@@ -50,12 +50,19 @@ class Exchange:
     strip_usage: bool = False  # ssw asked vLLM for the usage chunk, the client did not
     key: str = ""  # the API key's name
     admitted: bool = False  # counted against its key's in-flight limit
+    capture_id: bool = False  # a stored Response: its id is noted with its worker
+    response_id: str | None = None
 
     def usage(self, usage: object) -> None:
+        """Token counts as OpenAI's APIs name them, or as the Responses and Anthropic
+        APIs do; a partial report (an Anthropic stream's last event) keeps the rest."""
         if isinstance(usage, dict):
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            self.prompt_tokens = p if isinstance(p, int) else None
-            self.completion_tokens = c if isinstance(c, int) else None
+            p = usage.get("prompt_tokens", usage.get("input_tokens"))
+            c = usage.get("completion_tokens", usage.get("output_tokens"))
+            if isinstance(p, int):
+                self.prompt_tokens = p
+            if isinstance(c, int):
+                self.completion_tokens = c
 
 
 class Accounting:

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from .accounting import Exchange
-from .auth import ApiKey, Forbidden, KeyRing
+from .auth import ApiKey, Forbidden, KeyRing, bearer
 from .config import Config
 from .errors import BadRequest, HeadersTooLarge, ModelNotFound, PayloadTooLarge, RequestTimeout, TooManyRequests
 
@@ -56,18 +56,21 @@ class Admission:
         self.in_flight: dict[str, int] = {}  # API key name -> requests in flight
 
     def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> ApiKey | None:
-        """The caller's key (None when auth is off); 401 for a missing or wrong key."""
+        """The caller's key (None when auth is off); 401 for a missing or wrong key.
+        OpenAI SDKs send it as a bearer token, Anthropic's as x-api-key."""
         size = 0
-        authorization = None
+        secret = None
         for name, value in headers:
             size += len(name) + len(value)
             if name == b"authorization":
-                authorization = value.decode("latin-1")
+                secret = bearer(value.decode("latin-1")) or secret
+            elif name == b"x-api-key":
+                secret = secret or value.decode("latin-1").strip() or None
         if size > self.limits.max_header_bytes:
             raise HeadersTooLarge(f"request headers exceed {self.limits.max_header_bytes} bytes")
         if not self.cfg.auth.enabled:
             return None
-        return self.keys.check(authorization)
+        return self.keys.check(secret)
 
     def check_scope(self, key: ApiKey | None, asked: str, model: str | None, resolve: Callable[[str], str]) -> None:
         """403 for a model outside the key's scope, whether or not that model exists.

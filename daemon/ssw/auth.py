@@ -161,10 +161,10 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def check(self, header: str | None) -> ApiKey:
-        secret = bearer(header)
+    def check(self, secret: str | None) -> ApiKey:
+        """The key whose secret was presented (Authorization: Bearer, or x-api-key)."""
         if secret is None:
-            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.")
         key = self._keys.get(digest(secret))
         if key is None:
             raise Unauthorized("Invalid API key.")

@@ -69,6 +69,12 @@ class VllmSettings(_Section):
     env: dict[str, str] = Field(
         default_factory=dict, description="Environment added to every worker (a model's own env wins)."
     )
+    responses_store: bool = Field(
+        default=True,
+        description="Workers of generative models keep the Responses they create "
+        "(VLLM_ENABLE_RESPONSES_API_STORE=1), so that GET /v1/responses/{id}, cancel and "
+        "previous_response_id work; vLLM holds them in the worker's memory until it stops.",
+    )
     shutdown_timeout_s: int = Field(
         default=30,
         ge=0,
@@ -256,6 +262,15 @@ class GatewaySettings(_Section):
     metrics_buffer: int = Field(
         default=50_000, ge=100, description="Request records held for Redis; beyond that they are dropped."
     )
+    responses_remember_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="How long the gateway remembers which worker holds a stored Response (in Redis, so every "
+        "gateway process and a restarted gateway know it).",
+    )
+    responses_max: int = Field(
+        default=100_000, ge=100, description="Stored Responses each gateway process remembers in memory (LRU)."
+    )
 
 
 class SystemdSettings(_Section):
@@ -293,6 +308,9 @@ class AuthSettings(_Section):
 
 class LimitSettings(_Section):
     max_body_bytes: int = Field(default=10 * 2**20, ge=1024, description="Largest request body (413 beyond).")
+    max_upload_bytes: int = Field(
+        default=25 * 2**20, ge=1024, description="Largest multipart body, an audio file with its form (413 beyond)."
+    )
     max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="Largest total of request headers (431).")
     max_messages: int = Field(default=2048, ge=1, description="Most messages in one chat request (400 beyond).")
     max_in_flight_per_key: int = Field(

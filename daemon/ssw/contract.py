@@ -63,6 +63,9 @@ class ModelView(_View):
     fallback_default: bool = False
     scheduling_policy: str | None = None
     max_tokens: int | None = None
+    # What it can serve (routes.Family values): measured from a worker that ran, else predicted.
+    capabilities: list[str] = Field(default_factory=list)
+    capabilities_measured: bool = False
 
 
 class Snapshot(_View):

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .capabilities import predict
 from .config import Config
 from .registry import ModelSpec
+from .routes import Family
 from .units import NVIDIA_CONTROL_DEVICES, WorkerUnit, escape, parse_size
 
 ENTRY_POINT = "vllm.entrypoints.openai.api_server"
@@ -21,6 +23,7 @@ ENV_REPLICA = "SSW_REPLICA"
 ENV_SOCKET = "SSW_SOCKET"
 ENV_GPU = "SSW_GPU"
 ENV_BUDGET = "SSW_VRAM_BYTES"
+RESPONSES_STORE = "VLLM_ENABLE_RESPONSES_API_STORE"
 
 
 def cache_directory(model: str) -> str:
@@ -72,6 +75,10 @@ def vllm_argv(
         argv += ["--scheduling-policy", spec.scheduling_policy]
     if spec.reasoning_parser:
         argv += ["--reasoning-parser", spec.reasoning_parser]
+    if spec.runner != "auto":
+        argv += ["--runner", spec.runner]
+    if spec.convert != "auto":
+        argv += ["--convert", spec.convert]
     if spec.chat_template_kwargs:
         # Also the server's default, so clients that reach a worker directly get it.
         argv += ["--default-chat-template-kwargs", json.dumps(spec.chat_template_kwargs)]
@@ -96,7 +103,11 @@ def worker_unit(
     GPUs' own /dev/nvidiaN (none on simulated hosts)."""
     devices = ",".join(str(g) for g in gpus)
     cache = f"/var/cache/{cache_directory(spec.name)}"
+    # Stored responses make GET, cancel and previous_response_id work; vLLM keeps
+    # them in the worker's memory until it stops (the gateway routes to them).
+    store = {RESPONSES_STORE: "1"} if cfg.vllm.responses_store and Family.RESPONSES in predict(spec.shape) else {}
     env = {
+        **store,
         **cfg.vllm.env,
         **spec.env,
         # Bus order makes the index mean the same device to CUDA and to NVML.
@@ -117,10 +128,11 @@ def worker_unit(
         ENV_BUDGET: str(budget_bytes),
         "PYTHONUNBUFFERED": "1",
     }
+    argv = tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus)))
     return WorkerUnit(
         name=unit,
         description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices})",
-        argv=tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus))),
+        argv=argv,
         env=env,
         slice=cfg.workers.slice,
         user=cfg.workers.user,
@@ -131,4 +143,11 @@ def worker_unit(
         cache_directory=cache_directory(spec.name),
         devices=(*device_nodes, *NVIDIA_CONTROL_DEVICES) if device_nodes else (),
         limit_nofile=cfg.workers.limit_nofile,
+        private_tmp=not any(_in_tmp(arg) for arg in argv),
     )
+
+
+def _in_tmp(arg: str) -> bool:
+    """Whether a path on the command line is under /tmp or /var/tmp, which a private
+    /tmp would hide from the worker (a checkout there, as CI may clone it)."""
+    return arg.startswith(("/tmp/", "/var/tmp/"))

@@ -19,12 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from . import __version__, auth, http_errors, journal, redis_sink
+from .capabilities import predict
 from .config import Config
 from .contract import GpuView, LoadAccepted, ModelStatus, ModelView, Snapshot, Status
 from .errors import MetricsUnavailable, ModelNotFound, SswError
 from .gpus import GpuInfo, GpuSource
 from .prom import CONTENT_TYPE, LoaderMetrics
 from .registry import ModelSpec, Registry, scan, valid_name
+from .routes import families_of_paths
 from .store import FactStore, Retiring
 from .supervisor import Supervisor
 from .systemd import Systemd
@@ -165,7 +167,11 @@ class Loader:
             return None
 
     def _model_view(self, spec: ModelSpec) -> ModelView:
+        measured = self.store.routes(spec.name, spec.fingerprint)
+        families = families_of_paths(measured) if measured is not None else predict(spec.shape)
         return ModelView(
+            capabilities=sorted(families),
+            capabilities_measured=measured is not None,
             aliases=list(spec.aliases),
             pinned=spec.pinned,
             load=self.manager.loads.view(spec.name),

@@ -1,6 +1,6 @@
 """What the loader asks a worker, over its socket: whether it is healthy, how
-many requests it has in flight (vLLM's own metrics), and whether it can still
-generate (a 1-token canary)."""
+many requests it has in flight (vLLM's own metrics), which routes it serves
+(its OpenAPI document), and whether it can still generate (a 1-token canary)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,17 @@ class Probes:
             if family.name in IN_FLIGHT_METRICS:
                 total += sum(sample.value for sample in family.samples)
         return int(total)
+
+    async def routes(self, socket: Path) -> set[str] | None:
+        """The paths the worker's API server mounted (its OpenAPI document); None when it
+        cannot be asked."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                status, body = await fetch(self._pool, str(socket), "GET", "/openapi.json")
+            paths = json.loads(body).get("paths") if status == 200 else None
+        except (UpstreamError, TimeoutError, ValueError, AttributeError):
+            return None
+        return set(paths) if isinstance(paths, dict) else None
 
     async def canary(self, socket: Path, model: str) -> tuple[Canary, str]:
         """One token through the engine: catches one that answers /health but cannot generate."""

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .capabilities import Shape
 from .errors import ConfigError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,14 @@ class ModelOverride(BaseModel):
     fallback_default: bool = Field(
         default=False, description="Use the fallbacks without the client asking (X-SSW-Fallback: true)."
     )
+    runner: Literal["auto", "generate", "pooling"] = Field(
+        default="auto",
+        description="vLLM --runner: 'pooling' serves a generative architecture as an embedding or "
+        "classification model (with convert); auto: as vLLM decides from the architecture.",
+    )
+    convert: Literal["auto", "none", "embed", "classify"] = Field(
+        default="auto", description="vLLM --convert: how a pooling runner adapts the model (embed, classify)."
+    )
     scheduling_policy: Literal["fcfs", "priority"] | None = Field(
         default=None, description="vLLM --scheduling-policy; 'priority' passes X-SSW-Priority on to vLLM."
     )
@@ -110,6 +119,8 @@ class ModelFacts:
     head_dim: int | None = None
     max_position_embeddings: int | None = None
     weight_bytes: int = 0
+    num_labels: int | None = None  # a classifier's outputs (1: a cross-encoder that scores)
+    sentence_transformers: bool = False  # modules.json: vLLM pools such a directory
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,20 @@ class ModelSpec:
     fallback_default: bool = False
     scheduling_policy: str | None = None
     python: Path | None = None
+    runner: str = "auto"
+    convert: str = "auto"
+
+    @property
+    def shape(self) -> Shape:
+        f = self.facts
+        return Shape(f.architectures, f.sentence_transformers, f.num_labels, self.runner, self.convert)
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the routes its workers mount: measured routes hold while it is unchanged."""
+        return json.dumps(
+            [list(self.facts.architectures), self.runner, self.convert, list(self.extra_args), str(self.python or "")]
+        )
 
 
 @dataclass(frozen=True)
@@ -199,6 +224,8 @@ def read_facts(model_dir: Path) -> ModelFacts:
         head_dim = hidden // heads
     quant = cfg.get("quantization_config")
     archs = cfg.get("architectures") or []
+    labels = cfg.get("id2label")
+    num_labels = _int(cfg.get("num_labels")) or (len(labels) if isinstance(labels, dict) and labels else None)
     return ModelFacts(
         architectures=tuple(a for a in archs if isinstance(a, str)),
         model_type=cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None,
@@ -209,6 +236,8 @@ def read_facts(model_dir: Path) -> ModelFacts:
         head_dim=head_dim,
         max_position_embeddings=_int(text.get("max_position_embeddings")),
         weight_bytes=weight_bytes(model_dir),
+        num_labels=num_labels,
+        sentence_transformers=(model_dir / "modules.json").is_file(),
     )
 
 
@@ -299,6 +328,8 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride, base: Pat
         fallback_default=ov.fallback_default,
         scheduling_policy=ov.scheduling_policy,
         python=(base / ov.python) if ov.python else None,
+        runner=ov.runner,
+        convert=ov.convert,
     )
 
 

@@ -27,6 +27,7 @@ from .accounting import Exchange
 from .config import Config
 from .contract import WorkerView
 from .errors import SswError, UpstreamError
+from .routes import Dialect
 from .routing import RoundRobin, least_outstanding
 from .upstream import ConnectFailed, NoAnswer, Pool, Response, ResponseFailed
 
@@ -45,7 +46,29 @@ Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 
 
-def envelope(exc: SswError, source: str) -> bytes:
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); its
+# SDKs retry 408, 409, 429 and 5xx, honouring Retry-After.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error(status: int, message: str, source: str, type_: str | None = None) -> bytes:
+    kind = type_ if type_ in ANTHROPIC_ERROR_TYPES.values() else ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message, "source": source}})
+
+
+def envelope(exc: SswError, source: str, dialect: Dialect = Dialect.OPENAI) -> bytes:
+    if dialect is Dialect.ANTHROPIC:
+        return anthropic_error(exc.status, exc.message, source)
     return orjson.dumps(
         {"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code, "source": source}}
     )
@@ -55,10 +78,11 @@ class Reply:
     """The answer to one client over ASGI. It starts at most once; a held stream
     that already sent keep-alives can only go on as server-sent events."""
 
-    __slots__ = ("_send", "ended", "extra_headers", "sse", "started", "status")
+    __slots__ = ("_send", "dialect", "ended", "extra_headers", "sse", "started", "status")
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self.dialect = Dialect.OPENAI  # the shape its errors take
         self.started = False
         self.sse = False
         self.ended = False
@@ -98,12 +122,12 @@ class Reply:
         retry_after = getattr(exc, "retry_after_s", None)
         if retry_after is not None:
             headers.append((b"retry-after", str(retry_after).encode()))
-        await self.whole(exc.status, envelope(exc, source), headers)
+        await self.whole(exc.status, envelope(exc, source, self.dialect), headers)
 
 
-def wrap_worker_error(status: int, data: bytes) -> tuple[bytes, str]:
-    """A worker's error answer in the envelope: its message, type and param kept,
-    ``code`` a string (vLLM sends the status number), ``source: worker``."""
+def wrap_worker_error(status: int, data: bytes, dialect: Dialect = Dialect.OPENAI) -> tuple[bytes, str]:
+    """A worker's error answer in the route's envelope: its message, type and param
+    kept, ``code`` a string (vLLM sends the status number), ``source: worker``."""
     message, type_, param, code = "", "worker_error", None, None
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         body = orjson.loads(data)
@@ -117,6 +141,8 @@ def wrap_worker_error(status: int, data: bytes) -> tuple[bytes, str]:
             code = err.get("code") if isinstance(err.get("code"), str) else None
     if not message:
         message = data[:500].decode(errors="replace") or f"the worker answered {status}"
+    if dialect is Dialect.ANTHROPIC:
+        return anthropic_error(status, message, "worker", type_), type_
     wrapped = {"error": {"message": message, "type": type_, "param": param, "code": code, "source": "worker"}}
     return orjson.dumps(wrapped), type_
 
@@ -128,11 +154,16 @@ async def _disconnected(receive: Receive) -> None:
             return
 
 
+NoteResponse = Callable[[Exchange, str], Awaitable[None]]
+
+
 class Relay:
-    def __init__(self, cfg: Config, on_used: Callable[[str], None]) -> None:
+    def __init__(self, cfg: Config, on_used: Callable[[str], None], on_response: NoteResponse | None = None) -> None:
         self.pool = Pool(cfg.gateway.upstream_connect_timeout_s, cfg.gateway.upstream_read_timeout_s)
         self.routing = cfg.gateway.routing
         self.on_used = on_used
+        # Told the id of each stored Response it relays, before the client sees it.
+        self.on_response = on_response
         self.rr = RoundRobin()
         self.outstanding: dict[str, int] = {}  # worker unit -> requests in flight
         self._suspect_until: dict[str, float] = {}
@@ -210,18 +241,27 @@ class Relay:
             raise
         resp.release()
         if resp.status >= 400:
-            data, _ = wrap_worker_error(resp.status, data)
+            data, _ = wrap_worker_error(resp.status, data, reply.dialect)
             ex.error = f"worker_{resp.status}"
             await reply.whole(resp.status, data)
             return
         if resp.status == 200 and ctype.startswith(JSON):
             with contextlib.suppress(ValueError, AttributeError):
-                ex.usage(orjson.loads(data).get("usage"))
+                answer = orjson.loads(data)
+                ex.usage(answer.get("usage"))
+                if ex.capture_id and isinstance(answer.get("id"), str):
+                    ex.response_id = answer["id"]
+            await self._note_response(ex)
         if reply.sse:
             await reply.whole(200, data)
             return
         await reply.start(resp.status, [(b"content-type", ctype), (b"content-length", b"%d" % len(data))])
         await reply.body(data, more=False)
+
+    async def _note_response(self, ex: Exchange) -> None:
+        if ex.capture_id and ex.response_id and self.on_response is not None:
+            ex.capture_id = False
+            await self.on_response(ex, ex.response_id)
 
     async def _stream(self, resp: Response, ex: Exchange, reply: Reply, receive: Receive) -> None:
         if not reply.started:
@@ -243,6 +283,8 @@ class Relay:
                 else:
                     pending = b""
                 out = _inspect(data, ex)
+                if ex.capture_id and ex.response_id:
+                    await self._note_response(ex)  # before the client can ask for it
                 if out:
                     await reply.body(out)
             if pending:
@@ -267,32 +309,59 @@ class Relay:
 
 
 def _inspect(events: bytes, ex: Exchange) -> bytes:
-    """Note the first token's time and the usage chunk; drop that chunk when only
-    ssw asked for it. The common case, once the first token went by, is a scan."""
-    if ex.ttft_s is not None and b'"usage":{' not in events and b'"usage": {' not in events:
+    """Note the first token's time, the usage, and a stored Response's id; drop the
+    usage chunk when only ssw asked for it. The common case, once the first token
+    went by, is a scan."""
+    if ex.ttft_s is not None and not ex.capture_id and b'"usage":{' not in events and b'"usage": {' not in events:
         return events
     kept = []
     for event in events.split(b"\n\n"):
         if not event:
             continue
         drop = False
-        if event.startswith(b"data: {"):
-            try:
-                obj = orjson.loads(event[6:])
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict):
-                if ex.ttft_s is None and _has_token(obj):
-                    ex.ttft_s = time.perf_counter() - ex.t0
-                if obj.get("usage") and not obj.get("choices"):
-                    ex.usage(obj["usage"])
-                    drop = ex.strip_usage
+        obj = _event_data(event)
+        if obj is not None:
+            if ex.ttft_s is None and _has_token(obj):
+                ex.ttft_s = time.perf_counter() - ex.t0
+            usage = obj.get("usage")
+            if usage:
+                ex.usage(usage)
+                drop = ex.strip_usage and not obj.get("choices")
+            else:
+                # Responses and Anthropic streams carry it inside the response or message.
+                inner = obj.get("response") or obj.get("message")
+                if isinstance(inner, dict):
+                    ex.usage(inner.get("usage"))
+                    if ex.capture_id and obj.get("type") == "response.created" and isinstance(inner.get("id"), str):
+                        ex.response_id = inner["id"]
         if not drop:
             kept.append(event + b"\n\n")
     return b"".join(kept)
 
 
+def _event_data(event: bytes) -> dict[str, Any] | None:
+    """The JSON object of an event's data line (OpenAI streams have only that line;
+    Responses and Anthropic streams name the event on the line before)."""
+    if event.startswith(b"data: {"):
+        start = 0
+    else:
+        start = event.find(b"\ndata: {") + 1
+        if start == 0:
+            return None
+    end = event.find(b"\n", start)
+    try:
+        obj = orjson.loads(event[start + 6 : end if end >= 0 else len(event)])
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+# Event types that carry generated content: Anthropic's, and the Responses API's
+# (response.output_text.delta, response.reasoning_text.delta, ...).
 def _has_token(chunk: dict[str, Any]) -> bool:
+    kind = chunk.get("type")
+    if isinstance(kind, str) and (kind == "content_block_delta" or kind.endswith(".delta")):
+        return True
     for choice in chunk.get("choices") or ():
         if isinstance(choice, dict):
             raw_delta = choice.get("delta")

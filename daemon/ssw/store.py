@@ -45,15 +45,33 @@ class FactStore:
         times = [t for t in self._facts.get(model, {}).get("load_seconds", []) if isinstance(t, (int, float))]
         return float(statistics.median(times)) if times else None
 
+    def routes(self, model: str, fingerprint: str) -> set[str] | None:
+        """The inference routes a worker of the model mounted, if one ran with this
+        fingerprint (models.yaml and the directory unchanged since)."""
+        entry = self._facts.get(model, {})
+        routes = entry.get("routes")
+        if entry.get("routes_fingerprint") != fingerprint or not isinstance(routes, list):
+            return None
+        return {r for r in routes if isinstance(r, str)}
+
     def public(self, model: str) -> dict[str, Any]:
         return {"measured_vram_bytes": self.vram_bytes(model), "load_seconds": self.load_seconds(model)}
 
-    async def record(self, model: str, vram_bytes: int | None, load_seconds: float) -> None:
+    async def record(
+        self,
+        model: str,
+        vram_bytes: int | None,
+        load_seconds: float,
+        routes: tuple[str, set[str]] | None = None,
+    ) -> None:
+        """``routes``: (the model's fingerprint, the inference routes its worker mounted)."""
         async with self._lock:
             entry = self._facts.setdefault(model, {})
             if vram_bytes:
                 entry["vram_bytes"] = vram_bytes
             entry["load_seconds"] = [*entry.get("load_seconds", []), round(load_seconds, 2)][-KEEP_LOAD_TIMES:]
+            if routes is not None:
+                entry["routes_fingerprint"], entry["routes"] = routes[0], sorted(routes[1])
             entry["updated_at"] = time.time()
             payload = json.dumps({"models": self._facts}, indent=1, sort_keys=True)
             try:

@@ -29,6 +29,7 @@ from .loads import LoadBook, LoadRecord
 from .placement import DeviceView, Resident, place
 from .probes import Canary, Probes
 from .registry import ModelSpec, Registry
+from .routes import inference_paths
 from .store import FactStore, Retiring
 from .systemd import Systemd
 from .units import UNIT_GLOB, instance_for, parse_unit_name, socket_dir_name, socket_path, unit_name
@@ -569,8 +570,11 @@ class Supervisor:
         if self.gpus.kind == "nvml":
             held = self._held(worker, await self.gpu_snapshot()) or None
             worker.held_bytes = held
+        spec = self.registry.models.get(worker.model)
+        mounted = await self.probes.routes(worker.socket) if spec is not None else None
+        routes = (spec.fingerprint, inference_paths(mounted)) if spec is not None and mounted is not None else None
         # A tensor-parallel footprint is per GPU of a split model: not comparable.
-        await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
+        await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s, routes)
         self.changed()
 
     # --- health ---------------------------------------------------------------------------

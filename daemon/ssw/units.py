@@ -124,6 +124,7 @@ class WorkerUnit:
     cache_directory: str  # under /var/cache, kept across restarts (compile caches)
     devices: tuple[str, ...] = ()  # device nodes it may open (its GPUs'); none on simulated hosts
     limit_nofile: int = 65536
+    private_tmp: bool = True  # off only when its own program lives under /tmp (engine.py)
 
     def properties(self) -> list[tuple[str, tuple[str, object]]]:
         """The a(sv) list for StartTransientUnit."""
@@ -169,7 +170,7 @@ class WorkerUnit:
             # torch.compile need writable-executable memory, so no MemoryDenyWriteExecute).
             ("ProtectSystem", ("s", "strict")),
             ("ProtectHome", ("s", "read-only")),
-            ("PrivateTmp", ("b", True)),
+            ("PrivateTmp", ("b", self.private_tmp)),
             ("NoNewPrivileges", ("b", True)),
             ("ProtectKernelTunables", ("b", True)),
             ("ProtectKernelModules", ("b", True)),

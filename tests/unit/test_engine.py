@@ -86,3 +86,28 @@ def test_tensor_parallel_workers_see_all_their_gpus() -> None:
     unit = worker_unit(Config(), spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0, 1), 31 * GB, 48 * GB)
     assert unit.env["CUDA_VISIBLE_DEVICES"] == "0,1" and unit.env["SSW_GPU"] == "0,1"
     assert "--tensor-parallel-size 2" in " ".join(unit.argv)
+
+
+def test_a_worker_gets_a_private_tmp_unless_its_program_lives_there() -> None:
+    unit = worker_unit(Config(), spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None)
+    assert unit.private_tmp and dict(unit.properties())["PrivateTmp"] == ("b", True)
+    # A checkout under /tmp (as CI may clone one): a private /tmp would hide its Python.
+    cfg = Config.model_validate({"vllm": {"python": "/tmp/ci/.venvs/vllm/bin/python"}})
+    unit = worker_unit(cfg, spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None)
+    assert not unit.private_tmp and dict(unit.properties())["PrivateTmp"] == ("b", False)
+
+
+def test_runner_and_convert_reach_vllm_and_generative_workers_keep_responses() -> None:
+    generate = worker_unit(Config(), spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None)
+    assert generate.env["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
+    assert "--runner" not in generate.argv and "--convert" not in generate.argv
+    embed = worker_unit(
+        Config(), spec(runner="pooling", convert="embed"), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None
+    )
+    assert "--runner pooling --convert embed" in " ".join(embed.argv)
+    assert "VLLM_ENABLE_RESPONSES_API_STORE" not in embed.env  # it serves no Responses
+    off = Config.model_validate({"vllm": {"responses_store": False}})
+    assert (
+        "VLLM_ENABLE_RESPONSES_API_STORE"
+        not in worker_unit(off, spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None).env
+    )
