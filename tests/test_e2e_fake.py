@@ -100,13 +100,10 @@ def test_streaming_is_proxied_chunk_by_chunk(stack: Stack, client: openai.OpenAI
     assert {c.model for c in chunks} == {"alpha"}
 
 
-def test_completions_and_embeddings_are_proxied(stack: Stack, client: openai.OpenAI) -> None:
+def test_completions_are_proxied(stack: Stack, client: openai.OpenAI) -> None:
     stack.load("alpha")
-    comp = client.completions.create(model="alpha", prompt="hi", max_tokens=3)
-    assert comp.choices[0].text == "t0 t1 t2"
-    emb = client.embeddings.create(model="light", input=["a", "bbb"])
-    assert [len(d.embedding) for d in emb.data] == [4, 4]
-    assert emb.model == "alpha"
+    comp = client.completions.create(model="light", prompt="hi", max_tokens=3)
+    assert comp.choices[0].text == "t0 t1 t2" and comp.model == "alpha"
 
 
 def test_unknown_fields_pass_through_unchanged(stack: Stack) -> None:

@@ -173,7 +173,10 @@ def test_prometheus_endpoints_parse_and_carry_the_series(stack: Stack) -> None:
     url = stack.public + "/v1/chat/completions"
     assert http("POST", url, {"model": "alpha", "messages": CHAT, "max_tokens": 2})[0] == 200
     wait_for(
-        lambda: 'ssw_requests_total{model="alpha",status="200"}' in http("GET", stack.gateway_metrics + "/metrics")[2],
+        lambda: (
+            'ssw_requests_total{model="alpha",route="/v1/chat/completions",status="200"}'
+            in http("GET", stack.gateway_metrics + "/metrics")[2]
+        ),
         10,
         "the request in the gateway's metrics",
     )
@@ -199,7 +202,7 @@ def test_prometheus_endpoints_parse_and_carry_the_series(stack: Stack) -> None:
         "ssw_metrics_records_dropped",
     ):
         assert series in names, series
-    assert 'ssw_requests_total{model="alpha",status="200"}' in gateway_text
+    assert 'ssw_requests_total{model="alpha",route="/v1/chat/completions",status="200"}' in gateway_text
     assert f'ssw_workers{{state="ready"}} {ready:.1f}' in loader_text
     assert 'ssw_loads_total{model="alpha",result="ready"} 1.0' in loader_text
     assert 'ssw_gpu_memory_total_bytes{gpu="0"} 4.8e+10' in loader_text

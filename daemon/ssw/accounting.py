@@ -120,11 +120,11 @@ class Accounting:
 
     def _count(self, batch: list[Exchange]) -> None:
         m = self.metrics
-        answered: Counter[tuple[str, str]] = Counter()
+        answered: Counter[tuple[str, str, str]] = Counter()
         prompt: Counter[str] = Counter()
         completion: Counter[str] = Counter()
         for ex in batch:
-            answered[(ex.model, str(ex.status))] += 1
+            answered[(ex.model, str(ex.status), ex.route)] += 1
             m.duration.labels(ex.model).observe(ex.latency_s)
             if ex.ttft_s is not None:
                 m.ttft.labels(ex.model).observe(ex.ttft_s)
@@ -132,8 +132,8 @@ class Accounting:
                 prompt[ex.model] += ex.prompt_tokens
             if ex.completion_tokens:
                 completion[ex.model] += ex.completion_tokens
-        for (model, status), n in answered.items():
-            m.requests.labels(model, status).inc(n)
+        for (model, status, route), n in answered.items():
+            m.requests.labels(model, status, route).inc(n)
         for model, n in prompt.items():
             m.prompt_tokens.labels(model).inc(n)
         for model, n in completion.items():
@@ -175,4 +175,5 @@ def _record(ex: Exchange) -> RequestRecord:
         error=ex.error,
         stream=ex.stream,
         key=ex.key,
+        route=ex.route,
     )

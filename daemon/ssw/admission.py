@@ -15,8 +15,10 @@ from .accounting import Exchange
 from .auth import ApiKey, Forbidden, KeyRing, bearer
 from .config import Config
 from .errors import BadRequest, HeadersTooLarge, ModelNotFound, PayloadTooLarge, RequestTimeout, TooManyRequests
+from .routes import Route
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+ANTHROPIC_ROLES = ("user", "assistant")
 
 
 def too_deep(value: Any, limit: int) -> bool:
@@ -109,8 +111,8 @@ class Admission:
             ex.admitted = False
             self.in_flight[ex.key] -= 1
 
-    async def read_body(self, declared: bytes | None, chunks: AsyncIterator[bytes]) -> bytes:
-        limit = self.limits.max_body_bytes
+    async def read_body(self, declared: bytes | None, chunks: AsyncIterator[bytes], limit: int | None = None) -> bytes:
+        limit = limit or self.limits.max_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
         parts: list[bytes] = []
@@ -131,25 +133,15 @@ class Admission:
             raise RequestTimeout(f"the request body did not arrive within {self.limits.body_timeout_s:.0f} s") from None
         return b"".join(parts)
 
-    def validate(self, body: dict[str, Any], path: str, max_tokens_ceiling: int | None) -> None:
+    def validate(self, body: dict[str, Any], route: Route, max_tokens_ceiling: int | None) -> None:
         """The fields ssw relies on, checked before any worker is touched; the rest
         passes through to vLLM untouched."""
         if "stream" in body and type(body["stream"]) is not bool:
             raise BadRequest("'stream' must be a boolean")
-        if path == "/v1/chat/completions":
-            messages = body.get("messages")
-            if type(messages) is not list or not messages:
-                raise BadRequest("'messages' must be a non-empty array")
-            if len(messages) > self.limits.max_messages:
-                raise BadRequest(f"at most {self.limits.max_messages} messages per request")
-            for i, m in enumerate(messages):
-                if type(m) is not dict or m.get("role") not in CHAT_ROLES:
-                    raise BadRequest(f"messages[{i}]: an object whose 'role' is one of {', '.join(CHAT_ROLES)}")
-        elif path == "/v1/completions" and not isinstance(body.get("prompt"), str | list):
-            raise BadRequest("'prompt' must be a string or an array")
-        elif path == "/v1/embeddings" and not isinstance(body.get("input"), str | list):
-            raise BadRequest("'input' must be a string or an array")
-        for field_name in ("max_tokens", "max_completion_tokens"):
+        check = _CHECKS.get(route.path)
+        if check is not None:
+            check(self, body)
+        for field_name in route.token_fields:
             value = body.get(field_name)
             if value is None:
                 continue
@@ -157,3 +149,62 @@ class Admission:
                 raise BadRequest(f"'{field_name}' must be a positive integer")
             if max_tokens_ceiling and value > max_tokens_ceiling:
                 raise BadRequest(f"'{field_name}' may be at most {max_tokens_ceiling} for this model")
+
+    def _messages(self, body: dict[str, Any], roles: tuple[str, ...]) -> None:
+        messages = body.get("messages")
+        if type(messages) is not list or not messages:
+            raise BadRequest("'messages' must be a non-empty array")
+        if len(messages) > self.limits.max_messages:
+            raise BadRequest(f"at most {self.limits.max_messages} messages per request")
+        for i, m in enumerate(messages):
+            if type(m) is not dict or m.get("role") not in roles:
+                raise BadRequest(f"messages[{i}]: an object whose 'role' is one of {', '.join(roles)}")
+
+    def _chat(self, body: dict[str, Any]) -> None:
+        self._messages(body, CHAT_ROLES)
+
+    def _anthropic(self, body: dict[str, Any]) -> None:
+        # Anthropic's API takes the system prompt as a field, not as a message.
+        self._messages(body, ANTHROPIC_ROLES)
+
+    def _anthropic_create(self, body: dict[str, Any]) -> None:
+        self._anthropic(body)
+        if "max_tokens" not in body:
+            raise BadRequest("'max_tokens' is required")
+
+
+def _text_or_array(name: str) -> Callable[[Admission, dict[str, Any]], None]:
+    def check(_: Admission, body: dict[str, Any]) -> None:
+        if not isinstance(body.get(name), str | list):
+            raise BadRequest(f"'{name}' must be a string or an array")
+
+    return check
+
+
+def _embeddings(_: Admission, body: dict[str, Any]) -> None:
+    # vLLM embeds either 'input' or, chat-style, 'messages'.
+    if not isinstance(body.get("input"), str | list) and not isinstance(body.get("messages"), list):
+        raise BadRequest("'input' must be a string or an array")
+
+
+def _tokenize(_: Admission, body: dict[str, Any]) -> None:
+    if not isinstance(body.get("prompt"), str | list) and not isinstance(body.get("messages"), list):
+        raise BadRequest("'prompt' (a string) or 'messages' (an array) is required")
+
+
+def _detokenize(_: Admission, body: dict[str, Any]) -> None:
+    tokens = body.get("tokens")
+    if type(tokens) is not list or not all(type(t) is int for t in tokens):
+        raise BadRequest("'tokens' must be an array of integers")
+
+
+_CHECKS: dict[str, Callable[[Admission, dict[str, Any]], None]] = {
+    "/v1/chat/completions": Admission._chat,
+    "/v1/completions": _text_or_array("prompt"),
+    "/v1/responses": _text_or_array("input"),
+    "/v1/messages": Admission._anthropic_create,
+    "/v1/messages/count_tokens": Admission._anthropic,
+    "/v1/embeddings": _embeddings,
+    "/tokenize": _tokenize,
+    "/detokenize": _detokenize,
+}

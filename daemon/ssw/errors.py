@@ -63,6 +63,20 @@ class ModelNotFound(SswError):
         self.known = known
 
 
+class NotServed(SswError):
+    """A route the model cannot serve (an embedding model asked for a chat)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "unsupported_route"
+
+
+class ResponseNotFound(SswError):
+    status = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
+
+
 class WorkerNotFound(SswError):
     status = 404
     type = "invalid_request_error"

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,7 +29,7 @@ from prometheus_client import generate_latest
 
 from . import __version__, http_errors
 from .accounting import Accounting, Exchange
-from .admission import Admission, parse_body
+from .admission import ANTHROPIC_ROLES, CHAT_ROLES, Admission, parse_body
 from .auth import ApiKey, KeyRing
 from .config import Config
 from .contract import ModelView, Snapshot, WorkerView
@@ -39,15 +40,20 @@ from .errors import (
     ModelLoading,
     ModelNotFound,
     NoCapacity,
+    NotServed,
+    ResponseNotFound,
     SswError,
     UpstreamError,
 )
+from .forms import Form, parse_form
 from .gateway_pool import GatewayPool
 from .lifecycle import LIVE, Failure, LoadState, WorkerState
 from .loader_client import LoaderClient
 from .prom import CONTENT_TYPE, GatewayMetrics, pool_registry
 from .registry import valid_name
 from .relay import Receive, Relay, Reply, Send
+from .response_book import Holder, ResponseBook
+from .routes import RESPONSE_ID, ROUTES, Body, Family, Route, match
 from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
 
 log = logging.getLogger(__name__)
@@ -58,8 +64,9 @@ PRIORITY_HEADER = b"x-ssw-priority"
 FALLBACK_HEADER = b"x-ssw-fallback"
 FALLBACK_FROM_HEADER = b"x-ssw-fallback-from"
 FORWARD_HEADERS = (b"accept", b"x-request-id")
-PROXY_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 SOURCE = "ssw-gateway"
+# Query parameters of a retrieve that reach the worker (re-encoded, never passed raw).
+RETRIEVE_PARAMS = ("stream", "starting_after", "include[]")
 
 
 def _truthy(value: bytes | None) -> bool | None:
@@ -115,7 +122,8 @@ class Gateway:
         self.keys.reload()
         self.admission = Admission(cfg, self.keys)
         self.accounting = Accounting(cfg, self.metrics)
-        self.relay = Relay(cfg, loader.used)
+        self.responses = ResponseBook(cfg.redis_url, cfg.gateway.responses_remember_s, cfg.gateway.responses_max)
+        self.relay = Relay(cfg, loader.used, self._note_response)
         self._names: Names | None = None
         # model -> (epoch, seq) of the snapshot that reflects its load request
         self._asked: dict[str, tuple[str, int]] = {}
@@ -124,6 +132,7 @@ class Gateway:
 
     async def close(self) -> None:
         await self.relay.pool.close()
+        await self.responses.close()
 
     # --- names ---------------------------------------------------------------------------
 
@@ -286,7 +295,7 @@ class Gateway:
         key: ApiKey | None,
         model: str,
         body: dict[str, Any],
-        path: str,
+        route: Route,
         mode: str,
         priority: str,
         fallback: bool | None,
@@ -300,18 +309,18 @@ class Gateway:
             names = self.names
             entry = names.snap.models.get(model)
             allowed = fallback if fallback is not None else bool(entry and entry.fallback_default)
-            if entry is None or not allowed:
+            if entry is None or not allowed or not route.fallbacks:
                 raise
             in_scope = self.admission.allowed_models(key, names.resolve)
             for candidate in entry.fallbacks:
                 candidate_entry = names.snap.models.get(candidate)
                 workers = names.ready.get(candidate)
-                if candidate_entry is None or not workers:
+                if candidate_entry is None or not workers or route.family not in candidate_entry.capabilities:
                     continue
                 if in_scope is not None and candidate not in in_scope:
                     continue  # a fallback never widens what the key may use
                 try:
-                    self.admission.validate(body, path, candidate_entry.max_tokens)
+                    self.admission.validate(body, route, candidate_entry.max_tokens)
                 except BadRequest:
                     continue  # nor the limits the fallback has
                 log.info("%s cannot serve (%s); falling back to %s", model, exc.message, candidate)
@@ -320,11 +329,17 @@ class Gateway:
 
     # --- the proxy routes --------------------------------------------------------------------
 
-    async def proxy(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        ex = Exchange(route=scope["path"])
+    async def proxy(
+        self, scope: dict[str, Any], receive: Receive, send: Send, route: Route, response_id: str | None
+    ) -> None:
+        ex = Exchange(route=route.path)
         reply = Reply(send)
+        reply.dialect = route.dialect
         try:
-            await self._proxy(scope, receive, reply, ex)
+            if route.body is Body.NONE:
+                await self._by_response(scope, receive, reply, ex, route, response_id or "")
+            else:
+                await self._proxy(scope, receive, reply, ex, route)
         except SswError as exc:
             ex.status, ex.error = exc.status, exc.code or exc.type
             if isinstance(exc, ModelLoading) and exc.accepted:
@@ -341,19 +356,33 @@ class Gateway:
             self.admission.release(ex)
             self.accounting.finish(ex)
 
-    async def _proxy(self, scope: dict[str, Any], receive: Receive, reply: Reply, ex: Exchange) -> None:
-        path: str = scope["path"]
+    def _admit(self, scope: dict[str, Any], ex: Exchange) -> tuple[ApiKey | None, dict[bytes, bytes]]:
         headers: dict[bytes, bytes] = dict(scope["headers"])
         key = self.admission.authenticate(scope["headers"])
         ex.key = key.name if key else ""
         self.admission.admit(key, ex)
-        raw = await self.admission.read_body(headers.get(b"content-length"), _body(receive))
-        body = parse_body(raw, self.cfg.limits.max_json_depth)
-        if "model" not in body:
+        ex.priority = parse_priority(headers[PRIORITY_HEADER].decode("latin-1") if PRIORITY_HEADER in headers else None)
+        return key, headers
+
+    async def _proxy(self, scope: dict[str, Any], receive: Receive, reply: Reply, ex: Exchange, route: Route) -> None:
+        key, headers = self._admit(scope, ex)
+        multipart = route.body is Body.MULTIPART
+        raw = await self.admission.read_body(
+            headers.get(b"content-length"),
+            _body(receive),
+            self.cfg.limits.max_upload_bytes if multipart else self.cfg.limits.max_body_bytes,
+        )
+        form: Form | None = None
+        if multipart:
+            form = parse_form(raw, headers.get(b"content-type"))
+            body: dict[str, Any] = {"model": form.value("model")}
+            if (stream_field := form.value("stream")) is not None:
+                body["stream"] = stream_field.strip().lower() == "true"
+        else:
+            body = parse_body(raw, self.cfg.limits.max_json_depth)
+        if body.get("model") is None:
             raise BadRequest("'model' is required")
         ex.stream = stream = body.get("stream") is True
-        priority = parse_priority(headers[PRIORITY_HEADER].decode("latin-1") if PRIORITY_HEADER in headers else None)
-        ex.priority = priority
         names = self.names
         asked = body["model"]
         try:
@@ -365,37 +394,104 @@ class Gateway:
         model = names.resolve(asked)
         ex.model = model
         entry = names.snap.models[model]
-        self.admission.validate(body, path, entry.max_tokens)
-        sdk = any(name.startswith(b"x-stainless-") for name in headers)
-        mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
-        try:
-            served, workers, stands_in_for = await self._serve_or_fallback(
-                key, model, body, path, mode, priority, _truthy(headers.get(FALLBACK_HEADER)), reply, stream
+        if route.family not in entry.capabilities:
+            raise NotServed(
+                f"'{model}' does not serve {route.path}: it serves {', '.join(entry.capabilities) or 'nothing'}"
+                " (GET /v1/models lists what each model can do)"
             )
-        except ModelLoading as exc:
-            if mode == "accept" and not reply.started:
-                exc.accepted = {
-                    "object": "ssw.model_loading",
-                    "model": model,
-                    "status": "loading",
-                    "message": exc.message,
-                    "retry_after_s": exc.retry_after_s,
-                }
-            raise
+        self.admission.validate(body, route, entry.max_tokens)
+        previous = body.get("previous_response_id") if route.family is Family.RESPONSES else None
+        if previous is not None:
+            # Continuing a stored response: only the worker that holds it can.
+            holder = await self._holder(previous, key)
+            if holder.model != model:
+                raise BadRequest(f"previous_response_id belongs to model '{holder.model}', not '{model}'")
+            served, workers, stands_in_for = model, [self._holding_worker(holder, previous)], None
+        else:
+            sdk = any(name.startswith(b"x-stainless-") for name in headers)
+            mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
+            try:
+                served, workers, stands_in_for = await self._serve_or_fallback(
+                    key, model, body, route, mode, ex.priority, _truthy(headers.get(FALLBACK_HEADER)), reply, stream
+                )
+            except ModelLoading as exc:
+                if mode == "accept" and not reply.started:
+                    exc.accepted = {
+                        "object": "ssw.model_loading",
+                        "model": model,
+                        "status": "loading",
+                        "message": exc.message,
+                        "retry_after_s": exc.retry_after_s,
+                    }
+                raise
         ex.model = served
-        payload = self._payload(body, raw, path, served, priority, ex, asked)
-        head = _request_head(path, payload, headers)
+        if form is not None:
+            # The form goes through as sent, with the model's own name for an alias.
+            payload = raw if asked == served else form.with_value("model", served)
+            content_type = headers.get(b"content-type", b"")
+        else:
+            payload = self._payload(body, raw, route, served, ex, asked)
+            content_type = b"application/json"
+        ex.capture_id = route.path == "/v1/responses" and body.get("store") is not False
+        head = _request_head(b"POST", route.path.encode(), payload, headers, content_type)
         if stands_in_for is not None:
             reply.extra_headers.append((FALLBACK_FROM_HEADER, stands_in_for.encode()))
         await self.relay.forward(served, head, payload, workers, ex, reply, receive)
 
+    async def _by_response(
+        self, scope: dict[str, Any], receive: Receive, reply: Reply, ex: Exchange, route: Route, response_id: str
+    ) -> None:
+        """Retrieve or cancel a stored response: at the worker that holds it, or a 404."""
+        key, headers = self._admit(scope, ex)
+        await self.admission.read_body(headers.get(b"content-length"), _body(receive))  # none is expected
+        holder = await self._holder(response_id, key)
+        worker = self._holding_worker(holder, response_id)
+        ex.model = holder.model
+        path = scope["path"].encode()  # its id matched RESPONSE_ID
+        if route.method == "GET":
+            query = urllib.parse.parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+            kept = [(k, v) for k, v in query if k in RETRIEVE_PARAMS]
+            ex.stream = any(k == "stream" and v.lower() == "true" for k, v in kept)
+            if kept:
+                path += b"?" + urllib.parse.urlencode(kept).encode()
+        head = _request_head(route.method.encode(), path, b"", headers, b"application/json")
+        await self.relay.forward(holder.model, head, b"", [worker], ex, reply, receive)
+
+    async def _holder(self, response_id: object, key: ApiKey | None) -> Holder:
+        """Who holds a stored response the caller may see; the same 404 for one that
+        does not exist, belongs to another key, or to a model outside the key's scope."""
+        missing = ResponseNotFound(f"No response found with id '{str(response_id)[:80]}'.")
+        if not isinstance(response_id, str) or not RESPONSE_ID.match(response_id):
+            raise missing
+        holder = await self.responses.find(response_id)
+        if holder is None or (self.cfg.auth.enabled and holder.key != (key.name if key else "")):
+            raise missing
+        names = self.names
+        allowed = self.admission.allowed_models(key, names.resolve)
+        if holder.model not in names.snap.models or (allowed is not None and holder.model not in allowed):
+            raise missing
+        return holder
+
+    def _holding_worker(self, holder: Holder, response_id: str) -> WorkerView:
+        for worker in self.names.ready.get(holder.model, ()):
+            if worker.unit == holder.unit:
+                return worker
+        raise ResponseNotFound(
+            f"Response '{response_id}' was held by {holder.unit}, which no longer serves; a stored response "
+            "lives in its worker's memory and ends with it."
+        )
+
+    async def _note_response(self, ex: Exchange, response_id: str) -> None:
+        if RESPONSE_ID.match(response_id) and ex.worker:
+            await self.responses.remember(response_id, Holder(ex.model, ex.worker, ex.key))
+
     def _payload(
-        self, body: dict[str, Any], raw: bytes, path: str, served: str, priority: str, ex: Exchange, asked: object
+        self, body: dict[str, Any], raw: bytes, route: Route, served: str, ex: Exchange, asked: object
     ) -> bytes:
         """The body the worker gets: the client's bytes unless ssw had to change something."""
         changed = asked != served
         body["model"] = served
-        if ex.stream and path != "/v1/embeddings":
+        if ex.stream and route.usage_chunk:
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage")):
                 # Token counts come from vLLM's usage chunk; the client did not
@@ -403,7 +499,7 @@ class Gateway:
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 ex.strip_usage = changed = True
         entry = self.names.snap.models[served]
-        if path == "/v1/chat/completions" and entry.chat_template_kwargs:
+        if route.family is Family.CHAT and entry.chat_template_kwargs:
             kwargs = body.get("chat_template_kwargs")
             kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
             for name, value in entry.chat_template_kwargs.items():
@@ -411,8 +507,8 @@ class Gateway:
                     kwargs[name] = value
                     changed = True
             body["chat_template_kwargs"] = kwargs
-        if entry.scheduling_policy == "priority" and "priority" not in body:
-            body["priority"] = VLLM_PRIORITY[priority]
+        if entry.scheduling_policy == "priority" and route.takes_priority and "priority" not in body:
+            body["priority"] = VLLM_PRIORITY[ex.priority]
             changed = True
         return orjson.dumps(body) if changed else raw
 
@@ -429,11 +525,13 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
-def _request_head(path: str, payload: bytes, headers: dict[bytes, bytes]) -> bytes:
+def _request_head(
+    method: bytes, path: bytes, payload: bytes, headers: dict[bytes, bytes], content_type: bytes
+) -> bytes:
     lines = [
-        b"POST " + path.encode() + b" HTTP/1.1",
+        method + b" " + path + b" HTTP/1.1",
         b"host: localhost",
-        b"content-type: application/json",
+        b"content-type: " + content_type,
         b"content-length: %d" % len(payload),
     ]
     for name in FORWARD_HEADERS:
@@ -449,7 +547,6 @@ def _request_head(path: str, payload: bytes, headers: dict[bytes, bytes]) -> byt
 # the schemas allow additional properties. Published at /openapi.json.
 _MODEL = {"type": "string", "description": "A model name or alias."}
 _MAX_TOKENS = {"type": "integer", "minimum": 1}
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {
         "type": "object",
@@ -480,30 +577,83 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["model", "input"],
         "properties": {"model": _MODEL, "input": {}},
     },
+    "/v1/responses": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": _MODEL,
+            "input": {},
+            "previous_response_id": {"type": "string"},
+            "max_output_tokens": _MAX_TOKENS,
+            "stream": {"type": "boolean"},
+        },
+    },
+    "/v1/messages": {
+        "type": "object",
+        "required": ["model", "messages", "max_tokens"],
+        "properties": {
+            "model": _MODEL,
+            "messages": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["role"],
+                    "properties": {"role": {"type": "string", "enum": list(ANTHROPIC_ROLES)}, "content": {}},
+                },
+            },
+            "max_tokens": _MAX_TOKENS,
+            "stream": {"type": "boolean"},
+        },
+    },
+    "/detokenize": {
+        "type": "object",
+        "required": ["model", "tokens"],
+        "properties": {"model": _MODEL, "tokens": {"type": "array", "items": {"type": "integer"}}},
+    },
 }
 _ERROR = {"description": "An OpenAI error envelope.", "content": {"application/json": {"schema": {"type": "object"}}}}
 
 
-def _openapi(schema: dict[str, Any]) -> dict[str, Any]:
+_FORM = {
+    "type": "object",
+    "required": ["model", "file"],
+    "properties": {"model": _MODEL, "file": {"type": "string", "format": "binary"}, "stream": {"type": "boolean"}},
+}
+
+
+def _openapi(route: Route) -> dict[str, Any]:
     header = {"in": "header", "required": False, "schema": {"type": "string"}}
-    return {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-        "parameters": [
-            {**header, "name": "Authorization", "description": "Bearer <API key>"},
-            {**header, "name": "X-SSW-Wait", "description": "true: hold the request while the model loads"},
-            {
-                **header,
-                "name": "X-SSW-Priority",
-                "schema": {"type": "string", "enum": ["realtime", "interactive", "batch"]},
-            },
-            {**header, "name": "X-SSW-Fallback", "description": "true: a fallback model may answer"},
-        ],
-        "responses": {
-            "200": {"description": "The worker's answer (JSON, or server-sent events when streaming)."},
-            "202": {"description": "The model is loading; retry after Retry-After seconds (not_loaded: accept)."},
-            **{code: _ERROR for code in ("400", "401", "403", "404", "408", "413", "422", "429", "431", "503")},
+    parameters: list[dict[str, Any]] = [
+        {**header, "name": "Authorization", "description": "Bearer <API key> (or x-api-key: <API key>)"},
+        {
+            **header,
+            "name": "X-SSW-Priority",
+            "schema": {"type": "string", "enum": ["realtime", "interactive", "batch"]},
         },
+    ]
+    doc: dict[str, Any] = {"parameters": parameters}
+    if route.body is Body.NONE:
+        parameters.append({"in": "path", "name": "response_id", "required": True, "schema": {"type": "string"}})
+    else:
+        parameters += [
+            {**header, "name": "X-SSW-Wait", "description": "true: hold the request while the model loads"},
+            {**header, "name": "X-SSW-Fallback", "description": "true: a fallback model may answer"},
+        ]
+        if route.body is Body.MULTIPART:
+            content = {"multipart/form-data": {"schema": _FORM}}
+        else:
+            schema = REQUEST_SCHEMAS.get(
+                route.path, {"type": "object", "required": ["model"], "properties": {"model": _MODEL}}
+            )
+            content = {"application/json": {"schema": schema}}
+        doc["requestBody"] = {"required": True, "content": content}
+    doc["responses"] = {
+        "200": {"description": "The worker's answer (JSON, or server-sent events when streaming)."},
+        "202": {"description": "The model is loading; retry after Retry-After seconds (not_loaded: accept)."},
+        **{code: _ERROR for code in ("400", "401", "403", "404", "408", "413", "422", "429", "431", "503")},
     }
+    return doc
 
 
 class GatewayApp:
@@ -515,9 +665,12 @@ class GatewayApp:
         self.api = api
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXY_ROUTES:
-            await self.gw.proxy(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            found = match(scope["method"], scope["path"])
+            if found is not None:
+                await self.gw.proxy(scope, receive, send, *found)
+                return
+        # Everything else, vLLM's control and development paths included, is FastAPI's 404.
         await self.api(scope, receive, send)
 
 
@@ -558,7 +711,12 @@ def gateway_app(gw: Gateway) -> GatewayApp:
                     "object": "model",
                     "created": 0,
                     "owned_by": "ssw",
-                    "ssw": {"state": names.state(name), "aliases": entry.aliases, "pinned": entry.pinned},
+                    "ssw": {
+                        "state": names.state(name),
+                        "aliases": entry.aliases,
+                        "pinned": entry.pinned,
+                        "capabilities": entry.capabilities,
+                    },
                 }
             )
         for alias, target in names.snap.aliases.items():
@@ -571,8 +729,15 @@ def gateway_app(gw: Gateway) -> GatewayApp:
         # GatewayApp serves these paths; the route is here for the OpenAPI document.
         return Response(status_code=405)
 
-    for path, schema in REQUEST_SCHEMAS.items():
-        app.add_api_route(path, documented_only, methods=["POST"], openapi_extra=_openapi(schema))
+    for route in ROUTES:
+        path = route.path.replace("{id}", "{response_id}")
+        app.add_api_route(
+            path,
+            documented_only,
+            methods=[route.method],
+            openapi_extra=_openapi(route),
+            summary=f"{route.family.value}: relayed to a worker of the model",
+        )
 
     return GatewayApp(gw, app)
 

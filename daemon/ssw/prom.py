@@ -26,7 +26,9 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("ssw_requests", "Requests answered by the gateway.", ["model", "status"], registry=r)
+        self.requests = Counter(
+            "ssw_requests", "Requests answered by the gateway, by route.", ["model", "status", "route"], registry=r
+        )
         self.duration = Histogram(
             "ssw_request_duration_seconds",
             "End-to-end request latency.",

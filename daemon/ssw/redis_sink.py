@@ -55,6 +55,7 @@ class RequestRecord:
     error: str  # "" or the kind: model_not_found, load_failed, upstream_error, ...
     stream: bool
     key: str = ""  # the API key's name, never the key
+    route: str = ""  # the inference route (its template: /v1/responses/{id})
 
     def json(self) -> bytes:
         # One JSON field, not one Redis field per attribute: the client packs every
@@ -184,9 +185,19 @@ async def request_stats(redis: aioredis.Redis, prefix: str, window_s: float) -> 
         except (KeyError, orjson.JSONDecodeError):
             continue  # not a record of this version
         m = per.setdefault(
-            f["model"], {"requests": 0, "errors": 0, "latency": [], "ttft": [], "prompt": 0, "completion": 0}
+            f["model"],
+            {
+                "requests": 0,
+                "errors": 0,
+                "latency": [],
+                "ttft": [],
+                "prompt": 0,
+                "completion": 0,
+                "routes": collections.Counter(),
+            },
         )
         m["requests"] += 1
+        m["routes"][f.get("route") or "-"] += 1
         if f["status"] >= 400 or f["error"]:
             m["errors"] += 1
         m["latency"].append(float(f["latency_ms"]))
@@ -206,6 +217,7 @@ async def request_stats(redis: aioredis.Redis, prefix: str, window_s: float) -> 
             "completion_tokens": m["completion"],
             "prompt_tokens_per_s": round(m["prompt"] / window_s, 2),
             "completion_tokens_per_s": round(m["completion"] / window_s, 2),
+            "routes": dict(sorted(m["routes"].items())),
         }
     return {"window_s": window_s, "models": models}
 

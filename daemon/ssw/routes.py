@@ -61,8 +61,6 @@ class Route:
     method: str = "POST"
     body: Body = Body.JSON
     dialect: Dialect = Dialect.OPENAI
-    # The field a request must carry besides the model (checked before any worker is touched).
-    needs: str | None = None
     # ssw may add stream_options.include_usage to count tokens of a stream the client did not ask it for.
     usage_chunk: bool = False
     # The token ceiling a model sets applies to these fields.
@@ -71,25 +69,25 @@ class Route:
     fallbacks: bool = True
 
     @property
-    def streams(self) -> bool:
-        return self.family in STREAMING
+    def takes_priority(self) -> bool:
+        """Whether vLLM's request for it has a ``priority`` field (X-SSW-Priority maps onto it)."""
+        return self.family in PRIORITY and self.body is Body.JSON
 
 
-STREAMING = {Family.CHAT, Family.COMPLETIONS, Family.RESPONSES, Family.MESSAGES, Family.TRANSCRIPTION}
-STREAMING |= {Family.TRANSLATION}
+# vLLM 0.32's chat, completion, Responses and pooling requests carry a priority.
+PRIORITY = {Family.CHAT, Family.COMPLETIONS, Family.RESPONSES, Family.EMBEDDINGS, Family.POOLING}
+PRIORITY |= {Family.CLASSIFY, Family.SCORE, Family.RERANK}
 _CHAT_TOKENS = ("max_tokens", "max_completion_tokens")
 
 ROUTES: tuple[Route, ...] = (
-    Route("/v1/chat/completions", Family.CHAT, needs="messages", usage_chunk=True, token_fields=_CHAT_TOKENS),
-    Route("/v1/completions", Family.COMPLETIONS, needs="prompt", usage_chunk=True, token_fields=("max_tokens",)),
-    Route(
-        "/v1/responses", Family.RESPONSES, dialect=Dialect.RESPONSES, needs="input", token_fields=("max_output_tokens",)
-    ),
+    Route("/v1/chat/completions", Family.CHAT, usage_chunk=True, token_fields=_CHAT_TOKENS),
+    Route("/v1/completions", Family.COMPLETIONS, usage_chunk=True, token_fields=("max_tokens",)),
+    Route("/v1/responses", Family.RESPONSES, dialect=Dialect.RESPONSES, token_fields=("max_output_tokens",)),
     Route("/v1/responses/{id}", Family.RESPONSES, method="GET", body=Body.NONE, dialect=Dialect.RESPONSES),
     Route("/v1/responses/{id}/cancel", Family.RESPONSES, body=Body.NONE, dialect=Dialect.RESPONSES),
-    Route("/v1/messages", Family.MESSAGES, dialect=Dialect.ANTHROPIC, needs="messages", token_fields=("max_tokens",)),
-    Route("/v1/messages/count_tokens", Family.MESSAGES, dialect=Dialect.ANTHROPIC, needs="messages"),
-    Route("/v1/embeddings", Family.EMBEDDINGS, needs="input"),
+    Route("/v1/messages", Family.MESSAGES, dialect=Dialect.ANTHROPIC, token_fields=("max_tokens",)),
+    Route("/v1/messages/count_tokens", Family.MESSAGES, dialect=Dialect.ANTHROPIC),
+    Route("/v1/embeddings", Family.EMBEDDINGS),
     Route("/v2/embed", Family.EMBEDDINGS),
     Route("/pooling", Family.POOLING),
     Route("/classify", Family.CLASSIFY),
@@ -101,7 +99,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/audio/transcriptions", Family.TRANSCRIPTION, body=Body.MULTIPART),
     Route("/v1/audio/translations", Family.TRANSLATION, body=Body.MULTIPART),
     Route("/tokenize", Family.TOKENIZE, fallbacks=False),
-    Route("/detokenize", Family.TOKENIZE, needs="tokens", fallbacks=False),
+    Route("/detokenize", Family.TOKENIZE, fallbacks=False),
 )
 
 # vLLM's response ids are "resp_" and a hex uuid; anything else never reaches a path.

@@ -31,6 +31,10 @@ class ConnectFailed(UpstreamError):
     """Nothing reached the worker: another worker may take the request."""
 
 
+class BacklogFull(ConnectFailed):
+    """The worker's listen backlog was full: it is alive, and may take the request a moment later."""
+
+
 class ResponseFailed(UpstreamError):
     """The request was sent, and the connection failed or fell silent before the response was complete."""
 
@@ -110,8 +114,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         if not self._complete and self._parser is not None:
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.ECONNREFUSED) and not self.got_bytes:
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOTCONN, errno.EAGAIN) and not self.got_bytes:
                 # Never connected (asyncio's loop reports a full backlog so): nothing was sent.
+                self._fail(BacklogFull(f"cannot connect to {self.pool_key}: {exc.strerror}"))
+            elif isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED and not self.got_bytes:
                 self._fail(ConnectFailed(f"cannot connect to {self.pool_key}: {exc.strerror}"))
             elif not self.got_bytes:
                 self._fail(NoAnswer(f"the worker closed the connection without answering ({exc or 'EOF'})"))
@@ -306,6 +312,8 @@ class Pool:
                 _, proto = await loop.create_unix_connection(lambda: _Connection(loop, path, self.read_timeout), path)
         except TimeoutError:
             raise ConnectFailed(f"connecting to {path} timed out after {self.connect_timeout:.1f} s") from None
+        except BlockingIOError as exc:
+            raise BacklogFull(f"cannot connect to {path}: {exc.strerror or exc}") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {path}: {exc.strerror or exc}") from None
         return proto
@@ -326,14 +334,30 @@ class Pool:
             except BaseException:
                 conn.abort()
                 raise
-        conn = await self._connect(path)
-        conn.send(head + body)
-        try:
-            await conn.headers()
-        except BaseException:
-            conn.abort()
-            raise
-        return Response(self, conn)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        pause = 0.002
+        while True:
+            try:
+                conn = await self._connect(path)
+                conn.send(head + body)
+                await conn.headers()
+                return Response(self, conn)
+            except BacklogFull:
+                # Hundreds of waiters released by one load fill a worker's backlog for a
+                # moment: a unix socket then refuses at once where TCP would retry its
+                # SYN. Nothing was sent; the worker is alive. Try again shortly.
+                if conn is not None:
+                    conn.abort()
+                conn = None
+                if loop.time() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            except BaseException:
+                if conn is not None:
+                    conn.abort()
+                raise
 
     def forget(self, path: str) -> None:
         """Close the idle connections to a worker that is gone."""

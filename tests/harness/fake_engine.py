@@ -15,8 +15,10 @@ Like vLLM it serves on --uds PATH (a unix socket) or --host/--port, reports
 the requests it holds as vllm:num_requests_running on /metrics, and on SIGTERM
 lets in-flight requests finish for --shutdown-timeout seconds. For tests,
 POST /ssw-fake/break makes it fail every generation with a 500 while /health
-stays 200 (an engine that cannot generate), and GET /ssw-fake/stats counts
-running and aborted streams.
+stays 200 (an engine that cannot generate), GET /ssw-fake/stats counts
+running and aborted streams, and GET /ssw-fake/seen lists every path it was
+asked for. It mounts the routes vLLM would for the model's task
+(fake_apis.py), and lists them in /openapi.json as vLLM does.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ import signal
 import sys
 import time
 import uuid
+from pathlib import Path
 
+import fake_apis
 from aiohttp import web
+
+from ssw.capabilities import Shape, predict
+from ssw.registry import read_facts
+from ssw.routes import Family
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -46,6 +54,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--load-delay", type=float, default=float(os.environ.get("SSW_FAKE_LOAD_DELAY", "0")))
     p.add_argument("--tokens-per-second", type=float, default=float(os.environ.get("SSW_FAKE_TPS", "0")))
     p.add_argument("--fail", default=os.environ.get("SSW_FAKE_FAIL", ""))
+    p.add_argument("--runner", default="auto")
+    p.add_argument("--convert", default="auto")
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -183,32 +193,50 @@ def make_app(args: argparse.Namespace) -> web.Application:
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
-    async def embeddings(request: web.Request) -> web.Response:
-        body = await request.json()
-        inputs = body.get("input")
-        items = inputs if isinstance(inputs, list) else [inputs]
-        data = [
-            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, float(len(str(x)))]}
-            for i, x in enumerate(items)
-        ]
-        return web.json_response(
-            {
-                "object": "list",
-                "data": data,
-                "model": names[0],
-                "usage": {"prompt_tokens": len(items), "total_tokens": len(items)},
-            }
-        )
+    seen: list[str] = []  # every path asked for, but the fake's own
 
-    app = web.Application()
-    app.router.add_get("/health", health)
+    @web.middleware
+    async def note(request: web.Request, handler: fake_apis.Handler) -> web.StreamResponse:
+        if not request.path.startswith("/ssw-fake/"):
+            seen.append(f"{request.method} {request.path}")
+        return await handler(request)
+
+    async def fake_seen(_: web.Request) -> web.Response:
+        return web.json_response(seen)
+
+    # The routes vLLM would mount for this model's task (its architecture, --runner, --convert).
+    facts = read_facts(Path(args.model))
+    shape = Shape(facts.architectures, facts.sentence_transformers, facts.num_labels, args.runner, args.convert)
+    families = predict(shape)
+    engine = fake_apis.Engine(names, delay, args.uds)
+    routes: list[tuple[str, str, fake_apis.Handler]] = [
+        ("GET", "/health", health),
+        ("GET", "/metrics", metrics),
+        ("GET", "/v1/models", models),
+        *fake_apis.tokenize_routes(engine),
+        *fake_apis.control_routes(),
+    ]
+    if Family.CHAT in families:
+        routes += [("POST", "/v1/chat/completions", generate), ("POST", "/v1/completions", generate)]
+        routes += fake_apis.responses_routes(engine) + fake_apis.messages_routes(engine)
+    if Family.POOLING in families:
+        routes += fake_apis.pooling_routes(engine, families)
+    if Family.TRANSCRIPTION in families:
+        routes += fake_apis.audio_routes(engine)
+
+    async def openapi(_: web.Request) -> web.Response:
+        paths: dict[str, dict[str, object]] = {}
+        for method, path, _handler in routes:
+            paths.setdefault(path.replace("{rid}", "{response_id}"), {})[method.lower()] = {}
+        return web.json_response({"openapi": "3.1.0", "paths": paths})
+
+    app = web.Application(middlewares=[note])
     app.router.add_get("/ssw-fake/stats", fake_stats)
     app.router.add_post("/ssw-fake/break", fake_break)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", generate)
-    app.router.add_post("/v1/completions", generate)
-    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/ssw-fake/seen", fake_seen)
+    app.router.add_get("/openapi.json", openapi)
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
     return app
 
 

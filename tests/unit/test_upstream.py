@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import os
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -120,6 +122,41 @@ async def test_a_full_backlog_is_a_connect_failure(tmp_path: Path) -> None:
         c.close()
     listener.close()
     os.unlink(path)
+
+
+async def test_a_backlog_full_for_a_moment_is_waited_out(tmp_path: Path) -> None:
+    # Hundreds of waiters released by one load fill a worker's backlog for a moment:
+    # a unix socket refuses at once (EAGAIN) where TCP would retry, so the client does.
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    held = []
+    for _ in range(3):
+        c = socket.socket(socket.AF_UNIX)
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(path)
+        held.append(c)
+
+    def serve_later() -> None:
+        time.sleep(0.3)
+        for c in held:
+            c.close()
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                if conn.recv(65536):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    return
+
+    thread = threading.Thread(target=serve_later)
+    thread.start()
+    started = time.monotonic()
+    status, body = await fetch(Pool(5.0, 5.0), path, "GET", "/health")
+    assert (status, body) == (200, b"ok") and time.monotonic() - started >= 0.3
+    thread.join()
+    listener.close()
 
 
 async def test_a_worker_that_dies_before_answering_is_no_answer(tmp_path: Path) -> None:
