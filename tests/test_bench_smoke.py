@@ -33,6 +33,7 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
     relay = {"path": "fake-a", "vram_gb": 1, "gpus": [0], "env": {"SSW_FAKE_TCP_PORT": "18080"}}
     models = {
         "alpha": {"path": "fake-a", "vram_gb": 2, "gpus": [0]},
+        "embed": {"path": "fake-a", "vram_gb": 1, "gpus": [0], "runner": "pooling", "convert": "embed"},
         "cold": slow,
         "swap": slow,
         "paced": paced,
@@ -267,3 +268,29 @@ def test_relay_runs_every_peer_side_by_side(stack: Stack, tmp_path: Path) -> Non
             assert t["rps_median"] > 0 and t["errors"] == 0, (workload, name, t)
     assert set(results["workloads"]["short"]["one_connection"]) == {"direct", "nginx", "ssw-1p"}
     assert "= " in stdout and "x nginx" in stdout and (tmp_path / "relay.png").stat().st_size > 0
+
+
+def test_routes_bench_compares_every_route_family_with_the_worker(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "routes.json"
+    printed = bench(
+        "routes.py",
+        *admin(stack),
+        "--gateway",
+        stack.public.removeprefix("http://"),
+        "--generate-models",
+        "alpha",
+        "--pooling-models",
+        "embed",
+        "--requests",
+        "5",
+        "--rounds",
+        "1",
+        "--json",
+        str(out),
+    )
+    rows = json.loads(out.read_text())["routes"]
+    assert {r["family"] for r in rows} == {
+        "chat", "completions", "responses", "messages", "tokenize", "embeddings", "pooling", "score", "rerank"
+    }  # fmt: skip
+    assert all(r["direct_p50_ms"] > 0 and r["ssw_p50_ms"] > 0 for r in rows)
+    assert "added" in printed

@@ -208,8 +208,14 @@ def test_a_model_too_big_for_any_gpu_is_refused_with_numbers(stack: Stack) -> No
 
 def test_measured_load_times_survive_a_loader_restart(stack: Stack) -> None:
     stack.load("m1")  # measured at least once
-    facts = json.loads(Path(stack.dir / "state" / "models.json").read_text())["models"]
-    assert facts["m1"]["load_seconds"] and all(t > 0 for t in facts["m1"]["load_seconds"])
+
+    def measured() -> dict[str, Any]:
+        # Measuring follows readiness (it asks the ready worker which routes it mounted).
+        facts: dict[str, Any] = json.loads(Path(stack.dir / "state" / "models.json").read_text())["models"]
+        return facts.get("m1", {})
+
+    wait_for(lambda: measured().get("load_seconds"), 30, "m1's load to be measured")
+    assert all(t > 0 for t in measured()["load_seconds"])
     stack.loader.stop()
     stack.restart(stack.loader)
     entry = stack.status()["models"]["m1"]

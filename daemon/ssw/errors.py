@@ -59,7 +59,7 @@ class ModelNotFound(SswError):
 
     def __init__(self, name: str, known: list[str]) -> None:
         shown = ", ".join(known) if known else "none"
-        super().__init__(f"The model '{_clip(name)}' does not exist. Available models and aliases: {shown}.")
+        super().__init__(f"The model '{clip(name)}' does not exist. Available models and aliases: {shown}.")
         self.known = known
 
 
@@ -144,7 +144,7 @@ class LoaderUnavailable(SswError):
     code = "loader_unavailable"
 
 
-def _clip(text: str, limit: int = 80) -> str:
+def clip(text: str, limit: int = 80) -> str:
     """Echo at most a short, printable prefix of client text in messages."""
     printable = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
     return printable + ("…" if len(text) > limit else "")

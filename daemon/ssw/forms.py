@@ -5,6 +5,7 @@ parser Starlette uses); a body that is not well formed is a 400."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -12,6 +13,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from .errors import BadRequest
 
 MAX_FIELD_BYTES = 4096  # a text field ssw reads (model, stream); files are never read
+# It logs a warning per malformed body before raising: a client could fill the
+# journal with those. The client gets the 400 with the reason instead.
+logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 @dataclass

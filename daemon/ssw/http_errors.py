@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import SswError
+from .errors import SswError, clip
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,14 @@ def install(app: FastAPI, source: str) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            # Most often a vLLM path that is not relayed (/sleep, /collective_rpc, ...).
+            message = f"No such route: {request.method} {clip(request.url.path)} (the API's routes: /openapi.json)"
         return error_response(
             exc.status_code,
-            str(exc.detail),
+            message,
             "invalid_request_error",
             source=source,
             headers=getattr(exc, "headers", None),

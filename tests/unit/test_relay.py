@@ -8,6 +8,7 @@ import pytest
 
 from ssw.accounting import Exchange
 from ssw.relay import _inspect, wrap_worker_error
+from ssw.routes import Dialect
 
 
 @pytest.mark.parametrize(
@@ -60,3 +61,46 @@ def test_a_client_that_asked_for_usage_keeps_it() -> None:
     ex = Exchange(stream=True, strip_usage=False, ttft_s=0.1)
     usage = chunk({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
     assert _inspect(usage, ex) == usage and ex.completion_tokens == 2
+
+
+def _events(*pairs: tuple[str | None, dict[str, object]]) -> bytes:
+    out = b""
+    for name, data in pairs:
+        out += (f"event: {name}\n".encode() if name else b"") + b"data: " + json.dumps(data).encode() + b"\n\n"
+    return out
+
+
+def test_a_responses_stream_gives_its_id_usage_and_first_token() -> None:
+    ex = Exchange(capture_id=True)
+    created = {"type": "response.created", "response": {"id": "resp_1", "usage": None}}
+    delta = {"type": "response.output_text.delta", "delta": "hi"}
+    done = {
+        "type": "response.completed",
+        "response": {"id": "resp_1", "usage": {"input_tokens": 7, "output_tokens": 3}},
+    }
+    events = _events(("response.created", created), ("response.output_text.delta", delta), ("response.completed", done))
+    assert _inspect(events, ex) == events  # nothing taken out
+    assert ex.response_id == "resp_1" and ex.ttft_s is not None
+    assert (ex.prompt_tokens, ex.completion_tokens) == (7, 3)
+
+
+def test_an_anthropic_stream_adds_up_its_usage_across_events() -> None:
+    ex = Exchange()
+    start = {"type": "message_start", "message": {"usage": {"input_tokens": 12, "output_tokens": 1}}}
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x"}}
+    end = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9}}
+    _inspect(_events(("message_start", start)), ex)
+    assert ex.ttft_s is None and ex.prompt_tokens == 12
+    _inspect(_events(("content_block_delta", delta), ("message_delta", end)), ex)
+    assert ex.ttft_s is not None and (ex.prompt_tokens, ex.completion_tokens) == (12, 9)
+
+
+def test_worker_errors_on_the_anthropic_route_take_its_shape() -> None:
+    vllm = json.dumps({"error": {"message": "bad field", "type": "BadRequestError", "code": 400}}).encode()
+    data, _ = wrap_worker_error(400, vllm, Dialect.ANTHROPIC)
+    assert json.loads(data) == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "bad field", "source": "worker"},
+    }
+    data, _ = wrap_worker_error(503, b"", Dialect.ANTHROPIC)
+    assert json.loads(data)["error"]["type"] == "overloaded_error"  # the SDK retries it
