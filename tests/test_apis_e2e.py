@@ -118,6 +118,7 @@ def test_models_say_what_each_can_serve_and_other_routes_are_a_clear_400(stack: 
     assert caps["ranker"] == {"classify", "pooling", "score", "rerank", "tokenize"}
     assert caps["labeler"] == {"classify", "pooling", "tokenize"}  # two labels: no scores
     assert caps["whisper"] == {"transcription", "translation", "tokenize"}
+    assert listed["whisper"]["ssw"]["capabilities_measured"] is False  # never ran: predicted
     for model, path, body in (
         ("embedder", "/v1/chat/completions", {"messages": CHAT}),
         ("alpha", "/v1/embeddings", {"input": "x"}),
@@ -137,6 +138,13 @@ def test_capabilities_are_measured_once_a_worker_ran(stack: Stack, keys: dict[st
     wait_for(lambda: stack.status()["models"]["embedder"]["capabilities_measured"], 10, "the measured routes")
     facts = json.loads((stack.dir / "state" / "models.json").read_text())["models"]["embedder"]
     assert "/v1/embeddings" in facts["routes"] and "/v1/chat/completions" not in facts["routes"]
+
+    def measured_at_the_gateway() -> bool:
+        listed = http("GET", stack.public + "/v1/models", headers=auth(keys["main"]))[2]["data"]
+        return next(m for m in listed if m["id"] == "embedder")["ssw"]["capabilities_measured"] is True
+
+    # The gateway follows the loader's snapshot: it says so too, shortly.
+    wait_for(measured_at_the_gateway, 10, "/v1/models to say the capabilities were measured")
 
 
 # --- the Responses API ----------------------------------------------------------------------------------

@@ -716,6 +716,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
                         "aliases": entry.aliases,
                         "pinned": entry.pinned,
                         "capabilities": entry.capabilities,
+                        "capabilities_measured": entry.capabilities_measured,
                     },
                 }
             )
