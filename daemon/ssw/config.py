@@ -111,6 +111,27 @@ class WorkerSettings(_Section):
         ge=1024,
         description="LimitNOFILE of each worker unit: one descriptor per client connection, and more.",
     )
+    sleep_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long vLLM may take to go to sleep before its unit is stopped instead."
+    )
+    wake_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a wake (and its 1-token canary) may take before the unit is stopped and the "
+        "model loads cold.",
+    )
+    freed_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="After a sleep, how long ssw waits to see its GPU memory come free (NVML) before it stops "
+        "the unit instead and places nothing there until then.",
+    )
+    sleep_residual_gb: float = Field(
+        default=1.0,
+        ge=0,
+        description="GPU memory a sleeping worker may keep (its CUDA context), in GB, for its sleep to count as "
+        "having freed the GPU.",
+    )
 
     @field_validator("socket_dir")
     @classmethod
@@ -206,6 +227,15 @@ class PlacementSettings(_Section):
         ge=0,
         description="An unpinned model whose worker died this many times in a row goes into the failed-load "
         "cooldown instead of being restarted (pinned models are always restarted).",
+    )
+    sleep_ram_gb: float | None = Field(
+        default=None,
+        ge=0,
+        description="Host memory sleeping workers may hold in all (cgroup MemoryCurrent), in GB; past it the "
+        "least recently used sleeper is stopped. None: sleep_ram_fraction of the host's memory.",
+    )
+    sleep_ram_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="The sleepers' host memory budget as a fraction of the host's memory."
     )
 
 

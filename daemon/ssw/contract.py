@@ -40,6 +40,9 @@ class WorkerView(_View):
     unit_active: bool = False
     load_phases_s: dict[str, float] | None = None
     load_marks: dict[str, float] = Field(default_factory=dict)  # when each step of its load happened (wall time)
+    sleep_mode: bool = False  # started with vLLM's sleep mode
+    sleep_level: int | None = None  # while sleeping: 1 (weights in host RAM) or 2 (weights dropped)
+    ram_bytes: int | None = None  # host memory of its unit (cgroup MemoryCurrent) when last read
 
 
 class LoadView(_View):
@@ -58,6 +61,7 @@ class ModelView(_View):
     pinned: bool = False
     load: LoadView = Field(default_factory=LoadView)
     load_seconds: float | None = None  # median of measured loads; None: never loaded here
+    wake_seconds: float | None = None  # median of measured wakes from sleep; None: never woke here
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     fallbacks: list[str] = Field(default_factory=list)
     fallback_default: bool = False

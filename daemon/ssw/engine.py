@@ -23,7 +23,17 @@ ENV_REPLICA = "SSW_REPLICA"
 ENV_SOCKET = "SSW_SOCKET"
 ENV_GPU = "SSW_GPU"
 ENV_BUDGET = "SSW_VRAM_BYTES"
+ENV_SLEEP = "SSW_SLEEP"  # started with sleep mode
 RESPONSES_STORE = "VLLM_ENABLE_RESPONSES_API_STORE"
+SLEEP_DEV_MODE = "VLLM_SERVER_DEV_MODE"
+
+
+def sleep_enabled(spec: ModelSpec, gpu_kind: str) -> bool:
+    """Whether the model's workers start with sleep mode: as models.yaml says, and by
+    default on GPU hosts only (vLLM on the CPU refuses --enable-sleep-mode)."""
+    if spec.sleep == "auto":
+        return gpu_kind == "nvml" and not spec.pinned
+    return bool(spec.sleep)
 
 
 def cache_directory(model: str) -> str:
@@ -39,6 +49,7 @@ def vllm_argv(
     gpu_total_bytes: int | None,
     kv_bytes: int | None = None,
     tensor_parallel: int = 1,
+    sleep: bool = False,
 ) -> list[str]:
     argv = [
         str(spec.python or cfg.vllm.python),
@@ -79,6 +90,14 @@ def vllm_argv(
         argv += ["--runner", spec.runner]
     if spec.convert != "auto":
         argv += ["--convert", spec.convert]
+    if sleep:
+        argv += ["--enable-sleep-mode"]
+    if spec.enforce_eager:
+        argv += ["--enforce-eager"]
+    if spec.load_format:
+        argv += ["--load-format", spec.load_format]
+    if spec.compilation_config is not None:
+        argv += ["--compilation-config", json.dumps(spec.compilation_config)]
     if spec.chat_template_kwargs:
         # Also the server's default, so clients that reach a worker directly get it.
         argv += ["--default-chat-template-kwargs", json.dumps(spec.chat_template_kwargs)]
@@ -97,6 +116,7 @@ def worker_unit(
     gpu_total_bytes: int | None,
     kv_bytes: int | None = None,
     device_nodes: tuple[str, ...] = (),
+    sleep: bool = False,
 ) -> WorkerUnit:
     """``budget_bytes`` is per GPU; ``gpu_total_bytes`` is None for simulated GPUs
     (vLLM on the CPU has no device memory to check); ``device_nodes`` are the
@@ -106,8 +126,13 @@ def worker_unit(
     # Stored responses make GET, cancel and previous_response_id work; vLLM keeps
     # them in the worker's memory until it stops (the gateway routes to them).
     store = {RESPONSES_STORE: "1"} if cfg.vllm.responses_store and Family.RESPONSES in predict(spec.shape) else {}
+    # vLLM mounts /sleep, /wake_up and /is_sleeping only in its development mode,
+    # which mounts other control routes too: only ssw can reach a worker's socket,
+    # and the gateway relays none of them (routes.py).
+    dev = {SLEEP_DEV_MODE: "1"} if sleep else {}
     env = {
         **store,
+        **dev,
         **cfg.vllm.env,
         **spec.env,
         # Bus order makes the index mean the same device to CUDA and to NVML.
@@ -126,9 +151,10 @@ def worker_unit(
         ENV_SOCKET: str(socket),
         ENV_GPU: devices,
         ENV_BUDGET: str(budget_bytes),
+        ENV_SLEEP: "1" if sleep else "0",
         "PYTHONUNBUFFERED": "1",
     }
-    argv = tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus)))
+    argv = tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus), sleep))
     return WorkerUnit(
         name=unit,
         description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices})",

@@ -47,7 +47,7 @@ from .errors import (
 )
 from .forms import Form, parse_form
 from .gateway_pool import GatewayPool
-from .lifecycle import LIVE, Failure, LoadState, WorkerState
+from .lifecycle import ASLEEP, LIVE, Failure, LoadState, WorkerState
 from .loader_client import LoaderClient
 from .prom import CONTENT_TYPE, GatewayMetrics, pool_registry
 from .registry import valid_name
@@ -59,6 +59,7 @@ from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER_S = 60  # when a model has never loaded here
+DEFAULT_WAKE_S = 5  # a sleeping model that never woke here: vLLM wakes in about a second
 WAIT_HEADER = b"x-ssw-wait"
 PRIORITY_HEADER = b"x-ssw-priority"
 FALLBACK_HEADER = b"x-ssw-fallback"
@@ -82,11 +83,14 @@ class Names:
         self.snap = snap
         self.ready: dict[str, list[WorkerView]] = {}
         self.live: dict[str, list[WorkerView]] = {}
+        self.asleep: set[str] = set()
         for w in snap.workers:
             if w.state is WorkerState.READY:
                 self.ready.setdefault(w.model, []).append(w)
             if w.state in LIVE:
                 self.live.setdefault(w.model, []).append(w)
+            if w.state in ASLEEP:
+                self.asleep.add(w.model)
 
     def resolve(self, name: object) -> str:
         if not isinstance(name, str):
@@ -101,13 +105,13 @@ class Names:
         raise ModelNotFound(name, sorted(models) + sorted(self.snap.aliases))
 
     def state(self, model: str) -> str:
-        """ready, loading or unloaded, as /v1/models says."""
+        """ready, loading, sleeping or unloaded, as /v1/models says."""
         if model in self.ready:
             return "ready"
         entry = self.snap.models[model]
         if model in self.live or entry.load.state in (LoadState.LOADING, LoadState.BACKING_OFF):
             return "loading"
-        return "unloaded"
+        return "sleeping" if model in self.asleep else "unloaded"
 
 
 class Gateway:
@@ -149,11 +153,14 @@ class Gateway:
         return self.relay.in_flight()
 
     def retry_after(self, model: str) -> int:
-        """An honest wait: the model's measured load time less what has passed, plus
-        what is left of a backoff."""
+        """An honest wait: the model's measured load (or wake) time less what has passed,
+        plus what is left of a backoff."""
         entry = self.names.snap.models.get(model)
         if entry is None:
             return DEFAULT_RETRY_AFTER_S
+        live = self.names.live.get(model, [])
+        if model in self.names.asleep or any(w.state is WorkerState.WAKING for w in live):
+            return max(1, math.ceil(entry.wake_seconds or DEFAULT_WAKE_S))
         load_s = entry.load_seconds or DEFAULT_RETRY_AFTER_S
         rec = entry.load
         now = time.time()

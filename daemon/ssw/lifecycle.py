@@ -21,14 +21,15 @@ class WorkerState(enum.StrEnum):
     STARTING = "starting"  # unit started, vLLM not answering /health yet
     READY = "ready"  # /health answers 200; requests are routed here
     UNHEALTHY = "unhealthy"  # was ready; /health or the canary fails; not routed
-    DRAINING = "draining"  # not routed; in-flight requests finish before the unit stops
+    DRAINING = "draining"  # not routed; in-flight requests finish, then it sleeps or its unit stops
+    SLEEPING = "sleeping"  # its unit runs, its GPU memory is given back (weights in host RAM or dropped)
+    WAKING = "waking"  # asked to wake; routed again once a 1-token canary passed
     STOPPING = "stopping"  # stop job issued: vLLM shutting down
     GONE = "gone"  # the unit ended after ssw asked it to (terminal)
     FAILED = "failed"  # the unit ended on its own or could not start (terminal)
 
 
-# Which moves are allowed. A worker leaves the table on reaching a terminal state;
-# the sleeping tier will add SLEEPING and WAKING between DRAINING and READY.
+# Which moves are allowed. A worker leaves the table on reaching a terminal state.
 WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.STARTING: frozenset({WorkerState.READY, WorkerState.STOPPING, WorkerState.FAILED}),
     WorkerState.READY: frozenset(
@@ -37,7 +38,11 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.UNHEALTHY: frozenset(
         {WorkerState.READY, WorkerState.DRAINING, WorkerState.STOPPING, WorkerState.FAILED}
     ),
-    WorkerState.DRAINING: frozenset({WorkerState.STOPPING, WorkerState.GONE}),
+    # Drained to sleep: asleep once its GPU memory is seen free, else its unit is stopped.
+    WorkerState.DRAINING: frozenset({WorkerState.SLEEPING, WorkerState.STOPPING, WorkerState.GONE}),
+    WorkerState.SLEEPING: frozenset({WorkerState.WAKING, WorkerState.STOPPING, WorkerState.FAILED}),
+    # A wake that fails (or whose canary fails) stops the unit; its model loads cold.
+    WorkerState.WAKING: frozenset({WorkerState.READY, WorkerState.STOPPING, WorkerState.FAILED}),
     # A worker stopped because its start failed or it hung ends as failed.
     WorkerState.STOPPING: frozenset({WorkerState.GONE, WorkerState.FAILED}),
     WorkerState.GONE: frozenset(),
@@ -46,8 +51,10 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
 TERMINAL = frozenset({WorkerState.GONE, WorkerState.FAILED})
 # States whose worker still holds (or is about to hold) its GPU memory and counts
 # against the model's replicas; DRAINING and STOPPING ones are on their way out.
-LIVE = frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.UNHEALTHY})
+LIVE = frozenset({WorkerState.STARTING, WorkerState.READY, WorkerState.UNHEALTHY, WorkerState.WAKING})
 LEAVING = frozenset({WorkerState.DRAINING, WorkerState.STOPPING})
+# Running units that hold host memory but (almost) no GPU memory: the warm tier.
+ASLEEP = frozenset({WorkerState.SLEEPING})
 
 
 class LoadState(enum.StrEnum):

@@ -91,11 +91,12 @@ class Loader:
         self.latest_gpus = await self.manager.gpu_snapshot()
         self._sampler = asyncio.create_task(self._sample_gpus())
         for spec in self.registry.models.values():
-            if spec.pinned:
+            if spec.pinned or spec.preload:
+                why = "pinned" if spec.pinned else "preload"
                 try:
-                    self.manager.load(spec, reason="pinned: loaded at start")
+                    self.manager.load(spec, reason=f"{why}: loaded at start")
                 except SswError as exc:
-                    log.error("pinned model %s: %s", spec.name, exc.message)
+                    log.error("%s model %s: %s", why, spec.name, exc.message)
 
     async def close(self) -> None:
         if self._sampler is not None:
@@ -176,6 +177,7 @@ class Loader:
             pinned=spec.pinned,
             load=self.manager.loads.view(spec.name),
             load_seconds=self.store.load_seconds(spec.name),
+            wake_seconds=self.store.wake_seconds(spec.name),
             chat_template_kwargs=spec.chat_template_kwargs,
             fallbacks=[n for f in spec.fallbacks if (n := self._fallback_name(f))],
             fallback_default=spec.fallback_default,

@@ -44,6 +44,7 @@ class Resident:
     last_used: float  # wall time of its last request
     evictable: bool  # ready and not pinned
     reload_cost: float  # seconds its model takes to load (measured, or a size-based guess)
+    asleep: bool = False  # holds only what a sleeping engine keeps; stopping it loses its warm state
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,12 @@ def _pick(devices: Sequence[DeviceView], need: int, policy: Policy, after_releas
 
 
 def _eviction_on(device: DeviceView, need: int, residents: Sequence[Resident]) -> tuple[list[Resident], bool]:
-    """The least recently used evictable workers on this device that make room, in LRU order."""
+    """The least recently used evictable workers on this device that make room, in LRU
+    order; sleepers last (they hold little, and stopping one loses a warm model)."""
     chosen: list[Resident] = []
     free = device.free_after_release
-    for r in sorted((r for r in residents if r.evictable and device.index in r.gpus), key=lambda r: r.last_used):
+    candidates = (r for r in residents if r.evictable and device.index in r.gpus)
+    for r in sorted(candidates, key=lambda r: (r.asleep, r.last_used)):
         if free >= need:
             break
         chosen.append(r)

@@ -1,6 +1,7 @@
 """What the loader asks a worker, over its socket: whether it is healthy, how
 many requests it has in flight (vLLM's own metrics), which routes it serves
-(its OpenAPI document), and whether it can still generate (a 1-token canary)."""
+(its OpenAPI document), whether it can still generate (a 1-token canary), and,
+for the warm tier, to sleep, to wake and whether it sleeps."""
 
 from __future__ import annotations
 
@@ -24,19 +25,54 @@ class Canary(enum.Enum):
 
 
 class Probes:
-    def __init__(self, probe_timeout_s: float, canary_timeout_s: float) -> None:
+    def __init__(self, probe_timeout_s: float, canary_timeout_s: float, control_timeout_s: float = 60.0) -> None:
         self._pool = Pool(connect_timeout=probe_timeout_s, read_timeout=probe_timeout_s)
         self._canary_pool = Pool(connect_timeout=probe_timeout_s, read_timeout=canary_timeout_s)
+        # Sleep and wake answer once done: seconds for weights to move.
+        self._control_pool = Pool(connect_timeout=probe_timeout_s, read_timeout=control_timeout_s)
         self._timeout = probe_timeout_s
         self._canary_timeout = canary_timeout_s
 
     async def close(self) -> None:
         await self._pool.close()
         await self._canary_pool.close()
+        await self._control_pool.close()
 
     def forget(self, socket: Path) -> None:
         self._pool.forget(str(socket))
         self._canary_pool.forget(str(socket))
+        self._control_pool.forget(str(socket))
+
+    async def _control(self, socket: Path, method: str, path: str, timeout: float) -> tuple[int, bytes]:
+        """(status, body) of one control request; (0, why) when the worker did not answer."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await fetch(self._control_pool, str(socket), method, path)
+        except TimeoutError:
+            return 0, f"no answer within {timeout:.0f} s".encode()
+        except UpstreamError as exc:
+            return 0, str(exc).encode()
+
+    async def sleep(self, socket: Path, level: int, timeout: float) -> str | None:
+        """Put the engine to sleep (vLLM's POST /sleep?level=N); None when it did, else why not."""
+        status, body = await self._control(socket, "POST", f"/sleep?level={level}", timeout)
+        return None if status == 200 else _why("/sleep", status, body)
+
+    async def wake(self, socket: Path, timeout: float) -> str | None:
+        """Wake the engine (POST /wake_up); None when it did, else why not."""
+        status, body = await self._control(socket, "POST", "/wake_up", timeout)
+        return None if status == 200 else _why("/wake_up", status, body)
+
+    async def is_sleeping(self, socket: Path) -> bool | None:
+        """GET /is_sleeping; None when the worker cannot say (no sleep mode, or no answer)."""
+        status, body = await self._control(socket, "GET", "/is_sleeping", self._timeout)
+        if status != 200:
+            return None
+        try:
+            value = json.loads(body).get("is_sleeping")
+        except (ValueError, AttributeError):
+            return None
+        return value if isinstance(value, bool) else None
 
     async def healthy(self, socket: Path) -> bool:
         try:
@@ -90,3 +126,8 @@ class Probes:
         if 400 <= status < 500:
             return Canary.NOT_APPLICABLE, f"completions answered {status}"
         return Canary.FAILED, f"a 1-token completion answered {status}: {answer[:200].decode(errors='replace')}"
+
+
+def _why(path: str, status: int, body: bytes) -> str:
+    text = body[:200].decode(errors="replace")
+    return f"{path}: {text}" if status == 0 else f"{path} answered {status}: {text}"

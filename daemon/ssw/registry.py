@@ -78,6 +78,25 @@ class ModelOverride(BaseModel):
         default=None, description="vLLM --scheduling-policy; 'priority' passes X-SSW-Priority on to vLLM."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment for this model's workers.")
+    sleep: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Start workers with vLLM's sleep mode, so that eviction and idle_ttl_s put them to sleep "
+        "instead of stopping them; auto: on GPU hosts (NVML), off on the CPU, where vLLM refuses it. Pinned "
+        "models sleep only when this is true.",
+    )
+    idle_ttl_s: float | None = Field(
+        default=None, gt=0, description="After this long without a request its workers sleep (or stop)."
+    )
+    preload: bool = Field(default=False, description="Loaded when the loader starts; unlike pinned, may be evicted.")
+    enforce_eager: bool | None = Field(
+        default=None, description="vLLM --enforce-eager: no CUDA graphs or torch.compile; starts faster, serves slower."
+    )
+    load_format: str | None = Field(
+        default=None, description="vLLM --load-format (e.g. 'safetensors', 'runai_streamer', 'fastsafetensors')."
+    )
+    compilation_config: dict[str, Any] | None = Field(
+        default=None, description="vLLM --compilation-config (e.g. {level: 0} to skip compilation)."
+    )
     python: str | None = Field(
         default=None,
         description="Python of the vLLM environment this model runs with (default: vllm.python), for a model "
@@ -147,6 +166,12 @@ class ModelSpec:
     python: Path | None = None
     runner: str = "auto"
     convert: str = "auto"
+    sleep: Literal["auto"] | bool = "auto"
+    idle_ttl_s: float | None = None
+    preload: bool = False
+    enforce_eager: bool | None = None
+    load_format: str | None = None
+    compilation_config: dict[str, Any] | None = None
 
     @property
     def shape(self) -> Shape:
@@ -330,6 +355,12 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride, base: Pat
         python=(base / ov.python) if ov.python else None,
         runner=ov.runner,
         convert=ov.convert,
+        sleep=ov.sleep,
+        idle_ttl_s=ov.idle_ttl_s,
+        preload=ov.preload,
+        enforce_eager=ov.enforce_eager,
+        load_format=ov.load_format,
+        compilation_config=ov.compilation_config,
     )
 
 

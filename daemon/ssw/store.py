@@ -1,6 +1,6 @@
 """What the loader keeps on disk across its restarts, under ``state_dir``:
 facts measured per model (``models.json``: the VRAM a healthy worker really
-held, how long its loads took), and the workers it was taking down
+held, how long its loads and wakes took, per sleep level), and the workers it was taking down
 (``retiring.json``), so that a restarted loader finishes the job."""
 
 from __future__ import annotations
@@ -45,6 +45,30 @@ class FactStore:
         times = [t for t in self._facts.get(model, {}).get("load_seconds", []) if isinstance(t, (int, float))]
         return float(statistics.median(times)) if times else None
 
+    def wake_seconds(self, model: str, level: int | None = None) -> float | None:
+        """The median of the recent wakes from this sleep level (any level: None), or None."""
+        by_level = self._facts.get(model, {}).get("wake_seconds", {})
+        if not isinstance(by_level, dict):
+            return None
+        lists = [v for k, v in by_level.items() if level is None or k == str(level)]
+        times = [t for v in lists if isinstance(v, list) for t in v if isinstance(t, (int, float))]
+        return float(statistics.median(times)) if times else None
+
+    async def record_wake(self, model: str, level: int, seconds: float) -> None:
+        async with self._lock:
+            entry = self._facts.setdefault(model, {})
+            by_level = entry.setdefault("wake_seconds", {})
+            by_level[str(level)] = [*by_level.get(str(level), []), round(seconds, 3)][-KEEP_LOAD_TIMES:]
+            entry["updated_at"] = time.time()
+            await self._save()
+
+    async def _save(self) -> None:
+        payload = json.dumps({"models": self._facts}, indent=1, sort_keys=True)
+        try:
+            await asyncio.to_thread(_write_atomic, self.path, payload)
+        except OSError as exc:
+            log.warning("cannot save measured facts to %s: %s", self.path, exc)
+
     def routes(self, model: str, fingerprint: str) -> set[str] | None:
         """The inference routes a worker of the model mounted, if one ran with this
         fingerprint (models.yaml and the directory unchanged since)."""
@@ -55,7 +79,11 @@ class FactStore:
         return {r for r in routes if isinstance(r, str)}
 
     def public(self, model: str) -> dict[str, Any]:
-        return {"measured_vram_bytes": self.vram_bytes(model), "load_seconds": self.load_seconds(model)}
+        return {
+            "measured_vram_bytes": self.vram_bytes(model),
+            "load_seconds": self.load_seconds(model),
+            "wake_seconds": self.wake_seconds(model),
+        }
 
     async def record(
         self,
@@ -73,11 +101,7 @@ class FactStore:
             if routes is not None:
                 entry["routes_fingerprint"], entry["routes"] = routes[0], sorted(routes[1])
             entry["updated_at"] = time.time()
-            payload = json.dumps({"models": self._facts}, indent=1, sort_keys=True)
-            try:
-                await asyncio.to_thread(_write_atomic, self.path, payload)
-            except OSError as exc:
-                log.warning("cannot save measured facts to %s: %s", self.path, exc)
+            await self._save()
 
 
 class Retiring:

@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import engine, journal
+from . import engine, journal, tiers
 from .config import Config
 from .errors import ConfigError, LoadFailed, NoCapacity, SswError, SystemdError, WorkerNotFound
 from .gpus import GpuInfo, GpuSource
-from .lifecycle import LEAVING, LIVE, Failure, LoadState, WorkerState, recent, recover
+from .lifecycle import ASLEEP, LEAVING, LIVE, Failure, LoadState, WorkerState, recent, recover
 from .loads import LoadBook, LoadRecord
 from .placement import DeviceView, Resident, place
 from .probes import Canary, Probes
@@ -33,7 +33,7 @@ from .routes import inference_paths
 from .store import FactStore, Retiring
 from .systemd import Systemd
 from .units import UNIT_GLOB, instance_for, parse_unit_name, socket_dir_name, socket_path, unit_name
-from .vram import GB, vram_need
+from .vram import GB, VramNeed, vram_need
 from .workers import Worker, WorkerTable, describe_phases
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,12 @@ JOURNAL_SEPARATOR = " | last log lines: "
 # a request routed just before the gateway heard of the drain arrives meanwhile.
 DRAIN_SETTLE_S = 0.5
 DRAIN_POLL_S = 0.2
+DRAINED = "drained"
+FREED_POLL_S = 0.25
+IDLE_CHECK_S = 1.0
+# On simulated GPUs a worker may say how much device memory it holds in this file
+# next to its socket (the fake engine does; NVML measures real GPUs for itself).
+SIMULATED_MEMORY_FILE = "device-memory"
 
 
 def _accounts(cfg: Config) -> tuple[int, int]:
@@ -86,7 +92,14 @@ class Supervisor:
         self.table = WorkerTable(self.changed)
         self.table.on_leave = self._left
         self.loads = LoadBook(self.changed)
-        self.probes = Probes(cfg.health.probe_timeout_s, cfg.health.canary_timeout_s)
+        self.probes = Probes(
+            cfg.health.probe_timeout_s,
+            cfg.health.canary_timeout_s,
+            max(cfg.workers.sleep_timeout_s, cfg.workers.wake_timeout_s),
+        )
+        # Device memory the workers report on simulated GPUs (unit -> bytes), read with each snapshot.
+        self._reported: dict[str, int] = {}
+        self.host_memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         self.evictions = 0
         self._place_lock = asyncio.Lock()
         self._device_locks: dict[int, asyncio.Lock] = {}
@@ -105,6 +118,7 @@ class Supervisor:
         await asyncio.to_thread(self._prepare_socket_root)
         await self.adopt()
         self._spawn(self._health_loop())
+        self._spawn(self._idle_loop())
         if self.cfg.health.canary_interval_s > 0:
             self._spawn(self._canary_loop())
 
@@ -178,8 +192,13 @@ class Supervisor:
     def _held(self, worker: Worker, gpus: list[GpuInfo]) -> int:
         """What a worker holds on one of its GPUs now."""
         if self.gpus.kind == "simulated":
-            # Simulated memory is taken when the worker is up and given back when it is gone.
-            return worker.budget_bytes if worker.state is not WorkerState.STARTING else 0
+            reported = self._reported.get(worker.unit)
+            if reported is not None:
+                return reported
+            # Otherwise simulated memory is taken when the worker is up and given back
+            # when it is gone or asleep.
+            away = (WorkerState.STARTING, WorkerState.WAKING, WorkerState.SLEEPING)
+            return worker.budget_bytes if worker.state not in away else 0
         per_gpu = [
             sum(p.used_bytes or 0 for p in g.processes if p.unit == worker.unit) for g in gpus if g.index in worker.gpus
         ]
@@ -188,19 +207,28 @@ class Supervisor:
     def _simulated_use(self) -> dict[int, int]:
         out: dict[int, int] = {}
         for w in self.table:
-            if w.state is not WorkerState.STARTING:
-                for g in w.gpus:
-                    out[g] = out.get(g, 0) + w.budget_bytes
+            held = self._held(w, [])
+            for g in w.gpus:
+                out[g] = out.get(g, 0) + held
+        return out
+
+    def _read_reported(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for w in self.table:
+            with contextlib.suppress(OSError, ValueError):
+                out[w.unit] = int((w.socket.parent / SIMULATED_MEMORY_FILE).read_text())
         return out
 
     async def gpu_snapshot(self) -> list[GpuInfo]:
+        if self.gpus.kind == "simulated":
+            self._reported = await asyncio.to_thread(self._read_reported)
         return await self.gpus.snapshot(self._simulated_use())
 
     def device_views(self, gpus: list[GpuInfo]) -> list[DeviceView]:
         pending: dict[int, int] = {}
         releasing: dict[int, int] = {}
         for w in self.table:
-            if w.state is WorkerState.STARTING:
+            if w.state in (WorkerState.STARTING, WorkerState.WAKING):
                 # Reserved but not yet (fully) allocated: what NVML does not show yet.
                 missing = max(w.budget_bytes - self._held(w, gpus), 0)
                 for g in w.gpus:
@@ -223,11 +251,12 @@ class Supervisor:
     def _residents(self, gpus: list[GpuInfo]) -> list[Resident]:
         out = []
         for w in self.table:
-            held = self._held(w, gpus) or w.budget_bytes
-            evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY) and not w.pinned
+            asleep = w.state in ASLEEP
+            held = self._held(w, gpus) if asleep else self._held(w, gpus) or w.budget_bytes
+            evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY, *ASLEEP) and not w.pinned
             # Until a load was measured, size stands in: about 1 s per GB from local disk.
             cost = self.store.load_seconds(w.model) or w.budget_bytes / GB
-            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost))
+            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep))
         return out
 
     def update_held(self, gpus: list[GpuInfo]) -> None:
@@ -235,7 +264,7 @@ class Supervisor:
         if self.gpus.kind != "nvml":
             return
         for w in self.table:
-            if w.state is not WorkerState.STARTING:
+            if w.state not in (WorkerState.STARTING, WorkerState.WAKING):
                 w.held_bytes = self._held(w, gpus) or None
 
     def touch(self, unit: str, when: float) -> None:
@@ -283,9 +312,16 @@ class Supervisor:
                 adopted=True,
                 unit_seen_active=True,
             )
+            worker.sleep_mode = env.get(engine.ENV_SLEEP) == "1"
             self.table.add(worker, f"adopted (model {model}, GPU {env[engine.ENV_GPU]}, socket {socket})")
             if leaving:
                 self._spawn(self._stop_unit(worker))
+            elif worker.sleep_mode and await self.probes.is_sleeping(socket):
+                # vLLM says only that it sleeps, not at which level.
+                worker.slept_at = time.time()
+                self._sleep_state(worker, "adopted asleep")
+                if self.retiring.reason(worker.unit) is not None:
+                    self.retire(worker, (self.retiring.reason(worker.unit) or "") + " (resumed after a loader restart)")
             elif await self.probes.healthy(socket):
                 self.table.move(worker, WorkerState.READY, "adopted, healthy")
                 if (reason := self.retiring.reason(worker.unit)) is not None:
@@ -327,8 +363,12 @@ class Supervisor:
         rec.died_during_load = 0
         live = self.table.live(spec.name)
         have = {w.replica for w in live}
+        # A replica that sleeps is woken rather than started again.
+        asleep = {w.replica: w for w in self.table.asleep(spec.name) if w.replica not in have}
         jobs: list[Awaitable[Worker]] = [
-            self._start_replica(spec, r, gpu) for r in range(1, spec.replicas + 1) if r not in have
+            self._wake(spec, asleep[r], gpu) if r in asleep else self._start_replica(spec, r, gpu)
+            for r in range(1, spec.replicas + 1)
+            if r not in have
         ]
         jobs += [self._await_adopted(w) for w in live if w.state is WorkerState.STARTING]
         results = await asyncio.gather(*jobs, return_exceptions=True)
@@ -416,16 +456,7 @@ class Supervisor:
             except SswError as exc:
                 exc.message = f"{spec.name}: {exc.message}"
                 raise
-            for unit in plan.evict:
-                victim = self.table.get(unit)
-                if victim is not None:
-                    self.evictions += 1
-                    idle = time.time() - victim.last_used
-                    self.retire(
-                        victim,
-                        f"evicted to make room for {spec.name} on GPU {plan.gpus[0]}: least recently used, "
-                        f"idle {idle:.0f} s",
-                    )
+            await self._evict(plan.evict, spec.name, plan.gpus[0])
             taken = self.table.units() | await self._loaded_units(spec.name)
             name = unit_name(spec.name, instance_for(spec.name, replica, spec.replicas, taken))
             worker = Worker(
@@ -438,6 +469,7 @@ class Supervisor:
                 state=WorkerState.STARTING,
                 state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
                 pinned=spec.pinned,
+                sleep_mode=engine.sleep_enabled(spec, self.gpus.kind),
             )
             worker.marks["requested"] = requested
             worker.marks["placed"] = time.time()
@@ -447,7 +479,7 @@ class Supervisor:
             nodes = tuple(g.device_node for g in gpus if g.index in plan.gpus and g.device_node)
             # vLLM checks free device memory at start and profiles it: never start
             # while a worker on these GPUs is still shutting down.
-            await self._wait_gone(self.table.leaving_on(plan.gpus))
+            await self._wait_released(self.table.leaving_on(plan.gpus))
             async with contextlib.AsyncExitStack() as stack:
                 # ...nor while another one starts there.
                 for g in sorted(plan.gpus):
@@ -476,6 +508,7 @@ class Supervisor:
                     # vLLM on the CPU (simulated GPUs) sizes its KV cache from VLLM_CPU_KVCACHE_SPACE.
                     need.kv_bytes if self.gpus.kind == "nvml" else None,
                     nodes,
+                    worker.sleep_mode,
                 )
                 await self.systemd.reset_failed(name)
                 # Shielded: cancelling the await does not cancel systemd's job. A
@@ -500,7 +533,12 @@ class Supervisor:
         """The invariant placement guarantees, checked where it matters: the budgets of
         the workers whose processes run on a GPU never add up to more than it has."""
         for g in new.gpus:
-            running = sum(w.budget_bytes for w in self.table if g in w.gpus and (w.unit_seen_active or w is new))
+            # Sleepers were seen to give their memory back before they counted as asleep.
+            running = sum(
+                w.budget_bytes
+                for w in self.table
+                if g in w.gpus and (w.unit_seen_active or w is new) and w.state not in ASLEEP
+            )
             if running > totals[g]:
                 raise SswError(
                     f"refusing to start {new.unit}: GPU {g} would hold {running / GB:.1f} GB of "
@@ -677,25 +715,245 @@ class Supervisor:
 
     # --- retiring: unload, eviction ---------------------------------------------------------
 
-    def retire(self, worker: Worker, reason: str) -> asyncio.Task[None]:
+    def retire(self, worker: Worker, reason: str, sleep_level: int = 0) -> asyncio.Task[None]:
         """Stop routing to the worker at once, let its in-flight requests finish (up to
-        workers.drain_timeout_s), then stop its unit. Returns the task that does it."""
+        workers.drain_timeout_s), then put it to sleep at ``sleep_level`` (1 or 2) or
+        stop its unit (0). Returns the task that does it."""
         if worker.retirement is not None:
             return worker.retirement
         if worker.state in (WorkerState.READY, WorkerState.UNHEALTHY):
+            worker.sleep_level = sleep_level if worker.sleep_mode else 0
             self.table.move(worker, WorkerState.DRAINING, reason)
-        elif worker.state is WorkerState.STARTING:
+        elif worker.state in (WorkerState.STARTING, WorkerState.WAKING, *ASLEEP):
             self.table.move(worker, WorkerState.STOPPING, reason)
         worker.retirement = self._spawn(self._finish_retiring(worker, reason))
         return worker.retirement
 
     async def _finish_retiring(self, worker: Worker, reason: str) -> None:
-        if worker.state is WorkerState.DRAINING:
-            # Kept on disk: a loader restarted meanwhile finishes the drain.
-            await self.retiring.add(worker.unit, reason)
-            outcome = await self._drain(worker)
-            self.table.move(worker, WorkerState.STOPPING, outcome)
-        await self._stop_unit(worker)
+        try:
+            if worker.state is WorkerState.DRAINING:
+                if not worker.sleep_level:
+                    # Kept on disk: a loader restarted meanwhile finishes the drain.
+                    await self.retiring.add(worker.unit, reason)
+                outcome = await self._drain(worker)
+                if worker.sleep_level and outcome == DRAINED and await self._put_to_sleep(worker):
+                    return
+                if worker.sleep_level and outcome != DRAINED:
+                    outcome += "; not put to sleep with requests in flight"
+                worker.sleep_level = 0
+                self.table.move(worker, WorkerState.STOPPING, outcome)
+            await self._stop_unit(worker)
+        finally:
+            worker.retirement = None
+
+    # --- the warm tier: sleep, wake ------------------------------------------------------------
+
+    async def _evict(self, units: tuple[str, ...], for_model: str, gpu: int) -> None:
+        """Make the placement's victims give back their GPU memory: each sleeps or
+        stops as :func:`ssw.tiers.choose` decides; a sleeper is stopped."""
+        for unit in units:
+            victim = self.table.get(unit)
+            if victim is None:
+                continue
+            self.evictions += 1
+            idle = time.time() - victim.last_used
+            reason = f"evicted to make room for {for_model} on GPU {gpu}: least recently used, idle {idle:.0f} s"
+            if victim.state in ASLEEP:
+                self.retire(victim, reason)
+                continue
+            choice = await self._tier_for(victim)
+            self.retire(victim, f"{reason}; {_tier_text(choice)}", choice.level)
+
+    async def _tier_for(self, worker: Worker) -> tiers.Choice:
+        if not worker.sleep_mode:
+            return tiers.Choice("stop", "sleep mode is off for this model")
+        spec = self.registry.models.get(worker.model)
+        details = await _quiet(self.systemd.details(worker.unit))
+        wakes = {level: t for level in (1, 2) if (t := self.store.wake_seconds(worker.model, level)) is not None}
+        victim = tiers.Victim(
+            sleep_enabled=True,
+            weights_bytes=spec.facts.weight_bytes if spec is not None else 0,
+            ram_bytes=(details.memory_current or 0) if details is not None else 0,
+            cold_start_s=self.store.load_seconds(worker.model),
+            wake_s=wakes,
+        )
+        return tiers.choose(victim, self._ram_budget())
+
+    def _ram_budget(self) -> int:
+        p = self.cfg.placement
+        return tiers.ram_budget(p.sleep_ram_gb, p.sleep_ram_fraction, self.host_memory)
+
+    def _sleep_state(self, worker: Worker, reason: str) -> None:
+        self.table.move(worker, WorkerState.SLEEPING, reason)
+        self._spawn(self._describe(worker, f"asleep (level {worker.sleep_level or '?'})"))
+
+    async def _describe(self, worker: Worker, state: str) -> None:
+        """Show the warm tier in `systemctl status` (the unit's description)."""
+        spec = self.registry.models.get(worker.model)
+        text = f"ssw vLLM worker for {worker.model} (replica {worker.replica}, GPU {','.join(map(str, worker.gpus))})"
+        if spec is not None:
+            with contextlib.suppress(SystemdError):
+                await self.systemd.set_description(worker.unit, f"{text}: {state}")
+
+    async def _put_to_sleep(self, worker: Worker) -> bool:
+        """Sleep a drained worker and see its GPU memory come free; False (with the
+        reason logged) when either fails, and the caller stops the unit instead."""
+        level = worker.sleep_level
+        before = self._held(worker, await self.gpu_snapshot()) or worker.budget_bytes
+        started = time.monotonic()
+        why = await self.probes.sleep(worker.socket, level, self.cfg.workers.sleep_timeout_s)
+        if why is None:
+            why = await self._confirm_freed(worker, before)
+        if why is None and not worker.sleep_level:
+            why = "unloaded while it was going to sleep"
+        if why is not None:
+            log.warning("%s: not put to sleep (%s): stopping it instead", worker.unit, why)
+            worker.state_reason = f"sleep failed: {why}"
+            return False
+        took = time.monotonic() - started
+        worker.slept_at = time.time()
+        held = self._held(worker, await self.gpu_snapshot())
+        self._sleep_state(
+            worker,
+            f"asleep at level {level} after {took:.2f} s; {(before - held) / GB:.1f} GB of GPU memory freed "
+            f"({held / GB:.2f} GB kept)",
+        )
+        self._spawn(self._keep_sleepers_in_budget())
+        return True
+
+    async def _confirm_freed(self, worker: Worker, before: int) -> str | None:
+        """Wait until the GPU memory the sleeping worker gave back shows as free (NVML, or
+        what a simulated worker reports); None once it does, else why not."""
+        residual = int(self.cfg.workers.sleep_residual_gb * GB)
+        limit = self.cfg.workers.freed_timeout_s
+        deadline = time.monotonic() + limit
+        held = before
+        while True:
+            gpus = await self.gpu_snapshot()
+            if self.gpus.kind == "simulated" and worker.unit not in self._reported:
+                # Nothing to measure: the engine's word is all there is.
+                return None if await self.probes.is_sleeping(worker.socket) else "it does not say it sleeps"
+            held = self._held(worker, gpus)
+            if tiers.freed(before, held, residual):
+                return None
+            if time.monotonic() >= deadline:
+                return (
+                    f"its GPU memory did not come free within {limit:.0f} s (workers.freed_timeout_s): "
+                    f"{held / GB:.2f} GB still held of {before / GB:.2f} GB"
+                )
+            await asyncio.sleep(FREED_POLL_S)
+
+    async def _keep_sleepers_in_budget(self) -> None:
+        """Stop the least recently used sleepers while sleepers hold more host memory
+        than the budget (placement.sleep_ram_gb or sleep_ram_fraction)."""
+        asleep = self.table.asleep()
+        for w in asleep:
+            details = await _quiet(self.systemd.details(w.unit))
+            if details is not None and details.memory_current is not None:
+                w.ram_bytes = details.memory_current
+        budget = self._ram_budget()
+        sleepers = [tiers.Sleeper(w.unit, w.ram_bytes or 0, max(w.slept_at, w.last_used)) for w in asleep]
+        total = sum(x.ram_bytes for x in sleepers)
+        for unit in tiers.over_budget(sleepers, budget):
+            worker = self.table.get(unit)
+            if worker is not None and worker.state in ASLEEP:
+                self.retire(
+                    worker,
+                    f"stopped: sleepers hold {total / GB:.2f} GB of host memory, over the budget of "
+                    f"{budget / GB:.2f} GB (placement.sleep_ram_gb); least recently used",
+                )
+        self.changed()
+
+    async def _wake(self, spec: ModelSpec, worker: Worker, gpu: int | None) -> Worker:
+        """Wake a sleeping replica where it sleeps (evicting there if need be) and route to
+        it once a 1-token canary passed; when that cannot be done, stop it and load cold."""
+        worker.marks = {"requested": self.loads.get(spec.name).since}
+        async with self._place_lock:
+            gpus = await self.gpu_snapshot()
+            need = max(worker.budget_bytes - self._held(worker, gpus), 0)
+            residents = [r for r in self._residents(gpus) if r.unit != worker.unit]
+            why: str | None = None
+            try:
+                for g in worker.gpus[1:]:
+                    # A tensor-parallel sleeper wakes only where every GPU has room already.
+                    view = next(d for d in self.device_views(gpus) if d.index == g)
+                    if view.free_after_release < need:
+                        raise NoCapacity(f"GPU {g} has {view.free_after_release / GB:.1f} GB free")
+                plan = place(
+                    VramNeed(need, 0, None, "its size before it slept"),
+                    self.device_views(gpus),
+                    residents,
+                    self.cfg.placement.policy,
+                    worker.gpus[:1],
+                )
+            except SswError as exc:
+                why = exc.message
+            if why is None:
+                await self._evict(plan.evict, spec.name, worker.gpus[0])
+                worker.marks["placed"] = time.time()
+                self.table.move(worker, WorkerState.WAKING, f"woken for {spec.name}'s requests")
+        if why is not None:
+            log.warning("%s: cannot wake where it sleeps (%s): stopping it; %s loads cold", worker.unit, why, spec.name)
+            await self.retire(worker, f"no room to wake on GPU {worker.gpus[0]}: {why}")
+            return await self._start_replica(spec, worker.replica, gpu)
+        level = worker.sleep_level
+        try:
+            await self._wait_released(self.table.leaving_on(worker.gpus))
+            async with contextlib.AsyncExitStack() as stack:
+                for g in sorted(worker.gpus):
+                    await stack.enter_async_context(self._device_locks.setdefault(g, asyncio.Lock()))
+                worker.marks["evicted"] = time.time()
+                started = time.monotonic()
+                failure = await self.probes.wake(worker.socket, self.cfg.workers.wake_timeout_s)
+                if failure is None and worker.canary:
+                    result, detail = await self.probes.canary(worker.socket, worker.model)
+                    if result is Canary.FAILED:
+                        failure = f"the 1-token canary after the wake failed: {detail}"
+                    elif result is Canary.NOT_APPLICABLE:
+                        worker.canary = False
+                if failure is not None:
+                    raise LoadFailed(failure)
+                took = time.monotonic() - started
+        except LoadFailed as exc:
+            log.warning("%s: wake failed (%s): stopping it; %s loads cold", worker.unit, exc.message, spec.name)
+            if worker.state is WorkerState.WAKING:
+                self.table.move(worker, WorkerState.STOPPING, f"wake failed: {exc.message}; loading cold")
+            await self._stop_unit(worker)
+            return await self._start_replica(spec, worker.replica, gpu)
+        except BaseException as exc:
+            await self._abandon(worker, exc)
+            raise
+        worker.marks["healthy"] = time.time()
+        worker.sleep_level = 0
+        worker.check_failures.clear()
+        self.table.move(
+            worker,
+            WorkerState.READY,
+            f"awake after {took:.2f} s from sleep level {level or '?'}" + (", canary passed" if worker.canary else ""),
+        )
+        self._spawn(self._describe(worker, "awake"))
+        worker.last_used = time.time()  # just asked for: not the next victim, not idle
+        if level:
+            await self.store.record_wake(spec.name, level, took)
+        return worker
+
+    async def _idle_loop(self) -> None:
+        """Workers of models with idle_ttl_s sleep (or stop) once idle that long."""
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            now = time.time()
+            for worker in self.table:
+                spec = self.registry.models.get(worker.model)
+                if spec is None or spec.idle_ttl_s is None or worker.state is not WorkerState.READY:
+                    continue
+                idle_since = max(worker.last_used, worker.state_since)
+                if worker.retirement is not None or now - idle_since < spec.idle_ttl_s:
+                    continue
+                if spec.pinned and not worker.sleep_mode:
+                    continue  # pinned models stay up; they may only sleep when models.yaml says so
+                choice = await self._tier_for(worker)
+                idle = f"idle {now - idle_since:.0f} s (idle_ttl_s {spec.idle_ttl_s:g})"
+                self.retire(worker, f"{idle}; {_tier_text(choice)}", choice.level)
 
     async def _drain(self, worker: Worker) -> str:
         limit = self.cfg.workers.drain_timeout_s
@@ -708,7 +966,7 @@ class Supervisor:
             if not in_flight:  # 0, or it cannot even say: nothing to wait for
                 quiet_since = quiet_since if quiet_since is not None else now
                 if now - quiet_since >= DRAIN_SETTLE_S:
-                    return "drained"
+                    return DRAINED
             else:
                 quiet_since = None
             with contextlib.suppress(TimeoutError):
@@ -733,6 +991,11 @@ class Supervisor:
         if workers:
             await asyncio.gather(*(asyncio.shield(w.done) for w in workers))
 
+    async def _wait_released(self, workers: list[Worker]) -> None:
+        """Until each worker gave its GPU memory back: asleep (seen freed) or gone."""
+        if workers:
+            await asyncio.gather(*(w.released.wait() for w in workers))
+
     async def unload(self, model: str) -> list[str]:
         """Cancel the model's load or retry, and retire its workers; answers once they are gone."""
         rec = self.loads.get(model)
@@ -746,8 +1009,10 @@ class Supervisor:
         if not workers and not pending:
             raise WorkerNotFound(f"model '{model}' is not loaded")
         for worker in workers:
-            if worker.state in LIVE:
+            if worker.state in LIVE or worker.state in ASLEEP:
                 self.retire(worker, "unload requested")
+            elif worker.state is WorkerState.DRAINING and worker.sleep_level:
+                worker.sleep_level = 0  # unloaded while draining to sleep: stopped instead
         await self._wait_gone(workers)
         return [w.unit for w in workers]
 
@@ -758,6 +1023,19 @@ def _remove_dir(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.chown(path, 0, 0)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _tier_text(choice: tiers.Choice) -> str:
+    how = {"sleep1": "to sleep at level 1", "sleep2": "to sleep at level 2", "stop": "to stop"}[choice.tier]
+    return f"{how}: {choice.reason}"
+
+
+async def _quiet(call: Awaitable[T]) -> T | None:
+    """A D-Bus read whose failure only costs a figure."""
+    try:
+        return await call
+    except SswError:
+        return None
 
 
 def _log_crash(task: asyncio.Task[Any]) -> None:

@@ -195,6 +195,10 @@ class Systemd:
         if result not in ("done", "canceled"):
             raise SystemdError(f"stopping {name}: job {result}")
 
+    async def set_description(self, name: str, text: str) -> None:
+        """Change a running unit's description (what `systemctl status` shows), until it stops."""
+        await self._manager("SetUnitProperties", "sba(sv)", [name, True, [["Description", Variant("s", text)]]])
+
     async def kill(self, name: str, signal: int) -> None:
         await self._manager("KillUnit", "ssi", [name, "all", signal])
 

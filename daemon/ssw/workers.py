@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import WorkerView
-from .lifecycle import LEAVING, LIVE, TERMINAL, IllegalTransition, WorkerState, check_worker_move
+from .lifecycle import ASLEEP, LEAVING, LIVE, TERMINAL, IllegalTransition, WorkerState, check_worker_move
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ class Worker:
     # Resolved when the worker leaves the table: None when it was asked to go,
     # else why it ended.
     done: asyncio.Future[str | None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Set once it no longer holds the GPU memory it is giving back: asleep, or gone.
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    sleep_mode: bool = False  # started with vLLM's sleep mode
+    sleep_level: int = 0  # the level it sleeps at (or is going to sleep at, while draining); 0: none
+    slept_at: float = 0.0  # wall time it fell asleep
+    ram_bytes: int | None = None  # its unit's MemoryCurrent, read while it sleeps
 
     @property
     def live(self) -> bool:
@@ -76,6 +82,9 @@ class Worker:
             unit_active=self.unit_seen_active,
             load_phases_s=load_phases(self.marks),
             load_marks={k: round(v, 4) for k, v in self.marks.items()},
+            sleep_mode=self.sleep_mode,
+            sleep_level=self.sleep_level or None if self.state is WorkerState.SLEEPING else None,
+            ram_bytes=self.ram_bytes,
         )
 
 
@@ -143,6 +152,9 @@ class WorkerTable:
     def leaving_on(self, gpus: tuple[int, ...]) -> list[Worker]:
         return [w for w in self._workers.values() if w.state in LEAVING and set(w.gpus) & set(gpus)]
 
+    def asleep(self, model: str | None = None) -> list[Worker]:
+        return [w for w in self._workers.values() if w.state in ASLEEP and (model is None or w.model == model)]
+
     def counts(self) -> dict[str, int]:
         out = {s.value: 0 for s in WorkerState if s not in TERMINAL}
         for w in self._workers.values():
@@ -173,6 +185,8 @@ class WorkerTable:
         worker.state = state
         worker.state_since = time.time()
         worker.state_reason = reason
+        if state in TERMINAL or (previous in LEAVING and state not in LEAVING):
+            worker.released.set()
         if state in TERMINAL:
             del self._workers[worker.unit]
             if not worker.done.done():

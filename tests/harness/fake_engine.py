@@ -11,6 +11,20 @@ knobs, as flags or SSW_FAKE_* environment variables:
                          a worker's private network namespace, for benchmarks that
                          compare going through a relay with going straight to it
 
+With --enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 it serves vLLM's sleep
+API: POST /sleep?level=N, POST /wake_up, GET /is_sleeping. A sleep with
+requests in flight fails (vLLM's engine crashes then: vLLM issue #28714). At
+level 1 the "weights" move into host RAM (SSW_FAKE_WEIGHTS_MB of real,
+resident memory, which the unit's MemoryCurrent shows); level 2 drops them.
+Sleeping takes SSW_FAKE_SLEEP_S, waking SSW_FAKE_WAKE_S (level 2: twice that).
+On a unix socket it reports the device memory it holds in a file next to the
+socket, `device-memory` (SSW_VRAM_BYTES while awake, SSW_FAKE_RESIDUAL_BYTES
+asleep), which ssw's simulated GPU source reads as NVML would measure a real
+process. Faults, for tests: SSW_FAKE_SLEEP_LEAK=1 keeps the memory after a
+sleep (vLLM issue #32714); POST /ssw-fake/fail-wake makes the next wake fail,
+POST /ssw-fake/break-on-wake makes it wake into an engine that cannot
+generate (wrong answers after a wake: vLLM issue #16234).
+
 Like vLLM it serves on --uds PATH (a unix socket) or --host/--port, reports
 the requests it holds as vllm:num_requests_running on /metrics, and on SIGTERM
 lets in-flight requests finish for --shutdown-timeout seconds. For tests,
@@ -56,6 +70,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fail", default=os.environ.get("SSW_FAKE_FAIL", ""))
     p.add_argument("--runner", default="auto")
     p.add_argument("--convert", default="auto")
+    p.add_argument("--enable-sleep-mode", action="store_true")
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -66,6 +81,65 @@ def make_app(args: argparse.Namespace) -> web.Application:
     delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
     stats = {"running": 0, "aborted": 0, "in_flight": 0}
     broken = {"generate": False}
+    sleep_api = args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
+    asleep: dict[str, object] = {"level": 0, "weights": None, "fail_wake": False, "break_on_wake": False}
+    memory_file = Path(args.uds).parent / "device-memory" if args.uds else None
+    budget = int(os.environ.get("SSW_VRAM_BYTES", "0"))
+    residual = int(os.environ.get("SSW_FAKE_RESIDUAL_BYTES", str(300 * 10**6)))
+    sleeps = {"count": 0, "in_flight_at_sleep": []}
+
+    def report_memory(value: int) -> None:
+        if memory_file is not None and budget:
+            tmp = memory_file.with_suffix(".tmp")
+            tmp.write_text(str(value))
+            tmp.replace(memory_file)
+
+    async def memory_once_loaded() -> None:
+        await asyncio.sleep(max(ready_at - time.monotonic(), 0))
+        report_memory(budget)
+
+    async def do_sleep(request: web.Request) -> web.Response:
+        level = int(request.query.get("level", "1"))
+        sleeps["in_flight_at_sleep"].append(stats["in_flight"])  # type: ignore[union-attr]
+        if stats["in_flight"]:
+            return error(500, f"EngineCore died: sleep with {stats['in_flight']} requests in flight")
+        await asyncio.sleep(float(os.environ.get("SSW_FAKE_SLEEP_S", "0.3")))
+        if level == 1:
+            # Resident, as pinned host memory is: every page written.
+            asleep["weights"] = b"\x01" * (int(os.environ.get("SSW_FAKE_WEIGHTS_MB", "0")) * 2**20)
+        asleep["level"] = level
+        sleeps["count"] += 1  # type: ignore[operator]
+        if os.environ.get("SSW_FAKE_SLEEP_LEAK") != "1":
+            report_memory(min(residual, budget))
+        return web.Response(status=200)
+
+    async def wake_up(_: web.Request) -> web.Response:
+        level = int(asleep["level"])  # type: ignore[call-overload]
+        if not level:
+            return web.Response(status=200)
+        await asyncio.sleep(float(os.environ.get("SSW_FAKE_WAKE_S", "0.5")) * level)
+        if asleep["fail_wake"]:
+            asleep["fail_wake"] = False
+            return error(500, "CUDA error: out of memory (fake engine failing its wake on purpose)")
+        asleep["level"], asleep["weights"] = 0, None
+        report_memory(budget)
+        if asleep["break_on_wake"]:
+            broken["generate"] = True
+        return web.Response(status=200)
+
+    async def is_sleeping(_: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": bool(asleep["level"])})
+
+    async def fail_wake(_: web.Request) -> web.Response:
+        asleep["fail_wake"] = True
+        return web.json_response({"ok": True})
+
+    async def break_on_wake(_: web.Request) -> web.Response:
+        asleep["break_on_wake"] = True
+        return web.json_response({"ok": True})
+
+    async def fake_sleeps(_: web.Request) -> web.Response:
+        return web.json_response({**sleeps, "level": asleep["level"]})
 
     def error(status: int, message: str) -> web.Response:
         return web.json_response(
@@ -89,6 +163,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def _generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if asleep["level"]:
+            return error(500, "the engine is sleeping (fake engine)")
         if broken["generate"]:
             return error(500, "EngineCore encountered an issue (fake engine broken on purpose)")
         if body.get("model") not in names:
@@ -234,6 +310,21 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/ssw-fake/stats", fake_stats)
     app.router.add_post("/ssw-fake/break", fake_break)
     app.router.add_get("/ssw-fake/seen", fake_seen)
+    app.router.add_get("/ssw-fake/sleeps", fake_sleeps)
+    app.router.add_post("/ssw-fake/fail-wake", fail_wake)
+    app.router.add_post("/ssw-fake/break-on-wake", break_on_wake)
+    if sleep_api:
+        sleep_routes = {
+            ("POST", "/sleep"): do_sleep,
+            ("POST", "/wake_up"): wake_up,
+            ("GET", "/is_sleeping"): is_sleeping,
+        }
+        routes = [(m, p, sleep_routes.get((m, p), h)) for m, p, h in routes]
+
+    async def on_startup(_: web.Application) -> None:
+        app["memory"] = asyncio.ensure_future(memory_once_loaded())
+
+    app.on_startup.append(on_startup)
     app.router.add_get("/openapi.json", openapi)
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
