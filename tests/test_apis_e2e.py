@@ -118,7 +118,6 @@ def test_models_say_what_each_can_serve_and_other_routes_are_a_clear_400(stack: 
     assert caps["ranker"] == {"classify", "pooling", "score", "rerank", "tokenize"}
     assert caps["labeler"] == {"classify", "pooling", "tokenize"}  # two labels: no scores
     assert caps["whisper"] == {"transcription", "translation", "tokenize"}
-    assert listed["whisper"]["ssw"]["capabilities_measured"] is False  # never ran: predicted
     for model, path, body in (
         ("embedder", "/v1/chat/completions", {"messages": CHAT}),
         ("alpha", "/v1/embeddings", {"input": "x"}),

@@ -169,11 +169,15 @@ def worker_unit(
         cache_directory=cache_directory(spec.name),
         devices=(*device_nodes, *NVIDIA_CONTROL_DEVICES) if device_nodes else (),
         limit_nofile=cfg.workers.limit_nofile,
-        private_tmp=not any(_in_tmp(arg) for arg in argv),
+        tmp_binds=tuple(sorted({d for arg in argv if (d := _tmp_root(arg))})),
     )
 
 
-def _in_tmp(arg: str) -> bool:
-    """Whether a path on the command line is under /tmp or /var/tmp, which a private
-    /tmp would hide from the worker (a checkout there, as CI may clone it)."""
-    return arg.startswith(("/tmp/", "/var/tmp/"))
+def _tmp_root(arg: str) -> str | None:
+    """The top directory under /tmp or /var/tmp of a path on the command line (a
+    checkout there, as CI may clone one), which the worker's private /tmp would
+    hide: it is bound into it read-only."""
+    for tmp in ("/tmp/", "/var/tmp/"):
+        if arg.startswith(tmp) and (top := arg[len(tmp) :].split("/", 1)[0]) not in ("", ".", ".."):
+            return tmp + top
+    return None

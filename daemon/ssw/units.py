@@ -124,7 +124,9 @@ class WorkerUnit:
     cache_directory: str  # under /var/cache, kept across restarts (compile caches)
     devices: tuple[str, ...] = ()  # device nodes it may open (its GPUs'); none on simulated hosts
     limit_nofile: int = 65536
-    private_tmp: bool = True  # off only when its own program lives under /tmp (engine.py)
+    # Directories under /tmp its program or model lives in (a checkout there), bound
+    # read-only into its private /tmp, which would hide them.
+    tmp_binds: tuple[str, ...] = ()
 
     def properties(self) -> list[tuple[str, tuple[str, object]]]:
         """The a(sv) list for StartTransientUnit."""
@@ -170,7 +172,8 @@ class WorkerUnit:
             # torch.compile need writable-executable memory, so no MemoryDenyWriteExecute).
             ("ProtectSystem", ("s", "strict")),
             ("ProtectHome", ("s", "read-only")),
-            ("PrivateTmp", ("b", self.private_tmp)),
+            ("PrivateTmp", ("b", True)),
+            ("BindReadOnlyPaths", ("a(ssbt)", [(path, path, False, 0) for path in self.tmp_binds])),
             ("NoNewPrivileges", ("b", True)),
             ("ProtectKernelTunables", ("b", True)),
             ("ProtectKernelModules", ("b", True)),

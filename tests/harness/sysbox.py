@@ -11,6 +11,7 @@ is reachable from outside.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -114,6 +115,9 @@ class SysBox:
                 self._launcher.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._launcher.kill()
+                # Reaped here, or a still running Popen is collected during a later test.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._launcher.wait(timeout=30)
             if self._launcher.stderr is not None:
                 self._launcher.stderr.close()
         deadline = time.monotonic() + 30

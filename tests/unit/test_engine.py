@@ -88,13 +88,16 @@ def test_tensor_parallel_workers_see_all_their_gpus() -> None:
     assert "--tensor-parallel-size 2" in " ".join(unit.argv)
 
 
-def test_a_worker_gets_a_private_tmp_unless_its_program_lives_there() -> None:
+def test_a_worker_gets_a_private_tmp_that_still_shows_a_program_living_there() -> None:
     unit = worker_unit(Config(), spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None)
-    assert unit.private_tmp and dict(unit.properties())["PrivateTmp"] == ("b", True)
-    # A checkout under /tmp (as CI may clone one): a private /tmp would hide its Python.
+    props = dict(unit.properties())
+    assert props["PrivateTmp"] == ("b", True) and props["BindReadOnlyPaths"] == ("a(ssbt)", [])
+    # A checkout under /tmp (as CI may clone one): its directory is bound into the private /tmp.
     cfg = Config.model_validate({"vllm": {"python": "/tmp/ci/.venvs/vllm/bin/python"}})
     unit = worker_unit(cfg, spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None)
-    assert not unit.private_tmp and dict(unit.properties())["PrivateTmp"] == ("b", False)
+    props = dict(unit.properties())
+    assert props["PrivateTmp"] == ("b", True)
+    assert props["BindReadOnlyPaths"] == ("a(ssbt)", [("/tmp/ci", "/tmp/ci", False, 0)])
 
 
 def test_runner_and_convert_reach_vllm_and_generative_workers_keep_responses() -> None:
