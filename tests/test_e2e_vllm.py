@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, http_in_background, wait_for, worker_http
+from tests.harness.stack import REPO, WORK_ROOT, http, http_in_background, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
@@ -27,7 +27,16 @@ CHAT = [{"role": "user", "content": "Say something."}]
 
 @pytest.fixture(scope="module")
 def stack(sysbox: SysBox, tiny_model: Path) -> Iterator[Stack]:
-    models = {"tiny": {"path": tiny_model.name, "aliases": ["light"], "vram_gb": 2}}
+    models = {
+        "tiny": {"path": tiny_model.name, "aliases": ["light"], "vram_gb": 2, "gpus": [0]},
+        # The fake engine, sized to take GPU 0 from tiny: an eviction of real vLLM.
+        "filler": {
+            "path": tiny_model.name,
+            "vram_gb": 47,
+            "gpus": [0],
+            "python": str(REPO / "tests/harness/fake-python"),
+        },
+    }
     s = start_stack(sysbox, WORK_ROOT / f"vllm-stack-{id(sysbox)}", tiny_model.parent, models, "vllm")
     started = time.monotonic()
     status, _, body = http("POST", s.admin + "/load", {"model": "tiny"}, timeout=600)
@@ -53,7 +62,7 @@ def client(stack: Stack) -> openai.OpenAI:
 
 def test_list_models(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {"tiny", "light"}
+    assert set(models) == {"tiny", "light", "filler"}
     assert models["tiny"].model_extra["ssw"]["state"] == "ready"
     assert models["light"].model_extra["ssw"]["alias_of"] == "tiny"
 
@@ -161,6 +170,21 @@ def test_gateway_and_loader_restarts_keep_the_model_loaded(stack: Stack, client:
     assert client.chat.completions.create(model="light", messages=CHAT, max_tokens=4).model == "tiny"
     # Same process all along: nothing was reloaded.
     assert stack.unit_show(unit, "MainPID")["MainPID"] == pid
+
+
+def test_real_vllm_on_the_cpu_is_stopped_not_slept_when_evicted(stack: Stack) -> None:
+    worker = tiny(stack)
+    # vLLM on the CPU refuses --enable-sleep-mode: sleep: auto leaves it off there.
+    props = stack.unit_show(worker["unit"], "ExecStart", "Environment")
+    assert "--enable-sleep-mode" not in props["ExecStart"]
+    assert "SSW_SLEEP=0" in props["Environment"] and "VLLM_SERVER_DEV_MODE" not in props["Environment"]
+    status, _, body = http("POST", stack.admin + "/load", {"model": "filler"}, timeout=120)
+    assert status == 200, body
+    wait_for(lambda: not [w for w in stack.status()["workers"] if w["model"] == "tiny"], 60, "tiny to be evicted")
+    assert stack.box.systemctl("is-active", worker["unit"]).stdout.strip() == "inactive"
+    assert f"{worker['unit']}: ready -> draining (evicted to make room for filler" in stack.loader.log()
+    assert "to stop: sleep mode is off for this model" in stack.loader.log()
+    http("POST", stack.admin + "/unload", {"model": "filler"}, timeout=120)
 
 
 def test_unload_stops_the_real_worker_and_removes_its_socket(stack: Stack) -> None:

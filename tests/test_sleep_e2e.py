@@ -10,6 +10,7 @@ evicts the other. GPU 1 holds the preloaded model.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, http_in_background, wait_for, worker_http
+from tests.harness.stack import SSW_VENV, WORK_ROOT, http, http_in_background, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -117,6 +118,11 @@ def test_an_evicted_model_sleeps_and_wakes_for_its_next_request(stack: Stack) ->
     metrics = http("GET", stack.admin + "/metrics")[2]
     assert 'ssw_workers{state="sleeping"} 1.0' in metrics
     assert worker_http(a["socket"], "GET", "/is_sleeping")[1] == {"is_sleeping": True}
+    cli = subprocess.run(
+        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "status"], capture_output=True, text=True
+    )
+    assert cli.returncode == 0 and f"{a['unit']}: sleeping on GPU 0" in cli.stdout
+    assert "asleep at level 1" in cli.stdout
     # Its host memory is read from its cgroup: the weights it keeps, resident.
     wait_for(lambda: (workers(stack, "a")[0]["ram_bytes"] or 0) > WEIGHTS_MB * 2**20, 10, "its MemoryCurrent")
 

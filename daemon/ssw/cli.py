@@ -158,6 +158,8 @@ def _print_status(st: Status) -> None:
             f"  {w.unit}: {w.state.value} on GPU {gpus} for {w.state_for_s:.0f} s, budget {_gb(w.vram_budget_bytes)}, "
             f"measured {_gb(w.vram_measured_bytes)}, up {w.uptime_s:.0f} s, idle {w.idle_s:.0f} s"
             + (", pinned" if w.pinned else "")
+            + (f", asleep at level {w.sleep_level or '?'}" if w.state == "sleeping" else "")
+            + (f", host memory {_gb(w.ram_bytes)}" if w.state == "sleeping" and w.ram_bytes else "")
         )
         if w.state_reason:
             print(f"    {w.state_reason}")
