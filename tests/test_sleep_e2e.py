@@ -10,6 +10,7 @@ evicts the other. GPU 1 holds the preloaded model.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -17,9 +18,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
-from tests.harness.stack import SSW_VENV, WORK_ROOT, http, http_in_background, wait_for, worker_http
+from tests.harness.stack import SSW_VENV, WORK_ROOT, RedisServer, http, http_in_background, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -50,20 +52,48 @@ def models() -> dict[str, Any]:
         "nap": {**sleeper(), "idle_ttl_s": 2},
         "quit": {"path": "m", "vram_gb": 2, "gpus": [1], "idle_ttl_s": 2},
         "pre": {"path": "m", "vram_gb": 2, "gpus": [1], "preload": True},
+        # Prewarmed from the request records seeded in Redis before the loader starts.
+        "hot": {"path": "m", "vram_gb": 2, "gpus": [1]},
+        "warm": {"path": "m", "vram_gb": 2, "gpus": [1]},
+        "hugehot": {"path": "m", "vram_gb": 9, "gpus": [1]},  # most requested, but no room without evicting
+        "failing": {"path": "m", "vram_gb": 1, "gpus": [1]},  # requested, never served
     }
+
+
+SEEDED = {"hugehot": (9, 200), "hot": (5, 200), "warm": (2, 200), "failing": (4, 503)}
+
+
+def seed_request_records(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    now = time.time()
+    # Older than prewarm_hours: does not count (stream IDs are times, and increase).
+    client.xadd("ssw:requests", {"r": json.dumps({"model": "c", "status": 200})}, id=f"{int((now - 7200) * 1000)}-0")
+    for model, (n, status) in SEEDED.items():
+        for i in range(n):
+            record = {"ts": now - 600 - i, "model": model, "status": status, "error": "" if status < 400 else "x"}
+            client.xadd("ssw:requests", {"r": json.dumps(record)})
+    client.close()
 
 
 @pytest.fixture(scope="module")
-def stack(sysbox: SysBox) -> Iterator[Stack]:
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(WORK_ROOT / "redis-sleep").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(sysbox: SysBox, redis_server: RedisServer) -> Iterator[Stack]:
     models_dir = WORK_ROOT / f"sleep-models-{id(sysbox)}"
     make_model_dir(models_dir / "m", QWEN2_CONFIG)
+    seed_request_records(redis_server.url)
     extra = {
         "gpus": {"source": "simulated", "simulated": [{"memory_gb": 10}, {"memory_gb": 10}]},
-        "placement": {"runtime_overhead_gb": 0, "sleep_ram_gb": 0.3},
+        "placement": {"runtime_overhead_gb": 0, "sleep_ram_gb": 0.3, "prewarm_hours": 1},
         "workers": {"freed_timeout_s": 2, "sleep_residual_gb": 0.5},
         "vllm": {"shutdown_timeout_s": 5},
     }
-    s = start_stack(sysbox, WORK_ROOT / f"sleep-{id(sysbox)}", models_dir, models(), "fake", extra)
+    s = start_stack(sysbox, WORK_ROOT / f"sleep-{id(sysbox)}", models_dir, models(), "fake", extra, redis_server.url)
     yield s
     stop_stack(s)
 
@@ -253,3 +283,15 @@ def test_waiters_for_a_sleeping_model_are_all_served_by_one_wake(stack: Stack) -
     assert results == [200] * 10
     assert stack.loader.log().count(f"{a['unit']}: sleeping -> waking") == wakes_before + 1
     assert workers(stack, "a")[0]["unit"] == a["unit"]  # woken, never started twice
+
+
+def test_the_models_most_requested_lately_are_prewarmed_where_free_memory_holds_them(stack: Stack) -> None:
+    wait_for(lambda: state_of(stack, "hot") == "ready" and state_of(stack, "warm") == "ready", 30, "prewarm")
+    log = stack.loader.log()
+    assert "model hot: load idle -> loading (prewarm: 5 requests served in the last 1 h)" in log
+    assert "model warm: load idle -> loading (prewarm: 2 requests served in the last 1 h)" in log
+    # Most requested, but GPU 1 has no room for it without evicting: left alone.
+    assert "prewarm: hugehot not loaded: hugehot: needs 9.0 GB on one GPU" in log
+    assert not workers(stack, "hugehot") and not workers(stack, "failing")  # errors only: not prewarmed
+    assert state_of(stack, "pre") == "ready" and "to make room for hugehot" not in log
+    assert "model c: load idle -> loading (prewarm" not in log  # its requests are older than the window

@@ -234,6 +234,12 @@ class PlacementSettings(_Section):
         description="Host memory sleeping workers may hold in all (cgroup MemoryCurrent), in GB; past it the "
         "least recently used sleeper is stopped. None: sleep_ram_fraction of the host's memory.",
     )
+    prewarm_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="When the loader starts, load the models most requested in this many past hours (request "
+        "records in Redis), most requested first, as long as they fit in free VRAM; never evicts. 0: off.",
+    )
     sleep_ram_fraction: float = Field(
         default=0.5, ge=0, le=1, description="The sleepers' host memory budget as a fraction of the host's memory."
     )

@@ -18,12 +18,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from . import __version__, auth, http_errors, journal, redis_sink
+from . import __version__, auth, http_errors, journal, redis_sink, tiers
 from .capabilities import predict
 from .config import Config
 from .contract import GpuView, LoadAccepted, ModelStatus, ModelView, Snapshot, Status
 from .errors import MetricsUnavailable, ModelNotFound, SswError
 from .gpus import GpuInfo, GpuSource
+from .lifecycle import WorkerState
 from .prom import CONTENT_TYPE, LoaderMetrics
 from .registry import ModelSpec, Registry, scan, valid_name
 from .routes import families_of_paths
@@ -65,6 +66,7 @@ class Loader:
         )
         self.manager.on_load_result = self._load_result
         self._sampler: asyncio.Task[None] | None = None
+        self._prewarm_task: asyncio.Task[None] | None = None
         self._redis_warned = 0.0
         self._last_scan = time.monotonic()
         # Set on shutdown so the open event streams end and the server can stop.
@@ -90,15 +92,39 @@ class Loader:
         await self.manager.start()
         self.latest_gpus = await self.manager.gpu_snapshot()
         self._sampler = asyncio.create_task(self._sample_gpus())
+        started: list[asyncio.Future[Any]] = []
         for spec in self.registry.models.values():
             if spec.pinned or spec.preload:
                 why = "pinned" if spec.pinned else "preload"
                 try:
-                    self.manager.load(spec, reason=f"{why}: loaded at start")
+                    started.append(self.manager.load(spec, reason=f"{why}: loaded at start"))
                 except SswError as exc:
                     log.error("%s model %s: %s", why, spec.name, exc.message)
+        if self.cfg.placement.prewarm_hours > 0:
+            self._prewarm_task = asyncio.create_task(self._prewarm(started))
+
+    async def _prewarm(self, first: list[asyncio.Future[Any]]) -> None:
+        """After the pinned and preloaded models, the ones most requested lately, one at a
+        time, each only where free VRAM holds it (nothing is evicted for a guess)."""
+        await asyncio.gather(*first, return_exceptions=True)
+        hours = self.cfg.placement.prewarm_hours
+        try:
+            served = await redis_sink.served_counts(self.redis, "ssw:", hours * 3600)
+        except (RedisError, OSError) as exc:
+            log.warning("prewarm skipped: the request records in Redis cannot be read: %s", exc)
+            return
+        up = {w.model for w in self.manager.table if w.state is not WorkerState.FAILED}
+        for name in tiers.prewarm_order(served, set(self.registry.models) - up):
+            spec = self.registry.models[name]
+            reason = f"prewarm: {served[name]} requests served in the last {hours:g} h"
+            try:
+                await self.manager.load(spec, reason=reason, evict=False)
+            except SswError as exc:
+                log.info("prewarm: %s not loaded: %s", name, exc.message)
 
     async def close(self) -> None:
+        if self._prewarm_task is not None:
+            self._prewarm_task.cancel()
         if self._sampler is not None:
             self._sampler.cancel()
         await self.manager.close()

@@ -171,6 +171,24 @@ def _percentile(values: list[float], p: float) -> float | None:
     return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 2)
 
 
+async def served_counts(redis: aioredis.Redis, prefix: str, window_s: float) -> dict[str, int]:
+    """Requests served (status below 400) per model within the window."""
+    start_ms = int((time.time() - window_s) * 1000)
+    entries = cast(
+        "list[tuple[str, dict[str, str]]]",
+        await redis.xrange(prefix + REQUESTS_KEY, min=str(start_ms), max="+", count=1_000_000),
+    )
+    counts: collections.Counter[str] = collections.Counter()
+    for _id, entry in entries:
+        try:
+            f = orjson.loads(entry["r"])
+            if int(f["status"]) < 400 and isinstance(f["model"], str):
+                counts[f["model"]] += 1
+        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
+            continue  # not a record of this version
+    return dict(counts)
+
+
 async def request_stats(redis: aioredis.Redis, prefix: str, window_s: float) -> dict[str, Any]:
     """Per model: count, errors, error rate, latency and TTFT percentiles, tokens per second."""
     start_ms = int((time.time() - window_s) * 1000)

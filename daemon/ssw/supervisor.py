@@ -341,9 +341,12 @@ class Supervisor:
 
     # --- loading ----------------------------------------------------------------------
 
-    def load(self, spec: ModelSpec, gpu: int | None = None, reason: str = "requested") -> asyncio.Future[list[Worker]]:
+    def load(
+        self, spec: ModelSpec, gpu: int | None = None, reason: str = "requested", evict: bool = True
+    ) -> asyncio.Future[list[Worker]]:
         """Bring the model's replicas up: one load per model however often it is asked
-        (single flight), never before a backoff ends, never during a cooldown."""
+        (single flight), never before a backoff ends, never during a cooldown; with
+        ``evict`` off, only where free memory holds it."""
         rec = self.loads.get(spec.name)
         if rec.state in (LoadState.LOADING, LoadState.BACKING_OFF) and rec.task is not None:
             return rec.task
@@ -355,10 +358,10 @@ class Supervisor:
         if rec.state is LoadState.COOLING_DOWN:
             raise LoadFailed.cooling_down(spec.name, rec.seconds_left(), rec.last_error or rec.reason)
         self.loads.move(rec, LoadState.LOADING, reason)
-        rec.task = self._spawn(self._load(spec, gpu))
+        rec.task = self._spawn(self._load(spec, gpu, evict))
         return rec.task
 
-    async def _load(self, spec: ModelSpec, gpu: int | None = None) -> list[Worker]:
+    async def _load(self, spec: ModelSpec, gpu: int | None = None, evict: bool = True) -> list[Worker]:
         rec = self.loads.get(spec.name)
         rec.died_during_load = 0
         live = self.table.live(spec.name)
@@ -366,7 +369,7 @@ class Supervisor:
         # A replica that sleeps is woken rather than started again.
         asleep = {w.replica: w for w in self.table.asleep(spec.name) if w.replica not in have}
         jobs: list[Awaitable[Worker]] = [
-            self._wake(spec, asleep[r], gpu) if r in asleep else self._start_replica(spec, r, gpu)
+            self._wake(spec, asleep[r], gpu) if r in asleep else self._start_replica(spec, r, gpu, evict)
             for r in range(1, spec.replicas + 1)
             if r not in have
         ]
@@ -436,7 +439,7 @@ class Supervisor:
         units = await self.systemd.list_units(UNIT_GLOB)
         return {u.name for u in units if (parsed := parse_unit_name(u.name)) and parsed[0] == model}
 
-    async def _start_replica(self, spec: ModelSpec, replica: int, gpu: int | None = None) -> Worker:
+    async def _start_replica(self, spec: ModelSpec, replica: int, gpu: int | None = None, evict: bool = True) -> Worker:
         need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
         allowed = (gpu,) if gpu is not None else (spec.gpus[(replica - 1) % len(spec.gpus)],) if spec.gpus else None
         requested = self.loads.get(spec.name).since
@@ -448,7 +451,7 @@ class Supervisor:
                 plan = place(
                     need,
                     self.device_views(gpus),
-                    self._residents(gpus),
+                    self._residents(gpus) if evict else [],
                     self.cfg.placement.policy,
                     allowed,
                     self.cfg.placement.tensor_parallel,

@@ -99,3 +99,9 @@ def ram_budget(configured_gb: float | None, fraction: float, host_total_bytes: i
     if configured_gb is not None:
         return int(configured_gb * 1e9)
     return int(host_total_bytes * fraction)
+
+
+def prewarm_order(served: dict[str, int], candidates: set[str]) -> list[str]:
+    """The candidates (models not yet up) that were served, most requested first;
+    the name breaks ties, so the order is the same on every boot."""
+    return sorted((m for m in served if m in candidates and served[m] > 0), key=lambda m: (-served[m], m))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssw.tiers import Choice, Sleeper, Victim, choose, freed, over_budget, ram_budget
+from ssw.tiers import Choice, Sleeper, Victim, choose, freed, over_budget, prewarm_order, ram_budget
 
 GB = 10**9
 
@@ -85,3 +85,10 @@ def test_the_budget_is_configured_or_a_fraction_of_host_memory() -> None:
     assert ram_budget(12.5, 0.5, 64 * GB) == int(12.5 * GB)
     assert ram_budget(None, 0.5, 64 * GB) == 32 * GB
     assert ram_budget(0, 0.5, 64 * GB) == 0
+
+
+def test_prewarm_takes_the_most_requested_models_not_yet_up() -> None:
+    served = {"a": 3, "b": 9, "c": 3, "d": 0, "gone": 50}
+    assert prewarm_order(served, {"a", "b", "c", "d"}) == ["b", "a", "c"]
+    assert prewarm_order(served, {"a"}) == ["a"]
+    assert prewarm_order({}, {"a"}) == []
