@@ -10,7 +10,13 @@
 2. swap: the same for a model that fits only after an eviction; the eviction
    (stopping the least recently used worker) is part of its placement phase.
    The cold model must be loaded and the swap model must not fit beside it.
-3. waiters: the model is unloaded and N clients ask for it at once (one token
+3. swap back (--swap-back): a request for the cold model again, which the
+   swap evicted: with sleep mode it sleeps, and this times its wake (the swap
+   model giving way, the wake, the 1-token canary); without, a cold start.
+4. --cold-cache clear: the cold model's compile caches (/var/cache/ssw/<model>)
+   are removed first, so the cold load is a first start on this host; run it
+   once with clear and once with keep to see what the caches save.
+5. waiters: the model is unloaded and N clients ask for it at once (one token
    each); reported is the time from the worker being healthy to the last
    client's answer.
 
@@ -28,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -37,6 +44,8 @@ from typing import Any
 import admin_api
 import aiohttp
 import targets
+
+from ssw.engine import cache_directory
 
 WAIT = {"X-SSW-Wait": "true"}
 
@@ -165,6 +174,32 @@ async def waiters(stack: Stack, model: str, n: int) -> dict[str, Any]:
     }
 
 
+async def swap_back(stack: Stack, model: str) -> dict[str, Any]:
+    """A request for a model that gave way to the swap: woken if it sleeps, else loaded cold."""
+    slept = [w for w in await stack.workers(model) if w["state"] == "sleeping"]
+    if not slept:
+        result = await timed_load(stack, model)
+        result["tier"] = "stopped"
+        return result
+    sent, first = await stack.first_token(stack.url, model, {**stack.public_headers, **WAIT})
+    worker = next(w for w in await stack.workers(model) if w["unit"] == slept[0]["unit"])
+    marks = worker["load_marks"]
+    return {
+        "model": model,
+        "unit": worker["unit"],
+        "tier": f"sleeping (level {slept[0]['sleep_level']})",
+        "to_first_token_s": round(first - sent, 3),
+        "phases_s": {
+            "request_to_loader": round(marks["requested"] - sent, 3),
+            "placement": round(marks["placed"] - marks["requested"], 3),
+            # The swap model draining, going to sleep and its memory seen free.
+            "eviction": round(marks["evicted"] - marks["placed"], 3),
+            "wake_and_canary": round(marks["healthy"] - marks["evicted"], 3),
+            "first_token": round(first - marks["healthy"], 3),
+        },
+    }
+
+
 def show(title: str, r: dict[str, Any]) -> None:
     print(f"{title}: {r['model']} ({r['unit']}): first token after {r['to_first_token_s']:.2f} s")
     for phase, s in r["phases_s"].items():
@@ -187,6 +222,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for model in (args.cold, args.swap):
                 if model:
                     await stack.unload(model)
+            if args.cold_cache == "clear":
+                cache = Path(args.worker_root) / "var/cache" / cache_directory(args.cold).lstrip("/")
+                shutil.rmtree(cache, ignore_errors=True)
+                print(f"cold load with no compile cache ({cache} removed)")
             report["cold"] = await timed_load(stack, args.cold)
             show("cold load", report["cold"])
         if args.swap:
@@ -200,6 +239,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             show(f"swap ({evicted} eviction{'s' if evicted != 1 else ''})", report["swap"])
             if not evicted:
                 print("  note: nothing was evicted; the swap model fit beside the cold one")
+        if args.swap_back:
+            back = report["swap_back"] = await swap_back(stack, args.cold)
+            print(f"swap back: {back['model']} ({back['tier']}): first token after {back['to_first_token_s']:.2f} s")
+            for phase, s in back["phases_s"].items():
+                print(f"  {phase:<18} {s:8.3f} s")
         if args.waiters:
             model = args.waiters_model or args.cold or args.swap
             if not model:
@@ -227,6 +271,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     targets.add_arguments(p)
     p.add_argument("--cold", help="model to load from nothing")
     p.add_argument("--swap", help="model that fits only by evicting --cold")
+    p.add_argument("--swap-back", action="store_true", help="then ask for --cold again (woken if it sleeps)")
+    p.add_argument("--cold-cache", choices=("keep", "clear"), default="keep", help="clear: remove its compile caches")
     p.add_argument("--waiters", type=int, default=0, help="clients waiting on one load")
     p.add_argument("--waiters-model", help="model the waiters ask for (default: --cold)")
     p.add_argument("--max-tokens", type=int, default=8)

@@ -38,6 +38,9 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
         "swap": slow,
         "paced": paced,
         "relay": relay,
+        # The warm tier: one evicts the other, which sleeps.
+        "sleepy-a": {**slow, "sleep": True},
+        "sleepy-b": {**slow, "sleep": True},
     }
     s = start_stack(sysbox, WORK_ROOT / f"bench-{id(sysbox)}", models_root, models, "fake")
     assert http("POST", s.admin + "/load", {"model": "alpha"})[0] == 200
@@ -180,6 +183,33 @@ def test_loads_bench_times_a_cold_load_a_swap_and_waiters(stack: Stack, tmp_path
     waiters = figures["waiters"]
     assert (waiters["clients"], waiters["served"], waiters["errors"]) == (50, 50, [])
     assert waiters["healthy_to_last_answer_s"] >= waiters["healthy_to_first_answer_s"] >= 0
+
+
+def test_loads_bench_times_a_swap_back_to_a_sleeping_model(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "loads.json"
+    printed = bench(
+        "loads.py",
+        "--url",
+        stack.public,
+        *admin(stack),
+        "--worker-root",
+        str(stack.box.root),
+        "--cold",
+        "sleepy-a",
+        "--cold-cache",
+        "clear",
+        "--swap",
+        "sleepy-b",
+        "--swap-back",
+        "--json",
+        str(out),
+    )
+    assert "cold load with no compile cache" in printed and "ssw/sleepy\\x2da removed" in printed
+    back = json.loads(out.read_text())["swap_back"]
+    assert back["tier"] == "sleeping (level 1)" and back["unit"] == "ssw-worker@sleepy-a.service"
+    assert list(back["phases_s"]) == ["request_to_loader", "placement", "eviction", "wake_and_canary", "first_token"]
+    assert back["phases_s"]["wake_and_canary"] >= 0.5  # the fake engine's wake
+    assert back["to_first_token_s"] == pytest.approx(sum(back["phases_s"].values()), abs=0.01)
 
 
 def test_gateway_memory_bench_holds_connections_and_waiters(stack: Stack, tmp_path: Path) -> None:
