@@ -133,8 +133,8 @@ def test_models_say_what_each_can_serve_and_other_routes_are_a_clear_400(stack: 
 
 def test_capabilities_are_measured_once_a_worker_ran(stack: Stack, keys: dict[str, str]) -> None:
     stack.load("embedder")
-    # Noted just after the worker became ready.
-    wait_for(lambda: stack.status()["models"]["embedder"]["capabilities_measured"], 10, "the measured routes")
+    # Asked of the worker a few seconds after it became ready (not while waiters arrive).
+    wait_for(lambda: stack.status()["models"]["embedder"]["capabilities_measured"], 30, "the measured routes")
     facts = json.loads((stack.dir / "state" / "models.json").read_text())["models"]["embedder"]
     assert "/v1/embeddings" in facts["routes"] and "/v1/chat/completions" not in facts["routes"]
 

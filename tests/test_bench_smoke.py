@@ -204,7 +204,7 @@ def test_loads_bench_times_a_swap_back_to_a_sleeping_model(stack: Stack, tmp_pat
         "--json",
         str(out),
     )
-    assert "cold load with no compile cache" in printed and "ssw/sleepy\\x2da removed" in printed
+    assert "cold load with no compile cache" in printed and "ssw/sleepy-a removed" in printed
     back = json.loads(out.read_text())["swap_back"]
     assert back["tier"] == "sleeping (level 1)" and back["unit"] == "ssw-worker@sleepy-a.service"
     assert list(back["phases_s"]) == ["request_to_loader", "placement", "eviction", "wake_and_canary", "first_token"]

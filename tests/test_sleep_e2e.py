@@ -295,3 +295,17 @@ def test_the_models_most_requested_lately_are_prewarmed_where_free_memory_holds_
     assert not workers(stack, "hugehot") and not workers(stack, "failing")  # errors only: not prewarmed
     assert state_of(stack, "pre") == "ready" and "to make room for hugehot" not in log
     assert "model c: load idle -> loading (prewarm" not in log  # its requests are older than the window
+
+
+def test_a_restarted_loader_adopts_a_sleeper_as_asleep_and_wakes_it(stack: Stack) -> None:
+    a = stack.load("a")["workers"][0]
+    pid = main_pid(stack, a["unit"])
+    stack.load("b")
+    asleep(stack, "a")
+    stack.loader.stop()
+    stack.restart(stack.loader)
+    adopted = workers(stack, "a")[0]
+    assert adopted["state"] == "sleeping" and adopted["adopted"] and adopted["state_reason"] == "adopted asleep"
+    status, _, body = chat(stack, "a")
+    assert status == 200 and body["model"] == "a"
+    assert workers(stack, "a")[0]["state"] == "ready" and main_pid(stack, a["unit"]) == pid

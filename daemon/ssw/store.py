@@ -54,6 +54,23 @@ class FactStore:
         times = [t for v in lists if isinstance(v, list) for t in v if isinstance(t, (int, float))]
         return float(statistics.median(times)) if times else None
 
+    async def record(self, model: str, vram_bytes: int | None, load_seconds: float) -> None:
+        async with self._lock:
+            entry = self._facts.setdefault(model, {})
+            if vram_bytes:
+                entry["vram_bytes"] = vram_bytes
+            entry["load_seconds"] = [*entry.get("load_seconds", []), round(load_seconds, 2)][-KEEP_LOAD_TIMES:]
+            entry["updated_at"] = time.time()
+            await self._save()
+
+    async def record_routes(self, model: str, fingerprint: str, routes: set[str]) -> None:
+        """The inference routes a worker of the model mounted, with the model's fingerprint."""
+        async with self._lock:
+            entry = self._facts.setdefault(model, {})
+            entry["routes_fingerprint"], entry["routes"] = fingerprint, sorted(routes)
+            entry["updated_at"] = time.time()
+            await self._save()
+
     async def record_wake(self, model: str, level: int, seconds: float) -> None:
         async with self._lock:
             entry = self._facts.setdefault(model, {})
@@ -84,24 +101,6 @@ class FactStore:
             "load_seconds": self.load_seconds(model),
             "wake_seconds": self.wake_seconds(model),
         }
-
-    async def record(
-        self,
-        model: str,
-        vram_bytes: int | None,
-        load_seconds: float,
-        routes: tuple[str, set[str]] | None = None,
-    ) -> None:
-        """``routes``: (the model's fingerprint, the inference routes its worker mounted)."""
-        async with self._lock:
-            entry = self._facts.setdefault(model, {})
-            if vram_bytes:
-                entry["vram_bytes"] = vram_bytes
-            entry["load_seconds"] = [*entry.get("load_seconds", []), round(load_seconds, 2)][-KEEP_LOAD_TIMES:]
-            if routes is not None:
-                entry["routes_fingerprint"], entry["routes"] = routes[0], sorted(routes[1])
-            entry["updated_at"] = time.time()
-            await self._save()
 
 
 class Retiring:

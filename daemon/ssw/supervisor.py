@@ -47,6 +47,7 @@ DRAIN_SETTLE_S = 0.5
 DRAIN_POLL_S = 0.2
 DRAINED = "drained"
 FREED_POLL_S = 0.25
+ROUTES_PROBE_DELAY_S = 5.0
 IDLE_CHECK_S = 1.0
 # On simulated GPUs a worker may say how much device memory it holds in this file
 # next to its socket (the fake engine does; NVML measures real GPUs for itself).
@@ -297,6 +298,9 @@ class Supervisor:
                 continue
             spec = self.registry.models.get(model)
             leaving = status.active_state == "deactivating"
+            sleep_mode = env.get(engine.ENV_SLEEP) == "1"
+            # vLLM says only that it sleeps, not at which level.
+            asleep = sleep_mode and not leaving and await self.probes.is_sleeping(socket) is True
             assert details is not None
             worker = Worker(
                 model=model,
@@ -305,21 +309,25 @@ class Supervisor:
                 socket=socket,
                 gpus=gpus,
                 budget_bytes=budget,
-                state=WorkerState.STOPPING if leaving else WorkerState.STARTING,
-                state_reason="its unit was stopping when the loader started" if leaving else "adopted",
+                state=WorkerState.STOPPING if leaving else WorkerState.SLEEPING if asleep else WorkerState.STARTING,
+                state_reason="its unit was stopping when the loader started"
+                if leaving
+                else "adopted asleep"
+                if asleep
+                else "adopted",
                 pinned=spec.pinned if spec else False,
                 started_at=details.active_enter_us / 1e6 if details.active_enter_us else time.time(),
                 adopted=True,
                 unit_seen_active=True,
+                sleep_mode=sleep_mode,
+                slept_at=time.time() if asleep else 0.0,
             )
-            worker.sleep_mode = env.get(engine.ENV_SLEEP) == "1"
+            if asleep:
+                worker.released.set()  # its GPU memory was given back before the restart
             self.table.add(worker, f"adopted (model {model}, GPU {env[engine.ENV_GPU]}, socket {socket})")
             if leaving:
                 self._spawn(self._stop_unit(worker))
-            elif worker.sleep_mode and await self.probes.is_sleeping(socket):
-                # vLLM says only that it sleeps, not at which level.
-                worker.slept_at = time.time()
-                self._sleep_state(worker, "adopted asleep")
+            elif asleep:
                 if self.retiring.reason(worker.unit) is not None:
                     self.retire(worker, (self.retiring.reason(worker.unit) or "") + " (resumed after a loader restart)")
             elif await self.probes.healthy(socket):
@@ -611,12 +619,19 @@ class Supervisor:
         if self.gpus.kind == "nvml":
             held = self._held(worker, await self.gpu_snapshot()) or None
             worker.held_bytes = held
-        spec = self.registry.models.get(worker.model)
-        mounted = await self.probes.routes(worker.socket) if spec is not None else None
-        routes = (spec.fingerprint, inference_paths(mounted)) if spec is not None and mounted is not None else None
         # A tensor-parallel footprint is per GPU of a split model: not comparable.
-        await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s, routes)
+        await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
         self.changed()
+        spec = self.registry.models.get(worker.model)
+        if spec is None or self.store.routes(spec.name, spec.fingerprint) is not None:
+            return  # known for this model as configured
+        # vLLM builds its OpenAPI document on first asking, holding its event loop
+        # for most of a second: not while the requests that waited for it arrive.
+        await asyncio.sleep(ROUTES_PROBE_DELAY_S)
+        mounted = await self.probes.routes(worker.socket)
+        if mounted is not None:
+            await self.store.record_routes(spec.name, spec.fingerprint, inference_paths(mounted))
+            self.changed()
 
     # --- health ---------------------------------------------------------------------------
 
