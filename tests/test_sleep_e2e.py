@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
-from tests.harness.stack import SSW_VENV, WORK_ROOT, RedisServer, http, http_in_background, wait_for, worker_http
+from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, http_in_background, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -45,6 +45,8 @@ def models() -> dict[str, Any]:
 
     return {
         "a": sleeper(),
+        # 2 GB of weights (sparse files): more than the 0.3 GB the sleepers may hold, so level 2.
+        "heavy": {**sleeper(), "path": "mbig"},
         "b": sleeper(),
         "c": sleeper(),
         "leaky": sleeper(SSW_FAKE_SLEEP_LEAK="1"),
@@ -86,6 +88,7 @@ def redis_server() -> Iterator[RedisServer]:
 def stack(sysbox: SysBox, redis_server: RedisServer) -> Iterator[Stack]:
     models_dir = WORK_ROOT / f"sleep-models-{id(sysbox)}"
     make_model_dir(models_dir / "m", QWEN2_CONFIG)
+    make_model_dir(models_dir / "mbig", QWEN2_CONFIG, weight_bytes=2 * 10**9)
     seed_request_records(redis_server.url)
     extra = {
         "gpus": {"source": "simulated", "simulated": [{"memory_gb": 10}, {"memory_gb": 10}]},
@@ -309,3 +312,70 @@ def test_a_restarted_loader_adopts_a_sleeper_as_asleep_and_wakes_it(stack: Stack
     status, _, body = chat(stack, "a")
     assert status == 200 and body["model"] == "a"
     assert workers(stack, "a")[0]["state"] == "ready" and main_pid(stack, a["unit"]) == pid
+
+
+def test_weights_too_big_for_the_host_memory_budget_sleep_at_level_2(stack: Stack) -> None:
+    heavy = stack.load("heavy")["workers"][0]
+    assert chat(stack, "b")[0] == 200
+    slept = asleep(stack, "heavy")
+    assert slept["sleep_level"] == 2 and slept["unit"] == heavy["unit"]
+    assert "to sleep at level 2: level 1 needs 2.0 GB of host memory, the budget is 0.3 GB" in stack.loader.log()
+    assert worker_http(heavy["socket"], "GET", "/ssw-fake/sleeps")[1]["level"] == 2
+    ram = wait_for(lambda: workers(stack, "heavy")[0]["ram_bytes"], 10, "its MemoryCurrent")
+    assert ram < WEIGHTS_MB * 2**20  # the weights were dropped, not kept in host memory
+    status, _, body = chat(stack, "heavy")
+    assert status == 200 and body["model"] == "heavy"
+    assert "from sleep level 2" in workers(stack, "heavy")[0]["state_reason"]
+
+
+def test_cold_starts_are_timed_per_set_of_start_options_and_kept(stack: Stack) -> None:
+    out = stack.dir / "coldstart.json"
+    seen: dict[str, str] = {}
+
+    def watch() -> None:  # the trial's command line while its worker starts (2 s)
+        def up() -> bool:
+            seen.update(stack.unit_show("ssw-worker@a.service", "ExecStart"))
+            return "--enforce-eager" in seen.get("ExecStart", "")
+
+        wait_for(up, 30, "the trial's worker")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    result = subprocess.run(
+        [
+            str(SSW_VENV / "bin/python"),
+            str(REPO / "bench/coldstart.py"),
+            "--admin",
+            stack.admin,
+            "--admin-token-file",
+            str(stack.dir / "admin.token"),
+            "--model",
+            "a",
+            "--try",
+            '{"enforce_eager": true}',
+            "--try",
+            "{}",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    watcher.join(30)
+    assert result.returncode == 0, result.stderr
+    assert "--enforce-eager" in seen["ExecStart"]
+    report = json.loads(out.read_text())
+    assert set(report["median_s"]) == {'{"enforce_eager":true}', "{}"}
+    assert all(s >= 2.0 for s in report["median_s"].values())  # the fake engine's 2 s load delay
+    assert not workers(stack, "a")  # each trial's worker is stopped
+    status = stack.status()["models"]["a"]
+    assert set(status["cold_starts"]) == {'{"enforce_eager":true}', "{}"} and status["cold_start_best"]
+    # A loaded model is refused, and options are checked as models.yaml's are.
+    stack.load("a")
+    busy = http("POST", stack.admin + "/coldstart", {"model": "a"})
+    assert busy[0] == 409 and busy[2]["error"]["code"] == "model_busy"
+    bad = http("POST", stack.admin + "/coldstart", {"model": "b", "options": {"load_format": "x; rm -rf /"}})
+    assert bad[0] == 422 and "load_format" in bad[2]["error"]["message"]
+    assert http("POST", stack.admin + "/coldstart", {"model": "b", "options": {"gpus": [1]}})[0] == 422

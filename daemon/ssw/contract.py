@@ -105,6 +105,9 @@ class ModelStatus(ModelView):
     vram_need_source: str
     measured_vram_bytes: int | None
     unit: str
+    # Median cold start per set of start options tried (POST /coldstart), "{}" as configured.
+    cold_starts: dict[str, float] = Field(default_factory=dict)
+    cold_start_best: str | None = None
 
 
 class Status(_View):

@@ -83,6 +83,12 @@ class WorkerNotFound(SswError):
     code = "model_not_loaded"
 
 
+class ModelBusy(SswError):
+    status = 409
+    type = "invalid_request_error"
+    code = "model_busy"
+
+
 class NoCapacity(SswError):
     status = 503
     type = "capacity_error"

@@ -7,6 +7,7 @@ workers from its ``GET /events`` stream and asks it for loads.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -239,6 +240,8 @@ class Loader:
                 vram_need_source=need.source,
                 measured_vram_bytes=self.store.vram_bytes(name),
                 unit=unit_name(name),
+                cold_starts=(trials := self.store.cold_starts(name)),
+                cold_start_best=min(trials, key=lambda k: trials[k]) if trials else None,
             )
         per_gpu: dict[int, list[str]] = {}
         for w in self.manager.table:
@@ -285,6 +288,25 @@ class LoadRequest(BaseModel):
     model: str = Field(max_length=256, description="Model name or alias.")
     wait: bool = Field(default=True, description="Answer when the model is ready (or failed) instead of at once.")
     gpu: int | None = Field(default=None, ge=0, le=63, description="Place the model's workers on this GPU.")
+
+
+class StartOptions(BaseModel):
+    """vLLM start options a cold-start trial may change (models.yaml's names and checks)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enforce_eager: bool | None = None
+    load_format: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,64}$")
+    compilation_config: dict[str, Any] | None = None
+
+    def key(self) -> str:
+        """Canonical JSON of the options set: how trials are recorded."""
+        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+
+class ColdStartRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=256, description="Model name or alias; it must not be loaded.")
+    options: StartOptions = Field(default_factory=StartOptions, description="Start options to try ({}: as configured).")
 
 
 class UsageReport(BaseModel):
@@ -367,6 +389,16 @@ def admin_app(loader: Loader) -> FastAPI:
         return JSONResponse(
             {"model": spec.name, "state": "ready", "workers": [w.view(now).model_dump(mode="json") for w in workers]}
         )
+
+    @app.post("/coldstart")
+    async def coldstart(req: ColdStartRequest) -> dict[str, Any]:
+        """Time a cold start of the model with these start options, then stop it; the
+        figure is kept per option set (``cold_starts`` in /status)."""
+        spec = await loader.resolve(req.model)
+        options = req.options.model_dump(exclude_none=True)
+        trial = await loader.manager.trial(spec, options, req.options.key())
+        trials = loader.store.cold_starts(spec.name)
+        return {**trial, "cold_starts": trials, "best": min(trials, key=lambda k: trials[k])}
 
     @app.post("/unload")
     async def unload(req: UnloadRequest) -> dict[str, Any]:

@@ -79,6 +79,27 @@ class FactStore:
             entry["updated_at"] = time.time()
             await self._save()
 
+    async def record_cold_start(self, model: str, options: str, seconds: float) -> None:
+        """A cold start measured with these start options (canonical JSON; "{}": as configured)."""
+        async with self._lock:
+            entry = self._facts.setdefault(model, {})
+            trials = entry.setdefault("cold_starts", {})
+            trials[options] = [*trials.get(options, []), round(seconds, 2)][-KEEP_LOAD_TIMES:]
+            entry["updated_at"] = time.time()
+            await self._save()
+
+    def cold_starts(self, model: str) -> dict[str, float]:
+        """The median measured cold start per option set."""
+        trials = self._facts.get(model, {}).get("cold_starts", {})
+        if not isinstance(trials, dict):
+            return {}
+        out = {}
+        for options, times in trials.items():
+            values = [t for t in times if isinstance(t, (int, float))] if isinstance(times, list) else []
+            if values:
+                out[options] = float(statistics.median(values))
+        return out
+
     async def _save(self) -> None:
         payload = json.dumps({"models": self._facts}, indent=1, sort_keys=True)
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 from . import engine, journal, tiers
 from .config import Config
-from .errors import ConfigError, LoadFailed, NoCapacity, SswError, SystemdError, WorkerNotFound
+from .errors import ConfigError, LoadFailed, ModelBusy, NoCapacity, SswError, SystemdError, WorkerNotFound
 from .gpus import GpuInfo, GpuSource
 from .lifecycle import ASLEEP, LEAVING, LIVE, Failure, LoadState, WorkerState, recent, recover
 from .loads import LoadBook, LoadRecord
@@ -34,7 +35,7 @@ from .store import FactStore, Retiring
 from .systemd import Systemd
 from .units import UNIT_GLOB, instance_for, parse_unit_name, socket_dir_name, socket_path, unit_name
 from .vram import GB, VramNeed, vram_need
-from .workers import Worker, WorkerTable, describe_phases
+from .workers import Worker, WorkerTable, describe_phases, load_phases
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -481,6 +482,8 @@ class Supervisor:
                 state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
                 pinned=spec.pinned,
                 sleep_mode=engine.sleep_enabled(spec, self.gpus.kind),
+                # A cold-start trial runs a changed copy of the model's spec.
+                trial=spec != self.registry.models.get(spec.name),
             )
             worker.marks["requested"] = requested
             worker.marks["placed"] = time.time()
@@ -619,10 +622,12 @@ class Supervisor:
         if self.gpus.kind == "nvml":
             held = self._held(worker, await self.gpu_snapshot()) or None
             worker.held_bytes = held
+        spec = self.registry.models.get(worker.model)
+        if worker.trial:
+            return  # started with other options than configured: its figures are the trial's
         # A tensor-parallel footprint is per GPU of a split model: not comparable.
         await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
         self.changed()
-        spec = self.registry.models.get(worker.model)
         if spec is None or self.store.routes(spec.name, spec.fingerprint) is not None:
             return  # known for this model as configured
         # vLLM builds its OpenAPI document on first asking, holding its event loop
@@ -1013,6 +1018,32 @@ class Supervisor:
         """Until each worker gave its GPU memory back: asleep (seen freed) or gone."""
         if workers:
             await asyncio.gather(*(w.released.wait() for w in workers))
+
+    async def trial(self, spec: ModelSpec, options: dict[str, Any], key: str) -> dict[str, Any]:
+        """A cold start of a model that is not up, with other start options, timed phase by
+        phase and recorded; its workers are stopped afterwards. A failed trial is not held
+        against the model (no cooldown)."""
+        if self.table.of_model(spec.name) or self.loads.get(spec.name).state is not LoadState.IDLE:
+            raise ModelBusy(f"model '{spec.name}' is loaded or loading: unload it before timing a cold start")
+        tried = dataclasses.replace(spec, **options)
+        try:
+            workers = await self.load(tried, reason=f"cold-start trial with {key}")
+        except SswError:
+            rec = self.loads.get(spec.name)
+            if rec.state is LoadState.COOLING_DOWN:
+                self.loads.move(rec, LoadState.IDLE, "a cold-start trial failed: not held against the model")
+            raise
+        worker = workers[0]
+        seconds = worker.marks["healthy"] - worker.marks["requested"]
+        result = {
+            "model": spec.name,
+            "options": key,
+            "seconds": round(seconds, 3),
+            "phases_s": load_phases(worker.marks),
+        }
+        await self.store.record_cold_start(spec.name, key, seconds)
+        await self.unload(spec.name)
+        return result
 
     async def unload(self, model: str) -> list[str]:
         """Cancel the model's load or retry, and retire its workers; answers once they are gone."""

@@ -55,6 +55,7 @@ class Worker:
     # Set once it no longer holds the GPU memory it is giving back: asleep, or gone.
     released: asyncio.Event = field(default_factory=asyncio.Event)
     sleep_mode: bool = False  # started with vLLM's sleep mode
+    trial: bool = False  # a cold-start trial with other start options than configured
     sleep_level: int = 0  # the level it sleeps at (or is going to sleep at, while draining); 0: none
     slept_at: float = 0.0  # wall time it fell asleep
     ram_bytes: int | None = None  # its unit's MemoryCurrent, read while it sleeps
