@@ -231,6 +231,35 @@ def _load(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     raise CliError(f"{res['model']} did not become ready in time", EXIT_LOAD_FAILED)
 
 
+def _pull(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    repo, _, revision = args.source.partition("@")
+    body: dict[str, Any] = {"repo": repo, "revision": revision or "main"}
+    if args.name:
+        body["name"] = args.name
+    job: dict[str, Any] = _admin(cfg, "POST", "/pull", body, timeout=120)
+    if not args.json:
+        total = job["bytes_total"] / 1e9
+        print(f"{job['id']}: {repo}@{job['revision']} ({job['commit']}) as {job['name']}, {total:.2f} GB", flush=True)
+    if not args.wait:
+        return job
+    last = ""
+    while job["status"] in ("queued", "running"):
+        time.sleep(1.0)
+        job = _admin(cfg, "GET", f"/jobs/{job['id']}")
+        line = f"{job['status']}: {job['bytes_done'] / 1e9:.2f} of {job['bytes_total'] / 1e9:.2f} GB"
+        if not args.json and line != last:
+            end = "" if sys.stdout.isatty() else "\n"
+            print(("\r" if sys.stdout.isatty() else "") + line + " " * 8, end=end, flush=True)
+        last = line
+    if not args.json and sys.stdout.isatty():
+        print()
+    if job["status"] != "succeeded":
+        raise CliError(f"pull of {job['name']} {job['status']}: {job['error']}", EXIT_LOAD_FAILED)
+    if not args.json:
+        print(f"{job['name']}: in the models dir, servable now")
+    return job
+
+
 def _logs(cfg: Config, args: argparse.Namespace) -> None:
     model = urllib.parse.quote(args.model, safe="")
     seen: list[str] = []
@@ -279,6 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         help="wait until ready, showing progress (default)",
     )
     verb("unload", "stop a model's workers").add_argument("model")
+    p_pull = verb("pull", "download a model from the hub into the models dir (a job of the loader)")
+    p_pull.add_argument("source", metavar="REPO[@REVISION]")
+    p_pull.add_argument("--name", help="model name and directory (default: the repo's name)")
+    p_pull.add_argument(
+        "--wait", action=argparse.BooleanOptionalAction, default=True, help="follow it to the end (default)"
+    )
+    verb("jobs", "the loader's pull jobs")
+    verb("cancel", "cancel a pull (its partial data is removed)").add_argument("job")
     p_logs = verb("logs", "a worker's journal")
     p_logs.add_argument("model")
     p_logs.add_argument("-n", "--lines", type=int, default=100)
@@ -359,6 +396,21 @@ def main(argv: list[str] | None = None) -> int:
             out = _admin(cfg, "POST", "/unload", {"model": args.model}, timeout=cfg.workers.stop_timeout_s + 30)
             if not args.json:
                 print(f"{out['model']}: stopped {', '.join(out['stopped'])}")
+        elif args.verb == "pull":
+            out = _pull(cfg, args)
+        elif args.verb == "jobs":
+            out = _admin(cfg, "GET", "/jobs")
+            if not args.json:
+                for j in out["jobs"]:
+                    print(
+                        f"{j['id']} {j['status']:<9} {j['name']} <- {j['repo']}@{j['revision']} "
+                        f"{j['bytes_done'] / 1e9:.2f}/{j['bytes_total'] / 1e9:.2f} GB {j['created_at']}"
+                        + (f": {j['error']}" if j["error"] else "")
+                    )
+        elif args.verb == "cancel":
+            out = _admin(cfg, "DELETE", f"/jobs/{urllib.parse.quote(args.job, safe='')}")
+            if not args.json:
+                print(f"{out['id']}: {out['status']}")
         elif args.verb == "logs":
             if args.json:
                 model = urllib.parse.quote(args.model, safe="")

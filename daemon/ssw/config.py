@@ -342,6 +342,18 @@ class AuthSettings(_Section):
     gateway_group: str = Field(default="ssw", description="Group of the gateway's account.")
 
 
+class PullSettings(_Section):
+    endpoint: str | None = Field(
+        default=None, description="The hub pulls download from (default: huggingface_hub's, or HF_ENDPOINT)."
+    )
+    token_file: Path | None = Field(
+        default=Path("/etc/ssw/hf-token"), description="A hub token for gated models, if this file exists."
+    )
+    min_free_gb: float = Field(
+        default=5.0, ge=0, description="A pull is refused if it would leave less than this free on the models dir."
+    )
+
+
 class LimitSettings(_Section):
     max_body_bytes: int = Field(default=10 * 2**20, ge=1024, description="Largest request body (413 beyond).")
     max_upload_bytes: int = Field(
@@ -382,6 +394,7 @@ class Config(_Section):
     systemd: SystemdSettings = Field(default_factory=SystemdSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    pulls: PullSettings = Field(default_factory=PullSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("admin")

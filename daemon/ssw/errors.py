@@ -77,6 +77,12 @@ class ResponseNotFound(SswError):
     code = "response_not_found"
 
 
+class JobNotFound(SswError):
+    status = 404
+    type = "invalid_request_error"
+    code = "job_not_found"
+
+
 class WorkerNotFound(SswError):
     status = 404
     type = "invalid_request_error"
@@ -87,6 +93,12 @@ class ModelBusy(SswError):
     status = 409
     type = "invalid_request_error"
     code = "model_busy"
+
+
+class NoSpace(SswError):
+    status = 507
+    type = "insufficient_storage"
+    code = "insufficient_storage"
 
 
 class NoCapacity(SswError):

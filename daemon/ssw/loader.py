@@ -7,8 +7,10 @@ workers from its ``GET /events`` stream and asks it for loads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,11 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from . import __version__, auth, http_errors, journal, redis_sink, tiers
+from . import __version__, auth, http_errors, journal, pulls, redis_sink, tiers
 from .capabilities import predict
 from .config import Config
 from .contract import GpuView, LoadAccepted, ModelStatus, ModelView, Snapshot, Status
-from .errors import MetricsUnavailable, ModelNotFound, SswError
+from .errors import JobNotFound, MetricsUnavailable, ModelNotFound, SswError, clip
 from .gpus import GpuInfo, GpuSource
 from .lifecycle import WorkerState
 from .prom import CONTENT_TYPE, LoaderMetrics
@@ -68,6 +70,16 @@ class Loader:
         self.manager.on_load_result = self._load_result
         self._sampler: asyncio.Task[None] | None = None
         self._prewarm_task: asyncio.Task[None] | None = None
+        self.puller = pulls.Puller(
+            pulls.Settings(
+                models_dir=cfg.models_dir,
+                endpoint=cfg.pulls.endpoint,
+                token_file=cfg.pulls.token_file,
+                min_free_bytes=int(cfg.pulls.min_free_gb * 1e9),
+            ),
+            self.redis,
+            self._pulled,
+        )
         self._redis_warned = 0.0
         self._last_scan = time.monotonic()
         # Set on shutdown so the open event streams end and the server can stop.
@@ -103,6 +115,14 @@ class Loader:
                     log.error("%s model %s: %s", why, spec.name, exc.message)
         if self.cfg.placement.prewarm_hours > 0:
             self._prewarm_task = asyncio.create_task(self._prewarm(started))
+        await self.puller.resume()
+
+    async def _pulled(self, name: str) -> None:
+        """A pull finished: the model is servable at once, and loaded if models.yaml pins or preloads it."""
+        spec = (await self.rescan()).models.get(name)
+        if spec is not None and (spec.pinned or spec.preload):
+            with contextlib.suppress(SswError):
+                self.manager.load(spec, reason="pulled; pinned or preloaded")
 
     async def _prewarm(self, first: list[asyncio.Future[Any]]) -> None:
         """After the pinned and preloaded models, the ones most requested lately, one at a
@@ -124,6 +144,7 @@ class Loader:
                 log.info("prewarm: %s not loaded: %s", name, exc.message)
 
     async def close(self) -> None:
+        await self.puller.close()
         if self._prewarm_task is not None:
             self._prewarm_task.cancel()
         if self._sampler is not None:
@@ -319,6 +340,8 @@ class UnloadRequest(BaseModel):
     model: str = Field(max_length=256, description="Model name or alias.")
 
 
+JOB_ID = re.compile(r"^pull-[0-9a-f]{12}$")
+
 # What the gateway's own token may do; everything else needs the admin token.
 GATEWAY_PATHS = frozenset({"/events", "/load", "/usage"})
 
@@ -399,6 +422,29 @@ def admin_app(loader: Loader) -> FastAPI:
         trial = await loader.manager.trial(spec, options, req.options.key())
         trials = loader.store.cold_starts(spec.name)
         return {**trial, "cold_starts": trials, "best": min(trials, key=lambda k: trials[k])}
+
+    @app.post("/pull", status_code=202)
+    async def pull(req: pulls.PullRequest) -> dict[str, Any]:
+        """Download a model from the hub as a background job (GET /jobs/{id} follows it)."""
+        return (await loader.puller.start(req)).model_dump(mode="json")
+
+    @app.get("/jobs")
+    async def jobs() -> dict[str, Any]:
+        return {"jobs": [j.model_dump(mode="json", exclude={"files"}) for j in await loader.puller.list()]}
+
+    @app.get("/jobs/{job_id}")
+    async def job(job_id: str) -> dict[str, Any]:
+        found = await loader.puller.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        if found is None:
+            raise JobNotFound(f"no job {clip(job_id)}")
+        return found.model_dump(mode="json")
+
+    @app.delete("/jobs/{job_id}")
+    async def cancel_job(job_id: str) -> dict[str, Any]:
+        found = await loader.puller.cancel(job_id) if JOB_ID.fullmatch(job_id) else None
+        if found is None:
+            raise JobNotFound(f"no job {clip(job_id)}")
+        return found.model_dump(mode="json")
 
     @app.post("/unload")
     async def unload(req: UnloadRequest) -> dict[str, Any]:
