@@ -4,13 +4,17 @@ models dir), a second run changes nothing, and the result serves."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from tests.harness.stack import REPO, VLLM_VENV, free_port, http
+from tests.conftest import QWEN2_CONFIG, make_model_dir
+from tests.harness.fake_hub import FakeHub
+from tests.harness.stack import REPO, VLLM_VENV, WORK_ROOT, free_port, http
 from tests.harness.sysbox import SysBox
 
 ANSIBLE = REPO / ".venvs/ansible/bin"
@@ -36,7 +40,16 @@ def test_ansible_lint_production_profile_and_yamllint() -> None:
 
 
 @pytest.fixture(scope="module")
-def host() -> Iterator[tuple[SysBox, dict[str, int]]]:
+def hub() -> Iterator[FakeHub]:
+    """A local hub the models role pulls from (through the loader: `ssw pull`)."""
+    source = make_model_dir(WORK_ROOT / "ansible-hub" / "tiny", QWEN2_CONFIG)
+    server = FakeHub({"acme/tiny": source}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def host(hub: FakeHub) -> Iterator[tuple[SysBox, dict[str, Any]]]:
     # The tiny model goes where the CPU inventory's models dir is, before boot.
     subprocess.run(
         [str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), f"{MODELS_DIR}/tiny-qwen"],
@@ -44,12 +57,18 @@ def host() -> Iterator[tuple[SysBox, dict[str, int]]]:
         capture_output=True,
     )
     box = SysBox.boot(tmpfs_size="16g")
-    ports = {"ssw_public_port": free_port(), "ssw_admin_port": free_port(), "ssw_metrics_port": free_port()}
+    ports: dict[str, Any] = {
+        "ssw_public_port": free_port(),
+        "ssw_admin_port": free_port(),
+        "ssw_metrics_port": free_port(),
+        "ssw_pulls_endpoint": hub.url,
+        "models_download": [{"repo": "acme/tiny", "dest": "pulled-tiny", "revision": "main"}],
+    }
     yield box, ports
     box.stop()
 
 
-def playbook(box: SysBox, ports: dict[str, int], *extra: str) -> subprocess.CompletedProcess[str]:
+def playbook(box: SysBox, ports: dict[str, Any], *extra: str) -> subprocess.CompletedProcess[str]:
     args = [
         "env",
         f"ANSIBLE_CONFIG={REPO}/ansible/ansible.cfg",
@@ -59,8 +78,7 @@ def playbook(box: SysBox, ports: dict[str, int], *extra: str) -> subprocess.Comp
         f"{REPO}/ansible/inventory/ci/hosts.yml",
         f"{REPO}/ansible/site.yml",
     ]
-    for key, value in ports.items():
-        args += ["-e", f"{key}={value}"]
+    args += ["-e", json.dumps(ports)]
     return box.run(*args, *extra, timeout=1200)
 
 
@@ -70,7 +88,7 @@ def recap(output: str) -> dict[str, int]:
 
 
 @pytest.mark.heavy
-def test_site_yml_converges_idempotently_and_serves(host: tuple[SysBox, dict[str, int]]) -> None:
+def test_site_yml_converges_idempotently_and_serves(host: tuple[SysBox, dict[str, Any]]) -> None:
     box, ports = host
     first = playbook(box, ports)
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]
@@ -88,7 +106,10 @@ def test_site_yml_converges_idempotently_and_serves(host: tuple[SysBox, dict[str
     public = f"http://127.0.0.1:{ports['ssw_public_port']}"
     auth = {"Authorization": f"Bearer {key}"}
     status, _, body = http("GET", public + "/v1/models", headers=auth)
-    assert status == 200 and {m["id"] for m in body["data"]} == {"tiny", "light"}
+    # pulled-tiny came through the models role's `ssw pull`, from the local hub.
+    assert status == 200 and {m["id"] for m in body["data"]} == {"tiny", "light", "pulled-tiny"}
+    jobs = box.run("/opt/ssw/venv/bin/ssw", "jobs").stdout
+    assert "succeeded pulled-tiny <- acme/tiny@main" in jobs
     assert http("GET", public + "/v1/models")[0] == 401  # the first key is needed
 
     loaded = box.run("/opt/ssw/venv/bin/ssw", "load", "tiny", timeout=600)
@@ -107,7 +128,7 @@ def test_site_yml_converges_idempotently_and_serves(host: tuple[SysBox, dict[str
 
 
 @pytest.mark.heavy
-def test_the_gateway_account_cannot_start_a_unit(host: tuple[SysBox, dict[str, int]]) -> None:
+def test_the_gateway_account_cannot_start_a_unit(host: tuple[SysBox, dict[str, Any]]) -> None:
     box, _ = host
     assert box.run("id", "ssw").returncode == 0, "run after the converge test"
     result = box.run(

@@ -118,11 +118,13 @@ class Loader:
         await self.puller.resume()
 
     async def _pulled(self, name: str) -> None:
-        """A pull finished: the model is servable at once, and loaded if models.yaml pins or preloads it."""
-        spec = (await self.rescan()).models.get(name)
-        if spec is not None and (spec.pinned or spec.preload):
-            with contextlib.suppress(SswError):
-                self.manager.load(spec, reason="pulled; pinned or preloaded")
+        """A pull finished: its models are servable at once, and loaded if models.yaml pins
+        or preloads one (models.yaml names a directory by its path)."""
+        directory = self.cfg.models_dir / name
+        for spec in (await self.rescan()).models.values():
+            if spec.path == directory and (spec.pinned or spec.preload):
+                with contextlib.suppress(SswError):
+                    self.manager.load(spec, reason="pulled; pinned or preloaded")
 
     async def _prewarm(self, first: list[asyncio.Future[Any]]) -> None:
         """After the pinned and preloaded models, the ones most requested lately, one at a

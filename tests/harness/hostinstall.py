@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ssw.config import load_config
 from tests.harness.stack import REPO, SSW_VENV
 from tests.harness.sysbox import SysBox
 
@@ -19,6 +20,7 @@ def install_units(box: SysBox, config: Path) -> None:
     # host only, let the gateway's unprivileged account reach it.
     box.run("chmod", "755", "/root", check=True)
     unit_dir = box.path("/etc/systemd/system")
+    models_dir = load_config(config).models_dir
     for name in UNITS:
         shutil.copy(REPO / "units" / name, unit_dir / name)
     # A checkout under /tmp (as CI may clone it) would be hidden by PrivateTmp.
@@ -33,6 +35,9 @@ def install_units(box: SysBox, config: Path) -> None:
             "ExecStart=\n"
             f"ExecStart={SSW_VENV}/bin/ssw {role}\n"
             "# The checkout's Python is under /root (pyenv).\n"
-            "ProtectHome=read-only\n" + ("PrivateTmp=no\n" if in_tmp else "")
+            "ProtectHome=read-only\n"
+            + ("PrivateTmp=no\n" if in_tmp else "")
+            # Pulls write into the models dir, as the Ansible role's drop-in allows.
+            + (f"ReadWritePaths=-{models_dir}\n" if role == "loader" else "")
         )
     box.systemctl("daemon-reload")
