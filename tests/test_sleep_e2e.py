@@ -172,6 +172,10 @@ def test_an_evicted_model_sleeps_and_wakes_for_its_next_request(stack: Stack) ->
     log = stack.loader.log()
     assert f"{a['unit']}: draining -> sleeping" in log and f"{a['unit']}: waking -> ready" in log
     assert "to sleep at level 1: its weights" in log
+    # Evicted again after its wake: the next start waits for this sleep, not the last one.
+    assert chat(stack, "c")[0] == 200
+    assert asleep(stack, "a")["unit"] == a["unit"]
+    assert "a placement bug" not in stack.loader.log()
 
 
 def test_a_sleep_waits_for_the_streams_in_flight(stack: Stack) -> None:

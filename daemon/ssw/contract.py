@@ -40,6 +40,7 @@ class WorkerView(_View):
     unit_active: bool = False
     load_phases_s: dict[str, float] | None = None
     load_marks: dict[str, float] = Field(default_factory=dict)  # when each step of its load happened (wall time)
+    adapters: list[str] = Field(default_factory=list)  # LoRA adapters loaded in it, by model name
     sleep_mode: bool = False  # started with vLLM's sleep mode
     sleep_level: int | None = None  # while sleeping: 1 (weights in host RAM) or 2 (weights dropped)
     ram_bytes: int | None = None  # host memory of its unit (cgroup MemoryCurrent) when last read
@@ -62,6 +63,7 @@ class ModelView(_View):
     load: LoadView = Field(default_factory=LoadView)
     load_seconds: float | None = None  # median of measured loads; None: never loaded here
     wake_seconds: float | None = None  # median of measured wakes from sleep; None: never woke here
+    base: str | None = None  # a LoRA adapter: the model whose workers serve it
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     fallbacks: list[str] = Field(default_factory=list)
     fallback_default: bool = False

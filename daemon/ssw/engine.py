@@ -26,6 +26,7 @@ ENV_BUDGET = "SSW_VRAM_BYTES"
 ENV_SLEEP = "SSW_SLEEP"  # started with sleep mode
 RESPONSES_STORE = "VLLM_ENABLE_RESPONSES_API_STORE"
 SLEEP_DEV_MODE = "VLLM_SERVER_DEV_MODE"
+RUNTIME_LORA = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
 def sleep_enabled(spec: ModelSpec, gpu_kind: str) -> bool:
@@ -92,6 +93,9 @@ def vllm_argv(
         argv += ["--convert", spec.convert]
     if sleep:
         argv += ["--enable-sleep-mode"]
+    if spec.lora is not None:
+        # Adapters are loaded and unloaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+        argv += ["--enable-lora", "--max-loras", str(spec.lora[0]), "--max-lora-rank", str(spec.lora[1])]
     if spec.enforce_eager:
         argv += ["--enforce-eager"]
     if spec.load_format:
@@ -130,9 +134,11 @@ def worker_unit(
     # which mounts other control routes too: only ssw can reach a worker's socket,
     # and the gateway relays none of them (routes.py).
     dev = {SLEEP_DEV_MODE: "1"} if sleep else {}
+    lora = {RUNTIME_LORA: "1"} if spec.lora is not None else {}
     env = {
         **store,
         **dev,
+        **lora,
         **cfg.vllm.env,
         **spec.env,
         # Bus order makes the index mean the same device to CUDA and to NVML.

@@ -91,6 +91,14 @@ class Names:
                 self.live.setdefault(w.model, []).append(w)
             if w.state in ASLEEP:
                 self.asleep.add(w.model)
+        # An adapter is served by the workers of its base that have it loaded, and by
+        # no other: never the bare base model in its place.
+        for name, entry in snap.models.items():
+            if entry.base is not None:
+                for table in (self.ready, self.live):
+                    holders = [w for w in table.get(entry.base, []) if name in w.adapters]
+                    if holders:
+                        table[name] = holders
 
     def resolve(self, name: object) -> str:
         if not isinstance(name, str):
@@ -724,6 +732,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
                         "pinned": entry.pinned,
                         "capabilities": entry.capabilities,
                         "capabilities_measured": entry.capabilities_measured,
+                        **({"base": entry.base} if entry.base else {}),
                     },
                 }
             )

@@ -228,6 +228,7 @@ class Loader:
             load=self.manager.loads.view(spec.name),
             load_seconds=self.store.load_seconds(spec.name),
             wake_seconds=self.store.wake_seconds(spec.name),
+            base=spec.base,
             chat_template_kwargs=spec.chat_template_kwargs,
             fallbacks=[n for f in spec.fallbacks if (n := self._fallback_name(f))],
             fallback_default=spec.fallback_default,
@@ -335,6 +336,9 @@ class ColdStartRequest(BaseModel):
 class UsageReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
     last_used: dict[str, float] = Field(description="Worker unit -> wall time of its last request.")
+    adapters: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Worker unit -> adapter -> wall time it last served that adapter."
+    )
 
 
 class UnloadRequest(BaseModel):
@@ -458,6 +462,8 @@ def admin_app(loader: Loader) -> FastAPI:
     async def usage(report: UsageReport) -> None:
         for unit, when in report.last_used.items():
             loader.manager.touch(unit, when)
+        for unit, used in report.adapters.items():
+            loader.manager.touch_adapters(unit, used)
 
     @app.post("/rescan")
     async def rescan() -> dict[str, Any]:

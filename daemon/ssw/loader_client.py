@@ -44,6 +44,8 @@ class LoaderClient:
         self._updated = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_used: dict[str, float] = {}
+        # unit -> adapter -> when it last served that adapter (for the loader's adapter LRU)
+        self._adapters_used: dict[str, dict[str, float]] = {}
         self._unsent: set[str] = set()
         # Called with each new snapshot, and whether it comes from a loader that
         # was not the one before (a restart: its epoch differs).
@@ -69,19 +71,23 @@ class LoaderClient:
 
     # --- usage: when each worker last served, for the loader's LRU eviction ------
 
-    def used(self, unit: str) -> None:
-        self._last_used[unit] = time.time()
+    def used(self, unit: str, adapter: str | None = None) -> None:
+        now = time.time()
+        self._last_used[unit] = now
         self._unsent.add(unit)
+        if adapter is not None:
+            self._adapters_used.setdefault(unit, {})[adapter] = now
 
     async def flush_usage(self) -> None:
         if not self._unsent:
             return
         batch = {u: self._last_used[u] for u in self._unsent if u in self._last_used}
+        adapters = {u: self._adapters_used[u] for u in batch if u in self._adapters_used}
         self._unsent.clear()
         try:
             async with self._session.post(
                 self.url + "/usage",
-                json={"last_used": batch},
+                json={"last_used": batch, "adapters": adapters},
                 headers=self._auth(),
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as resp:

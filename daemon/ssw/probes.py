@@ -63,6 +63,38 @@ class Probes:
         status, body = await self._control(socket, "POST", "/wake_up", timeout)
         return None if status == 200 else _why("/wake_up", status, body)
 
+    async def load_adapter(self, socket: Path, name: str, path: Path, timeout: float) -> str | None:
+        """Load a LoRA adapter into the worker under this name (vLLM's runtime LoRA API)."""
+        body = json.dumps({"lora_name": name, "lora_path": str(path)}).encode()
+        return await self._post_json(socket, "/v1/load_lora_adapter", body, timeout)
+
+    async def unload_adapter(self, socket: Path, name: str, timeout: float) -> str | None:
+        body = json.dumps({"lora_name": name}).encode()
+        return await self._post_json(socket, "/v1/unload_lora_adapter", body, timeout)
+
+    async def _post_json(self, socket: Path, path: str, body: bytes, timeout: float) -> str | None:
+        try:
+            async with asyncio.timeout(timeout):
+                status, answer = await fetch(
+                    self._control_pool, str(socket), "POST", path, body, Content_Type="application/json"
+                )
+        except TimeoutError:
+            return f"{path}: no answer within {timeout:.0f} s"
+        except UpstreamError as exc:
+            return f"{path}: {exc}"
+        return None if status == 200 else _why(path, status, answer)
+
+    async def adapters(self, socket: Path) -> set[str] | None:
+        """The LoRA adapters a worker has loaded: its /v1/models entries with a parent."""
+        status, body = await self._control(socket, "GET", "/v1/models", self._timeout)
+        if status != 200:
+            return None
+        try:
+            data = json.loads(body).get("data", [])
+        except (ValueError, AttributeError):
+            return None
+        return {m["id"] for m in data if isinstance(m, dict) and m.get("parent") and isinstance(m.get("id"), str)}
+
     async def is_sleeping(self, socket: Path) -> bool | None:
         """GET /is_sleeping; None when the worker cannot say (no sleep mode, or no answer)."""
         status, body = await self._control(socket, "GET", "/is_sleeping", self._timeout)

@@ -7,6 +7,7 @@ pure and works on the resulting :class:`Registry` snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_SCAN_DEPTH = 2  # models_dir/<model> and models_dir/<org>/<model>
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+ADAPTER_CONFIG = "adapter_config.json"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as --max-lora-rank
+DEFAULT_MAX_LORAS = 4
 
 
 def valid_name(name: object) -> bool:
@@ -96,6 +100,22 @@ class ModelOverride(BaseModel):
     )
     compilation_config: dict[str, Any] | None = Field(
         default=None, description="vLLM --compilation-config (e.g. {level: 0} to skip compilation)."
+    )
+    base: str | None = Field(
+        default=None,
+        description="For a LoRA adapter: the model whose workers serve it (default: from its adapter_config.json).",
+    )
+    max_loras: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="For a base model: adapters loaded at once per worker (vLLM --max-loras).",
+    )
+    max_lora_rank: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="For a base model: the largest adapter rank (default: from the adapters).",
     )
     python: str | None = Field(
         default=None,
@@ -172,6 +192,14 @@ class ModelSpec:
     enforce_eager: bool | None = None
     load_format: str | None = None
     compilation_config: dict[str, Any] | None = None
+    base: str | None = None  # a LoRA adapter: the model whose workers serve it
+    lora_rank: int | None = None  # an adapter's rank (adapter_config.json's r)
+    # A base model with adapters: (max_loras, max_lora_rank) for vLLM; None: LoRA off.
+    lora: tuple[int, int] | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
 
     @property
     def shape(self) -> Shape:
@@ -286,8 +314,31 @@ def _has_weights(model_dir: Path) -> bool:
     return any(p.name.endswith(WEIGHT_SUFFIXES) for p in model_dir.iterdir())
 
 
+def is_adapter_dir(path: Path) -> bool:
+    """A LoRA adapter as peft saves one: adapter_config.json and its weights."""
+    return (path / ADAPTER_CONFIG).is_file() and any(
+        (path / f"adapter_model{suffix}").is_file() for suffix in (".safetensors", ".bin")
+    )
+
+
+def read_adapter(path: Path) -> tuple[str | None, int | None]:
+    """(base_model_name_or_path, rank) from adapter_config.json."""
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{ADAPTER_CONFIG} is not an object")
+    base = cfg.get("base_model_name_or_path")
+    return (base if isinstance(base, str) and base else None), _int(cfg.get("r"))
+
+
+def lora_rank_for(ranks: list[int]) -> int:
+    """vLLM's --max-lora-rank takes one of a few values: the smallest that holds every adapter."""
+    need = max(ranks, default=8)
+    return next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
+
+
 def discover(models_dir: Path) -> dict[str, Path]:
-    """Model directories under models_dir (config.json plus weights), keyed by relative path."""
+    """Model directories under models_dir (config.json plus weights, or a LoRA adapter),
+    keyed by relative path."""
     found: dict[str, Path] = {}
     if not models_dir.is_dir():
         return found
@@ -299,7 +350,7 @@ def discover(models_dir: Path) -> dict[str, Path]:
             return
         for child in children:
             try:
-                if (child / "config.json").is_file() and _has_weights(child):
+                if ((child / "config.json").is_file() and _has_weights(child)) or is_adapter_dir(child):
                     found[child.relative_to(models_dir).as_posix()] = child
                 elif depth < MAX_SCAN_DEPTH:
                     walk(child, depth + 1)
@@ -364,6 +415,65 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride, base: Pat
     )
 
 
+def find_base(ref: str, models: dict[str, ModelSpec], models_dir: Path) -> str | None:
+    """The model an adapter's base_model_name_or_path means on this host: a model of that
+    name, or whose directory is that path (relative, absolute, or the hub id's last part)."""
+    if ref in models and not models[ref].is_adapter:
+        return ref
+    bases = {n: s for n, s in models.items() if not s.is_adapter}
+    for test in (
+        lambda s: s.path == Path(ref),
+        lambda s: s.path == models_dir / ref,
+        lambda s: s.path.name == ref.rstrip("/").rsplit("/", 1)[-1],
+    ):
+        found = sorted(n for n, spec in bases.items() if test(spec))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def _add_adapters(
+    models: dict[str, ModelSpec],
+    missing: dict[str, Path],
+    adapters: list[tuple[str, Path, ModelOverride]],
+    overrides: dict[str, ModelOverride],
+    models_dir: Path,
+    models_file: Path,
+) -> None:
+    """Adapters become models served by their base's workers; bases with adapters (or
+    max_loras in models.yaml) get LoRA turned on, sized for the adapters present."""
+    ranks: dict[str, list[int]] = {}
+    for name, path, ov in adapters:
+        try:
+            ref, rank = read_adapter(path)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping adapter %s: %s", path, exc)
+            missing[name] = path
+            continue
+        base = ov.base or (find_base(ref, models, models_dir) if ref else None)
+        if base is None or base not in models or models[base].is_adapter:
+            log.warning(
+                "adapter %s (%s): no base model for %r on this host; name one with models.yaml's base",
+                name,
+                path,
+                ov.base or ref,
+            )
+            missing[name] = path
+            continue
+        spec = _spec(name, path, models[base].facts, ov, models_file.parent)
+        models[name] = dataclasses.replace(spec, base=base, lora_rank=rank)
+        ranks.setdefault(base, []).append(rank or 8)
+    for name, spec in list(models.items()):
+        ov = overrides.get(name, ModelOverride())
+        if spec.is_adapter or (name not in ranks and ov.max_loras is None):
+            continue
+        present = ranks.get(name, [])
+        rank = lora_rank_for([*present, *([ov.max_lora_rank] if ov.max_lora_rank else [])])
+        models[name] = dataclasses.replace(
+            spec, lora=(ov.max_loras or min(max(len(present), 1), DEFAULT_MAX_LORAS), rank)
+        )
+
+
 def scan(models_dir: Path, models_file: Path) -> Registry:
     """Build the registry from disk. Configuration errors raise ConfigError naming the key."""
     overrides = load_models_file(models_file).models
@@ -374,12 +484,16 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
     models: dict[str, ModelSpec] = {}
     missing: dict[str, Path] = {}
     claimed: set[str] = set()
+    adapters: list[tuple[str, Path, ModelOverride]] = []  # resolved once every base is known
     for name, ov in overrides.items():
         rel = ov.path or name
         claimed.add(rel)
         path = dirs.get(rel)
         if path is None:
             missing[name] = models_dir / rel
+            continue
+        if is_adapter_dir(path):
+            adapters.append((name, path, ov))
             continue
         try:
             models[name] = _spec(name, path, read_facts(path), ov, models_file.parent)
@@ -393,10 +507,15 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
         if not valid_name(name) or name in models or name in overrides:
             log.warning("skipping model directory %s: %r is not usable as a model name", path, name)
             continue
+        if is_adapter_dir(path):
+            adapters.append((name, path, ModelOverride()))
+            continue
         try:
             models[name] = _spec(name, path, read_facts(path), ModelOverride(), models_file.parent)
         except (OSError, ValueError) as exc:
             log.warning("skipping model directory %s: %s", path, exc)
+
+    _add_adapters(models, missing, adapters, overrides, models_dir, models_file)
 
     aliases: dict[str, str] = {}
     for name, ov in overrides.items():

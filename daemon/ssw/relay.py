@@ -158,7 +158,9 @@ NoteResponse = Callable[[Exchange, str], Awaitable[None]]
 
 
 class Relay:
-    def __init__(self, cfg: Config, on_used: Callable[[str], None], on_response: NoteResponse | None = None) -> None:
+    def __init__(
+        self, cfg: Config, on_used: Callable[[str, str | None], None], on_response: NoteResponse | None = None
+    ) -> None:
         self.pool = Pool(cfg.gateway.upstream_connect_timeout_s, cfg.gateway.upstream_read_timeout_s)
         self.routing = cfg.gateway.routing
         self.on_used = on_used
@@ -219,7 +221,8 @@ class Relay:
             except BaseException:
                 self.outstanding[unit] -= 1
                 raise
-            self.on_used(unit)
+            # (the adapter it served, when the model asked for is one on a base's worker)
+            self.on_used(unit, model if model != worker.model else None)
             ex.worker = unit
             try:
                 await self._answer(resp, ex, reply, receive)

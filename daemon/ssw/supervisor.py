@@ -269,6 +269,14 @@ class Supervisor:
             if w.state not in (WorkerState.STARTING, WorkerState.WAKING):
                 w.held_bytes = self._held(w, gpus) or None
 
+    def touch_adapters(self, unit: str, used: dict[str, float]) -> None:
+        worker = self.table.get(unit)
+        if worker is None:
+            return
+        for name, when in used.items():
+            if name in worker.adapters and when > worker.adapters[name]:
+                worker.adapters[name] = min(when, time.time())
+
     def touch(self, unit: str, when: float) -> None:
         worker = self.table.get(unit)
         if worker is not None and when > worker.last_used:
@@ -333,6 +341,10 @@ class Supervisor:
                     self.retire(worker, (self.retiring.reason(worker.unit) or "") + " (resumed after a loader restart)")
             elif await self.probes.healthy(socket):
                 self.table.move(worker, WorkerState.READY, "adopted, healthy")
+                if spec is not None and spec.lora is not None:
+                    # The adapters it had loaded are still loaded: take them over.
+                    now = time.time()
+                    worker.adapters = {a: now for a in await self.probes.adapters(socket) or set()}
                 if (reason := self.retiring.reason(worker.unit)) is not None:
                     self.retire(worker, reason + " (resumed after a loader restart)")
             elif self.retiring.reason(worker.unit) is not None:
@@ -372,6 +384,16 @@ class Supervisor:
 
     async def _load(self, spec: ModelSpec, gpu: int | None = None, evict: bool = True) -> list[Worker]:
         rec = self.loads.get(spec.name)
+        if spec.is_adapter:
+            try:
+                attached = await self._load_adapter(spec)
+            except SswError as exc:
+                rec.last_error = exc.message
+                self.loads.move(rec, LoadState.IDLE, f"{Failure.START_FAILED.value}: {exc.message}")
+                raise
+            rec.last_error = None
+            self.loads.move(rec, LoadState.IDLE, "ready")
+            return attached
         rec.died_during_load = 0
         live = self.table.live(spec.name)
         have = {w.replica for w in live}
@@ -441,6 +463,59 @@ class Supervisor:
         rec = self.loads.get(spec.name)
         self.loads.move(rec, LoadState.LOADING, "backoff over, retrying")
         return await self._load(self.registry.models.get(spec.name, spec))
+
+    # --- LoRA adapters -------------------------------------------------------------------
+
+    async def _load_adapter(self, spec: ModelSpec) -> list[Worker]:
+        """An adapter is served by its base's workers: the base loaded (one load however
+        many ask), then the adapter loaded into each of its ready workers."""
+        base = self.registry.models.get(spec.base or "")
+        if base is None:
+            raise LoadFailed(f"{spec.name}: its base model '{spec.base}' is not on this host")
+        workers = await asyncio.shield(self.load(base, reason=f"for its adapter {spec.name}"))
+        results = await asyncio.gather(*(self._attach(w, spec, base) for w in workers), return_exceptions=True)
+        attached = [w for w, r in zip(workers, results, strict=True) if r is None]
+        if not attached:
+            err = next(r for r in results if isinstance(r, BaseException))
+            if isinstance(err, SswError):
+                raise err
+            raise LoadFailed(f"loading adapter {spec.name}: {type(err).__name__}: {err}")
+        return attached
+
+    async def _attach(self, worker: Worker, spec: ModelSpec, base: ModelSpec) -> None:
+        """Load the adapter into one worker, first unloading its least recently used
+        adapter when it holds max_loras already. One change at a time per worker, so
+        concurrent requests for an adapter load it once."""
+        max_loras = base.lora[0] if base.lora else 0
+        if not max_loras:
+            raise LoadFailed(f"{spec.name}: {worker.unit} runs without LoRA (restart it: the adapter is new)")
+        timeout = self.cfg.workers.wake_timeout_s
+        async with worker.adapter_lock:
+            if spec.name in worker.adapters:
+                return
+            while len(worker.adapters) >= max_loras:
+                victim = min(worker.adapters, key=lambda a: worker.adapters[a])
+                why = await self.probes.unload_adapter(worker.socket, victim, timeout)
+                if why is not None and "404" not in why:
+                    raise LoadFailed(f"unloading adapter {victim} from {worker.unit} to make room: {why}")
+                del worker.adapters[victim]
+                log.info("%s: adapter %s unloaded (least recently used; max_loras %d)", worker.unit, victim, max_loras)
+            started = time.monotonic()
+            why = await self.probes.load_adapter(worker.socket, spec.name, spec.path, timeout)
+            if why is not None:
+                raise LoadFailed(f"loading adapter {spec.name} into {worker.unit}: {why}")
+            worker.adapters[spec.name] = time.time()
+            log.info("%s: adapter %s loaded in %.2f s", worker.unit, spec.name, time.monotonic() - started)
+            self.changed()
+
+    async def _unload_adapter(self, spec: ModelSpec) -> list[str]:
+        holders = [w for w in self.table if spec.name in w.adapters]
+        for worker in holders:
+            async with worker.adapter_lock:
+                await self.probes.unload_adapter(worker.socket, spec.name, self.cfg.workers.wake_timeout_s)
+                worker.adapters.pop(spec.name, None)
+        self.changed()
+        return [w.unit for w in holders]
 
     async def _loaded_units(self, model: str) -> set[str]:
         """The model's units systemd still has loaded, in any state (a name is never reused
@@ -1054,6 +1129,12 @@ class Supervisor:
             rec.task = None
         if rec.state is not LoadState.IDLE:
             self.loads.move(rec, LoadState.IDLE, "unloaded")
+        spec = self.registry.models.get(model)
+        if spec is not None and spec.is_adapter:
+            units = await self._unload_adapter(spec)
+            if not units and not pending:
+                raise WorkerNotFound(f"adapter '{model}' is not loaded")
+            return units
         workers = self.table.of_model(model)
         if not workers and not pending:
             raise WorkerNotFound(f"model '{model}' is not loaded")

@@ -56,6 +56,10 @@ class Worker:
     released: asyncio.Event = field(default_factory=asyncio.Event)
     sleep_mode: bool = False  # started with vLLM's sleep mode
     trial: bool = False  # a cold-start trial with other start options than configured
+    # LoRA adapters loaded in it (model name -> when it last served one), and the lock
+    # that keeps its loads and unloads of adapters one at a time.
+    adapters: dict[str, float] = field(default_factory=dict)
+    adapter_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sleep_level: int = 0  # the level it sleeps at (or is going to sleep at, while draining); 0: none
     slept_at: float = 0.0  # wall time it fell asleep
     ram_bytes: int | None = None  # its unit's MemoryCurrent, read while it sleeps
@@ -83,6 +87,7 @@ class Worker:
             unit_active=self.unit_seen_active,
             load_phases_s=load_phases(self.marks),
             load_marks={k: round(v, 4) for k, v in self.marks.items()},
+            adapters=sorted(self.adapters),
             sleep_mode=self.sleep_mode,
             sleep_level=self.sleep_level or None if self.state is WorkerState.SLEEPING else None,
             ram_bytes=self.ram_bytes,
@@ -188,6 +193,8 @@ class WorkerTable:
         worker.state_reason = reason
         if state in TERMINAL or (previous in LEAVING and state not in LEAVING):
             worker.released.set()
+        elif state in LEAVING:
+            worker.released.clear()  # a worker woken from an earlier sleep is giving memory back again
         if state in TERMINAL:
             del self._workers[worker.unit]
             if not worker.done.done():

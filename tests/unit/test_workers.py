@@ -95,3 +95,20 @@ async def test_leaving_workers_are_found_by_gpu() -> None:
     table.add(b, "y")
     assert table.leaving_on((0,)) == [a] and table.leaving_on((1,)) == []
     assert table.counts()["draining"] == 1 and table.counts()["ready"] == 1
+
+
+async def test_released_means_this_leave_gave_its_memory_back_not_an_earlier_one() -> None:
+    table = WorkerTable(lambda: None)
+    w = worker(WorkerState.READY)
+    table.add(w, "test")
+    for state, released in (
+        (WorkerState.DRAINING, False),
+        (WorkerState.SLEEPING, True),
+        (WorkerState.WAKING, True),
+        (WorkerState.READY, True),
+        (WorkerState.DRAINING, False),  # drained again: the earlier sleep's release does not count
+        (WorkerState.STOPPING, False),
+        (WorkerState.GONE, True),
+    ):
+        table.move(w, state)
+        assert w.released.is_set() is released, state
