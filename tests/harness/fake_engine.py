@@ -198,6 +198,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if body.get("model") not in names and body.get("model") not in loras:
             return error(404, f"The model `{body.get('model')}` does not exist.")
         chat = request.path.endswith("/chat/completions")
+        served = body["model"]  # the base's name, or an adapter's (as vLLM answers)
         n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         prompt_tokens = len(json.dumps(body.get("messages") or body.get("prompt") or ""))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -229,7 +230,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
                     "id": rid,
                     "object": "chat.completion" if chat else "text_completion",
                     "created": created,
-                    "model": names[0],
+                    "model": served,
                     "choices": [choice],
                     "usage": usage,
                     "ssw_echo": echo,
@@ -239,7 +240,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         await resp.prepare(request)
         stats["running"] += 1
         try:
-            await stream(resp, chat, n_tokens, rid, created, body, usage)
+            await stream(resp, chat, n_tokens, rid, created, body, usage, served)
         except (ConnectionResetError, asyncio.CancelledError):
             # The reader went away: stop generating, as vLLM aborts the request.
             stats["aborted"] += 1
@@ -249,7 +250,14 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return resp
 
     async def stream(
-        resp: web.StreamResponse, chat: bool, n_tokens: int, rid: str, created: int, body: dict, usage: dict
+        resp: web.StreamResponse,
+        chat: bool,
+        n_tokens: int,
+        rid: str,
+        created: int,
+        body: dict,
+        usage: dict,
+        served: str,
     ) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         for i in range(n_tokens):
@@ -260,7 +268,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 "id": rid,
                 "object": obj,
                 "created": created,
-                "model": names[0],
+                "model": served,
                 "choices": [{"index": 0, **piece, "finish_reason": None}],
             }
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
@@ -268,7 +276,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             "id": rid,
             "object": obj,
             "created": created,
-            "model": names[0],
+            "model": served,
             "choices": [{"index": 0, **({"delta": {}} if chat else {"text": ""}), "finish_reason": "length"}],
         }
         await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
@@ -276,7 +284,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             await resp.write(
                 b"data: "
                 + json.dumps(
-                    {"id": rid, "object": obj, "created": created, "model": names[0], "choices": [], "usage": usage}
+                    {"id": rid, "object": obj, "created": created, "model": served, "choices": [], "usage": usage}
                 ).encode()
                 + b"\n\n"
             )
