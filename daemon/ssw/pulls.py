@@ -269,8 +269,11 @@ class Puller:
         except Exception as exc:  # the hub's errors: not found, gated, unreachable
             raise BadRequest(f"{req.repo}@{req.revision}: {type(exc).__name__}: {_first_line(exc)}") from exc
         chosen = select(files, req.patterns or DEFAULT_PATTERNS)
-        if not any(f.name == "config.json" for f in chosen):
-            raise BadRequest(f"{req.repo}@{req.revision} has no config.json among the files to fetch: not a model")
+        if not any(f.name in ("config.json", "adapter_config.json") for f in chosen):
+            raise BadRequest(
+                f"{req.repo}@{req.revision} has no config.json (nor a LoRA adapter's adapter_config.json) "
+                "among the files to fetch: not a model"
+            )
         total = sum(f.size for f in chosen)
         have = await asyncio.to_thread(_dir_bytes, self._partial(name))
         free = (await asyncio.to_thread(shutil.disk_usage, _existing(self.s.models_dir))).free
