@@ -14,6 +14,7 @@ import pytest
 from tests.harness.stack import (
     ADMIN_TOKENS,
     REPO,
+    SSW_VENV,
     VLLM_VENV,
     WORK_ROOT,
     Role,
@@ -110,6 +111,22 @@ class Stack:
         """The model with no worker, whatever the tests before this one did."""
         http("POST", self.admin + "/unload", {"model": model}, timeout=120)
         wait_for(lambda: not any(w["model"] == model for w in self.status()["workers"]), 60, f"{model} unloaded")
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The `ssw` command line against this stack, as an operator runs it."""
+        return subprocess.run(
+            [str(SSW_VENV / "bin/ssw"), "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=timeout,
+        )
+
+    def add_key(self, name: str, *extra: str) -> str:
+        """A new API key (`ssw keys add`), its secret as printed once."""
+        added = self.cli("keys", "add", name, *extra)
+        assert added.returncode == 0, added.stderr
+        return added.stdout.strip()
 
     def restart(self, role: Role) -> None:
         role.start().wait_healthy(self.public if role is self.gateway else self.admin)

@@ -37,21 +37,47 @@ def stack(sysbox: SysBox) -> Iterator[Stack]:
     make_adapter(models_dir / "lora-b", "tiny-base", rank=16)
     make_adapter(models_dir / "lora-c", "somewhere/else")  # models.yaml names its base
     make_adapter(models_dir / "orphan", "no-such-base")
-    models = {"tiny-base": {"max_loras": 2}, "lora-c": {"base": "tiny-base", "aliases": ["c"]}}
-    s = start_stack(sysbox, WORK_ROOT / f"adapters-{id(sysbox)}", models_dir, models, "fake")
+    make_adapter(models_dir / "lora-gone", "tiny-base")  # its files go away after the scan
+    models = {
+        "tiny-base": {"max_loras": 2},
+        "lora-c": {"base": "tiny-base", "aliases": ["c"]},
+        "lora-gone": {"fallbacks": ["lora-b"]},
+    }
+    extra = {"auth": {"enabled": True}}
+    s = start_stack(sysbox, WORK_ROOT / f"adapters-{id(sysbox)}", models_dir, models, "fake", extra)
+    KEYS["all"] = s.add_key("all")
+    KEYS["only-a"] = s.add_key("only-a", "--models", "lora-a")
+    wait_for(lambda: http("GET", s.public + "/v1/models", headers=auth("all"))[0] == 200, 10, "the keys")
     yield s
     stop_stack(s)
 
 
-def chat(stack: Stack, model: str) -> tuple[int, Any]:
+KEYS: dict[str, str] = {}
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[key]}"}
+
+
+def chat(stack: Stack, model: str, key: str = "all", **headers: str) -> tuple[int, Any]:
     status, _, body = http(
         "POST",
         stack.public + "/v1/chat/completions",
         {"model": model, "messages": CHAT, "max_tokens": 2},
-        headers={"X-SSW-Wait": "true"},
+        headers={"X-SSW-Wait": "true", **auth(key), **headers},
         timeout=60,
     )
     return status, body
+
+
+def chat_full(stack: Stack, model: str, **headers: str) -> tuple[int, dict[str, str], Any]:
+    return http(
+        "POST",
+        stack.public + "/v1/chat/completions",
+        {"model": model, "messages": CHAT, "max_tokens": 2},
+        headers={"X-SSW-Wait": "true", **auth("all"), **headers},
+        timeout=60,
+    )
 
 
 def base_worker(stack: Stack) -> dict[str, Any]:
@@ -60,7 +86,7 @@ def base_worker(stack: Stack) -> dict[str, Any]:
 
 
 def test_adapters_are_models_listed_with_their_base(stack: Stack) -> None:
-    listed = {m["id"]: m for m in http("GET", stack.public + "/v1/models")[2]["data"]}
+    listed = {m["id"]: m for m in http("GET", stack.public + "/v1/models", headers=auth("all"))[2]["data"]}
     assert {"tiny-base", "lora-a", "lora-b", "lora-c", "c"} <= set(listed)
     assert listed["lora-a"]["ssw"]["base"] == "tiny-base" and listed["lora-c"]["ssw"]["base"] == "tiny-base"
     assert "base" not in listed["tiny-base"]["ssw"]
@@ -119,3 +145,23 @@ def test_requests_for_adapters_are_counted_under_the_adapters_name(stack: Stack)
     assert chat(stack, "lora-b")[0] == 200
     metrics = http("GET", stack.gateway_metrics + "/metrics")[2]
     assert 'ssw_requests_total{model="lora-b",route="/v1/chat/completions",status="200"}' in metrics
+
+
+def test_a_key_scoped_to_an_adapter_reaches_it_and_not_its_base(stack: Stack) -> None:
+    status, body = chat(stack, "lora-a", key="only-a")
+    assert status == 200 and body["ssw_echo"]["lora"] == "lora-a"
+    for model in ("tiny-base", "lora-b"):
+        assert chat(stack, model, key="only-a")[0] == 403
+    listed = [m["id"] for m in http("GET", stack.public + "/v1/models", headers=auth("only-a"))[2]["data"]]
+    assert listed == ["lora-a"]
+
+
+def test_an_adapter_that_cannot_load_falls_back_to_another_adapter(stack: Stack) -> None:
+    gone = Path(stack.status()["models"]["lora-gone"]["path"])
+    (gone / "adapter_config.json").unlink()  # the engine refuses it now
+    assert chat(stack, "lora-b")[0] == 200  # fallbacks are models that are ready
+    status, headers, body = chat_full(stack, "lora-gone", **{"X-SSW-Fallback": "true"})
+    assert status == 200 and body["model"] == "lora-b" and body["ssw_echo"]["lora"] == "lora-b"
+    assert headers["x-ssw-fallback-from"] == "lora-gone"
+    status, _, body = chat_full(stack, "lora-gone", **{"X-SSW-Fallback": "false"})
+    assert status == 503 and "No adapter found" in body["error"]["message"]

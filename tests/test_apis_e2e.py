@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
 from tests.harness.fake_apis import CONTROL_PATHS
-from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, wait_for, worker_http
+from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -62,23 +61,12 @@ def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Itera
     stop_stack(s)
 
 
-def add_key(stack: Stack, name: str, *extra: str) -> str:
-    added = subprocess.run(
-        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "keys", "add", name, *extra],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
-    return added.stdout.strip()
-
-
 @pytest.fixture(scope="module")
 def keys(stack: Stack) -> dict[str, str]:
     out = {
-        "main": add_key(stack, "main"),
-        "other": add_key(stack, "other"),
-        "scoped": add_key(stack, "scoped", "--models", "other"),
+        "main": stack.add_key("main"),
+        "other": stack.add_key("other"),
+        "scoped": stack.add_key("scoped", "--models", "other"),
     }
     assert stack.gateway.proc is not None
     stack.gateway.proc.send_signal(signal.SIGHUP)  # every gateway process reloads the keys

@@ -5,7 +5,6 @@ are transient units in the disposable systemd host."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, http, socket_open, wait_for
+from tests.harness.stack import WORK_ROOT, http, socket_open, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -241,12 +240,7 @@ def test_unload_stops_the_unit_and_removes_its_socket(stack: Stack) -> None:
 def test_unloading_an_unknown_model_is_a_clear_404(stack: Stack) -> None:
     status, _, body = http("POST", stack.admin + "/unload", {"model": "no-such-model"})
     assert status == 404 and "no-such-model" in body["error"]["message"]
-    cli = subprocess.run(
-        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "unload", "no-such-model"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    cli = stack.cli("unload", "no-such-model")
     assert cli.returncode == 4
     assert cli.stderr.startswith("ssw: ") and len(cli.stderr.strip().splitlines()) == 1
 

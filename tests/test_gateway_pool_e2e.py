@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, http, wait_for
+from tests.harness.stack import WORK_ROOT, http, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -45,16 +45,10 @@ def children(stack: Stack) -> list[int]:
 
 @pytest.fixture(scope="module")
 def key(stack: Stack) -> str:
-    added = subprocess.run(
-        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "keys", "add", "pool"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    )
+    added = stack.add_key("pool")
     assert stack.gateway.proc is not None
     stack.gateway.proc.send_signal(signal.SIGHUP)  # the parent passes it on to every process
-    return added.stdout.strip()
+    return added
 
 
 def chat(stack: Stack, key: str, model: str = "alpha", wait: bool = False) -> int:

@@ -7,7 +7,6 @@ engine; each API key has its own mode."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, http, wait_for
+from tests.harness.stack import WORK_ROOT, http, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -46,14 +45,7 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
 def keys(stack: Stack) -> dict[str, str]:
     out = {}
     for mode in MODES:
-        added = subprocess.run(
-            [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "keys", "add", mode, "--not-loaded", mode],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            check=True,
-        )
-        out[mode] = added.stdout.strip()
+        out[mode] = stack.add_key(mode, "--not-loaded", mode)
     wait_for(lambda: http("GET", stack.public + "/v1/models", headers=auth(out["wait"]))[0] == 200, 10, "the keys")
     return out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
 from tests.harness.fake_hub import COMMIT, FakeHub
-from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, wait_for
+from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -78,18 +77,8 @@ def finished(stack: Stack, job_id: str, timeout: float = 60) -> dict[str, Any]:
     return done
 
 
-def ssw(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-
-
 def test_a_pull_with_the_cli_lands_a_servable_model(stack: Stack, hub: FakeHub) -> None:
-    cli = ssw(stack, "pull", "acme/tiny@main", "--name", "pulled")
+    cli = stack.cli("pull", "acme/tiny@main", "--name", "pulled")
     assert cli.returncode == 0, cli.stderr
     assert "pulled: in the models dir, servable now" in cli.stdout
     root = models_dir(stack)
@@ -158,7 +147,7 @@ def test_a_cancelled_pull_leaves_nothing_behind(stack: Stack, hub: FakeHub) -> N
     status, started = pull(stack, "cancelled")
     assert status == 202
     wait_for(lambda: job(stack, started["id"])["bytes_done"] > 0, 30, "the download to start")
-    cli = ssw(stack, "cancel", started["id"])
+    cli = stack.cli("cancel", started["id"])
     assert cli.returncode == 0 and "cancelled" in cli.stdout
     assert job(stack, started["id"])["status"] == "cancelled"
     assert not (models_dir(stack) / ".partial" / "cancelled").exists()

@@ -61,21 +61,11 @@ def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Itera
     stop_stack(s)
 
 
-def ssw(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
-
-
 @pytest.fixture(scope="module")
 def keys(stack: Stack) -> dict[str, str]:
     out = {}
     for name, extra in (("full", []), ("scoped", ["--models", "light"]), ("single", ["--max-in-flight", "1"])):
-        result = ssw(stack, "keys", "add", name, *extra)
+        result = stack.cli("keys", "add", name, *extra)
         assert result.returncode == 0, result.stderr
         out[name] = result.stdout.strip()
     # Picked up without a restart (the gateway polls the file; SIGHUP is immediate).
@@ -98,7 +88,7 @@ def test_keys_file_holds_only_digests(stack: Stack, keys: dict[str, str]) -> Non
     text = (stack.dir / "keys.yaml").read_text()
     assert all(secret not in text for secret in keys.values())
     assert "sha256" in text and oct((stack.dir / "keys.yaml").stat().st_mode)[-3:] in ("600", "640")
-    assert ssw(stack, "keys", "list").stdout.splitlines() == ["full: all models", "scoped: light", "single: all models"]
+    assert stack.cli("keys", "list").stdout.splitlines() == ["full: all models", "scoped: light", "single: all models"]
 
 
 def test_401_without_or_with_a_wrong_key_200_with_a_right_one(stack: Stack, keys: dict[str, str]) -> None:
@@ -129,7 +119,7 @@ def test_403_outside_the_keys_scope_without_saying_whether_the_model_exists(stac
 
 
 def test_revoking_a_key_takes_effect_without_a_restart(stack: Stack, keys: dict[str, str]) -> None:
-    result = ssw(stack, "keys", "add", "temp")
+    result = stack.cli("keys", "add", "temp")
     temp = result.stdout.strip()
     wait_for(
         lambda: http("GET", stack.public + "/v1/models", headers={"Authorization": f"Bearer {temp}"})[0] == 200,
@@ -137,14 +127,14 @@ def test_revoking_a_key_takes_effect_without_a_restart(stack: Stack, keys: dict[
         "the new key",
     )
     pid = stack.gateway.proc.pid  # type: ignore[union-attr]
-    assert ssw(stack, "keys", "revoke", "temp").returncode == 0
+    assert stack.cli("keys", "revoke", "temp").returncode == 0
     wait_for(
         lambda: http("GET", stack.public + "/v1/models", headers={"Authorization": f"Bearer {temp}"})[0] == 401,
         10,
         "the revocation",
     )
     assert stack.gateway.proc.pid == pid and stack.gateway.proc.poll() is None  # type: ignore[union-attr]
-    assert ssw(stack, "keys", "revoke", "temp").returncode == 4
+    assert stack.cli("keys", "revoke", "temp").returncode == 4
 
 
 def test_the_admin_api_needs_its_token(stack: Stack, keys: dict[str, str]) -> None:
@@ -202,7 +192,7 @@ def test_a_fallback_never_widens_a_keys_scope_or_limits(stack: Stack, keys: dict
     status, headers, body = http("POST", url, {"model": "flaky", "messages": CHAT}, headers=flaky, timeout=60)
     assert status == 200 and body["model"] == "beta" and headers["x-ssw-fallback-from"] == "flaky"
     # A key for 'light' and 'flaky' only: beta is out of its scope, so alpha ('light') answers.
-    added = ssw(stack, "keys", "add", "narrow", "--models", "flaky,light")
+    added = stack.cli("keys", "add", "narrow", "--models", "flaky,light")
     narrow = {"Authorization": f"Bearer {added.stdout.strip()}", **wait}
     stack.gateway.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
     wait_for(lambda: http("GET", stack.public + "/v1/models", headers=narrow)[0] == 200, 10, "the new key")
@@ -213,7 +203,7 @@ def test_a_fallback_never_widens_a_keys_scope_or_limits(stack: Stack, keys: dict
         "POST", url, {"model": "flaky", "messages": CHAT, "max_tokens": 500}, headers=narrow, timeout=60
     )
     assert status == 503 and body["error"]["code"] == "load_failed"
-    ssw(stack, "keys", "revoke", "narrow")
+    stack.cli("keys", "revoke", "narrow")
 
 
 def test_in_flight_limit_per_key(stack: Stack, keys: dict[str, str]) -> None:

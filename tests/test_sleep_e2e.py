@@ -151,9 +151,7 @@ def test_an_evicted_model_sleeps_and_wakes_for_its_next_request(stack: Stack) ->
     metrics = http("GET", stack.admin + "/metrics")[2]
     assert 'ssw_workers{state="sleeping"} 1.0' in metrics
     assert worker_http(a["socket"], "GET", "/is_sleeping")[1] == {"is_sleeping": True}
-    cli = subprocess.run(
-        [str(SSW_VENV / "bin/ssw"), "--config", str(stack.config), "status"], capture_output=True, text=True
-    )
+    cli = stack.cli("status")
     assert cli.returncode == 0 and f"{a['unit']}: sleeping on GPU 0" in cli.stdout
     assert "asleep at level 1" in cli.stdout
     # Its host memory is read from its cgroup: the weights it keeps, resident.

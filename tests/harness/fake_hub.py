@@ -39,6 +39,7 @@ class FakeHub:
     port: int = 0
     _runner: web.AppRunner | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -117,8 +118,10 @@ class FakeHub:
             self.port = self._runner.addresses[0][1]
             ready.set()
             loop.run_forever()
+            loop.close()  # its self-pipe is a socket pair: never left to the garbage collector
 
-        threading.Thread(target=run, daemon=True).start()
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
         ready.wait(10)
         return self
 
@@ -126,3 +129,5 @@ class FakeHub:
         if self._loop is not None and self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
