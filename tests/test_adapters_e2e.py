@@ -104,6 +104,7 @@ def test_an_adapter_is_served_by_a_base_worker_with_lora_on(stack: Stack) -> Non
     # Rank 16 (lora-b) is the largest present; max_loras from models.yaml.
     assert "--enable-lora --max-loras 2 --max-lora-rank 16" in exec_start
     assert "lora-a" in worker["adapters"]
+    assert "adapters lora-a" in stack.cli("status").stdout
     status, body = chat(stack, "tiny-base")
     assert status == 200 and body["ssw_echo"]["lora"] is None
 

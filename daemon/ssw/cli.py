@@ -160,6 +160,7 @@ def _print_status(st: Status) -> None:
             + (", pinned" if w.pinned else "")
             + (f", asleep at level {w.sleep_level or '?'}" if w.state == "sleeping" else "")
             + (f", host memory {_gb(w.ram_bytes)}" if w.state == "sleeping" and w.ram_bytes else "")
+            + (f", adapters {', '.join(w.adapters)}" if w.adapters else "")
         )
         if w.state_reason:
             print(f"    {w.state_reason}")
