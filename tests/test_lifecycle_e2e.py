@@ -167,6 +167,9 @@ def test_a_loader_restarted_during_a_drain_finishes_it(stack: Stack) -> None:
     time.sleep(0.5)
     in_background(lambda: http("POST", stack.admin + "/unload", {"model": "solo"}, timeout=60))
     wait_for(lambda: workers(stack, "solo")[0]["state"] == "draining", 10, "the drain")
+    # Killed once the drain is on disk (a few milliseconds after it shows as draining).
+    retiring = stack.dir / "state" / "retiring.json"
+    wait_for(lambda: retiring.exists() and worker["unit"] in retiring.read_text(), 10, "the drain to be recorded")
     stack.loader.kill(signal.SIGKILL)
     stack.restart(stack.loader)
     # The new loader knows the unit and that it was being taken down.
