@@ -54,6 +54,9 @@ def models() -> dict[str, Any]:
         "nap": {**sleeper(), "idle_ttl_s": 2},
         "quit": {"path": "m", "vram_gb": 2, "gpus": [1], "idle_ttl_s": 2},
         "pre": {"path": "m", "vram_gb": 2, "gpus": [1], "preload": True},
+        # Pinned: never sleeps unless models.yaml says so.
+        "pinnap": {**sleeper(), "vram_gb": 1, "gpus": [1], "pinned": True, "idle_ttl_s": 2},
+        "pinwake": {"path": "m", "vram_gb": 1, "gpus": [1], "pinned": True, "idle_ttl_s": 2},
         # Prewarmed from the request records seeded in Redis before the loader starts.
         "hot": {"path": "m", "vram_gb": 2, "gpus": [1]},
         "warm": {"path": "m", "vram_gb": 2, "gpus": [1]},
@@ -381,3 +384,11 @@ def test_cold_starts_are_timed_per_set_of_start_options_and_kept(stack: Stack) -
     bad = http("POST", stack.admin + "/coldstart", {"model": "b", "options": {"load_format": "x; rm -rf /"}})
     assert bad[0] == 422 and "load_format" in bad[2]["error"]["message"]
     assert http("POST", stack.admin + "/coldstart", {"model": "b", "options": {"gpus": [1]}})[0] == 422
+
+
+def test_pinned_models_sleep_on_idle_only_when_told_to(stack: Stack) -> None:
+    wait_for(lambda: state_of(stack, "pinnap") == "sleeping", 30, "the pinned model with sleep: true to sleep")
+    assert state_of(stack, "pinwake") == "ready"  # sleep: auto is off for pinned models, and it is never stopped
+    assert "--enable-sleep-mode" not in stack.unit_show("ssw-worker@pinwake.service", "ExecStart")["ExecStart"]
+    status, _, body = chat(stack, "pinnap")
+    assert status == 200 and body["model"] == "pinnap"
