@@ -201,6 +201,25 @@ def test_loader_killed_while_twenty_clients_wait_every_one_is_served_by_one_unit
     wait_for(lambda: not units_of(stack, "slowload"), 30, "its units to go")
 
 
+def test_a_request_that_arrives_while_the_loader_is_down_waits_for_it(stack: Stack) -> None:
+    stack.unload("solo")
+    stack.loader.kill(signal.SIGKILL)
+    try:
+        # The gateway cannot ask for the load: it holds the request and asks again.
+        thread, result = http_in_background(
+            "POST",
+            stack.public + "/v1/chat/completions",
+            {"model": "solo", "messages": CHAT, "max_tokens": 2},
+            timeout=60,
+        )
+        time.sleep(1.5)
+        assert thread.is_alive()  # held, not refused
+    finally:
+        stack.restart(stack.loader)
+    thread.join(60)
+    assert result["status"] == 200 and result["body"]["model"] == "solo"
+
+
 def test_a_pinned_model_comes_back_after_its_directory_was_unreadable(stack: Stack) -> None:
     model_dir = Path(stack.status()["models"]["pinme"]["path"])
     before = ready_one(stack, "pinme")

@@ -59,6 +59,7 @@ from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER_S = 60  # when a model has never loaded here
+LOADER_RETRY_S = 0.5  # how often a load is asked for again while the loader cannot be reached
 DEFAULT_WAKE_S = 5  # a sleeping model that never woke here: vLLM wakes in about a second
 WAIT_HEADER = b"x-ssw-wait"
 PRIORITY_HEADER = b"x-ssw-priority"
@@ -139,6 +140,7 @@ class Gateway:
         self._names: Names | None = None
         # model -> (epoch, seq) of the snapshot that reflects its load request
         self._asked: dict[str, tuple[str, int]] = {}
+        self._asking: set[str] = set()  # models whose load is being asked for again
         self._tasks: set[asyncio.Task[Any]] = set()
         loader.on_snapshot(self._on_snapshot)
 
@@ -205,7 +207,7 @@ class Gateway:
                 self.queue.fail(model, ModelNotFound(model, sorted(snap.models)))
                 continue
             if restarted and model not in names.live and entry.load.state is LoadState.IDLE:
-                self._spawn(self._ask_again(model))
+                self._ask_again_soon(model)
                 continue
             failure = self._failure(model, entry, names)
             if failure is not None:
@@ -226,13 +228,28 @@ class Gateway:
             return LoadFailed(f"loading '{model}' failed: {why}", self.retry_after(model))
         return None
 
+    def _ask_again_soon(self, model: str) -> None:
+        if model not in self._asking:
+            self._asking.add(model)
+            self._spawn(self._ask_again(model))
+
     async def _ask_again(self, model: str) -> None:
+        """Ask the loader for the load its waiters need; while it cannot be reached (it
+        is restarting), keep asking as long as anyone waits."""
         try:
-            accepted = await self.loader.request_load(model)
-        except SswError as exc:
-            self.queue.fail(model, exc)
-            return
-        self._asked[model] = (accepted.epoch, accepted.seq)
+            while self.queue.depth(model):
+                try:
+                    accepted = await self.loader.request_load(model)
+                except LoaderUnavailable:
+                    await asyncio.sleep(LOADER_RETRY_S)
+                    continue
+                except SswError as exc:
+                    self.queue.fail(model, exc)
+                    return
+                self._asked[model] = (accepted.epoch, accepted.seq)
+                return
+        finally:
+            self._asking.discard(model)
 
     async def workers_for(self, model: str, mode: str, priority: str, reply: Reply, stream: bool) -> list[WorkerView]:
         """The model's ready workers; while it is not ready, hold the request (mode
@@ -247,15 +264,24 @@ class Gateway:
             failure = self._failure(model, entry, names)
             assert failure is not None
             raise failure
+        reask = False
         if rec.state is LoadState.IDLE and model not in names.live:
-            accepted = await self.loader.request_load(model)
-            self._asked[model] = (accepted.epoch, accepted.seq)
+            try:
+                accepted = await self.loader.request_load(model)
+            except LoaderUnavailable:
+                if mode != "wait":
+                    raise
+                reask = True  # held, and asked again once the loader is back (a restart takes seconds)
+            else:
+                self._asked[model] = (accepted.epoch, accepted.seq)
         else:
             self._asked.setdefault(model, (names.snap.epoch, names.snap.seq))
         retry = self.retry_after(model)
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading", retry)
         waiter = self.queue.add(model, priority, retry)
+        if reask:
+            self._ask_again_soon(model)
         self._check_waiters()  # it may have become ready (or failed) meanwhile
         keepalive = self._spawn_keepalive(reply) if stream else None
         try:
