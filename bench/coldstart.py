@@ -46,7 +46,8 @@ def cold_start(args: argparse.Namespace, headers: dict[str, str], options: dict[
             result: dict[str, Any] = json.loads(resp.read())
             return result
     except urllib.error.HTTPError as exc:
-        error = json.loads(exc.read() or b"{}").get("error", {})
+        with exc:
+            error = json.loads(exc.read() or b"{}").get("error", {})
         sys.exit(f"coldstart: {json.dumps(options)}: HTTP {exc.code}: {error.get('message', '')}")
 
 

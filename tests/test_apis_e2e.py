@@ -17,7 +17,6 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
@@ -162,7 +161,7 @@ def test_responses_create_stream_retrieve_and_continue_on_the_holding_worker(
         streamed_id = events[0].response.id
         assert c.responses.retrieve(streamed_id).output_text == text
     # Every gateway process and a restarted gateway find them: noted in Redis with an expiry.
-    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    r = redis_server.client(decode_responses=True)
     ttl = r.ttl(f"ssw:response:{streamed_id}")
     assert 0 < ttl <= 24 * 3600
     assert json.loads(r.get(f"ssw:response:{streamed_id}"))[:2][0] == "alpha"
@@ -210,9 +209,12 @@ def test_a_background_response_can_be_cancelled(stack: Stack, keys: dict[str, st
 # --- Anthropic Messages -------------------------------------------------------------------------------
 
 
-def test_anthropic_sdk_messages_streamed_and_not_and_count_tokens(stack: Stack, keys: dict[str, str]) -> None:
+def test_anthropic_sdk_messages_streamed_and_not_and_count_tokens(
+    stack: Stack, keys: dict[str, str], request: pytest.FixtureRequest
+) -> None:
     stack.load("alpha")
     client = anthropic.Anthropic(base_url=stack.public, api_key=keys["main"], max_retries=0)  # sends x-api-key
+    request.addfinalizer(client.close)
     message = client.messages.create(model="light", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert message.content[0].text == "t0 t1 t2" and message.model == "alpha"  # type: ignore[union-attr]
     assert message.usage.output_tokens == 3
@@ -226,10 +228,11 @@ def test_anthropic_sdk_messages_streamed_and_not_and_count_tokens(stack: Stack, 
     with pytest.raises(anthropic.NotFoundError) as missing:
         client.messages.create(model="nope", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
-    with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(base_url=stack.public, api_key="wrong", max_retries=0).messages.create(
-            model="alpha", max_tokens=3, messages=[{"role": "user", "content": "hi"}]
-        )
+    with (
+        anthropic.Anthropic(base_url=stack.public, api_key="wrong", max_retries=0) as wrong,
+        pytest.raises(anthropic.AuthenticationError),
+    ):
+        wrong.messages.create(model="alpha", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     status, _, body = post(
         stack, keys["main"], "/v1/messages", {"model": "alpha", "messages": [{"role": "user", "content": "x"}]}
     )
@@ -344,12 +347,14 @@ def test_requests_are_counted_per_route_with_their_tokens(
     stack: Stack, keys: dict[str, str], redis_server: RedisServer
 ) -> None:
     stack.load("alpha")
-    client = anthropic.Anthropic(base_url=stack.public, api_key=keys["main"], max_retries=0)
-    with client.messages.stream(model="alpha", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as stream:
+    with (
+        anthropic.Anthropic(base_url=stack.public, api_key=keys["main"], max_retries=0) as client,
+        client.messages.stream(model="alpha", max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as stream,
+    ):
         stream.get_final_message()
     with oai(stack, keys["main"]) as c:
         list(c.responses.create(model="alpha", input="hi", max_output_tokens=6, stream=True))
-    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    r = redis_server.client(decode_responses=True)
 
     def record(route: str, completion: int) -> dict[str, Any] | None:
         for _, fields in reversed(r.xrange("ssw:requests")):

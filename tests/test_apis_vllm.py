@@ -42,8 +42,9 @@ def stack(sysbox: SysBox, tiny_model: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
 
 
 def test_capabilities_measured_from_what_vllm_mounted(stack: Stack) -> None:
@@ -75,8 +76,9 @@ def test_responses_api_with_the_openai_sdk(client: openai.OpenAI) -> None:
         client.responses.retrieve("resp_" + "0" * 32)
 
 
-def test_anthropic_messages_with_the_anthropic_sdk(stack: Stack) -> None:
+def test_anthropic_messages_with_the_anthropic_sdk(stack: Stack, request: pytest.FixtureRequest) -> None:
     client = anthropic.Anthropic(base_url=stack.public, api_key="unused", max_retries=0, timeout=120)
+    request.addfinalizer(client.close)
     message = client.messages.create(model="tiny", max_tokens=6, messages=[{"role": "user", "content": "Hi."}])
     assert message.type == "message" and message.usage.output_tokens > 0
     with client.messages.stream(model="light", max_tokens=6, messages=[{"role": "user", "content": "Hi."}]) as stream:

@@ -40,8 +40,9 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
 
 
 def ready(stack: Stack, model: str) -> bool:

@@ -56,8 +56,9 @@ def tiny(stack: Stack) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120)
+def client(stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=stack.public + "/v1", api_key="unused", max_retries=0, timeout=120) as c:
+        yield c
 
 
 def test_list_models(client: openai.OpenAI) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from ssw.redis_sink import RedisSink, RequestRecord
@@ -62,7 +61,7 @@ def ssw(stack: Stack | None, *args: str, config: Path | None = None) -> subproce
 
 
 def records(redis_server: RedisServer) -> int:
-    return int(redis.Redis.from_url(redis_server.url).xlen("ssw:requests"))
+    return int(redis_server.client().xlen("ssw:requests"))
 
 
 def model_stats(stack: Stack, model: str) -> dict[str, Any]:
@@ -166,7 +165,7 @@ async def test_a_long_request_ending_after_a_later_one_is_still_recorded(redis_s
     assert await sink._flush()
     await sink.close()
     assert (sink.written, sink.dropped) == (2, 0)
-    assert redis.Redis.from_url(redis_server.url).xlen("ssw-order:requests") == 2
+    assert redis_server.client().xlen("ssw-order:requests") == 2
 
 
 def test_prometheus_endpoints_parse_and_carry_the_series(stack: Stack) -> None:
@@ -214,7 +213,7 @@ def test_prometheus_endpoints_parse_and_carry_the_series(stack: Stack) -> None:
 
 
 def test_gpu_samples_reach_status_and_redis(stack: Stack, redis_server: RedisServer) -> None:
-    r = redis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     wait_for(lambda: r.xlen("ssw:gpu:0") > 0, 30, "GPU samples in Redis")
     sample: dict[Any, Any] = r.xrevrange("ssw:gpu:0", count=1)[0][1]
     assert int(sample[b"memory_total_bytes"]) == 48 * 10**9

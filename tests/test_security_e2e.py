@@ -16,7 +16,6 @@ from typing import Any
 
 import openai
 import pytest
-import redis
 
 from tests.conftest import Stack, start_stack, stop_stack
 from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, wait_for
@@ -308,7 +307,7 @@ def test_no_key_or_token_in_journal_logs_redis_status_or_units(
     # One request under a key, recorded, so there is something for a secret to leak into.
     with client(stack, keys["full"]) as c:
         c.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
-    r = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    r = redis_server.client(decode_responses=True)
     wait_for(
         lambda: any(json.loads(fields["r"])["key"] == "full" for _, fields in r.xrange("ssw:requests")),
         15,

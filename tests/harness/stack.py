@@ -17,6 +17,7 @@ from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
+import redis
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +62,10 @@ def http(
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, hdrs, raw = resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as exc:
-        status, hdrs, raw = exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+        # An error answer holds its connection until closed; left to the garbage
+        # collector it is a ResourceWarning in whichever test runs then.
+        with exc:
+            status, hdrs, raw = exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
     try:
         return status, hdrs, json.loads(raw)
     except ValueError:
@@ -250,6 +254,7 @@ class RedisServer:
         self.port = free_port()
         self.dir = directory
         self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[redis.Redis] = []
 
     @property
     def url(self) -> str:
@@ -277,7 +282,17 @@ class RedisServer:
         wait_for(lambda: port_open(self.port), 10, "redis-server")
         return self
 
+    def client(self, **kw: Any) -> redis.Redis:
+        """A client of this server, closed when the server stops (an unclosed one is a
+        ResourceWarning in whichever test the garbage collector runs in)."""
+        c = redis.Redis.from_url(self.url, **kw)
+        self._clients.append(c)
+        return c
+
     def stop(self) -> None:
+        for c in self._clients:
+            c.close()
+        self._clients.clear()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
