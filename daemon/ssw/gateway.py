@@ -19,7 +19,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
@@ -588,21 +588,25 @@ def _request_head(
 # the schemas allow additional properties. Published at /openapi.json.
 _MODEL = {"type": "string", "description": "A model name or alias."}
 _MAX_TOKENS = {"type": "integer", "minimum": 1}
+
+
+def _messages(roles: Iterable[str]) -> dict[str, Any]:
+    """A non-empty list of messages with one of these roles (chat's and Anthropic's differ)."""
+    item = {
+        "type": "object",
+        "required": ["role"],
+        "properties": {"role": {"type": "string", "enum": list(roles)}, "content": {}},
+    }
+    return {"type": "array", "minItems": 1, "items": item}
+
+
 REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {
         "type": "object",
         "required": ["model", "messages"],
         "properties": {
             "model": _MODEL,
-            "messages": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["role"],
-                    "properties": {"role": {"type": "string", "enum": list(CHAT_ROLES)}, "content": {}},
-                },
-            },
+            "messages": _messages(CHAT_ROLES),
             "max_tokens": _MAX_TOKENS,
             "max_completion_tokens": _MAX_TOKENS,
             "stream": {"type": "boolean"},
@@ -634,15 +638,7 @@ REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["model", "messages", "max_tokens"],
         "properties": {
             "model": _MODEL,
-            "messages": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "required": ["role"],
-                    "properties": {"role": {"type": "string", "enum": list(ANTHROPIC_ROLES)}, "content": {}},
-                },
-            },
+            "messages": _messages(ANTHROPIC_ROLES),
             "max_tokens": _MAX_TOKENS,
             "stream": {"type": "boolean"},
         },

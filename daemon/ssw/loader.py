@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -438,19 +438,20 @@ def admin_app(loader: Loader) -> FastAPI:
     async def jobs() -> dict[str, Any]:
         return {"jobs": [j.model_dump(mode="json", exclude={"files"}) for j in await loader.puller.list()]}
 
-    @app.get("/jobs/{job_id}")
-    async def job(job_id: str) -> dict[str, Any]:
-        found = await loader.puller.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    async def job_or_404(job_id: str, act: Callable[[str], Awaitable[pulls.Job | None]]) -> dict[str, Any]:
+        # Ids are checked before they reach Redis keys.
+        found = await act(job_id) if JOB_ID.fullmatch(job_id) else None
         if found is None:
             raise JobNotFound(f"no job {clip(job_id)}")
         return found.model_dump(mode="json")
 
+    @app.get("/jobs/{job_id}")
+    async def job(job_id: str) -> dict[str, Any]:
+        return await job_or_404(job_id, loader.puller.get)
+
     @app.delete("/jobs/{job_id}")
     async def cancel_job(job_id: str) -> dict[str, Any]:
-        found = await loader.puller.cancel(job_id) if JOB_ID.fullmatch(job_id) else None
-        if found is None:
-            raise JobNotFound(f"no job {clip(job_id)}")
-        return found.model_dump(mode="json")
+        return await job_or_404(job_id, loader.puller.cancel)
 
     @app.post("/unload")
     async def unload(req: UnloadRequest) -> dict[str, Any]:
