@@ -17,6 +17,7 @@ from tests.harness.stack import (
     SSW_VENV,
     VLLM_VENV,
     WORK_ROOT,
+    RedisServer,
     Role,
     free_port,
     http,
@@ -72,6 +73,14 @@ def tiny_model() -> Path:
             capture_output=True,
         )
     return out
+
+
+@pytest.fixture(scope="module")
+def redis_server(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A real Redis of the test module's own (its data in a directory named after it)."""
+    server = RedisServer(WORK_ROOT / f"redis-{request.module.__name__.rsplit('.', 1)[-1]}").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,6 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(WORK_ROOT / "redis-apis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Iterator[Stack]:
     classifier = {**QWEN2_CONFIG, "architectures": ["Qwen2ForSequenceClassification"]}
     make_model_dir(models_root / "fake-ranker", {**classifier, "num_labels": 1})  # a cross-encoder

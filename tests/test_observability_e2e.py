@@ -25,13 +25,6 @@ MODELS = {"alpha": {"path": "fake-a", "vram_gb": 2, "aliases": ["light"]}, "beta
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(WORK_ROOT / "redis-observability").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Iterator[Stack]:
     s = start_stack(
         sysbox,

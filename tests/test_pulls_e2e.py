@@ -34,13 +34,6 @@ def hub() -> Iterator[FakeHub]:
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(WORK_ROOT / "redis-pulls").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(sysbox: SysBox, hub: FakeHub, redis_server: RedisServer) -> Iterator[Stack]:
     models_dir = WORK_ROOT / f"pulls-models-{id(sysbox)}"
     models_dir.mkdir(parents=True, exist_ok=True)

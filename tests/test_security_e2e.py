@@ -39,13 +39,6 @@ HOSTILE = ["../../etc/passwd", "a;b", "x@y.service", "$(reboot)", "ssw-worker@al
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(WORK_ROOT / "redis-security").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Iterator[Stack]:
     extra = {
         "auth": {"enabled": True},

@@ -81,13 +81,6 @@ def seed_request_records(url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(WORK_ROOT / "redis-sleep").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def stack(sysbox: SysBox, redis_server: RedisServer) -> Iterator[Stack]:
     models_dir = WORK_ROOT / f"sleep-models-{id(sysbox)}"
     make_model_dir(models_dir / "m", QWEN2_CONFIG)
