@@ -950,7 +950,7 @@ class Supervisor:
             if details is not None and details.memory_current is not None:
                 w.ram_bytes = details.memory_current
         budget = self._ram_budget()
-        sleepers = [tiers.Sleeper(w.unit, w.ram_bytes or 0, max(w.slept_at, w.last_used)) for w in asleep]
+        sleepers = [tiers.Sleeper(w.unit, w.ram_bytes or 0, max(w.slept_at, w.last_used), w.pinned) for w in asleep]
         total = sum(x.ram_bytes for x in sleepers)
         for unit in tiers.over_budget(sleepers, budget):
             worker = self.table.get(unit)

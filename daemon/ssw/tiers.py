@@ -73,13 +73,15 @@ class Sleeper:
     unit: str
     ram_bytes: int  # cgroup MemoryCurrent
     slept_at: float  # when it last served, or fell asleep
+    pinned: bool = False  # counts against the budget, but is never stopped for it
 
 
 def over_budget(sleepers: Sequence[Sleeper], ram_budget: int) -> list[str]:
-    """The least recently used sleepers to stop until the rest fit in the budget."""
+    """The least recently used unpinned sleepers to stop until the rest fit in the budget
+    (pinned models are never evicted, asleep or not)."""
     total = sum(s.ram_bytes for s in sleepers)
     stop: list[str] = []
-    for s in sorted(sleepers, key=lambda s: s.slept_at):
+    for s in sorted((s for s in sleepers if not s.pinned), key=lambda s: s.slept_at):
         if total <= ram_budget:
             break
         stop.append(s.unit)

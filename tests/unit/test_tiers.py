@@ -56,6 +56,8 @@ def test_the_reason_says_what_did_not_fit() -> None:
         ([Sleeper("c", 4, 3.0), Sleeper("a", 4, 1.0), Sleeper("b", 4, 2.0)], 4, ["a", "b"]),
         ([Sleeper("new", 9, 5.0), Sleeper("old", 2, 1.0)], 9, ["old"]),
         ([Sleeper("a", 4, 1.0)], 0, ["a"]),
+        ([Sleeper("pin", 4, 1.0, pinned=True), Sleeper("b", 4, 2.0), Sleeper("c", 4, 3.0)], 10, ["b"]),
+        ([Sleeper("pin", 4, 1.0, pinned=True)], 0, []),
     ],
 )
 def test_least_recently_used_sleepers_go_first_when_host_memory_runs_short(
