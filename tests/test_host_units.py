@@ -36,6 +36,8 @@ def host(sysbox: SysBox, models_root: Path) -> Iterator[tuple[SysBox, str, str]]
         extra={
             # The sandboxed loader may write only its StateDirectory and RuntimeDirectory.
             "state_dir": "/var/lib/ssw",
+            # The gateway's own StateDirectory: uploaded files, batch results, async jobs.
+            "batch": {"dir": "/var/lib/ssw/batches"},
             "workers": {"socket_dir": "/run/ssw/workers", "stop_timeout_s": 10, "drain_timeout_s": 10},
             "auth": {
                 "enabled": False,

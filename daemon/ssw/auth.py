@@ -161,6 +161,9 @@ class KeyRing:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def named(self, name: str) -> ApiKey | None:
+        return next((k for k in self._keys.values() if k.name == name), None)
+
     def check(self, secret: str | None) -> ApiKey:
         """The key whose secret was presented (Authorization: Bearer, or x-api-key)."""
         if secret is None:

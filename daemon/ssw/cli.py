@@ -261,6 +261,27 @@ def _pull(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     return job
 
 
+async def _batches(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    from .batch_api import batch_view
+    from .batch_states import BatchStatus
+    from .batch_store import BatchStore
+
+    store = BatchStore(cfg.redis_url, cfg.batch.dir, cfg.batch.retain_s)
+    try:
+        if args.batch is None:
+            records = await store.list_batches(None, None, args.limit)
+        else:
+            record = await store.batch(args.batch)
+            if record is None:
+                raise CliError(f"no batch {args.batch}", EXIT_NOT_FOUND)
+            if args.cancel and not await store.move_batch(args.batch, BatchStatus.CANCELLING):
+                raise CliError(f"batch {args.batch} is {record['status']}: it cannot be cancelled", EXIT_ERROR)
+            records = [await store.batch(args.batch) or record]
+        return {"data": [{**batch_view(r), "owner": r.get("owner", "")} for r in records[: args.limit]]}
+    finally:
+        await store.close()
+
+
 def _logs(cfg: Config, args: argparse.Namespace) -> None:
     model = urllib.parse.quote(args.model, safe="")
     seen: list[str] = []
@@ -322,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     p_logs.add_argument("-n", "--lines", type=int, default=100)
     p_logs.add_argument("-f", "--follow", action="store_true")
     p_logs.add_argument("--replica", type=int, default=1)
+    p_batches = verb("batches", "batches of every API key (from Redis), newest first; or one batch")
+    p_batches.add_argument("batch", nargs="?", help="a batch id: show it")
+    p_batches.add_argument("--cancel", action="store_true", help="cancel that batch")
+    p_batches.add_argument("--limit", type=int, default=50)
     verb("stats", "request statistics from Redis").add_argument("--window", default="5m", help="e.g. 30s, 5m, 1h")
     verb("check-config", "validate the config and models.yaml and print the resolved registry")
     verb("config", "print the effective config with defaults")
@@ -418,6 +443,18 @@ def main(argv: list[str] | None = None) -> int:
                 out = _admin(cfg, "GET", f"/logs/{model}?lines={args.lines}&replica={args.replica}")
             else:
                 _logs(cfg, args)
+        elif args.verb == "batches":
+            out = asyncio.run(_batches(cfg, args))
+            if not args.json:
+                for b in out["data"]:
+                    counts = b["request_counts"]
+                    print(
+                        f"{b['id']} {b['status']:<11} key={b['owner'] or '-'} {b['endpoint']} "
+                        f"{counts['completed']}+{counts['failed']} failed/{counts['total']} "
+                        f"created {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(b['created_at']))}"
+                        + (f" output={b['output_file_id']}" if b["output_file_id"] else "")
+                        + (f" errors={b['error_file_id']}" if b["error_file_id"] else "")
+                    )
         elif args.verb == "stats":
             out = _admin(cfg, "GET", f"/stats?window={urllib.parse.quote(args.window)}")
             if not args.json:

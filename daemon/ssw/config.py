@@ -372,6 +372,44 @@ class LimitSettings(_Section):
     )
 
 
+class BatchSettings(_Section):
+    dir: Path = Field(
+        default=Path("/var/lib/ssw/batches"),
+        description="Where the gateway keeps uploaded files, batch results and async jobs (its state in Redis).",
+    )
+    max_file_bytes: int = Field(default=200 * 2**20, ge=1024, description="Largest uploaded file (413 beyond).")
+    max_lines: int = Field(default=50_000, ge=1, description="Most requests in one batch's input file.")
+    concurrency_per_model: int = Field(
+        default=4, ge=1, description="Batch lines and async jobs one model runs at once, across the host."
+    )
+    protect_interactive_s: float = Field(
+        default=600.0,
+        ge=0,
+        description="A batch never loads a model by evicting one that served interactive (not batch) "
+        "traffic within this many seconds; its lines wait instead.",
+    )
+    yield_check_s: float = Field(
+        default=0.5,
+        gt=0,
+        description="How often the batch runner reads each busy model's queue; while interactive requests "
+        "queue at a worker (vLLM's waiting requests), no new batch line starts on that model.",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="Tries for a line that a worker fails with a 5xx before it counts as failed."
+    )
+    retain_s: float = Field(
+        default=30 * 24 * 3600.0,
+        gt=0,
+        description="How long finished batches, async jobs and their files are kept after they end.",
+    )
+    job_timeout_s: float = Field(
+        default=24 * 3600.0, gt=0, description="An async job (X-SSW-Async) not run within this long expires."
+    )
+    max_completion_window_s: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="Longest completion_window a batch may ask for."
+    )
+
+
 class Config(_Section):
     public: Listen = Field(
         default=Listen(host="0.0.0.0", port=8000), description="The OpenAI API (gateway) listens here."
@@ -395,6 +433,7 @@ class Config(_Section):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     pulls: PullSettings = Field(default_factory=PullSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("admin")
@@ -416,6 +455,8 @@ class Config(_Section):
             for key in ("keys_file", "admin_token_file", "gateway_token_file")
             if not getattr(self.auth, key).is_absolute()
         }
+        if not self.batch.dir.is_absolute():
+            updates["batch"] = self.batch.model_copy(update={"dir": (base / self.batch.dir).resolve()})
         if auth_paths:
             updates["auth"] = self.auth.model_copy(update=auth_paths)
         if not self.vllm.python.is_absolute() and len(self.vllm.python.parts) > 1:

@@ -8,6 +8,8 @@ class SswError(Exception):
     status = 500
     type = "internal_error"
     code: str | None = None
+    param: str | None = None  # the request field at fault, where one is
+    details: list[dict[str, object]] | None = None  # more than one message can say (a file's bad lines)
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -50,6 +52,14 @@ class TooManyRequests(SswError):
     def __init__(self, message: str, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class WouldEvict(SswError):
+    """A batch load that would evict a model in interactive use: the batch waits."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "would_evict_interactive"
 
 
 class ModelNotFound(SswError):

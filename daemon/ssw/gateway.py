@@ -19,7 +19,8 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -65,10 +66,33 @@ WAIT_HEADER = b"x-ssw-wait"
 PRIORITY_HEADER = b"x-ssw-priority"
 FALLBACK_HEADER = b"x-ssw-fallback"
 FALLBACK_FROM_HEADER = b"x-ssw-fallback-from"
+ASYNC_HEADER = b"x-ssw-async"
+# Where a request that ssw itself makes (a batch line, an async job) carries its
+# caller: a key in the ASGI scope, which no HTTP client can set.
+INTERNAL = "ssw.internal"
 FORWARD_HEADERS = (b"accept", b"x-request-id")
 SOURCE = "ssw-gateway"
 # Query parameters of a retrieve that reach the worker (re-encoded, never passed raw).
 RETRIEVE_PARAMS = ("stream", "starting_after", "include[]")
+
+
+@dataclass(frozen=True, slots=True)
+class Internal:
+    """A request the asynchronous tier runs on behalf of an API key (None: auth off)."""
+
+    key: ApiKey | None
+
+
+@dataclass(slots=True)
+class Answer:
+    """A whole answer to a request ssw made itself."""
+
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for k, v in self.headers if k.lower() == name), None)
 
 
 def _truthy(value: bytes | None) -> bool | None:
@@ -142,6 +166,11 @@ class Gateway:
         self._asked: dict[str, tuple[str, int]] = {}
         self._asking: set[str] = set()  # models whose load is being asked for again
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Accepts a request sent with X-SSW-Async (the asynchronous tier, when it is on):
+        # (key, route, model, body) -> the answer's status, body and headers.
+        self.on_async: (
+            Callable[[ApiKey | None, Route, str, bytes], Awaitable[tuple[int, bytes, list[tuple[bytes, bytes]]]]] | None
+        ) = None
         loader.on_snapshot(self._on_snapshot)
 
     async def close(self) -> None:
@@ -397,11 +426,51 @@ class Gateway:
             self.admission.release(ex)
             self.accounting.finish(ex)
 
+    async def execute(self, key: ApiKey | None, route: Route, body: bytes, priority: str = "batch") -> Answer:
+        """Run one request on behalf of ``key`` exactly as the public route would (the
+        same admission rules, fallbacks, relay and accounting), and return its whole
+        answer. A model that is not ready is a 503, never a wait or a load."""
+        answer = Answer()
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": route.path,
+            "query_string": b"",
+            "headers": [(b"content-length", b"%d" % len(body)), (PRIORITY_HEADER, priority.encode())],
+            INTERNAL: Internal(key),
+        }
+        sent = False
+        parts: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Future()  # no disconnect: the runner waits for the whole answer
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer.status = message["status"]
+                answer.headers = list(message.get("headers", []))
+            elif message["type"] == "http.response.body":
+                parts.append(message.get("body", b""))
+
+        await self.proxy(scope, receive, send, route, None)
+        answer.body = b"".join(parts)
+        return answer
+
     def _admit(self, scope: dict[str, Any], ex: Exchange) -> tuple[ApiKey | None, dict[bytes, bytes]]:
         headers: dict[bytes, bytes] = dict(scope["headers"])
-        key = self.admission.authenticate(scope["headers"])
+        internal: Internal | None = scope.get(INTERNAL)
+        if internal is not None:
+            # Authenticated when it was submitted; its concurrency is the runner's to bound.
+            key = internal.key
+        else:
+            key = self.admission.authenticate(scope["headers"])
+            self.admission.admit(key, ex)
         ex.key = key.name if key else ""
-        self.admission.admit(key, ex)
         ex.priority = parse_priority(headers[PRIORITY_HEADER].decode("latin-1") if PRIORITY_HEADER in headers else None)
         return key, headers
 
@@ -441,6 +510,12 @@ class Gateway:
                 " (GET /v1/models lists what each model can do)"
             )
         self.admission.validate(body, route, entry.max_tokens)
+        if self.on_async is not None and scope.get(INTERNAL) is None and _truthy(headers.get(ASYNC_HEADER)):
+            if multipart or stream:
+                raise BadRequest("X-SSW-Async takes a JSON request that does not stream")
+            await reply.whole(*await self.on_async(key, route, model, raw))
+            ex.status = 202
+            return
         previous = body.get("previous_response_id") if route.family is Family.RESPONSES else None
         if previous is not None:
             # Continuing a stored response: only the worker that holds it can.
@@ -450,7 +525,9 @@ class Gateway:
             served, workers, stands_in_for = model, [self._holding_worker(holder, previous)], None
         else:
             sdk = any(name.startswith(b"x-stainless-") for name in headers)
-            mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
+            # Work ssw runs itself is never held: the runner decides when a model is worth a load.
+            internal = scope.get(INTERNAL) is not None
+            mode = "unavailable" if internal else self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
             try:
                 served, workers, stands_in_for = await self._serve_or_fallback(
                     key, model, body, route, mode, ex.priority, _truthy(headers.get(FALLBACK_HEADER)), reply, stream

@@ -35,7 +35,10 @@ def from_exception(exc: SswError, source: str) -> JSONResponse:
     retry_after = getattr(exc, "retry_after_s", None)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return error_response(exc.status, exc.message, exc.type, exc.code, headers=headers or None, source=source)
+    extra: dict[str, Any] = {"details": exc.details} if exc.details else {}
+    return error_response(
+        exc.status, exc.message, exc.type, exc.code, headers=headers or None, source=source, param=exc.param, **extra
+    )
 
 
 def install(app: FastAPI, source: str) -> None:

@@ -25,7 +25,7 @@ from . import __version__, auth, http_errors, journal, pulls, redis_sink, tiers
 from .capabilities import predict
 from .config import Config
 from .contract import GpuView, LoadAccepted, ModelStatus, ModelView, Snapshot, Status
-from .errors import JobNotFound, MetricsUnavailable, ModelNotFound, SswError, clip
+from .errors import JobNotFound, MetricsUnavailable, ModelNotFound, SswError, WouldEvict, clip
 from .gpus import GpuInfo, GpuSource
 from .lifecycle import WorkerState
 from .prom import CONTENT_TYPE, LoaderMetrics
@@ -312,6 +312,12 @@ class LoadRequest(BaseModel):
     model: str = Field(max_length=256, description="Model name or alias.")
     wait: bool = Field(default=True, description="Answer when the model is ready (or failed) instead of at once.")
     gpu: int | None = Field(default=None, ge=0, le=63, description="Place the model's workers on this GPU.")
+    protect_interactive_s: float | None = Field(
+        default=None,
+        ge=0,
+        le=30 * 86400,
+        description="For batch work: refuse (409) rather than evict a model used interactively this recently.",
+    )
 
 
 class StartOptions(BaseModel):
@@ -338,6 +344,9 @@ class UsageReport(BaseModel):
     last_used: dict[str, float] = Field(description="Worker unit -> wall time of its last request.")
     adapters: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="Worker unit -> adapter -> wall time it last served that adapter."
+    )
+    interactive: dict[str, float] = Field(
+        default_factory=dict, description="Worker unit -> wall time of its last request that was not batch work."
     )
 
 
@@ -404,7 +413,14 @@ def admin_app(loader: Loader) -> FastAPI:
     @app.post("/load")
     async def load(req: LoadRequest) -> JSONResponse:
         spec = await loader.resolve(req.model)
-        task = loader.manager.load(spec, req.gpu)
+        protect_since = None
+        if req.protect_interactive_s is not None:
+            protect_since = time.time() - req.protect_interactive_s
+            placed = await loader.resolve(spec.base) if spec.base else spec
+            why = await loader.manager.evicts_protected(placed, protect_since)
+            if why is not None:
+                raise WouldEvict(f"loading {spec.name} for batch work would evict {why}")
+        task = loader.manager.load(spec, req.gpu, protect_since=protect_since)
         if not req.wait:
             accepted = LoadAccepted(
                 model=spec.name,
@@ -462,7 +478,7 @@ def admin_app(loader: Loader) -> FastAPI:
     @app.post("/usage", status_code=204)
     async def usage(report: UsageReport) -> None:
         for unit, when in report.last_used.items():
-            loader.manager.touch(unit, when)
+            loader.manager.touch(unit, when, report.interactive.get(unit))
         for unit, used in report.adapters.items():
             loader.manager.touch_adapters(unit, used)
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from .auth import read_token
 from .contract import CONTRACT_VERSION, LoadAccepted, Snapshot
-from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError
+from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError, WouldEvict
 
 log = logging.getLogger(__name__)
 USAGE_REPORT_INTERVAL_S = 2.0
@@ -46,6 +46,7 @@ class LoaderClient:
         self._last_used: dict[str, float] = {}
         # unit -> adapter -> when it last served that adapter (for the loader's adapter LRU)
         self._adapters_used: dict[str, dict[str, float]] = {}
+        self._interactive: dict[str, float] = {}  # unit -> its last request that was not batch work
         self._unsent: set[str] = set()
         # Called with each new snapshot, and whether it comes from a loader that
         # was not the one before (a restart: its epoch differs).
@@ -71,9 +72,11 @@ class LoaderClient:
 
     # --- usage: when each worker last served, for the loader's LRU eviction ------
 
-    def used(self, unit: str, adapter: str | None = None) -> None:
+    def used(self, unit: str, adapter: str | None = None, interactive: bool = True) -> None:
         now = time.time()
         self._last_used[unit] = now
+        if interactive:
+            self._interactive[unit] = now
         self._unsent.add(unit)
         if adapter is not None:
             self._adapters_used.setdefault(unit, {})[adapter] = now
@@ -83,11 +86,12 @@ class LoaderClient:
             return
         batch = {u: self._last_used[u] for u in self._unsent if u in self._last_used}
         adapters = {u: self._adapters_used[u] for u in batch if u in self._adapters_used}
+        interactive = {u: self._interactive[u] for u in batch if u in self._interactive}
         self._unsent.clear()
         try:
             async with self._session.post(
                 self.url + "/usage",
-                json={"last_used": batch, "adapters": adapters},
+                json={"last_used": batch, "adapters": adapters, "interactive": interactive},
                 headers=self._auth(),
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as resp:
@@ -181,15 +185,19 @@ class LoaderClient:
 
     # --- loads -------------------------------------------------------------------
 
-    async def request_load(self, model: str) -> LoadAccepted:
+    async def request_load(self, model: str, protect_s: float | None = None) -> LoadAccepted:
         """Ask for a load without waiting for it; the answer says as of which snapshot
-        (epoch and seq) the request is reflected."""
+        (epoch and seq) the request is reflected. With ``protect_s``, the load may not
+        evict a model used interactively within that many seconds (WouldEvict if it must)."""
         # Fresh usage first: the load may evict the least recently used worker.
         await self.flush_usage()
         try:
             timeout = aiohttp.ClientTimeout(total=30)
             async with self._session.post(
-                self.url + "/load", json={"model": model, "wait": False}, headers=self._auth(), timeout=timeout
+                self.url + "/load",
+                json={"model": model, "wait": False, "protect_interactive_s": protect_s},
+                headers=self._auth(),
+                timeout=timeout,
             ) as resp:
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
@@ -199,6 +207,8 @@ class LoaderClient:
             message = str(err.get("message", f"loader answered {resp.status}"))
             if resp.status == 404:
                 raise ModelNotFound(model, [])
+            if resp.status == 409 and err.get("code") == WouldEvict.code:
+                raise WouldEvict(message)
             if resp.status >= 500:
                 retry = resp.headers.get("Retry-After", "")
                 if err.get("code") == "no_capacity":

@@ -31,6 +31,8 @@ class LoadRecord:
     task: asyncio.Task[Any] | None = None
     # Workers of the model that died while a load of it was in progress.
     died_during_load: int = 0
+    # For batch work: workers used interactively since this wall time are not evicted for it.
+    protect_since: float | None = None
 
     def seconds_left(self) -> float:
         return max(self.deadline - time.time(), 0.0) if self.deadline is not None else 0.0

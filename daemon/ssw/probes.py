@@ -15,7 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from .upstream import Pool, UpstreamError, fetch
 
 # vLLM's gauges of requests it holds: being generated, and queued.
-IN_FLIGHT_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+WAITING_METRIC = "vllm:num_requests_waiting"
+IN_FLIGHT_METRICS = ("vllm:num_requests_running", WAITING_METRIC)
 
 
 class Canary(enum.Enum):
@@ -116,6 +117,14 @@ class Probes:
 
     async def in_flight(self, socket: Path) -> int | None:
         """Requests the engine is generating or has queued; None when it cannot be asked."""
+        return await self.gauges(socket, IN_FLIGHT_METRICS)
+
+    async def waiting(self, socket: Path) -> int | None:
+        """Requests queued in the engine, not yet generating; None when it cannot be asked."""
+        return await self.gauges(socket, (WAITING_METRIC,))
+
+    async def gauges(self, socket: Path, names: tuple[str, ...]) -> int | None:
+        """The sum of these gauges of vLLM's /metrics; None when it cannot be asked."""
         try:
             async with asyncio.timeout(self._timeout):
                 status, body = await fetch(self._pool, str(socket), "GET", "/metrics")
@@ -125,7 +134,7 @@ class Probes:
             return None
         total = 0.0
         for family in text_string_to_metric_families(body.decode(errors="replace")):
-            if family.name in IN_FLIGHT_METRICS:
+            if family.name in names:
                 total += sum(sample.value for sample in family.samples)
         return int(total)
 

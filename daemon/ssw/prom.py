@@ -55,6 +55,30 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # The asynchronous tier (one process runs it: livesum adds the others' zeros).
+        self.batch_lines = Counter(
+            "ssw_batch_lines", "Batch lines and async jobs finished, by outcome.", ["model", "outcome"], registry=r
+        )
+        self.batch_queued = Gauge(
+            "ssw_batch_lines_queued",
+            "Batch lines and async jobs waiting to run.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.batch_running = Gauge(
+            "ssw_batch_lines_running",
+            "Batch lines and async jobs running.",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.batch_yields = Counter(
+            "ssw_batch_yields",
+            "Times batch work stopped starting lines because interactive requests queued.",
+            ["model"],
+            registry=r,
+        )
         # process_resident_memory_bytes, process_open_fds, CPU seconds: what the
         # gateway costs, per connection and per waiting request.
         ProcessCollector(registry=r)

@@ -159,7 +159,7 @@ NoteResponse = Callable[[Exchange, str], Awaitable[None]]
 
 class Relay:
     def __init__(
-        self, cfg: Config, on_used: Callable[[str, str | None], None], on_response: NoteResponse | None = None
+        self, cfg: Config, on_used: Callable[[str, str | None, bool], None], on_response: NoteResponse | None = None
     ) -> None:
         self.pool = Pool(cfg.gateway.upstream_connect_timeout_s, cfg.gateway.upstream_read_timeout_s)
         self.routing = cfg.gateway.routing
@@ -222,7 +222,8 @@ class Relay:
                 self.outstanding[unit] -= 1
                 raise
             # (the adapter it served, when the model asked for is one on a base's worker)
-            self.on_used(unit, model if model != worker.model else None)
+            # Batch work is use too, but only other use protects a model from batch loads.
+            self.on_used(unit, model if model != worker.model else None, ex.priority != "batch")
             ex.worker = unit
             try:
                 await self._answer(resp, ex, reply, receive)

@@ -16,6 +16,7 @@ import aiohttp
 import uvicorn
 
 from .auth import KeyRing
+from .batch_api import AsyncTier
 from .config import Config, Listen
 from .gateway import Gateway, gateway_app, metrics_app, pool_metrics_app
 from .gateway_pool import GatewayPool, Reporter, child_slot, reuse_port_socket
@@ -93,16 +94,19 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
                 servers.append((_server(pool_metrics_app(pool), cfg.gateway.metrics_listen, cfg, 1), None))
         elif "gateway" in roles:
             gateway = await _gateway(cfg, cleanups, background)
+            tier = await AsyncTier.create(cfg, gateway)
+            tier.start()
+            cleanups.append(tier.close)
             graceful = cfg.gateway.shutdown_timeout_s
             if slot is None:
-                servers.append((_server(gateway_app(gateway), cfg.public, cfg, graceful), None))
+                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful), None))
                 if cfg.gateway.metrics_listen is not None:
                     servers.append((_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1), None))
             else:
                 # One of several: the kernel spreads connections over the processes;
                 # the parent serves the metrics of them all.
                 sock = reuse_port_socket(cfg.public, BACKLOG)
-                servers.append((_server(gateway_app(gateway), cfg.public, cfg, graceful), [sock]))
+                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful), [sock]))
 
         # Everything built so far (modules, apps, the registry) lives as long as the
         # process: out of the collector's sight, a full collection walks only what
@@ -164,6 +168,12 @@ async def _gateway(cfg: Config, cleanups: list[Any], background: list[asyncio.Ta
     gateway.accounting.start()
     cleanups.append(gateway.accounting.close)
     return gateway
+
+
+def _public_app(gateway: Gateway, tier: AsyncTier) -> Any:
+    app = gateway_app(gateway)
+    tier.install(app.api)
+    return app
 
 
 def _status_line(loader: Loader | None, gateway: Gateway | None, pool: GatewayPool | None = None) -> str:

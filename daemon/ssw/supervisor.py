@@ -250,12 +250,16 @@ class Supervisor:
             for g in gpus
         ]
 
-    def _residents(self, gpus: list[GpuInfo]) -> list[Resident]:
+    def _residents(self, gpus: list[GpuInfo], protect_since: float | None = None) -> list[Resident]:
+        """The workers holding GPU memory; with ``protect_since``, those used interactively
+        since then are not evictable (a load for batch work)."""
         out = []
         for w in self.table:
             asleep = w.state in ASLEEP
             held = self._held(w, gpus) if asleep else self._held(w, gpus) or w.budget_bytes
             evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY, *ASLEEP) and not w.pinned
+            if protect_since is not None and w.interactive_used >= protect_since:
+                evictable = False
             # Until a load was measured, size stands in: about 1 s per GB from local disk.
             cost = self.store.load_seconds(w.model) or w.budget_bytes / GB
             out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep))
@@ -277,10 +281,42 @@ class Supervisor:
             if name in worker.adapters and when > worker.adapters[name]:
                 worker.adapters[name] = min(when, time.time())
 
-    def touch(self, unit: str, when: float) -> None:
+    def touch(self, unit: str, when: float, interactive: float | None = None) -> None:
         worker = self.table.get(unit)
-        if worker is not None and when > worker.last_used:
+        if worker is None:
+            return
+        if when > worker.last_used:
             worker.last_used = min(when, time.time())
+        if interactive is not None and interactive > worker.interactive_used:
+            worker.interactive_used = min(interactive, time.time())
+
+    async def evicts_protected(self, spec: ModelSpec, protect_since: float) -> str | None:
+        """Which workers used interactively since ``protect_since`` loading this model
+        now would evict (None: none, or it needs no load, or it cannot be placed at all,
+        which the load itself then reports)."""
+        if self.table.live(spec.name):
+            return None
+        need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
+        policy, allowed, tp = self.cfg.placement.policy, spec.gpus or None, self.cfg.placement.tensor_parallel
+        async with self._place_lock:
+            gpus = await self.gpu_snapshot()
+            devices = self.device_views(gpus)
+            try:
+                place(need, devices, self._residents(gpus, protect_since), policy, allowed, tp)
+                return None
+            except NoCapacity:
+                pass
+            try:
+                plan = place(need, devices, self._residents(gpus), policy, allowed, tp)
+            except NoCapacity:
+                return None
+        now = time.time()
+        used = [
+            f"{w.model} (used {now - w.interactive_used:.0f} s ago)"
+            for unit in plan.evict
+            if (w := self.table.get(unit)) is not None and w.interactive_used >= protect_since
+        ]
+        return ", ".join(used) or None
 
     # --- adoption -------------------------------------------------------------------------
 
@@ -363,11 +399,17 @@ class Supervisor:
     # --- loading ----------------------------------------------------------------------
 
     def load(
-        self, spec: ModelSpec, gpu: int | None = None, reason: str = "requested", evict: bool = True
+        self,
+        spec: ModelSpec,
+        gpu: int | None = None,
+        reason: str = "requested",
+        evict: bool = True,
+        protect_since: float | None = None,
     ) -> asyncio.Future[list[Worker]]:
         """Bring the model's replicas up: one load per model however often it is asked
         (single flight), never before a backoff ends, never during a cooldown; with
-        ``evict`` off, only where free memory holds it."""
+        ``evict`` off, only where free memory holds it; with ``protect_since``, never
+        evicting a worker used interactively since then."""
         rec = self.loads.get(spec.name)
         if rec.state in (LoadState.LOADING, LoadState.BACKING_OFF) and rec.task is not None:
             return rec.task
@@ -379,6 +421,7 @@ class Supervisor:
         if rec.state is LoadState.COOLING_DOWN:
             raise LoadFailed.cooling_down(spec.name, rec.seconds_left(), rec.last_error or rec.reason)
         self.loads.move(rec, LoadState.LOADING, reason)
+        rec.protect_since = protect_since
         rec.task = self._spawn(self._load(spec, gpu, evict))
         return rec.task
 
@@ -535,7 +578,7 @@ class Supervisor:
                 plan = place(
                     need,
                     self.device_views(gpus),
-                    self._residents(gpus) if evict else [],
+                    self._residents(gpus, self.loads.get(spec.name).protect_since) if evict else [],
                     self.cfg.placement.policy,
                     allowed,
                     self.cfg.placement.tensor_parallel,
@@ -969,7 +1012,8 @@ class Supervisor:
         async with self._place_lock:
             gpus = await self.gpu_snapshot()
             need = max(worker.budget_bytes - self._held(worker, gpus), 0)
-            residents = [r for r in self._residents(gpus) if r.unit != worker.unit]
+            protect = self.loads.get(spec.name).protect_since
+            residents = [r for r in self._residents(gpus, protect) if r.unit != worker.unit]
             why: str | None = None
             try:
                 for g in worker.gpus[1:]:

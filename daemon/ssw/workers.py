@@ -33,6 +33,7 @@ class Worker:
     state_since: float = field(default_factory=time.time)
     state_reason: str = ""
     last_used: float = field(default_factory=time.time)
+    interactive_used: float = 0.0  # wall time of its last request that was not batch work
     adopted: bool = False
     held_bytes: int | None = None  # measured on its busiest GPU (NVML); None: unknown
     # When each step of its load happened (time.time()): requested, placed, evicted,

@@ -7,6 +7,9 @@ knobs, as flags or SSW_FAKE_* environment variables:
   --fail MODE            'exit-on-start': exit 3 before listening (after the load delay);
                          'unhealthy': listen but /health answers 503 (SSW_FAKE_FAIL)
   --backlog N            the listening socket's backlog (SSW_FAKE_BACKLOG)
+  --max-num-seqs N       requests generated at once (SSW_FAKE_MAX_SEQS; 0 = no limit); more
+                         queue, lowest body 'priority' first as vLLM's priority scheduling
+                         does, and count as vllm:num_requests_waiting: the contention of a GPU
   --also-port N          with --uds, also listen on 127.0.0.1:N (SSW_FAKE_TCP_PORT): inside
                          a worker's private network namespace, for benchmarks that
                          compare going through a relay with going straight to it
@@ -44,6 +47,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
+import itertools
 import json
 import os
 import signal
@@ -73,6 +78,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--load-delay", type=float, default=float(os.environ.get("SSW_FAKE_LOAD_DELAY", "0")))
     p.add_argument("--tokens-per-second", type=float, default=float(os.environ.get("SSW_FAKE_TPS", "0")))
     p.add_argument("--fail", default=os.environ.get("SSW_FAKE_FAIL", ""))
+    p.add_argument("--max-num-seqs", type=int, default=int(os.environ.get("SSW_FAKE_MAX_SEQS", "0")))
     p.add_argument("--runner", default="auto")
     p.add_argument("--convert", default="auto")
     p.add_argument("--enable-sleep-mode", action="store_true")
@@ -182,12 +188,49 @@ def make_app(args: argparse.Namespace) -> web.Application:
             return error(404, f"The lora adapter '{name}' cannot be found.")
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
+    slots = {"free": args.max_num_seqs}
+    queue: list[tuple[float, int, asyncio.Future[None]]] = []
+    order = itertools.count()
+
+    async def acquire(priority: float) -> None:
+        if args.max_num_seqs <= 0:
+            return
+        if slots["free"] > 0 and not queue:
+            slots["free"] -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (priority, next(order), fut)
+        heapq.heappush(queue, entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                release()  # it was handed a slot as it went away
+            elif entry in queue:
+                queue.remove(entry)
+                heapq.heapify(queue)
+            raise
+
+    def release() -> None:
+        if args.max_num_seqs <= 0:
+            return
+        while queue:
+            _, _, fut = heapq.heappop(queue)
+            if not fut.done():
+                fut.set_result(None)  # the slot passes to the first in line
+                return
+        slots["free"] += 1
+
     async def generate(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        priority = body.get("priority") if isinstance(body.get("priority"), int | float) else 0
+        await acquire(priority)
         stats["in_flight"] += 1
         try:
             return await _generate(request)
         finally:
             stats["in_flight"] -= 1
+            release()
 
     async def _generate(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -197,6 +240,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
             return error(500, "EngineCore encountered an issue (fake engine broken on purpose)")
         if body.get("model") not in names and body.get("model") not in loras:
             return error(404, f"The model `{body.get('model')}` does not exist.")
+        if isinstance(body.get("ssw_test_status"), int):  # a test's way to get an error answer
+            return error(body["ssw_test_status"], "failed on purpose (ssw_test_status)")
         chat = request.path.endswith("/chat/completions")
         served = body["model"]  # the base's name, or an adapter's (as vLLM answers)
         n_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
@@ -302,7 +347,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             "# TYPE vllm:num_requests_running gauge",
             f'vllm:num_requests_running{{model_name="{names[0]}"}} {stats["in_flight"]}',
             "# TYPE vllm:num_requests_waiting gauge",
-            f'vllm:num_requests_waiting{{model_name="{names[0]}"}} 0',
+            f'vllm:num_requests_waiting{{model_name="{names[0]}"}} {len(queue)}',
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 

@@ -178,6 +178,7 @@ def write_config(
         "gateway": {"loader_url": f"http://127.0.0.1:{admin_port}", "wait_timeout_s": 120},
         "systemd": {"bus_address": bus_address, "journal_directory": str(journal_dir) if journal_dir else None},
         "redis_url": redis_url,
+        "batch": {"dir": str(directory / "batches")},
         # Auth has its own tests; elsewhere the public API is open (said explicitly).
         "auth": {
             "enabled": False,
