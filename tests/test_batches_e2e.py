@@ -20,12 +20,13 @@ import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
+from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
 CHAT = [{"role": "user", "content": "hi"}]
 PROTECT_S = 6.0
+CONCURRENCY = 2
 MODELS = {
     "light": {"path": "fake-a", "vram_gb": 2, "aliases": ["lite"]},
     # Slow lines (10 tokens/s, 3 tokens): something to kill mid-batch.
@@ -48,7 +49,7 @@ MODELS = {
 def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Iterator[Stack]:
     extra = {
         "auth": {"enabled": True},
-        "batch": {"concurrency_per_model": 2, "protect_interactive_s": PROTECT_S, "yield_check_s": 0.1},
+        "batch": {"concurrency_per_model": CONCURRENCY, "protect_interactive_s": PROTECT_S, "yield_check_s": 0.1},
     }
     s = start_stack(sysbox, WORK_ROOT / f"batches-{id(sysbox)}", models_root, MODELS, "fake", extra, redis_server.url)
     yield s
@@ -263,7 +264,17 @@ def test_async_request_answers_202_and_its_job_holds_the_synchronous_answer(stac
     assert wait_for(failed, 60, "the failing job")["response"]["status_code"] == 400
 
 
+def generations(stack: Stack, model: str) -> int:
+    """Requests the model's worker has generated for (the fake engine counts them)."""
+    worker = next(w for w in stack.status()["workers"] if w["model"] == model and w["state"] == "ready")
+    status, stats = worker_http(worker["socket"], "GET", "/ssw-fake/stats")
+    assert status == 200
+    return int(stats["generations"])
+
+
 def kill_mid_batch(stack: Stack, client: openai.OpenAI, role: str, n: int) -> None:
+    stack.load("slow")
+    before = generations(stack, "slow")
     batch = submit(client, [chat_line(f"s{i}", "slow") for i in range(n)])
     wait_for(lambda: completed_count(client, batch.id) >= 3, 60, "a few lines done")
     target = stack.gateway if role == "gateway" else stack.loader
@@ -277,6 +288,8 @@ def kill_mid_batch(stack: Stack, client: openai.OpenAI, role: str, n: int) -> No
     assert ids == [f"s{i}" for i in range(n)]
     assert done.request_counts.completed == n and done.request_counts.failed == 0
     assert len({o["id"] for o in out}) == n
+    # No finished line ran again: at most the lines in flight at the kill ran twice.
+    assert n <= generations(stack, "slow") - before <= n + CONCURRENCY
 
 
 @pytest.mark.parametrize("role", ["gateway", "loader"])
@@ -324,7 +337,9 @@ def test_batch_waits_rather_than_evict_a_model_in_interactive_use(stack: Stack, 
         assert client.batches.retrieve(batch.id).request_counts.completed == 0
         workers = {w["model"] for w in stack.status()["workers"]}
         assert "big-a" in workers and "big-b" not in workers
-        assert re.search(r"big-b waits: loading big-b for batch work would evict .*big-a \(used \d+ s ago\)", stack.gateway.log())
+        assert re.search(
+            r"big-b waits: loading big-b for batch work would evict .*big-a \(used \d+ s ago\)", stack.gateway.log()
+        )
         done = wait_status(client, batch.id, ("completed",), timeout=90)
     assert done.request_counts.completed == 3
     evicted = {w["model"] for w in stack.status()["workers"]}

@@ -53,6 +53,7 @@ class InvalidInput(BadRequest):
         shown = "; ".join(f"line {e.line}: {e.message}" for e in errors[:5])
         more = f" (and {total - 5} more errors)" if total > 5 else ""
         super().__init__(f"the input file has {total} invalid lines: {shown}{more}")
+        self.errors = errors
         self.param = "input_file_id"
         self.details = [e.view() for e in errors]
 

@@ -92,7 +92,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     names = args.served_model_name or [args.model]
     ready_at = time.monotonic() + args.load_delay
     delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
-    stats = {"running": 0, "aborted": 0, "in_flight": 0}
+    stats = {"running": 0, "aborted": 0, "in_flight": 0, "generations": 0}
     broken = {"generate": False}
     sleep_api = args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
     asleep: dict[str, object] = {"level": 0, "weights": None, "fail_wake": False, "break_on_wake": False}
@@ -226,6 +226,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         priority = body.get("priority") if isinstance(body.get("priority"), int | float) else 0
         await acquire(priority)
         stats["in_flight"] += 1
+        stats["generations"] += 1
         try:
             return await _generate(request)
         finally:
