@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import REPO, WORK_ROOT, http
+from tests.harness.stack import REPO, WORK_ROOT, RedisServer, http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
 
 
 @pytest.fixture(scope="module")
-def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
+def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Iterator[Stack]:
     # cold and swap fit on GPU 1 only one at a time, so loading swap evicts cold.
     slow = {"path": "fake-b", "vram_gb": 30, "gpus": [1], "env": {"SSW_FAKE_LOAD_DELAY": "0.5"}}
     # paced: the demo's bench-fake-paced, run as the demo runs it (models.yaml's python).
@@ -41,8 +41,16 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
         # The warm tier: one evicts the other, which sleeps.
         "sleepy-a": {**slow, "sleep": True},
         "sleepy-b": {**slow, "sleep": True},
+        # The demo's bench-fake-busy: finite room and priority scheduling, as a GPU.
+        "busy": {
+            "path": "fake-a",
+            "vram_gb": 1,
+            "gpus": [0],
+            "scheduling_policy": "priority",
+            "env": {"SSW_FAKE_TPS": "200", "SSW_FAKE_MAX_SEQS": "4"},
+        },
     }
-    s = start_stack(sysbox, WORK_ROOT / f"bench-{id(sysbox)}", models_root, models, "fake")
+    s = start_stack(sysbox, WORK_ROOT / f"bench-{id(sysbox)}", models_root, models, "fake", redis_url=redis_server.url)
     assert http("POST", s.admin + "/load", {"model": "alpha"})[0] == 200
     yield s
     stop_stack(s)
@@ -324,3 +332,34 @@ def test_routes_bench_compares_every_route_family_with_the_worker(stack: Stack, 
     }  # fmt: skip
     assert all(r["direct_p50_ms"] > 0 and r["ssw_p50_ms"] > 0 for r in rows)
     assert "added" in printed
+
+
+def test_batch_bench_measures_interactive_latency_beside_a_batch(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "batch.json"
+    stdout = bench(
+        "batch.py",
+        "--url",
+        stack.public,
+        "--model",
+        "busy",
+        "--lines",
+        "24",
+        "--line-tokens",
+        "8",
+        "--seconds",
+        "1.5",
+        "--rps",
+        "4",
+        "--naive-concurrency",
+        "4",
+        "--json",
+        str(out),
+        timeout=300,
+    )
+    phases = json.loads(out.read_text())["phases"]
+    assert set(phases) == {"alone", "ssw_batch", "naive"}
+    for phase in phases.values():
+        assert phase["interactive"]["requests"] >= 5 and phase["interactive"]["p99_ms"] > 0
+    assert phases["ssw_batch"]["background"]["completed"] == 24 and phases["ssw_batch"]["background"]["lines_per_s"] > 0
+    assert phases["naive"]["background"]["lines"] == 24
+    assert "ssw_batch" in stdout and "lines/s" in stdout
