@@ -111,6 +111,8 @@ def completed_count(client: openai.OpenAI, batch_id: str) -> int:
 
 
 def test_sdk_batch_completes_with_output_and_error_files(stack: Stack, keys: dict[str, str]) -> None:
+    done_before = metric(stack, 'ssw_batch_lines_total{model="light",outcome="completed"}')
+    failed_before = metric(stack, 'ssw_batch_lines_total{model="light",outcome="failed"}')
     with sdk(stack, keys["owner"]) as client:
         lines = [chat_line(f"q{i}", "lite" if i == 2 else "light") for i in range(5)]
         lines.append(chat_line("bad", ssw_test_status=400))  # the worker refuses this one
@@ -132,6 +134,9 @@ def test_sdk_batch_completes_with_output_and_error_files(stack: Stack, keys: dic
         assert body["usage"]["completion_tokens"] == 3
     assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("bad", 400)]
     assert "failed on purpose" in errors[0]["response"]["body"]["error"]["message"]
+    # Counted as lines finish, per model.
+    assert metric(stack, 'ssw_batch_lines_total{model="light",outcome="completed"}') == done_before + 5
+    assert metric(stack, 'ssw_batch_lines_total{model="light",outcome="failed"}') == failed_before + 1
 
 
 def test_embeddings_batch(stack: Stack, keys: dict[str, str]) -> None:
@@ -277,6 +282,10 @@ def kill_mid_batch(stack: Stack, client: openai.OpenAI, role: str, n: int) -> No
     before = generations(stack, "slow")
     batch = submit(client, [chat_line(f"s{i}", "slow") for i in range(n)])
     wait_for(lambda: completed_count(client, batch.id) >= 3, 60, "a few lines done")
+    # An async request queued behind the batch's lines at the kill is run after it too.
+    body = {"model": "slow", "messages": CHAT, "max_tokens": 2}
+    job = http("POST", stack.public + "/v1/chat/completions", body, headers={**client.auth_headers, "X-SSW-Async": "1"})
+    assert job[0] == 202
     target = stack.gateway if role == "gateway" else stack.loader
     target.kill()
     time.sleep(0.5)
@@ -289,7 +298,12 @@ def kill_mid_batch(stack: Stack, client: openai.OpenAI, role: str, n: int) -> No
     assert done.request_counts.completed == n and done.request_counts.failed == 0
     assert len({o["id"] for o in out}) == n
     # No finished line ran again: at most the lines in flight at the kill ran twice.
-    assert n <= generations(stack, "slow") - before <= n + CONCURRENCY
+    assert n + 1 <= generations(stack, "slow") - before <= n + 1 + CONCURRENCY
+    finished = http("GET", stack.public + job[1]["location"], headers=client.auth_headers)[2]
+    assert (
+        finished["status"] == "succeeded"
+        and finished["response"]["body"]["choices"][0]["message"]["content"] == "t0 t1"
+    )
 
 
 @pytest.mark.parametrize("role", ["gateway", "loader"])
@@ -362,8 +376,11 @@ def test_batch_yields_while_interactive_requests_queue(stack: Stack, keys: dict[
 
 
 def yields(stack: Stack) -> float:
+    return metric(stack, 'ssw_batch_yields_total{model="busy"}')
+
+
+def metric(stack: Stack, series: str) -> float:
+    """A series' value on the gateway's /metrics (0 before it exists)."""
     text = http("GET", stack.gateway_metrics + "/metrics")[2]
     assert isinstance(text, str)
-    return sum(
-        float(line.split()[-1]) for line in text.splitlines() if line.startswith('ssw_batch_yields_total{model="busy"}')
-    )
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
