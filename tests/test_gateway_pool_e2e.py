@@ -1,7 +1,8 @@
 """Several gateway processes on one port (gateway.processes: 2), against real
 systemd with the fake engine: connections land on both, each reloads the API
 keys, waiters held in both are served by one load, metrics add up in the
-parent, and a process that dies is replaced."""
+parent, a process that dies is replaced, and exactly one process runs the
+asynchronous tier's work, another taking over when it dies."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, wait_for
+from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -30,9 +31,11 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
+def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Iterator[Stack]:
     extra = {"gateway": {"processes": 2}, "auth": {"enabled": True}}
-    s = start_stack(sysbox, WORK_ROOT / f"pool-{id(sysbox)}", models_root, MODELS, "fake", extra)
+    s = start_stack(
+        sysbox, WORK_ROOT / f"pool-{id(sysbox)}", models_root, MODELS, "fake", extra, redis_url=redis_server.url
+    )
     yield s
     stop_stack(s)
 
@@ -109,3 +112,40 @@ def test_a_gateway_process_that_dies_is_replaced(stack: Stack, key: str) -> None
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(lambda _: chat(stack, key), range(20))) == [200] * 20
     assert "exited with -9; starting another" in stack.gateway.log()
+
+
+def async_jobs(stack: Stack, key: str, n: int) -> None:
+    """n async requests, each on a new connection (so both processes take some), all run."""
+    body = {"model": "alpha", "messages": CHAT, "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {key}", "Connection": "close", "X-SSW-Async": "true"}
+    accepted = [http("POST", stack.public + "/v1/chat/completions", body, headers) for _ in range(n)]
+    assert all(status == 202 for status, _, _ in accepted), accepted
+
+    def all_done() -> bool:
+        views = [
+            http("GET", stack.public + h["location"], headers={"Authorization": f"Bearer {key}"})[2]
+            for _, h, _ in accepted
+        ]
+        return all(v["status"] == "succeeded" for v in views)
+
+    wait_for(all_done, 60, "the async jobs")
+
+
+def test_one_process_runs_the_async_work_and_another_takes_over(
+    stack: Stack, key: str, redis_server: RedisServer
+) -> None:
+    stack.load("alpha")
+    async_jobs(stack, key, 10)
+    redis = redis_server.client(decode_responses=True)
+    holder = redis.get("ssw:batch:runner")
+    assert holder is not None
+    pid = int(holder.rsplit("-", 2)[1])
+    assert pid in children(stack)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(children(stack)) == 2 and pid not in children(stack), 20, "a new gateway process")
+    time.sleep(1)  # the new one binds the port
+    # The other process (or the one started in its place) takes over at once: the
+    # holder's process is gone, on this host.
+    async_jobs(stack, key, 4)
+    after = redis.get("ssw:batch:runner")
+    assert after is not None and int(after.rsplit("-", 2)[1]) in children(stack) and after != holder
