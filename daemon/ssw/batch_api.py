@@ -228,7 +228,7 @@ class AsyncTier:
                 resolved = None
             self.gw.admission.check_scope(key, asked, resolved, names.resolve)
             model = names.resolve(asked)
-            entry = names.snap.models[model]
+            entry = names.models[model]
             if route.family not in entry.capabilities:
                 raise NotServed(f"'{model}' does not serve {route.path}")
             self.gw.admission.validate(body, route, entry.max_tokens)

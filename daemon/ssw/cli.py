@@ -261,6 +261,37 @@ def _pull(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     return job
 
 
+async def _fleet_status(cfg: Config) -> dict[str, Any]:
+    from .fleet import FleetView
+
+    if not cfg.fleet.enabled:
+        raise CliError("this host is in no fleet (fleet.redis_url is not set)", EXIT_USAGE)
+    view = FleetView(cfg.fleet, lambda: None)
+    try:
+        await view.refresh()
+        if not view.connected:
+            raise CliError(f"the fleet's Redis cannot be reached: {view.last_error}", EXIT_UNREACHABLE)
+        return {"hosts": {name: record.model_dump(mode="json") for name, record in sorted(view.hosts.items())}}
+    finally:
+        await view.close()
+
+
+def _print_fleet(out: dict[str, Any]) -> None:
+    now = time.time()
+    for name, h in out["hosts"].items():
+        print(f"{name}  {h['url']}  heard {now - h['at']:.1f} s ago")
+        for g in h["gpus"]:
+            used = g["memory_total_bytes"] - g["memory_free_bytes"]
+            print(
+                f"  GPU {g['index']} {g['name']}: {_bar(used, 0, g['memory_total_bytes'])} "
+                f"{_gb(used)}/{_gb(g['memory_total_bytes'])}"
+            )
+        for w in h["workers"]:
+            print(f"  {w['unit']:<40} {w['state']:<10} GPU {','.join(map(str, w['gpus']))}")
+        if not h["workers"]:
+            print("  (no workers)")
+
+
 async def _batches(cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     from .batch_api import batch_view
     from .batch_states import BatchStatus
@@ -318,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    verb("status", "GPUs, workers and models")
+    verb("status", "GPUs, workers and models").add_argument(
+        "--fleet", action="store_true", help="every host of the fleet (from the fleet's Redis)"
+    )
     verb("models", "the models and aliases on this host")
     p_load = verb("load", "load a model")
     p_load.add_argument("model")
@@ -391,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name, path in out["missing"].items():
                     print(f"{name}: configured, files missing at {path}")
                 print(f"config and models.yaml are valid: {len(out['models'])} models, {len(out['missing'])} missing")
+        elif args.verb == "status" and args.fleet:
+            out = asyncio.run(_fleet_status(cfg))
+            if not args.json:
+                _print_fleet(out)
         elif args.verb == "status":
             status = _status(cfg)
             out = status.model_dump(mode="json")

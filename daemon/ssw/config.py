@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -410,6 +411,50 @@ class BatchSettings(_Section):
     )
 
 
+class FleetSettings(_Section):
+    redis_url: str | None = Field(
+        default=None,
+        description="The fleet's shared Redis (redis://:password@host:6379/0, rediss:// for TLS); "
+        "None: this host is on its own, exactly as without a fleet.",
+    )
+    host: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", description="This host's name (default: hostname)."
+    )
+    advertise_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s]+$",
+        description="How the other hosts' gateways reach this one, e.g. http://10.0.0.2:8000 (needed with a fleet).",
+    )
+    credential_file: Path = Field(
+        default=Path("/etc/ssw/fleet.token"),
+        description="The secret gateways present to each other (the same file on every host; client keys "
+        "cannot stand in for it).",
+    )
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA that signed the other hosts' certificates, for https advertise_urls."
+    )
+    heartbeat_s: float = Field(default=2.0, gt=0, description="How often each loader publishes its host's state.")
+    ttl_s: float = Field(default=10.0, gt=0, description="A host not heard from for this long is dropped from routing.")
+    load_lease_s: float = Field(
+        default=60.0, gt=0, description="How long a fleet-wide decision of where to load a model stands."
+    )
+
+    @model_validator(mode="after")
+    def _advertised(self) -> FleetSettings:
+        if self.redis_url and not self.advertise_url:
+            raise ValueError("advertise_url is required when fleet.redis_url is set")
+        if self.ttl_s < 2 * self.heartbeat_s:
+            raise ValueError("ttl_s must be at least twice heartbeat_s")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+    def host_name(self) -> str:
+        return self.host or socket.gethostname()
+
+
 class Config(_Section):
     public: Listen = Field(
         default=Listen(host="0.0.0.0", port=8000), description="The OpenAI API (gateway) listens here."
@@ -434,6 +479,7 @@ class Config(_Section):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     pulls: PullSettings = Field(default_factory=PullSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("admin")

@@ -137,3 +137,26 @@ class LoadAccepted(_View):
     load: LoadView
     epoch: str
     seq: int
+
+
+class Preview(_View):
+    """Where loading a model on a host would leave it (the fleet's placement input)."""
+
+    free_after_bytes: int  # free on the GPU it would take, after it and its evictions
+    victims: int  # workers it would evict
+
+
+class HostRecord(_View):
+    """One host of a fleet, as its loader publishes it to the fleet's Redis every heartbeat."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    host: str
+    url: str  # its gateway, as the other hosts reach it
+    epoch: str
+    at: float  # wall time of this heartbeat
+    gpus: list[GpuView]
+    models: dict[str, ModelView]
+    aliases: dict[str, str]
+    workers: list[WorkerView]
+    # Models on its disk that no worker serves: what loading each would take (None: it cannot).
+    previews: dict[str, Preview | None] = Field(default_factory=dict)

@@ -31,7 +31,7 @@ from prometheus_client import generate_latest
 from . import __version__, http_errors
 from .accounting import Accounting, Exchange
 from .admission import ANTHROPIC_ROLES, CHAT_ROLES, Admission, parse_body
-from .auth import ApiKey, KeyRing
+from .auth import ApiKey, KeyRing, Unauthorized
 from .config import Config
 from .contract import ModelView, Snapshot, WorkerView
 from .errors import (
@@ -46,11 +46,12 @@ from .errors import (
     SswError,
     UpstreamError,
 )
+from .fleet import KEY_HEADER, TOKEN_HEADER, FleetUnavailable, FleetView
 from .forms import Form, parse_form
 from .gateway_pool import GatewayPool
 from .lifecycle import ASLEEP, LIVE, Failure, LoadState, WorkerState
 from .loader_client import LoaderClient
-from .prom import CONTENT_TYPE, GatewayMetrics, pool_registry
+from .prom import CONTENT_TYPE, GatewayMetrics, label_host, pool_registry
 from .registry import valid_name
 from .relay import Receive, Relay, Reply, Send
 from .response_book import Holder, ResponseBook
@@ -70,6 +71,7 @@ ASYNC_HEADER = b"x-ssw-async"
 # Where a request that ssw itself makes (a batch line, an async job) carries its
 # caller: a key in the ASGI scope, which no HTTP client can set.
 INTERNAL = "ssw.internal"
+HOP = "ssw.hop"  # a request another host's gateway sent here: served by this host only
 FORWARD_HEADERS = (b"accept", b"x-request-id")
 SOURCE = "ssw-gateway"
 # Query parameters of a retrieve that reach the worker (re-encoded, never passed raw).
@@ -102,10 +104,47 @@ def _truthy(value: bytes | None) -> bool | None:
 
 
 class Names:
-    """Names, aliases and workers as of one snapshot, indexed for the hot path."""
+    """Names, aliases and workers as of one snapshot (and, in a fleet, the other
+    hosts' latest records), indexed for the hot path."""
 
-    def __init__(self, snap: Snapshot) -> None:
+    def __init__(self, snap: Snapshot, fleet: FleetView | None = None) -> None:
         self.snap = snap
+        self.fleet_version = fleet.version if fleet else 0
+        # Every model and alias this gateway can serve: this host's first, then those
+        # only other hosts of the fleet have.
+        self.models: dict[str, ModelView] = dict(snap.models)
+        self.aliases: dict[str, str] = dict(snap.aliases)
+        # model -> other hosts' gateways that have it ready, as workers (their socket a URL)
+        self.remote: dict[str, list[WorkerView]] = {}
+        self.hosts: dict[str, dict[str, str]] = {}  # model -> host -> its state there
+        if fleet is not None:
+            for host, record in sorted(fleet.hosts.items()):
+                for name, entry in record.models.items():
+                    self.models.setdefault(name, entry)
+                for alias, target in record.aliases.items():
+                    self.aliases.setdefault(alias, target)
+                ready = {w.model for w in record.workers if w.state is WorkerState.READY}
+                ready |= {a for w in record.workers if w.state is WorkerState.READY for a in w.adapters}
+                for name in record.models:
+                    state = (
+                        "ready"
+                        if name in ready
+                        else "loading"
+                        if name in {w.model for w in record.workers}
+                        else "unloaded"
+                    )
+                    self.hosts.setdefault(name, {})[host] = state
+                    if state == "ready" and host != fleet.host:
+                        self.remote.setdefault(name, []).append(
+                            WorkerView(
+                                unit=f"{host}/{name}",
+                                model=name,
+                                replica=1,
+                                state=WorkerState.READY,
+                                gpus=[],
+                                socket=record.url,
+                            )
+                        )
         self.ready: dict[str, list[WorkerView]] = {}
         self.live: dict[str, list[WorkerView]] = {}
         self.asleep: set[str] = set()
@@ -128,19 +167,21 @@ class Names:
     def resolve(self, name: object) -> str:
         if not isinstance(name, str):
             raise BadRequest("'model' must be a string naming a model or alias")
-        models = self.snap.models
+        models = self.models
         if valid_name(name):
             if name in models:
                 return name
-            target = self.snap.aliases.get(name)
+            target = self.aliases.get(name)
             if target in models:
                 return target
-        raise ModelNotFound(name, sorted(models) + sorted(self.snap.aliases))
+        raise ModelNotFound(name, sorted(models) + sorted(self.aliases))
 
     def state(self, model: str) -> str:
         """ready, loading, sleeping or unloaded, as /v1/models says."""
-        if model in self.ready:
+        if model in self.ready or model in self.remote:
             return "ready"
+        if model not in self.snap.models:
+            return "loading" if "loading" in self.hosts.get(model, {}).values() else "unloaded"
         entry = self.snap.models[model]
         if model in self.live or entry.load.state in (LoadState.LOADING, LoadState.BACKING_OFF):
             return "loading"
@@ -171,9 +212,18 @@ class Gateway:
         self.on_async: (
             Callable[[ApiKey | None, Route, str, bytes], Awaitable[tuple[int, bytes, list[tuple[bytes, bytes]]]]] | None
         ) = None
+        # In a fleet: the other hosts, and where models load fleet-wide.
+        self.fleet = FleetView(cfg.fleet, self._on_fleet) if cfg.fleet.enabled else None
+        if self.fleet is not None:
+            self.relay.pool.ssl_context = self.fleet.ssl_context()
+            self.metrics.host = self.fleet.host
+        # model -> the host its waiters wait on (a load placed on another host)
+        self._placed: dict[str, str] = {}
         loader.on_snapshot(self._on_snapshot)
 
     async def close(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.relay.pool.close()
         await self.responses.close()
 
@@ -184,8 +234,9 @@ class Gateway:
         snap = self.loader.snapshot
         if snap is None:
             raise LoaderUnavailable("the gateway has not reached the loader yet; retry shortly")
-        if self._names is None or self._names.snap is not snap:
-            self._names = Names(snap)
+        fleet_version = self.fleet.version if self.fleet else 0
+        if self._names is None or self._names.snap is not snap or self._names.fleet_version != fleet_version:
+            self._names = Names(snap, self.fleet)
         return self._names
 
     def in_flight(self) -> int:
@@ -194,7 +245,7 @@ class Gateway:
     def retry_after(self, model: str) -> int:
         """An honest wait: the model's measured load (or wake) time less what has passed,
         plus what is left of a backoff."""
-        entry = self.names.snap.models.get(model)
+        entry = self.names.models.get(model)
         if entry is None:
             return DEFAULT_RETRY_AFTER_S
         live = self.names.live.get(model, [])
@@ -223,17 +274,29 @@ class Gateway:
         restart, ask again for the loads they wait for."""
         self._check_waiters(restarted)
 
+    def _on_fleet(self) -> None:
+        """News of the fleet: hosts joined or left, its Redis answers or not."""
+        assert self.fleet is not None
+        self.metrics.fleet_connected.set(1 if self.fleet.connected else 0)
+        self.metrics.fleet_hosts.set(len(self.fleet.hosts))
+        if self.loader.snapshot is not None:
+            self._check_waiters()
+
     def _check_waiters(self, restarted: bool = False) -> None:
         names = self.names  # the latest snapshot, and nothing older
         snap = names.snap
         for model in self.queue.models():
-            if model in names.ready:
+            if model in names.ready or (model in self._placed and model in names.remote):
                 released = self.queue.release(model)
+                self._placed.pop(model, None)
                 log.info("%s: ready; released %d waiting requests", model, len(released))
+                continue
+            if model in self._placed and self._check_placed(model, names):
                 continue
             entry = snap.models.get(model)
             if entry is None:
-                self.queue.fail(model, ModelNotFound(model, sorted(snap.models)))
+                if model not in names.models:
+                    self.queue.fail(model, ModelNotFound(model, sorted(names.models)))
                 continue
             if restarted and model not in names.live and entry.load.state is LoadState.IDLE:
                 self._ask_again_soon(model)
@@ -280,14 +343,28 @@ class Gateway:
         finally:
             self._asking.discard(model)
 
-    async def workers_for(self, model: str, mode: str, priority: str, reply: Reply, stream: bool) -> list[WorkerView]:
-        """The model's ready workers; while it is not ready, hold the request (mode
-        'wait'), or raise ModelLoading for a 202 or 503 answer."""
+    async def workers_for(
+        self, model: str, mode: str, priority: str, reply: Reply, stream: bool, hop: bool = False
+    ) -> list[WorkerView]:
+        """The model's ready workers: this host's, else (in a fleet) other hosts' gateways
+        that have it ready. While it is ready nowhere, start its load where the fleet
+        decides (here without a fleet) and hold the request (mode 'wait'), or raise
+        ModelLoading for a 202 or 503 answer. A request another host sent here (``hop``)
+        is served by this host's workers only."""
         names = self.names
         workers = names.ready.get(model)
         if workers:
             return workers
-        entry = names.snap.models[model]
+        if not hop:
+            remote = names.remote.get(model)
+            if remote:
+                return remote
+            target = await self._fleet_target(model, names)
+            if target is not None:
+                return await self._hold_remote(model, target, mode, priority, reply, stream)
+        entry = names.snap.models.get(model)
+        if entry is None:
+            raise ModelNotFound(model, sorted(names.snap.models))
         rec = entry.load
         if rec.state is LoadState.COOLING_DOWN:
             failure = self._failure(model, entry, names)
@@ -308,9 +385,25 @@ class Gateway:
         retry = self.retry_after(model)
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading", retry)
+        await self._hold(model, priority, retry, reply, stream, self._ask_again_soon if reask else None)
+        workers = self.names.ready.get(model)
+        if not workers:
+            raise UpstreamError(f"model '{model}' was ready but its worker is gone again; retry")
+        return workers
+
+    async def _hold(
+        self,
+        model: str,
+        priority: str,
+        retry: int,
+        reply: Reply,
+        stream: bool,
+        then: Callable[[str], None] | None = None,
+    ) -> None:
+        """Wait until the model's waiters are released (or failed, or time out)."""
         waiter = self.queue.add(model, priority, retry)
-        if reask:
-            self._ask_again_soon(model)
+        if then is not None:
+            then(model)
         self._check_waiters()  # it may have become ready (or failed) meanwhile
         keepalive = self._spawn_keepalive(reply) if stream else None
         try:
@@ -327,10 +420,85 @@ class Gateway:
                 keepalive.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await keepalive
-        workers = self.names.ready.get(model)
+
+    # --- the fleet ------------------------------------------------------------------------------
+
+    async def _fleet_target(self, model: str, names: Names) -> str | None:
+        """Another host that loads the model, as decided fleet-wide; None: this one."""
+        fleet = self.fleet
+        if fleet is None:
+            return None
+        placed = self._placed.get(model)
+        if placed is not None and placed in fleet.hosts:
+            return placed  # its load is under way there
+        local = names.snap.models.get(model)
+        if local is not None and (
+            model in names.live or model in names.asleep or local.load.state is not LoadState.IDLE
+        ):
+            return None  # already loading, waking or backing off here
+        try:
+            host = await fleet.place(model)
+        except FleetUnavailable:
+            if local is not None:
+                return None  # the fleet cannot decide: this host serves what it has
+            raise
+        return None if host == fleet.host else host
+
+    async def _hold_remote(
+        self, model: str, host: str, mode: str, priority: str, reply: Reply, stream: bool
+    ) -> list[WorkerView]:
+        assert self.fleet is not None
+        if self._placed.get(model) != host:
+            await self.fleet.ask_load(host, model)
+            self._placed[model] = host
+        retry = self._remote_retry_after(model, host)
+        if mode != "wait":
+            raise ModelLoading(f"model '{model}' is loading on host {host}", retry)
+        await self._hold(model, priority, retry, reply, stream)
+        names = self.names
+        workers = names.ready.get(model) or names.remote.get(model)
         if not workers:
             raise UpstreamError(f"model '{model}' was ready but its worker is gone again; retry")
         return workers
+
+    def _remote_retry_after(self, model: str, host: str) -> int:
+        record = self.fleet.hosts.get(host) if self.fleet else None
+        entry = record.models.get(model) if record else None
+        return max(1, math.ceil((entry.load_seconds if entry else None) or DEFAULT_RETRY_AFTER_S))
+
+    def _check_placed(self, model: str, names: Names) -> bool:
+        """For waiters of a load on another host: whether that host is still on it
+        (it may have died: the load is placed again, or failed: the waiters fail)."""
+        host = self._placed[model]
+        fleet = self.fleet
+        record = fleet.hosts.get(host) if fleet else None
+        if record is None:
+            log.warning("%s: host %s, which was loading it, is gone; placing it again", model, host)
+            del self._placed[model]
+            self._spawn(self._place_again(model))
+            return True
+        entry = record.models.get(model)
+        if entry is not None and entry.load.state is LoadState.COOLING_DOWN:
+            del self._placed[model]
+            self.queue.fail(
+                model,
+                LoadFailed(
+                    f"loading '{model}' on host {host} failed: {entry.load.last_error}", self.retry_after(model)
+                ),
+            )
+        return True
+
+    async def _place_again(self, model: str) -> None:
+        try:
+            host = await self._fleet_target(model, self.names)
+            if host is None:
+                accepted = await self.loader.request_load(model)
+                self._asked[model] = (accepted.epoch, accepted.seq)
+            else:
+                await self.fleet.ask_load(host, model)  # type: ignore[union-attr]
+                self._placed[model] = host
+        except SswError as exc:
+            self.queue.fail(model, exc)
 
     def _spawn_keepalive(self, reply: Reply) -> asyncio.Task[None]:
         async def beat() -> None:
@@ -371,20 +539,21 @@ class Gateway:
         fallback: bool | None,
         reply: Reply,
         stream: bool,
+        hop: bool = False,
     ) -> tuple[str, list[WorkerView], str | None]:
         """(model that serves, its workers, the model it stands in for or None)."""
         try:
-            return model, await self.workers_for(model, mode, priority, reply, stream), None
+            return model, await self.workers_for(model, mode, priority, reply, stream, hop), None
         except (LoadFailed, NoCapacity) as exc:
             names = self.names
-            entry = names.snap.models.get(model)
+            entry = names.models.get(model)
             allowed = fallback if fallback is not None else bool(entry and entry.fallback_default)
             if entry is None or not allowed or not route.fallbacks:
                 raise
             in_scope = self.admission.allowed_models(key, names.resolve)
             for candidate in entry.fallbacks:
-                candidate_entry = names.snap.models.get(candidate)
-                workers = names.ready.get(candidate)
+                candidate_entry = names.models.get(candidate)
+                workers = names.ready.get(candidate) or (None if hop else names.remote.get(candidate))
                 if candidate_entry is None or not workers or route.family not in candidate_entry.capabilities:
                     continue
                 if in_scope is not None and candidate not in in_scope:
@@ -467,6 +636,13 @@ class Gateway:
         if internal is not None:
             # Authenticated when it was submitted; its concurrency is the runner's to bound.
             key = internal.key
+        elif TOKEN_HEADER in headers:
+            # Another host of the fleet, for a client it authenticated and admitted.
+            if self.fleet is None or not self.fleet.trusted(headers[TOKEN_HEADER]):
+                raise Unauthorized("Invalid fleet credential.")
+            name = headers.get(KEY_HEADER, b"").decode("latin-1")
+            key = ApiKey(name, "", None) if valid_name(name) else None
+            scope[HOP] = True
         else:
             key = self.admission.authenticate(scope["headers"])
             self.admission.admit(key, ex)
@@ -503,7 +679,7 @@ class Gateway:
         self.admission.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
         model = names.resolve(asked)
         ex.model = model
-        entry = names.snap.models[model]
+        entry = names.models[model]
         if route.family not in entry.capabilities:
             raise NotServed(
                 f"'{model}' does not serve {route.path}: it serves {', '.join(entry.capabilities) or 'nothing'}"
@@ -517,6 +693,7 @@ class Gateway:
             ex.status = 202
             return
         previous = body.get("previous_response_id") if route.family is Family.RESPONSES else None
+        mode = "wait"
         if previous is not None:
             # Continuing a stored response: only the worker that holds it can.
             holder = await self._holder(previous, key)
@@ -527,10 +704,20 @@ class Gateway:
             sdk = any(name.startswith(b"x-stainless-") for name in headers)
             # Work ssw runs itself is never held: the runner decides when a model is worth a load.
             internal = scope.get(INTERNAL) is not None
+            hop = scope.get(HOP, False)
             mode = "unavailable" if internal else self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
             try:
                 served, workers, stands_in_for = await self._serve_or_fallback(
-                    key, model, body, route, mode, ex.priority, _truthy(headers.get(FALLBACK_HEADER)), reply, stream
+                    key,
+                    model,
+                    body,
+                    route,
+                    mode,
+                    ex.priority,
+                    _truthy(headers.get(FALLBACK_HEADER)),
+                    reply,
+                    stream,
+                    hop,
                 )
             except ModelLoading as exc:
                 if mode == "accept" and not reply.started:
@@ -551,7 +738,16 @@ class Gateway:
             payload = self._payload(body, raw, route, served, ex, asked)
             content_type = b"application/json"
         ex.capture_id = route.path == "/v1/responses" and body.get("store") is not False
-        head = _request_head(b"POST", route.path.encode(), payload, headers, content_type)
+        extra: list[tuple[bytes, bytes]] = []
+        if workers[0].socket.startswith(("http://", "https://")) and self.fleet is not None:
+            # Another host's gateway: it trusts this one for the client it authenticated.
+            extra = [
+                (TOKEN_HEADER, self.fleet.token.encode()),
+                (KEY_HEADER, ex.key.encode()),
+                (PRIORITY_HEADER, ex.priority.encode()),
+                (WAIT_HEADER, b"true" if mode == "wait" else b"false"),
+            ]
+        head = _request_head(b"POST", route.path.encode(), payload, headers, content_type, extra)
         if stands_in_for is not None:
             reply.extra_headers.append((FALLBACK_FROM_HEADER, stands_in_for.encode()))
         await self.relay.forward(served, head, payload, workers, ex, reply, receive)
@@ -644,7 +840,12 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
 
 
 def _request_head(
-    method: bytes, path: bytes, payload: bytes, headers: dict[bytes, bytes], content_type: bytes
+    method: bytes,
+    path: bytes,
+    payload: bytes,
+    headers: dict[bytes, bytes],
+    content_type: bytes,
+    extra: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
     lines = [
         method + b" " + path + b" HTTP/1.1",
@@ -656,6 +857,7 @@ def _request_head(
         value = headers.get(name)
         if value is not None:
             lines.append(name + b": " + value)
+    lines += [name + b": " + value for name, value in extra]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -805,7 +1007,27 @@ def gateway_app(gw: Gateway) -> GatewayApp:
             "workers_ready": sum(1 for w in snap.workers if w.state is WorkerState.READY) if snap else 0,
             "waiting": {m: gw.queue.depth(m) for m in gw.queue.models()},
             "requests_in_flight": gw.in_flight(),
+            "fleet": None
+            if gw.fleet is None
+            else {
+                "host": gw.fleet.host,
+                "connected": gw.fleet.connected,
+                "error": gw.fleet.last_error,
+                "hosts": sorted(gw.fleet.hosts),
+            },
         }
+
+    @app.post("/v1/ssw/fleet/load", status_code=202, include_in_schema=False)
+    async def fleet_load(request: Request) -> dict[str, Any]:
+        """Another host's gateway asks this host to load a model (the fleet decided it loads here)."""
+        if gw.fleet is None or not gw.fleet.trusted(request.headers.get("x-ssw-fleet-token", "").encode()):
+            raise Unauthorized("Invalid fleet credential.")
+        body = parse_body(await request.body(), 4)
+        model = gw.names.resolve(body.get("model"))
+        if model not in gw.names.snap.models:
+            raise ModelNotFound(model, sorted(gw.names.snap.models))
+        accepted = await gw.loader.request_load(model)
+        return {"model": model, "host": gw.fleet.host, "load": accepted.load.model_dump(mode="json")}
 
     if gw.cfg.gateway.public_metrics:
         app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"], include_in_schema=False)
@@ -816,7 +1038,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
         names = gw.names
         allowed = gw.admission.allowed_models(key, names.resolve)
         data = []
-        for name, entry in names.snap.models.items():
+        for name, entry in names.models.items():
             if allowed is not None and name not in allowed:
                 continue
             data.append(
@@ -832,10 +1054,11 @@ def gateway_app(gw: Gateway) -> GatewayApp:
                         "capabilities": entry.capabilities,
                         "capabilities_measured": entry.capabilities_measured,
                         **({"base": entry.base} if entry.base else {}),
+                        **({"hosts": names.hosts.get(name, {})} if gw.fleet is not None else {}),
                     },
                 }
             )
-        for alias, target in names.snap.aliases.items():
+        for alias, target in names.aliases.items():
             if allowed is not None and target not in allowed:
                 continue
             data.append({"id": alias, "object": "model", "created": 0, "owned_by": "ssw", "ssw": {"alias_of": target}})
@@ -878,7 +1101,8 @@ def pool_metrics_app(pool: GatewayPool) -> FastAPI:
     app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None)
 
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE)
+        host = pool.cfg.fleet.host_name() if pool.cfg.fleet.enabled else None
+        return Response(label_host(generate_latest(registry), host), media_type=CONTENT_TYPE)
 
     app.add_api_route("/metrics", metrics, methods=["GET"])
     return app

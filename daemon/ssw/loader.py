@@ -24,8 +24,9 @@ from redis.exceptions import RedisError
 from . import __version__, auth, http_errors, journal, pulls, redis_sink, tiers
 from .capabilities import predict
 from .config import Config
-from .contract import GpuView, LoadAccepted, ModelStatus, ModelView, Snapshot, Status
+from .contract import GpuView, HostRecord, LoadAccepted, ModelStatus, ModelView, Preview, Snapshot, Status
 from .errors import JobNotFound, MetricsUnavailable, ModelNotFound, SswError, WouldEvict, clip
+from .fleet import Publisher
 from .gpus import GpuInfo, GpuSource
 from .lifecycle import WorkerState
 from .prom import CONTENT_TYPE, LoaderMetrics
@@ -68,6 +69,8 @@ class Loader:
             reserved=lambda: {v.index: v.pending for v in self.manager.device_views(self.latest_gpus)},
         )
         self.manager.on_load_result = self._load_result
+        if cfg.fleet.enabled:
+            self.metrics.host = cfg.fleet.host_name()
         self._sampler: asyncio.Task[None] | None = None
         self._prewarm_task: asyncio.Task[None] | None = None
         self.puller = pulls.Puller(
@@ -81,6 +84,8 @@ class Loader:
             self._pulled,
         )
         self._redis_warned = 0.0
+        # In a fleet, this host's state goes to the fleet's Redis every heartbeat.
+        self.fleet = Publisher(cfg.fleet, self.host_record) if cfg.fleet.enabled else None
         self._last_scan = time.monotonic()
         # Set on shutdown so the open event streams end and the server can stop.
         self.closing = asyncio.Event()
@@ -116,6 +121,8 @@ class Loader:
         if self.cfg.placement.prewarm_hours > 0:
             self._prewarm_task = asyncio.create_task(self._prewarm(started))
         await self.puller.resume()
+        if self.fleet is not None:
+            self.fleet.start()
 
     async def _pulled(self, name: str) -> None:
         """A pull finished: its models are servable at once, and loaded if models.yaml pins
@@ -146,6 +153,8 @@ class Loader:
                 log.info("prewarm: %s not loaded: %s", name, exc.message)
 
     async def close(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()
         await self.puller.close()
         if self._prewarm_task is not None:
             self._prewarm_task.cancel()
@@ -247,6 +256,33 @@ class Loader:
             aliases=dict(sorted(reg.aliases.items())),
             missing={name: str(path) for name, path in sorted(reg.missing.items())},
             workers=[w.view(now) for w in sorted(self.manager.table, key=lambda w: w.unit)],
+        )
+
+    async def host_record(self) -> HostRecord:
+        """This host for the fleet: what /status shows, and where each model not
+        running here would fit."""
+        status = await self.status()
+        gpus = await self.manager.gpu_snapshot()
+        live = {w.model for w in self.manager.table}
+        previews: dict[str, Preview | None] = {}
+        for name, spec in self.registry.models.items():
+            if name in live or spec.is_adapter:
+                continue
+            found = self.manager.preview(spec, gpus)
+            previews[name] = Preview(free_after_bytes=found[0], victims=found[1]) if found else None
+        fleet = self.cfg.fleet
+        return HostRecord(
+            host=fleet.host_name(),
+            url=fleet.advertise_url or "",
+            epoch=status.epoch,
+            at=time.time(),
+            gpus=status.gpus,
+            models={
+                n: ModelView(**m.model_dump(include=set(ModelView.model_fields))) for n, m in status.models.items()
+            },
+            aliases=status.aliases,
+            workers=status.workers,
+            previews=previews,
         )
 
     async def status(self) -> Status:

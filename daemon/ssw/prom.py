@@ -55,6 +55,14 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # In a fleet: whether its Redis answers, and how many hosts are in it.
+        self.fleet_connected = Gauge(
+            "ssw_fleet_connected", "1 while the fleet's Redis answers.", registry=r, multiprocess_mode="max"
+        )
+        self.fleet_hosts = Gauge(
+            "ssw_fleet_hosts", "Hosts of the fleet heard from within the TTL.", registry=r, multiprocess_mode="max"
+        )
+        self.host: str | None = None  # in a fleet, every series is labelled with the host
         # The asynchronous tier (one process runs it: livesum adds the others' zeros).
         self.batch_lines = Counter(
             "ssw_batch_lines", "Batch lines and async jobs finished, by outcome.", ["model", "outcome"], registry=r
@@ -88,7 +96,28 @@ class GatewayMetrics:
     def render(self) -> bytes:
         if self.before_scrape is not None:
             self.before_scrape()
-        return generate_latest(self.registry)
+        return label_host(generate_latest(self.registry), self.host)
+
+
+def label_host(text: bytes, host: str | None) -> bytes:
+    """Every sample labelled host="<host>" (in a fleet: one Prometheus scrapes many hosts
+    through the same names). Without a host, the text as it was."""
+    if not host:
+        return text
+    label = b'host="' + host.encode() + b'"'
+    out = []
+    for line in text.split(b"\n"):
+        if line and not line.startswith(b"#"):
+            name_end = min((i for i in (line.find(b"{"), line.find(b" ")) if i >= 0), default=-1)
+            if name_end >= 0:
+                if line[name_end : name_end + 1] == b"{":
+                    closing = line.rfind(b"}")
+                    inner = line[name_end + 1 : closing]
+                    line = line[: name_end + 1] + label + (b"," + inner if inner else b"") + line[closing:]
+                else:
+                    line = line[:name_end] + b"{" + label + b"}" + line[name_end:]
+        out.append(line)
+    return b"\n".join(out)
 
 
 def pool_registry(metrics_dir: str) -> CollectorRegistry:
@@ -114,6 +143,7 @@ class LoaderMetrics:
         reserved: Callable[[], dict[int, int]],
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.host: str | None = None  # in a fleet, every series is labelled with the host
         self.loads = Counter("ssw_loads", "Model loads by result.", ["model", "result"], registry=self.registry)
         self.load_duration = Histogram(
             "ssw_load_duration_seconds",
@@ -126,7 +156,7 @@ class LoaderMetrics:
         ProcessCollector(registry=self.registry)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return label_host(generate_latest(self.registry), self.host)
 
 
 class _LoaderCollector(Collector):

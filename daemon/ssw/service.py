@@ -167,6 +167,8 @@ async def _gateway(cfg: Config, cleanups: list[Any], background: list[asyncio.Ta
     background.append(asyncio.create_task(_watch_keys(keyring)))
     gateway.accounting.start()
     cleanups.append(gateway.accounting.close)
+    if gateway.fleet is not None:
+        gateway.fleet.start()
     return gateway
 
 

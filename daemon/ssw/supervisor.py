@@ -290,6 +290,27 @@ class Supervisor:
         if interactive is not None and interactive > worker.interactive_used:
             worker.interactive_used = min(interactive, time.time())
 
+    def preview(self, spec: ModelSpec, gpus: list[GpuInfo]) -> tuple[int, int] | None:
+        """(bytes free after, workers evicted) if the model were loaded now; None when it
+        could not be (the fleet compares hosts with it)."""
+        need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
+        devices = self.device_views(gpus)
+        residents = self._residents(gpus)
+        try:
+            plan = place(
+                need,
+                devices,
+                residents,
+                self.cfg.placement.policy,
+                spec.gpus or None,
+                self.cfg.placement.tensor_parallel,
+            )
+        except NoCapacity:
+            return None
+        device = next(d for d in devices if d.index == plan.gpus[0])
+        freed = sum(r.held for r in residents if r.unit in plan.evict and device.index in r.gpus)
+        return device.free_after_release + freed - plan.per_gpu_bytes, len(plan.evict)
+
     async def evicts_protected(self, spec: ModelSpec, protect_since: float) -> str | None:
         """Which workers used interactively since ``protect_since`` loading this model
         now would evict (None: none, or it needs no load, or it cannot be placed at all,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import ssl
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import httptools
@@ -289,6 +291,8 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: dict[str, list[_Connection]] = {}
+        # For https:// upstreams (another host's gateway in a fleet); None: the system's CAs.
+        self.ssl_context: ssl.SSLContext | None = None
 
     def _put(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.pool_key, [])
@@ -309,7 +313,20 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, proto = await loop.create_unix_connection(lambda: _Connection(loop, path, self.read_timeout), path)
+                if path.startswith(("http://", "https://")):
+                    # Another host's gateway (a fleet): the same protocol over TCP.
+                    url = urllib.parse.urlsplit(path)
+                    tls = url.scheme == "https"
+                    _, proto = await loop.create_connection(
+                        lambda: _Connection(loop, path, self.read_timeout),
+                        url.hostname or "",
+                        url.port or (443 if tls else 80),
+                        ssl=(self.ssl_context or ssl.create_default_context()) if tls else None,
+                    )
+                else:
+                    _, proto = await loop.create_unix_connection(
+                        lambda: _Connection(loop, path, self.read_timeout), path
+                    )
         except TimeoutError:
             raise ConnectFailed(f"connecting to {path} timed out after {self.connect_timeout:.1f} s") from None
         except BlockingIOError as exc:

@@ -35,10 +35,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def port_open(port: int) -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 # Admin base URL -> the file holding its token: http() sends it to those URLs,
@@ -201,16 +201,18 @@ def write_config(
 class Role:
     """One ssw role (gateway, loader or serve) as a foreground process."""
 
-    def __init__(self, role: str, config: Path, log_dir: Path) -> None:
+    def __init__(self, role: str, config: Path, log_dir: Path, netns: str | None = None) -> None:
         self.role = role
         self.config = config
         self.log_path = log_dir / f"{role}.log"
+        self.netns = netns  # a network namespace of its own (a host of a test fleet)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Role:
         log = self.log_path.open("ab")
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            [str(SSW_VENV / "bin/ssw"), "--config", str(self.config), self.role],
+            [*prefix, str(SSW_VENV / "bin/ssw"), "--config", str(self.config), self.role],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -249,17 +251,21 @@ class Role:
 
 
 class RedisServer:
-    """Debian's redis-server on a free loopback port, without persistence."""
+    """Debian's redis-server on a free port (loopback, or ``host``), without persistence;
+    with ``password``, only for those who give it (as a fleet's Redis)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, host: str = "127.0.0.1", password: str | None = None) -> None:
         self.port = free_port()
+        self.host = host
+        self.password = password
         self.dir = directory
         self.proc: subprocess.Popen[bytes] | None = None
         self._clients: list[redis.Redis] = []
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +275,8 @@ class RedisServer:
                 "--port",
                 str(self.port),
                 "--bind",
-                "127.0.0.1",
+                self.host,
+                *(["--requirepass", self.password] if self.password else []),
                 "--save",
                 "",
                 "--appendonly",
@@ -280,7 +287,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(lambda: port_open(self.port), 10, "redis-server")
+        wait_for(lambda: port_open(self.port, self.host), 10, "redis-server")
         return self
 
     def client(self, **kw: Any) -> redis.Redis:

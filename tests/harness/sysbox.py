@@ -31,12 +31,16 @@ class SysBox:
         self._launcher = launcher
 
     @classmethod
-    def boot(cls, timeout: float = 180.0, tmpfs_size: str = "6g", share: tuple[Path, ...] = ()) -> SysBox:
+    def boot(
+        cls, timeout: float = 180.0, tmpfs_size: str = "6g", share: tuple[Path, ...] = (), netns: str | None = None
+    ) -> SysBox:
+        """Boot one; with ``netns``, in that network namespace (a host of a test fleet)."""
         if os.geteuid() != 0:
             raise RuntimeError("booting a disposable systemd host needs root (namespaces, mounts)")
         base = Path(tempfile.mkdtemp(prefix="ssw-sysbox-"))
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         launcher = subprocess.Popen(
-            ["unshare", "--pid", "--fork", "--mount", "--mount-proc", str(INIT), str(base)],
+            [*prefix, "unshare", "--pid", "--fork", "--mount", "--mount-proc", str(INIT), str(base)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -1,0 +1,198 @@
+"""A test fleet on this one machine: each host a disposable systemd host with its
+own network namespace (a veth pair to a bridge, its own address, the
+production ports: the gateway on :8000, the loader on 127.0.0.1:8001), its
+own loader and gateway, and one Redis for the fleet on the bridge.
+
+    net = Network().up()
+    a = FleetHost.start(net, 1, ...)   # 10.77.0.2
+    b = FleetHost.start(net, 2, ...)   # 10.77.0.3
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.harness.stack import WORK_ROOT, Role, http, wait_for, write_config
+from tests.harness.sysbox import SysBox
+
+BRIDGE = "sswfleet0"
+SUBNET = "10.77.0"
+GATEWAY_IP = f"{SUBNET}.1"  # the bridge: where the fleet's Redis listens
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+class Network:
+    """A bridge in this namespace and one network namespace per host."""
+
+    def __init__(self) -> None:
+        self.namespaces: list[str] = []
+
+    def up(self) -> Network:
+        self.down()  # what a crashed run left behind
+        ip("link", "add", BRIDGE, "type", "bridge")
+        ip("addr", "add", f"{GATEWAY_IP}/24", "dev", BRIDGE)
+        ip("link", "set", BRIDGE, "up")
+        return self
+
+    def add(self, index: int) -> tuple[str, str]:
+        """(namespace, address) of host ``index`` (1, 2, ...)."""
+        ns, address = f"sswf{index}", f"{SUBNET}.{index + 1}"
+        ip("netns", "del", ns, check=False)
+        ip("link", "del", f"vf{index}h", check=False)
+        ip("netns", "add", ns)
+        ip("link", "add", f"vf{index}h", "type", "veth", "peer", "name", f"vf{index}n")
+        ip("link", "set", f"vf{index}n", "netns", ns)
+        ip("link", "set", f"vf{index}h", "master", BRIDGE)
+        ip("link", "set", f"vf{index}h", "up")
+        ip("-n", ns, "addr", "add", f"{address}/24", "dev", f"vf{index}n")
+        ip("-n", ns, "link", "set", f"vf{index}n", "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        self.namespaces.append(ns)
+        return ns, address
+
+    def cut(self, index: int) -> None:
+        """Take host ``index`` off the network (a partition)."""
+        ip("link", "set", f"vf{index}h", "down")
+
+    def down(self) -> None:
+        for ns in self.namespaces:
+            ip("netns", "del", ns, check=False)
+        self.namespaces.clear()
+        ip("link", "del", BRIDGE, check=False)
+
+
+@dataclass
+class FleetHost:
+    name: str
+    netns: str
+    address: str
+    box: SysBox
+    dir: Path
+    config: Path
+    loader: Role
+    gateway: Role
+
+    @property
+    def public(self) -> str:
+        return f"http://{self.address}:8000"
+
+    @classmethod
+    def start(
+        cls,
+        net: Network,
+        index: int,
+        root: Path,
+        models_dir: Path,
+        models: dict[str, Any],
+        fleet: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> FleetHost:
+        netns, address = net.add(index)
+        name = f"host{chr(ord('a') + index - 1)}"
+        directory = root / name
+        box = SysBox.boot(share=(WORK_ROOT,), netns=netns)
+        config = write_config(
+            directory,
+            bus_address=box.bus_address,
+            journal_dir=box.journal_dir,
+            models_dir=models_dir,
+            models=models,
+            engine="fake",
+            public_port=8000,
+            admin_port=8001,
+            extra={
+                "public": {"host": "0.0.0.0", "port": 8000},
+                "gateway": {"metrics_listen": {"host": "127.0.0.1", "port": 8002}},
+                "fleet": {**fleet, "host": name, "advertise_url": f"http://{address}:8000"},
+                **(extra or {}),
+            },
+        )
+        host = cls(
+            name,
+            netns,
+            address,
+            box,
+            directory,
+            config,
+            Role("loader", config, directory, netns),
+            Role("gateway", config, directory, netns),
+        )
+        host.start_roles()
+        return host
+
+    def start_roles(self) -> None:
+        self.loader.start()
+        wait_for(lambda: self.admin("GET", "/health")[0] == 200, 30, f"{self.name}'s loader")
+        self.gateway.start()
+        wait_for(lambda: self.health().get("loader_connected"), 30, f"{self.name}'s gateway")
+
+    def health(self) -> dict[str, Any]:
+        try:
+            status, _, body = http("GET", self.public + "/health", timeout=3)
+        except OSError:
+            return {}
+        return body if status == 200 and isinstance(body, dict) else {}
+
+    def admin(self, method: str, path: str, body: Any = None, timeout: float = 120) -> tuple[int, Any]:
+        """The loader's admin API, from inside the host's namespace (it listens on its loopback)."""
+        token_file = self.dir / "admin.token"
+        cmd = ["ip", "netns", "exec", self.netns, "curl", "-s", "-m", str(timeout), "-X", method]
+        cmd += ["-w", "\n%{http_code}", f"http://127.0.0.1:8001{path}"]
+        if token_file.exists():
+            cmd += ["-H", f"Authorization: Bearer {token_file.read_text().strip()}"]
+        if body is not None:
+            cmd += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 10).stdout
+        text, _, code = out.rpartition("\n")
+        try:
+            return int(code or 0), json.loads(text) if text else None
+        except ValueError:
+            return int(code or 0), text
+
+    def metrics(self) -> str:
+        """The gateway's Prometheus text (it listens on the host's loopback)."""
+        cmd = ["ip", "netns", "exec", self.netns, "curl", "-s", "-m", "10", "http://127.0.0.1:8002/metrics"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout
+
+    def workers(self, model: str | None = None) -> list[dict[str, Any]]:
+        status, body = self.admin("GET", "/status")
+        assert status == 200, body
+        return [w for w in body["workers"] if model is None or w["model"] == model]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        from tests.harness.stack import REPO, SSW_VENV
+
+        return subprocess.run(
+            ["ip", "netns", "exec", self.netns, str(SSW_VENV / "bin/ssw"), "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+
+    def kill(self) -> None:
+        """The host dies: its systemd (and every worker), its loader and its gateway."""
+        for role in (self.gateway, self.loader):
+            if role.proc is not None and role.proc.poll() is None:
+                role.kill()
+        self.box.stop()
+
+    def revive(self) -> None:
+        """Boot the host again after kill(): a fresh systemd, its loader and gateway."""
+        self.box = SysBox.boot(share=(WORK_ROOT,), netns=self.netns)
+        # The new systemd's bus and journal, where the config named the old one's.
+        self.config.write_text(re.sub(r"/proc/\d+/root", str(self.box.root), self.config.read_text()))
+        self.start_roles()
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.loader.stop()
+        self.box.stop()
