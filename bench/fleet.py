@@ -1,0 +1,186 @@
+"""The fleet's costs: the cross-host hop, and single flight under load.
+
+    python bench/fleet.py --json bench/results/fleet.json     # as root, about a minute
+
+It brings up its own fleet of two hosts on this machine (tests/harness/fleet.py:
+each a disposable systemd host in its own network namespace, the fake engine,
+one Redis on a bridge) and measures:
+
+1. **hop**: a model ready on host B only. The same request, one client on a
+   kept-alive connection, in alternating rounds to B's gateway and to A's
+   (which relays it to B's): the added latency of the hop is the difference
+   of the medians, with p99s. The fake engine answers at once, so the
+   gateways' share stands out.
+2. **single flight**: ``--clients`` clients, spread over both gateways, ask at
+   once for a model loaded nowhere (its engine takes ``--load-delay`` s to
+   start). Reported: units started fleet-wide (one is right), and when the
+   clients were answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.harness.fleet import GATEWAY_IP, FleetHost, Network
+from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    p.add_argument("--models-dir", type=Path, help="model directories (default: two generated fakes)")
+    p.add_argument("--requests", type=int, default=2000, help="hop: requests per target and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clients", type=int, default=100, help="single flight: clients at once")
+    p.add_argument("--load-delay", type=float, default=2.0)
+    p.add_argument("--json", type=Path)
+    return p.parse_args(argv)
+
+
+def timed(url: str, body: bytes, n: int) -> list[float]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)
+    out = []
+    headers = {"Content-Type": "application/json"}
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/chat/completions", body, headers)
+            resp = conn.getresponse()
+            resp.read()
+            out.append(time.perf_counter() - t0)
+            if resp.status != 200:
+                raise RuntimeError(f"{url} answered {resp.status}")
+    finally:
+        conn.close()
+    return out
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+
+def hop_ready_on_b(a: FleetHost, b: FleetHost) -> bool:
+    status, _, models = http("GET", a.public + "/v1/models")
+    entry = next((m for m in models["data"] if m["id"] == "hop"), None) if status == 200 else None
+    return bool(entry and entry["ssw"].get("hosts", {}).get(b.name) == "ready")
+
+
+def hop(a: FleetHost, b: FleetHost, args: argparse.Namespace) -> dict[str, Any]:
+    body = json.dumps({"model": "hop", "messages": CHAT, "max_tokens": 1}).encode()
+    assert b.admin("POST", "/load", {"model": "hop"})[0] == 200
+    wait_for(lambda: hop_ready_on_b(a, b), 30, "A to see hop ready on B")
+    timed(b.public, body, 200)  # warm both paths
+    timed(a.public, body, 200)
+    direct: list[float] = []
+    through: list[float] = []
+    for _ in range(args.rounds):
+        direct += timed(b.public, body, args.requests)
+        through += timed(a.public, body, args.requests)
+    assert not a.workers("hop"), "A loaded the model itself"
+    d50, t50 = statistics.median(direct) * 1000, statistics.median(through) * 1000
+    return {
+        "requests": len(direct),
+        "b_direct": {"p50_ms": round(d50, 3), "p99_ms": round(pct(direct, 0.99), 3)},
+        "a_to_b": {"p50_ms": round(t50, 3), "p99_ms": round(pct(through, 0.99), 3)},
+        "added_p50_ms": round(t50 - d50, 3),
+        "added_p99_ms": round(pct(through, 0.99) - pct(direct, 0.99), 3),
+    }
+
+
+def single_flight(a: FleetHost, b: FleetHost, args: argparse.Namespace) -> dict[str, Any]:
+    for host in (a, b):
+        host.admin("POST", "/unload", {"model": "burst"})
+    wait_for(lambda: not a.workers("burst") and not b.workers("burst"), 60, "burst unloaded")
+    body = json.dumps({"model": "burst", "messages": CHAT, "max_tokens": 1}).encode()
+    starts_before = sum(h.loader.log().count("ssw-worker@burst.service: starting (GPU") for h in (a, b))
+    t0 = time.perf_counter()
+
+    def one(i: int) -> float:
+        timed((a if i % 2 else b).public, body, 1)
+        return time.perf_counter() - t0
+
+    with ThreadPoolExecutor(args.clients) as pool:
+        answered = list(pool.map(one, range(args.clients)))
+    starts = sum(h.loader.log().count("ssw-worker@burst.service: starting (GPU") for h in (a, b)) - starts_before
+    units = len(a.workers("burst")) + len(b.workers("burst"))
+    return {
+        "clients": args.clients,
+        "load_delay_s": args.load_delay,
+        "units_started": starts,
+        "workers_after": units,
+        "first_answer_s": round(min(answered), 2),
+        "last_answer_s": round(max(answered), 2),
+        "median_answer_s": round(statistics.median(answered), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        sys.exit("bench/fleet.py boots disposable systemd hosts: run it as root")
+    root = WORK_ROOT / f"bench-fleet-{secrets.token_hex(3)}"
+    models = args.models_dir or root / "models"
+    if args.models_dir is None:
+        for name in ("fake-a", "fake-b"):
+            (models / name).mkdir(parents=True)
+            (models / name / "config.json").write_text(
+                json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+            )
+            (models / name / "model.safetensors").write_bytes(b"\0" * 1024)
+    specs = {
+        "hop": {"path": "fake-a", "vram_gb": 2},
+        "burst": {"path": "fake-b", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": str(args.load_delay)}},
+    }
+    net = Network().up()
+    redis = RedisServer(root / "redis", host=GATEWAY_IP, password=secrets.token_hex(8)).start()
+    token = root / "fleet.token"
+    token.write_text(secrets.token_urlsafe(32))
+    fleet = {"redis_url": redis.url, "credential_file": str(token), "heartbeat_s": 0.5, "ttl_s": 5}
+    hosts: list[FleetHost] = []
+    extra = {"gateway": {"access_log": False}}
+    try:
+        for index in (1, 2):
+            hosts.append(FleetHost.start(net, index, root, models, specs, fleet, extra))
+        a, b = hosts
+        wait_for(lambda: len((a.health().get("fleet") or {}).get("hosts", [])) == 2, 30, "the fleet")
+        print("hop: a model ready on B, through B's gateway and through A's", file=sys.stderr)
+        result = {"hop": hop(a, b, args)}
+        print(f"single flight: {args.clients} clients over both gateways", file=sys.stderr)
+        result["single_flight"] = single_flight(a, b, args)
+    finally:
+        for host in hosts:
+            host.stop()
+        redis.stop()
+        net.down()
+    h, s = result["hop"], result["single_flight"]
+    print(f"{'path':<12} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'B direct':<12} {h['b_direct']['p50_ms']:>8} {h['b_direct']['p99_ms']:>8}")
+    print(f"{'A -> B':<12} {h['a_to_b']['p50_ms']:>8} {h['a_to_b']['p99_ms']:>8}")
+    print(f"the hop adds {h['added_p50_ms']} ms p50, {h['added_p99_ms']} ms p99 ({h['requests']} requests each)")
+    print(
+        f"single flight: {s['clients']} clients, {s['units_started']} unit started fleet-wide; "
+        f"answered {s['first_answer_s']}-{s['last_answer_s']} s after asking (load delay {s['load_delay_s']} s)"
+    )
+    if args.json:
+        out = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args) | {"json": None}, **result}
+        args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
