@@ -363,3 +363,27 @@ def test_batch_bench_measures_interactive_latency_beside_a_batch(stack: Stack, t
     assert phases["ssw_batch"]["background"]["completed"] == 24 and phases["ssw_batch"]["background"]["lines_per_s"] > 0
     assert phases["naive"]["background"]["lines"] == 24
     assert "ssw_batch" in stdout and "lines/s" in stdout
+
+
+def test_fleet_bench_measures_the_hop_and_single_flight(models_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fleet.json"
+    stdout = bench(
+        "fleet.py",
+        "--models-dir",
+        str(models_root),
+        "--requests",
+        "50",
+        "--rounds",
+        "1",
+        "--clients",
+        "10",
+        "--load-delay",
+        "0.5",
+        "--json",
+        str(out),
+        timeout=300,
+    )
+    figures = json.loads(out.read_text())
+    assert figures["hop"]["requests"] == 50 and figures["hop"]["a_to_b"]["p50_ms"] > 0
+    assert figures["single_flight"]["units_started"] == 1 and figures["single_flight"]["workers_after"] == 1
+    assert "the hop adds" in stdout

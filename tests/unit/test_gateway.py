@@ -1,0 +1,83 @@
+"""The gateway's view of names and workers, with and without a fleet (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ssw.contract import HostRecord, ModelView, Snapshot, WorkerView
+from ssw.gateway import Names
+from ssw.lifecycle import WorkerState
+
+
+def worker(model: str, unit: str, state: WorkerState = WorkerState.READY, adapters: tuple[str, ...] = ()) -> WorkerView:
+    return WorkerView(
+        unit=unit, model=model, replica=1, state=state, gpus=[0], socket=f"/run/{unit}", adapters=list(adapters)
+    )
+
+
+def record(
+    host: str, models: list[str], workers: list[WorkerView], aliases: dict[str, str] | None = None
+) -> HostRecord:
+    return HostRecord(
+        host=host,
+        url=f"http://{host}:8000",
+        epoch="e",
+        at=0.0,
+        gpus=[],
+        models={m: ModelView(capabilities=["chat"]) for m in models},
+        aliases=aliases or {},
+        workers=workers,
+    )
+
+
+@dataclass
+class Fleet:
+    host: str
+    hosts: dict[str, HostRecord] = field(default_factory=dict)
+    version: int = 1
+
+
+SNAP = Snapshot(
+    epoch="e",
+    seq=1,
+    models={"local": ModelView(capabilities=["chat"]), "both": ModelView(capabilities=["chat"])},
+    aliases={"light": "local"},
+    workers=[worker("local", "ssw-worker@local")],
+)
+
+
+def test_without_a_fleet_only_this_hosts_models() -> None:
+    names = Names(SNAP)
+    assert set(names.models) == {"local", "both"} and names.remote == {}
+    assert names.resolve("light") == "local"
+
+
+def test_other_hosts_ready_models_are_workers_reached_through_their_gateways() -> None:
+    fleet = Fleet(
+        "a",
+        {
+            "a": record("a", ["local", "both"], [worker("local", "ssw-worker@local")]),
+            "b": record(
+                "b",
+                ["both", "remote-only", "base", "npc"],
+                [
+                    worker("both", "ssw-worker@both"),
+                    worker("remote-only", "ssw-worker@remote-only", WorkerState.STARTING),
+                    worker("base", "ssw-worker@base", adapters=("npc",)),
+                ],
+                {"heavy": "remote-only"},
+            ),
+        },
+    )
+    names = Names(SNAP, fleet)  # type: ignore[arg-type]
+    assert [w.socket for w in names.remote["both"]] == ["http://b:8000"]
+    assert names.remote["both"][0].unit == "b/both"
+    assert "remote-only" not in names.remote  # starting there: not ready
+    assert names.remote["npc"][0].socket == "http://b:8000"  # an adapter its ready worker holds
+    assert names.resolve("heavy") == "remote-only"  # another host's alias
+    assert names.resolve("light") == "local"
+    assert names.hosts["both"] == {"a": "unloaded", "b": "ready"}
+    assert names.hosts["remote-only"] == {"b": "loading"}
+    assert names.state("both") == "ready" and names.state("remote-only") == "loading"
+    # This host's own record never makes remote workers of its own.
+    assert "local" not in names.remote
