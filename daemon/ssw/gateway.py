@@ -359,6 +359,9 @@ class Gateway:
             remote = names.remote.get(model)
             if remote:
                 return remote
+        # Batch work (mode 'batch': never held) never places loads on other hosts: the
+        # runner loads only here, and only without evicting a model in interactive use.
+        if not hop and mode != "batch":
             target = await self._fleet_target(model, names)
             if target is not None:
                 return await self._hold_remote(model, target, mode, priority, reply, stream)
@@ -705,7 +708,7 @@ class Gateway:
             # Work ssw runs itself is never held: the runner decides when a model is worth a load.
             internal = scope.get(INTERNAL) is not None
             hop = scope.get(HOP, False)
-            mode = "unavailable" if internal else self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
+            mode = "batch" if internal else self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
             try:
                 served, workers, stands_in_for = await self._serve_or_fallback(
                     key,
