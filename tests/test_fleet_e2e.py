@@ -28,6 +28,7 @@ MODELS = {
     "burst": {"path": "fake-b", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": "1"}},
     "solo": {"path": "fake-a", "vram_gb": 2},
     "local": {"path": "fake-b", "vram_gb": 2},
+    "slowload": {"path": "fake-b", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": "8"}},
 }
 
 
@@ -83,10 +84,10 @@ def ready_on(host: FleetHost, model: str) -> bool:
     return any(w["state"] == "ready" for w in host.workers(model))
 
 
-def seen_ready(viewer: FleetHost, model: str, where: str) -> bool:
+def seen_ready(viewer: FleetHost, model: str, where: str, state: str = "ready") -> bool:
     status, _, models = http("GET", viewer.public + "/v1/models")
     entry = next((m for m in models["data"] if m["id"] == model), None) if status == 200 else None
-    return bool(entry and entry["ssw"].get("hosts", {}).get(where) == "ready")
+    return bool(entry and entry["ssw"].get("hosts", {}).get(where) == state)
 
 
 def test_a_model_ready_on_b_is_served_through_as_gateway(
@@ -192,3 +193,22 @@ def test_host_b_dies_and_its_models_come_up_on_a_within_the_ttl(
     finally:
         b.revive()
         wait_for(lambda: len(fleet_hosts(a)) == 2, 30, "B back in the fleet")
+
+
+def test_a_load_on_a_host_that_dies_is_placed_again(fleet: tuple[Network, RedisServer, FleetHost, FleetHost]) -> None:
+    _, _, a, b = fleet
+    unload(a, b, model="slowload")
+    assert b.admin("POST", "/load", {"model": "slowload", "wait": False})[0] == 202
+    wait_for(lambda: seen_ready(a, "slowload", b.name, "loading"), 10, "A to see slowload loading on B")
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(chat, a, "slowload")  # held: the fleet's load of it is on B
+        time.sleep(1)
+        b.kill()
+        try:
+            status, _, answer = waiting.result(timeout=120)
+            assert status == 200 and answer["model"] == "slowload", answer
+            assert ready_on(a, "slowload")
+            assert "slowload: host hostb, which was loading it, is gone; placing it again" in a.gateway.log()
+        finally:
+            b.revive()
+            wait_for(lambda: len(fleet_hosts(a)) == 2, 30, "B back in the fleet")
