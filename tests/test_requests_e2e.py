@@ -166,7 +166,7 @@ def test_a_client_that_disconnects_mid_stream_aborts_the_upstream_request(stack:
             resp.close()
 
     asyncio.run(read_two_chunks_and_leave())
-    wait_for(lambda: stats() == {"running": 0, "aborted": 1}, 20, "the worker to see the abort")
+    wait_for(lambda: (stats()["running"], stats()["aborted"]) == (0, 1), 20, "the worker to see the abort")
     for _ in range(5):
         asyncio.run(leave_before_the_first_byte())
     # Nothing is left open in the gateway, whenever the client left.

@@ -300,6 +300,10 @@ def test_no_key_or_token_in_journal_logs_redis_status_or_units(
     # One request under a key, recorded, so there is something for a secret to leak into.
     with client(stack, keys["full"]) as c:
         c.chat.completions.create(model="alpha", messages=CHAT, max_tokens=2)
+    # And an async job: its record names the key, never holds it.
+    headers = {"Authorization": f"Bearer {keys['full']}", "X-SSW-Async": "true"}
+    body = {"model": "alpha", "messages": CHAT, "max_tokens": 2}
+    assert http("POST", stack.public + "/v1/chat/completions", body, headers=headers)[0] == 202
     r = redis_server.client(decode_responses=True)
     wait_for(
         lambda: any(json.loads(fields["r"])["key"] == "full" for _, fields in r.xrange("ssw:requests")),
@@ -314,7 +318,8 @@ def test_no_key_or_token_in_journal_logs_redis_status_or_units(
     journal = stack.box.run("journalctl", "--no-pager", "-o", "verbose").stdout
     units = stack.box.systemctl("show", "ssw-worker@*").stdout
     logs = stack.loader.log() + stack.gateway.log()
-    dump = json.dumps([r.xrange(k) if r.type(k) == "stream" else r.hgetall(k) for k in r.keys("*")])
+    read = {"stream": r.xrange, "hash": r.hgetall, "string": r.get, "zset": lambda k: r.zrange(k, 0, -1)}
+    dump = json.dumps([read[r.type(k)](k) for k in r.keys("*")])
     status = json.dumps(http("GET", stack.admin + "/status")[2])
     metrics = http("GET", stack.gateway_metrics + "/metrics")[2]
     for secret in secrets:

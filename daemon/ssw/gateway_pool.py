@@ -120,7 +120,9 @@ class GatewayPool:
         argv = [sys.executable, "-m", "ssw.cli"]
         if self.config_path:
             argv += ["--config", self.config_path]
-        proc = await asyncio.create_subprocess_exec(*argv, "gateway", env=env, pass_fds=(write_fd,))
+        proc = await asyncio.create_subprocess_exec(
+            *argv, "gateway", env=env, pass_fds=(write_fd,), preexec_fn=_ignore_sighup
+        )
         os.close(write_fd)
         child = _Child(slot, proc)
         self.children[slot] = child
@@ -193,3 +195,9 @@ class GatewayPool:
         for task in list(self._tasks):
             task.cancel()
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def _ignore_sighup() -> None:
+    """In a new child, until it sets its own handler (a key reload then): a SIGHUP
+    passed on while it starts would otherwise end it."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -86,10 +86,12 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
             servers.append((_server(admin_app(loader), cfg.admin, cfg, 2), None))
         if "gateway" in roles and cfg.gateway.processes > 1 and slot is None:
             pool = GatewayPool(cfg, config_path)
-            await pool.start()
             stopping_pool = pool
-            cleanups.append(lambda: stopping_pool.stop(cfg.gateway.shutdown_timeout_s + 5))
+            # Before any child starts: a SIGHUP (a key reload) while they start must not
+            # take its default action, which ends the process.
             loop.add_signal_handler(signal.SIGHUP, lambda: stopping_pool.signal_all(signal.SIGHUP))
+            await pool.start()
+            cleanups.append(lambda: stopping_pool.stop(cfg.gateway.shutdown_timeout_s + 5))
             if cfg.gateway.metrics_listen is not None:
                 servers.append((_server(pool_metrics_app(pool), cfg.gateway.metrics_listen, cfg, 1), None))
         elif "gateway" in roles:
