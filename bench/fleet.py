@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.harness.fleet import GATEWAY_IP, FleetHost, Network
+from tests.harness.fleet import FleetHost, Network
 from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "burst": {"path": "fake-b", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": str(args.load_delay)}},
     }
     net = Network().up()
-    redis = RedisServer(root / "redis", host=GATEWAY_IP, password=secrets.token_hex(8)).start()
+    redis = RedisServer(root / "redis", host=net.gateway_ip, password=secrets.token_hex(8)).start()
     token = root / "fleet.token"
     token.write_text(secrets.token_urlsafe(32))
     fleet = {"redis_url": redis.url, "credential_file": str(token), "heartbeat_s": 0.5, "ttl_s": 5}

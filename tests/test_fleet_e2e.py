@@ -2,8 +2,10 @@
 its own network namespace with the production ports: a model ready on host B
 is served through host A's gateway; 50 clients over both gateways asking for
 a model loaded nowhere start exactly one unit fleet-wide; host B dies and its
-models are loaded and served on A within the TTL; with the fleet's Redis down
-each host serves its own models, and the fleet comes back when it does."""
+models are loaded and served on A within the TTL, as are those of a host cut
+off the network; a load placed on a host that dies is placed again; with the
+fleet's Redis down each host serves its own models, and the fleet comes back
+when it does."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.fleet import GATEWAY_IP, FleetHost, Network
+from tests.harness.fleet import FleetHost, Network
 from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
 
 pytestmark = pytest.mark.systemd
@@ -37,7 +39,7 @@ def fleet(models_root: Path) -> Iterator[tuple[Network, RedisServer, FleetHost, 
     root = WORK_ROOT / f"fleet-{secrets.token_hex(3)}"
     root.mkdir(parents=True)
     net = Network().up()
-    redis = RedisServer(root / "redis", host=GATEWAY_IP, password=secrets.token_hex(8)).start()
+    redis = RedisServer(root / "redis", host=net.gateway_ip, password=secrets.token_hex(8)).start()
     token = root / "fleet.token"
     token.write_text(secrets.token_urlsafe(32))
     settings = {
@@ -212,3 +214,22 @@ def test_a_load_on_a_host_that_dies_is_placed_again(fleet: tuple[Network, RedisS
         finally:
             b.revive()
             wait_for(lambda: len(fleet_hosts(a)) == 2, 30, "B back in the fleet")
+
+
+def test_a_partitioned_host_drops_out_and_comes_back(fleet: tuple[Network, RedisServer, FleetHost, FleetHost]) -> None:
+    net, _, a, b = fleet
+    unload(a, b, model="shared")
+    assert b.admin("POST", "/load", {"model": "shared"})[0] == 200
+    wait_for(lambda: seen_ready(a, "shared", b.name), 10, "A to see shared on B")
+    net.cut(2)
+    try:
+        cut = time.monotonic()
+        wait_for(lambda: fleet_hosts(a) == [a.name], TTL_S + 5, "A to drop the unreachable B")
+        assert time.monotonic() - cut <= TTL_S + 2
+        # B's model is loaded and served on A; B, cut off, keeps its own workers.
+        status, _, answer = chat(a, "shared")
+        assert status == 200 and answer["model"] == "shared"
+        assert ready_on(a, "shared") and ready_on(b, "shared")
+    finally:
+        net.restore(2)
+    wait_for(lambda: len(fleet_hosts(a)) == 2, 20, "B back in the fleet")

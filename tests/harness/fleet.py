@@ -4,13 +4,14 @@ production ports: the gateway on :8000, the loader on 127.0.0.1:8001), its
 own loader and gateway, and one Redis for the fleet on the bridge.
 
     net = Network().up()
-    a = FleetHost.start(net, 1, ...)   # 10.77.0.2
-    b = FleetHost.start(net, 2, ...)   # 10.77.0.3
+    a = FleetHost.start(net, 1, ...)   # <subnet>.2
+    b = FleetHost.start(net, 2, ...)   # <subnet>.3
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -20,53 +21,62 @@ from typing import Any
 from tests.harness.stack import WORK_ROOT, Role, http, wait_for, write_config
 from tests.harness.sysbox import SysBox
 
-BRIDGE = "sswfleet0"
-SUBNET = "10.77.0"
-GATEWAY_IP = f"{SUBNET}.1"  # the bridge: where the fleet's Redis listens
-
 
 def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
 
 class Network:
-    """A bridge in this namespace and one network namespace per host."""
+    """A bridge in this namespace and one network namespace per host. Names and
+    subnet are this process's own, so that two test runs on one machine (CI and
+    a developer's) never share a fleet."""
 
     def __init__(self) -> None:
+        self.tag = os.getpid() % 10000
+        self.bridge = f"sswb{self.tag}"
+        self.subnet = f"10.{77 + self.tag // 250 % 100}.{self.tag % 250}"
+        self.gateway_ip = f"{self.subnet}.1"  # the bridge: where the fleet's Redis listens
         self.namespaces: list[str] = []
 
+    def _veth(self, index: int, end: str) -> str:
+        return f"v{self.tag}x{index}{end}"  # at most 15 characters
+
     def up(self) -> Network:
-        self.down()  # what a crashed run left behind
-        ip("link", "add", BRIDGE, "type", "bridge")
-        ip("addr", "add", f"{GATEWAY_IP}/24", "dev", BRIDGE)
-        ip("link", "set", BRIDGE, "up")
+        self.down()  # what a crashed run of this PID left behind
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{self.gateway_ip}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
         return self
 
     def add(self, index: int) -> tuple[str, str]:
         """(namespace, address) of host ``index`` (1, 2, ...)."""
-        ns, address = f"sswf{index}", f"{SUBNET}.{index + 1}"
+        ns, address = f"sswf{self.tag}-{index}", f"{self.subnet}.{index + 1}"
+        host_end, ns_end = self._veth(index, "h"), self._veth(index, "n")
         ip("netns", "del", ns, check=False)
-        ip("link", "del", f"vf{index}h", check=False)
+        ip("link", "del", host_end, check=False)
         ip("netns", "add", ns)
-        ip("link", "add", f"vf{index}h", "type", "veth", "peer", "name", f"vf{index}n")
-        ip("link", "set", f"vf{index}n", "netns", ns)
-        ip("link", "set", f"vf{index}h", "master", BRIDGE)
-        ip("link", "set", f"vf{index}h", "up")
-        ip("-n", ns, "addr", "add", f"{address}/24", "dev", f"vf{index}n")
-        ip("-n", ns, "link", "set", f"vf{index}n", "up")
+        ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        ip("link", "set", ns_end, "netns", ns)
+        ip("link", "set", host_end, "master", self.bridge)
+        ip("link", "set", host_end, "up")
+        ip("-n", ns, "addr", "add", f"{address}/24", "dev", ns_end)
+        ip("-n", ns, "link", "set", ns_end, "up")
         ip("-n", ns, "link", "set", "lo", "up")
         self.namespaces.append(ns)
         return ns, address
 
     def cut(self, index: int) -> None:
         """Take host ``index`` off the network (a partition)."""
-        ip("link", "set", f"vf{index}h", "down")
+        ip("link", "set", self._veth(index, "h"), "down")
+
+    def restore(self, index: int) -> None:
+        ip("link", "set", self._veth(index, "h"), "up")
 
     def down(self) -> None:
         for ns in self.namespaces:
             ip("netns", "del", ns, check=False)
         self.namespaces.clear()
-        ip("link", "del", BRIDGE, check=False)
+        ip("link", "del", self.bridge, check=False)
 
 
 @dataclass
