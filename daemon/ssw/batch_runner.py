@@ -337,11 +337,12 @@ class Runner:
         if snap is None:
             return ModelState.LOADING
         names = self.gw.names
-        if model in names.ready:
-            return ModelState.READY
+        if model in names.ready or model in names.remote:
+            return ModelState.READY  # here, or (a fleet) on another host
         entry = snap.models.get(model)
         if entry is None:
-            return ModelState.GONE
+            # Another host's model (a fleet) that is ready nowhere: its lines wait for it.
+            return ModelState.LOADING if model in names.models else ModelState.GONE
         if entry.load.state is LoadState.COOLING_DOWN:
             return ModelState.FAILING
         if entry.load.state in (LoadState.LOADING, LoadState.BACKING_OFF) or model in names.live:

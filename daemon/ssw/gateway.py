@@ -432,8 +432,14 @@ class Gateway:
         if fleet is None:
             return None
         placed = self._placed.get(model)
-        if placed is not None and placed in fleet.hosts:
-            return placed  # its load is under way there
+        if placed is not None:
+            record = fleet.hosts.get(placed)
+            entry = record.models.get(model) if record else None
+            if record is not None and entry is not None and (
+                entry.load.state is not LoadState.IDLE or any(w.model == model for w in record.workers)
+            ):
+                return placed  # its load is under way there
+            self._placed.pop(model, None)  # done, failed or never begun: decided again
         local = names.snap.models.get(model)
         if local is not None and (
             model in names.live or model in names.asleep or local.load.state is not LoadState.IDLE
