@@ -435,8 +435,10 @@ class Gateway:
         if placed is not None:
             record = fleet.hosts.get(placed)
             entry = record.models.get(model) if record else None
-            if record is not None and entry is not None and (
-                entry.load.state is not LoadState.IDLE or any(w.model == model for w in record.workers)
+            if (
+                record is not None
+                and entry is not None
+                and (entry.load.state is not LoadState.IDLE or any(w.model == model for w in record.workers))
             ):
                 return placed  # its load is under way there
             self._placed.pop(model, None)  # done, failed or never begun: decided again
