@@ -286,7 +286,8 @@ class Gateway:
         names = self.names  # the latest snapshot, and nothing older
         snap = names.snap
         for model in self.queue.models():
-            if model in names.ready or (model in self._placed and model in names.remote):
+            # Ready here, or on another host of the fleet (where the fleet placed it).
+            if model in names.ready or model in names.remote:
                 released = self.queue.release(model)
                 self._placed.pop(model, None)
                 log.info("%s: ready; released %d waiting requests", model, len(released))
