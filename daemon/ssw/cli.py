@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                     counts = b["request_counts"]
                     print(
                         f"{b['id']} {b['status']:<11} key={b['owner'] or '-'} {b['endpoint']} "
-                        f"{counts['completed']}+{counts['failed']} failed/{counts['total']} "
+                        f"{counts['completed']} completed, {counts['failed']} failed of {counts['total']}, "
                         f"created {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(b['created_at']))}"
                         + (f" output={b['output_file_id']}" if b["output_file_id"] else "")
                         + (f" errors={b['error_file_id']}" if b["error_file_id"] else "")
