@@ -13,7 +13,6 @@ record and a dozen locked metric updates (bench/README.md: the profile).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from . import tasks
 from .config import Config
 from .prom import GatewayMetrics
 from .redis_sink import RedisSink, RequestRecord
@@ -82,10 +82,7 @@ class Accounting:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.cancel(self._task)
         self.flush()
         await self.sink.close()
 

@@ -439,7 +439,7 @@ class Runner:
         found = match("POST", route_path)
         assert found is not None
         if self.cfg.auth.enabled:
-            self.gw.keys.reload()
+            # As of the key file's last reload (the gateway re-reads it: SIGHUP, or when it changes).
             key = self.gw.keys.named(owner)
             if key is None:
                 return _answer(401, "invalid_api_key", "the API key that submitted this request was revoked")

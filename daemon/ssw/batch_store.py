@@ -209,14 +209,18 @@ class BatchStore:
             raise
         return file_view(record)
 
-    async def file_record(self, file_id: str, owner: str | None) -> dict[str, str] | None:
-        """The file's record if it exists and ``owner`` may see it (None: anyone)."""
-        if not FILE_ID.match(file_id):
+    async def _owned(self, kind: str, pattern: re.Pattern[str], ident: str, owner: str | None) -> dict[str, str] | None:
+        """A file's, batch's or job's record if it exists and ``owner`` may see it (None:
+        anyone). An id of the wrong shape never reaches a Redis key."""
+        if not pattern.match(ident):
             return None
-        record: dict[str, str] = await self._r(self.redis.hgetall(PREFIX + "file:" + file_id))
+        record: dict[str, str] = await self._r(self.redis.hgetall(PREFIX + kind + ":" + ident))
         if not record or (owner is not None and record.get("owner") != owner):
             return None
         return record
+
+    async def file_record(self, file_id: str, owner: str | None) -> dict[str, str] | None:
+        return await self._owned("file", FILE_ID, file_id, owner)
 
     async def list_files(
         self, owner: str, purpose: str | None, limit: int, after: str | None, desc: bool
@@ -275,10 +279,8 @@ class BatchStore:
         return batch_id
 
     async def batch(self, batch_id: str, owner: str | None = None) -> dict[str, str] | None:
-        if not BATCH_ID.match(batch_id):
-            return None
-        record: dict[str, str] = await self._r(self.redis.hgetall(PREFIX + "batch:" + batch_id))
-        if not record or (owner is not None and record.get("owner") != owner):
+        record = await self._owned("batch", BATCH_ID, batch_id, owner)
+        if record is None:
             return None
         counts = await self._r(self.redis.hgetall(PREFIX + "batch:" + batch_id + ":counts"))
         record["completed"] = counts.get("completed", "0")
@@ -383,12 +385,7 @@ class BatchStore:
         return record
 
     async def job(self, job_id: str, owner: str | None = None) -> dict[str, str] | None:
-        if not JOB_ID.match(job_id):
-            return None
-        record: dict[str, str] = await self._r(self.redis.hgetall(PREFIX + "job:" + job_id))
-        if not record or (owner is not None and record.get("owner") != owner):
-            return None
-        return record
+        return await self._owned("job", JOB_ID, job_id, owner)
 
     async def active_jobs(self) -> list[str]:
         ids: list[str] = await self._r(self.redis.zrange(PREFIX + "jobs:active", 0, -1))

@@ -34,10 +34,12 @@ import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from .auth import ensure_token, read_token
+from . import tasks
+from .auth import read_token
 from .config import FleetSettings
 from .contract import HostRecord
 from .errors import SswError
+from .lifecycle import LoadState, WorkerState
 from .placement import HostOption, choose_host
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,6 @@ def fleet_redis(settings: FleetSettings) -> aioredis.Redis:
     )
 
 
-def credential(settings: FleetSettings, create: bool = False, group: str | None = None) -> str | None:
-    """The fleet's shared secret: the same file on every host (Ansible puts it there)."""
-    if create:
-        return ensure_token(settings.credential_file, group)
-    return read_token(settings.credential_file)
-
-
 class Publisher:
     """The loader's side: its host's record, every heartbeat."""
 
@@ -87,10 +82,7 @@ class Publisher:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.cancel(self._task)
         # Leaving on purpose: the others drop this host now, not after the TTL.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(REDIS_TIMEOUT_S):
@@ -145,7 +137,8 @@ class FleetView:
     @property
     def token(self) -> str:
         if self._token is None:
-            self._token = credential(self.settings)
+            # The same file on every host (Ansible puts it there).
+            self._token = read_token(self.settings.credential_file)
         if not self._token:
             raise FleetUnavailable(f"the fleet credential {self.settings.credential_file} cannot be read")
         return self._token
@@ -160,10 +153,7 @@ class FleetView:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.cancel(self._task)
         if self._session is not None:
             await self._session.close()
         await self._redis.aclose()
@@ -273,8 +263,8 @@ class FleetView:
             entry = record.models.get(model)
             if entry is None:
                 continue
-            loading = entry.load.state.value == "loading" or any(
-                w.model == model and w.state.value != "failed" for w in record.workers
+            loading = entry.load.state is LoadState.LOADING or any(
+                w.model == model and w.state is not WorkerState.FAILED for w in record.workers
             )
             preview = record.previews.get(model)
             if not loading and preview is None:

@@ -14,7 +14,6 @@ The proxy routes are served by a plain ASGI handler; FastAPI serves the rest
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -28,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import generate_latest
 
-from . import __version__, http_errors
+from . import __version__, http_errors, tasks
 from .accounting import Accounting, Exchange
 from .admission import ANTHROPIC_ROLES, CHAT_ROLES, Admission, parse_body
 from .auth import ApiKey, KeyRing, Unauthorized
@@ -125,14 +124,9 @@ class Names:
                     self.aliases.setdefault(alias, target)
                 ready = {w.model for w in record.workers if w.state is WorkerState.READY}
                 ready |= {a for w in record.workers if w.state is WorkerState.READY for a in w.adapters}
+                present = {w.model for w in record.workers}
                 for name in record.models:
-                    state = (
-                        "ready"
-                        if name in ready
-                        else "loading"
-                        if name in {w.model for w in record.workers}
-                        else "unloaded"
-                    )
+                    state = "ready" if name in ready else "loading" if name in present else "unloaded"
                     self.hosts.setdefault(name, {})[host] = state
                     if state == "ready" and host != fleet.host:
                         self.remote.setdefault(name, []).append(
@@ -420,10 +414,7 @@ class Gateway:
                 self.retry_after(model),
             ) from None
         finally:
-            if keepalive is not None:
-                keepalive.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await keepalive
+            await tasks.cancel(keepalive)
 
     # --- the fleet ------------------------------------------------------------------------------
 

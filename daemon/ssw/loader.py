@@ -261,8 +261,8 @@ class Loader:
     async def host_record(self) -> HostRecord:
         """This host for the fleet: what /status shows, and where each model not
         running here would fit."""
-        status = await self.status()
         gpus = await self.manager.gpu_snapshot()
+        snap = self.snapshot()
         live = {w.model for w in self.manager.table}
         previews: dict[str, Preview | None] = {}
         for name, spec in self.registry.models.items():
@@ -274,20 +274,42 @@ class Loader:
         return HostRecord(
             host=fleet.host_name(),
             url=fleet.advertise_url or "",
-            epoch=status.epoch,
+            epoch=snap.epoch,
             at=time.time(),
-            gpus=status.gpus,
-            models={
-                n: ModelView(**m.model_dump(include=set(ModelView.model_fields))) for n, m in status.models.items()
-            },
-            aliases=status.aliases,
-            workers=status.workers,
+            gpus=self._gpu_views(gpus),
+            models=snap.models,
+            aliases=snap.aliases,
+            workers=snap.workers,
             previews=previews,
         )
 
+    def _gpu_views(self, gpus: list[GpuInfo]) -> list[GpuView]:
+        views = {v.index: v for v in self.manager.device_views(gpus)}
+        per_gpu: dict[int, list[str]] = {}
+        for w in self.manager.table:
+            for g in w.gpus:
+                per_gpu.setdefault(g, []).append(w.unit)
+        return [
+            GpuView(
+                index=g.index,
+                uuid=g.uuid,
+                name=g.name,
+                simulated=self.gpus.kind == "simulated",
+                memory_total_bytes=g.memory_total,
+                memory_used_bytes=g.memory_used,
+                memory_reserved_bytes=views[g.index].pending,
+                memory_releasing_bytes=views[g.index].releasing,
+                memory_free_bytes=views[g.index].free,
+                utilization_pct=g.utilization_pct,
+                temperature_c=g.temperature_c,
+                power_w=g.power_w,
+                workers=sorted(per_gpu.get(g.index, [])),
+            )
+            for g in gpus
+        ]
+
     async def status(self) -> Status:
         gpus = await self.manager.gpu_snapshot()
-        views = {v.index: v for v in self.manager.device_views(gpus)}
         now = time.time()
         models = {}
         for name, spec in sorted(self.registry.models.items()):
@@ -303,10 +325,6 @@ class Loader:
                 cold_starts=(trials := self.store.cold_starts(name)),
                 cold_start_best=min(trials, key=lambda k: trials[k]) if trials else None,
             )
-        per_gpu: dict[int, list[str]] = {}
-        for w in self.manager.table:
-            for g in w.gpus:
-                per_gpu.setdefault(g, []).append(w.unit)
         return Status(
             epoch=self.manager.epoch,
             seq=self.manager.seq,
@@ -315,24 +333,7 @@ class Loader:
             gpu_source=self.gpus.kind,
             placement_policy=self.cfg.placement.policy,
             evictions_total=self.manager.evictions,
-            gpus=[
-                GpuView(
-                    index=g.index,
-                    uuid=g.uuid,
-                    name=g.name,
-                    simulated=self.gpus.kind == "simulated",
-                    memory_total_bytes=g.memory_total,
-                    memory_used_bytes=g.memory_used,
-                    memory_reserved_bytes=views[g.index].pending,
-                    memory_releasing_bytes=views[g.index].releasing,
-                    memory_free_bytes=views[g.index].free,
-                    utilization_pct=g.utilization_pct,
-                    temperature_c=g.temperature_c,
-                    power_w=g.power_w,
-                    workers=sorted(per_gpu.get(g.index, [])),
-                )
-                for g in gpus
-            ],
+            gpus=self._gpu_views(gpus),
             models=models,
             aliases=dict(sorted(self.registry.aliases.items())),
             missing={name: str(path) for name, path in sorted(self.registry.missing.items())},

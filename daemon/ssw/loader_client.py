@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 from pydantic import ValidationError
 
+from . import tasks
 from .auth import read_token
 from .contract import CONTRACT_VERSION, LoadAccepted, Snapshot
 from .errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError, WouldEvict
@@ -65,10 +66,7 @@ class LoaderClient:
         self._tasks = [asyncio.create_task(self._follow()), asyncio.create_task(self._report_usage())]
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await tasks.cancel(*self._tasks)
 
     # --- usage: when each worker last served, for the loader's LRU eviction ------
 

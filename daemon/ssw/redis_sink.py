@@ -30,6 +30,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from . import tasks
+
 log = logging.getLogger(__name__)
 
 REQUESTS_KEY = "requests"
@@ -90,10 +92,7 @@ class RedisSink:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await tasks.cancel(self._task)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush(), 2)
         await self.redis.aclose()
