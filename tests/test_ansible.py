@@ -70,6 +70,7 @@ def host(hub: FakeHub, tiny_in_models_dir: None) -> Iterator[tuple[SysBox, dict[
         "ssw_admin_port": free_port(),
         "ssw_metrics_port": free_port(),
         "ssw_pulls_endpoint": hub.url,
+        "ssw_pulls_allow_http": True,
         "models_download": [{"repo": "acme/tiny", "dest": "pulled-tiny", "revision": "main"}],
     }
     yield box, ports

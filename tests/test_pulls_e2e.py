@@ -37,7 +37,7 @@ def hub() -> Iterator[FakeHub]:
 def stack(sysbox: SysBox, hub: FakeHub, redis_server: RedisServer) -> Iterator[Stack]:
     models_dir = WORK_ROOT / f"pulls-models-{id(sysbox)}"
     models_dir.mkdir(parents=True, exist_ok=True)
-    extra = {"pulls": {"endpoint": hub.url, "token_file": None, "min_free_gb": 0.1}}
+    extra = {"pulls": {"endpoint": hub.url, "allow_http": True, "token_file": None, "min_free_gb": 0.1}}
     s = start_stack(sysbox, WORK_ROOT / f"pulls-{id(sysbox)}", models_dir, {}, "fake", extra, redis_server.url)
     yield s
     stop_stack(s)

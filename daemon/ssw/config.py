@@ -174,6 +174,11 @@ class HealthSettings(_Section):
         default=900.0, gt=0, description="A worker not healthy within this many seconds of its start is failed."
     )
     probe_timeout_s: float = Field(default=5.0, gt=0, description="Timeout of one /health probe.")
+    probe_max_bytes: int = Field(
+        default=4 * 2**20,
+        ge=65536,
+        description="Most a probe reads of a worker's answer (/metrics, /openapi.json); beyond, that probe fails.",
+    )
     failures_to_replace: int = Field(
         default=3,
         ge=1,
@@ -268,7 +273,28 @@ class GatewaySettings(_Section):
     )
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0, description="Timeout connecting to a worker.")
     upstream_read_timeout_s: float = Field(
-        default=600.0, gt=0, description="Longest silence from a worker in the middle of a response."
+        default=600.0,
+        gt=0,
+        description="Longest silence from a worker in the middle of a response; in a stream, longest time "
+        "without one whole event (a peer that drips bytes without ever ending an event is cut off).",
+    )
+    upstream_headers_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="A worker's (or a peer gateway's) answer must have its whole headers within this of the "
+        "request going out, however it trickles (vLLM sends a non-streamed answer's headers once it is done).",
+    )
+    upstream_max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest total of a worker's response headers (the request fails)."
+    )
+    upstream_max_headers: int = Field(default=100, ge=8, description="Most headers in a worker's response.")
+    upstream_max_body_bytes: int = Field(
+        default=16 * 2**20,
+        ge=65536,
+        description="Largest non-streamed answer relayed from a worker (the request fails with 502 beyond).",
+    )
+    upstream_max_event_bytes: int = Field(
+        default=8 * 2**20, ge=4096, description="Largest single server-sent event in a worker's stream."
     )
     loader_url: str = Field(
         default="http://127.0.0.1:8001", description="Where the gateway reaches the loader's admin API."
@@ -351,8 +377,22 @@ class PullSettings(_Section):
         default=Path("/etc/ssw/hf-token"), description="A hub token for gated models, if this file exists."
     )
     min_free_gb: float = Field(
-        default=5.0, ge=0, description="A pull is refused if it would leave less than this free on the models dir."
+        default=5.0,
+        ge=0,
+        description="A pull is refused if it would leave less than this free on the models dir, counting what "
+        "the pulls already running still have to write.",
     )
+    allow_http: bool = Field(
+        default=False,
+        description="Fetch from a plain http:// endpoint (and follow redirects to http://): only for a mirror on a "
+        "network you trust, or a test hub. Off, a pull speaks https:// only.",
+    )
+
+    @model_validator(mode="after")
+    def _https_endpoint(self) -> PullSettings:
+        if self.endpoint is not None and not self.endpoint.startswith("https://") and not self.allow_http:
+            raise ValueError(f"endpoint: {self.endpoint!r} is not https:// (set pulls.allow_http: true to allow it)")
+        return self
 
 
 class LimitSettings(_Section):
@@ -360,13 +400,45 @@ class LimitSettings(_Section):
     max_upload_bytes: int = Field(
         default=25 * 2**20, ge=1024, description="Largest multipart body, an audio file with its form (413 beyond)."
     )
-    max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="Largest total of request headers (431).")
+    max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="Largest total of a request's line and headers (431, counted as they arrive: the rest is "
+        "never read).",
+    )
+    max_headers: int = Field(default=100, ge=8, description="Most header fields in one request (431 beyond).")
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request's line and headers must arrive within this of the connection opening (or of the "
+        "first byte of a kept-alive connection's next request), however they trickle; the connection is "
+        "closed otherwise (408).",
+    )
+    max_connections: int = Field(
+        default=8192,
+        ge=16,
+        description="Open connections the public port holds per gateway process; one more is refused with "
+        "503 and closed at once.",
+    )
+    max_connections_per_client: int = Field(
+        default=512,
+        ge=1,
+        description="Open connections from one client address per gateway process (503 and closed beyond).",
+    )
     max_messages: int = Field(default=2048, ge=1, description="Most messages in one chat request (400 beyond).")
     max_in_flight_per_key: int = Field(
         default=256, ge=1, description="Requests one API key may have in flight (429 beyond); a key may set less."
     )
     body_timeout_s: float = Field(
-        default=30.0, gt=0, description="A client must send its whole body within this (408 otherwise)."
+        default=30.0,
+        gt=0,
+        description="A client must send its whole body within this (408 otherwise); an uploaded file gets this "
+        "plus a second per min_body_rate_bytes_s it carries.",
+    )
+    min_body_rate_bytes_s: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="The slowest upload (POST /v1/files) accepted, in bytes per second beyond body_timeout_s.",
     )
     max_json_depth: int = Field(
         default=64, ge=4, le=200, description="How deeply a request body's JSON may nest (400 beyond)."

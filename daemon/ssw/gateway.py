@@ -26,6 +26,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import generate_latest
+from starlette.routing import Match
 
 from . import __version__, http_errors, tasks
 from .accounting import Accounting, Exchange
@@ -41,6 +42,8 @@ from .errors import (
     ModelNotFound,
     NoCapacity,
     NotServed,
+    PayloadTooLarge,
+    RequestTimeout,
     ResponseNotFound,
     SswError,
     UpstreamError,
@@ -975,9 +978,16 @@ def _openapi(route: Route) -> dict[str, Any]:
     return doc
 
 
+# FastAPI's routes that anyone may call: the rest need a key before their body is read.
+# (The fleet's load route checks its own credential before it reads a byte.)
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/metrics", "/v1/ssw/fleet/load"})
+UPLOAD_PATH = "/v1/files"
+FORM_SLACK = 64 * 1024  # the multipart form around an uploaded file
+
+
 class GatewayApp:
     """The public ASGI app: the proxy routes go straight to the gateway's handler,
-    everything else to FastAPI."""
+    everything else to FastAPI, behind a key check and a bounded body."""
 
     def __init__(self, gw: Gateway, api: FastAPI) -> None:
         self.gw = gw
@@ -989,12 +999,66 @@ class GatewayApp:
             if found is not None:
                 await self.gw.proxy(scope, receive, send, *found)
                 return
+            try:
+                receive = self._guard(scope, receive)
+            except SswError as exc:
+                await Reply(send).error(exc, SOURCE)
+                return
         # Everything else, vLLM's control and development paths included, is FastAPI's 404.
         await self.api(scope, receive, send)
 
+    def _guard(self, scope: dict[str, Any], receive: Receive) -> Receive:
+        """Authenticate before any body is read (on routes that exist: any other path
+        is the same 404 for everyone), and cap the body in size and time."""
+        limits = self.gw.cfg.limits
+        if scope["path"] not in OPEN_PATHS and self._routed(scope):
+            self.gw.admission.authenticate(scope["headers"])
+        if scope["method"] == "POST" and scope["path"] == UPLOAD_PATH:
+            limit = self.gw.cfg.batch.max_file_bytes + FORM_SLACK
+            timeout = limits.body_timeout_s + limit / limits.min_body_rate_bytes_s
+        else:
+            limit, timeout = limits.max_body_bytes, limits.body_timeout_s
+        return bounded_body(receive, dict(scope["headers"]).get(b"content-length"), limit, timeout)
+
+    def _routed(self, scope: dict[str, Any]) -> bool:
+        return any(route.matches(scope)[0] is not Match.NONE for route in self.api.router.routes)
+
+
+def bounded_body(receive: Receive, declared: bytes | None, limit: int, timeout: float) -> Receive:
+    """``receive`` that fails (413, 408) once the body passes ``limit`` bytes or has not
+    all arrived within ``timeout`` s of the first read; after the body, as it was."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+    size = 0
+    deadline: float | None = None
+    done = False
+
+    async def read() -> Any:
+        nonlocal size, deadline, done
+        if done:
+            return await receive()  # a disconnect, while the answer is sent
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {timeout:.0f} s") from None
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise PayloadTooLarge(f"the request body exceeds {limit} bytes")
+            done = not message.get("more_body", False)
+        return message
+
+    return read
+
 
 def gateway_app(gw: Gateway) -> GatewayApp:
-    app = FastAPI(title="ssw OpenAI-compatible API", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="ssw OpenAI-compatible API", version=__version__, docs_url=None, redoc_url=None, redirect_slashes=False
+    )
     http_errors.install(app, SOURCE)
 
     @app.get("/health")
@@ -1093,7 +1157,7 @@ def metrics_endpoint(gw: Gateway) -> Any:
 
 def metrics_app(gw: Gateway) -> FastAPI:
     """The gateway's Prometheus endpoint on its own loopback listener."""
-    app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"])
     return app
 
@@ -1101,7 +1165,7 @@ def metrics_app(gw: Gateway) -> FastAPI:
 def pool_metrics_app(pool: GatewayPool) -> FastAPI:
     """The series of several gateway processes, added up, served by their parent."""
     registry = pool_registry(pool.metrics_dir)
-    app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="ssw gateway metrics", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
 
     async def metrics() -> Response:
         host = pool.cfg.fleet.host_name() if pool.cfg.fleet.enabled else None

@@ -79,9 +79,11 @@ class Loader:
                 endpoint=cfg.pulls.endpoint,
                 token_file=cfg.pulls.token_file,
                 min_free_bytes=int(cfg.pulls.min_free_gb * 1e9),
+                allow_http=cfg.pulls.allow_http,
             ),
             self.redis,
             self._pulled,
+            lambda name: self.registry.name_taken(name),
         )
         self._redis_warned = 0.0
         # In a fleet, this host's state goes to the fleet's Redis every heartbeat.
@@ -429,7 +431,7 @@ class AdminGuard:
 
 
 def admin_app(loader: Loader) -> FastAPI:
-    app = FastAPI(title="ssw admin API", version=__version__, docs_url=None, redoc_url=None)
+    app = FastAPI(title="ssw admin API", version=__version__, docs_url=None, redoc_url=None, redirect_slashes=False)
     http_errors.install(app, "ssw-loader")
     a = loader.cfg.auth
     app.add_middleware(

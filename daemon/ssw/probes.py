@@ -8,11 +8,31 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .upstream import Pool, UpstreamError, fetch
+from .upstream import Limits, Pool, ResponseFailed, UpstreamError
+from .upstream import fetch as _fetch
+
+log = logging.getLogger(__name__)
+# What a probe reads of a worker at the most: vLLM's /metrics and OpenAPI document
+# are a few hundred kB. A worker sending more fails that probe.
+PROBE_MAX_BYTES = 4 * 2**20
+
+
+async def fetch(
+    pool: Pool, socket: str, method: str, path: str, body: bytes = b"", **headers: str
+) -> tuple[int, bytes]:
+    """One whole probe request; a worker's answer past a limit is logged once, with its socket."""
+    try:
+        return await _fetch(pool, socket, method, path, body, **headers)
+    except ResponseFailed as exc:
+        # The socket's directory is named after the worker's unit.
+        log.warning("worker %s: %s %s: %s", Path(socket).parent.name, method, path, exc)
+        raise
+
 
 # vLLM's gauges of requests it holds: being generated, and queued.
 WAITING_METRIC = "vllm:num_requests_waiting"
@@ -26,11 +46,18 @@ class Canary(enum.Enum):
 
 
 class Probes:
-    def __init__(self, probe_timeout_s: float, canary_timeout_s: float, control_timeout_s: float = 60.0) -> None:
-        self._pool = Pool(connect_timeout=probe_timeout_s, read_timeout=probe_timeout_s)
-        self._canary_pool = Pool(connect_timeout=probe_timeout_s, read_timeout=canary_timeout_s)
+    def __init__(
+        self,
+        probe_timeout_s: float,
+        canary_timeout_s: float,
+        control_timeout_s: float = 60.0,
+        max_bytes: int = PROBE_MAX_BYTES,
+    ) -> None:
+        limits = Limits(max_body_bytes=max_bytes)
+        self._pool = Pool(probe_timeout_s, probe_timeout_s, limits)
+        self._canary_pool = Pool(probe_timeout_s, canary_timeout_s, limits)
         # Sleep and wake answer once done: seconds for weights to move.
-        self._control_pool = Pool(connect_timeout=probe_timeout_s, read_timeout=control_timeout_s)
+        self._control_pool = Pool(probe_timeout_s, control_timeout_s, limits)
         self._timeout = probe_timeout_s
         self._canary_timeout = canary_timeout_s
 

@@ -57,6 +57,7 @@ DEFAULT_PATTERNS = (
     "*.jinja",
 )
 PARTIAL_DIR = ".partial"
+PARTIAL_PARTS = ".part"  # inside a pull's directory: files still downloading
 KEY_PREFIX = "ssw:pull:"
 INDEX_KEY = "ssw:pulls"
 KEEP_JOBS = 200
@@ -130,9 +131,44 @@ class Job(BaseModel):
 
 
 def select(files: Iterable[HubFile], patterns: Iterable[str]) -> list[HubFile]:
-    """The files whose name matches one of the globs (fnmatch, as huggingface_hub's allow_patterns)."""
-    pats = list(patterns)
-    return [f for f in files if any(fnmatch.fnmatch(f.name, p) for p in pats)]
+    """The files whose name matches one of the globs, component by component: ``*``
+    never crosses a ``/`` (``*.json`` is a top-level file, ``sub/*.json`` one folder down)."""
+    pats = [p.split("/") for p in patterns]
+    out = []
+    for f in files:
+        parts = f.name.split("/")
+        if any(part.startswith(".") for part in parts):
+            continue  # never what a model needs; the pull keeps its own state in dot names
+        if any(
+            len(p) == len(parts) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, p, strict=True)) for p in pats
+        ):
+            out.append(f)
+    return out
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why a name the hub lists cannot be a path inside the pull's directory, or None.
+    The listing is the hub's word, and a hub (or a mirror) can lie."""
+    if not name or len(name) > 1024:
+        return "empty or over 1024 characters"
+    if "\\" in name or "\0" in name:
+        return "a backslash or NUL"
+    if name.startswith("/"):
+        return "absolute"
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "an empty, '.' or '..' component"
+    return None
+
+
+def inside(root: Path, name: str) -> Path:
+    """``root/name``, refused unless it resolves inside ``root`` (a link planted in the
+    partial directory would lead elsewhere)."""
+    path = root / name
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise PullFailed(f"{name!r} resolves outside the pull's directory")
+    return path
 
 
 def room(need: int, free: int, reserve: int) -> str | None:
@@ -149,8 +185,8 @@ def verify(directory: Path, files: list[HubFile]) -> list[str]:
     """What differs from the hub's listing: missing files, sizes, checksums (blocking)."""
     problems = []
     for f in files:
-        path = directory / f.name
-        if not path.is_file():
+        path = inside(directory, f.name)
+        if not path.is_file() or path.is_symlink():
             problems.append(f"{f.name}: missing")
             continue
         size = path.stat().st_size
@@ -203,17 +239,28 @@ class Settings:
     endpoint: str | None
     token_file: Path | None
     min_free_bytes: int
+    allow_http: bool = False  # plain http:// to the hub and its CDN (a test hub, a mirror on a trusted net)
 
 
 class Puller:
     """Runs pull jobs in the background and keeps them in Redis."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis, on_done: Callable[[str], Any] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        on_done: Callable[[str], Any] | None = None,
+        taken: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.s = settings
         self.redis = redis
         self.on_done = on_done  # the model's name, once it is in the models dir
+        self.taken = taken  # why a name cannot be a new model's (an alias's, say), or None
         self._jobs: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Target names with a pull from the moment it is asked for until it ends: claimed
+        # before the first await, so two pulls of one name can never both start.
+        self._claimed: set[str] = set()
 
     # --- jobs in Redis ------------------------------------------------------------------
 
@@ -257,8 +304,25 @@ class Puller:
     def _partial(self, name: str) -> Path:
         return self.s.models_dir / PARTIAL_DIR / name
 
+    def _to_write(self) -> int:
+        """What the pulls running now still have to write."""
+        return sum(max(j.bytes_total - j.bytes_done, 0) for j in self._jobs.values() if j.id in self._tasks)
+
     async def start(self, req: PullRequest) -> Job:
         name = req.target()
+        if self.taken is not None and (why := self.taken(name)) is not None:
+            raise BadRequest(f"name: {name!r} {why}; pull under another name")
+        if name in self._claimed:
+            raise ModelBusy(f"a pull of '{name}' is already under way")
+        self._claimed.add(name)
+        try:
+            job = await self._start(req, name)
+        except BaseException:
+            self._claimed.discard(name)
+            raise
+        return job
+
+    async def _start(self, req: PullRequest, name: str) -> Job:
         if (self.s.models_dir / name).exists():
             raise ModelBusy(f"{self.s.models_dir / name} exists already: remove it, or pull under another name")
         busy = [j for j in await self.list() if j.name == name and j.status in ACTIVE]
@@ -268,7 +332,14 @@ class Puller:
             commit, files = await asyncio.to_thread(list_files, req.repo, req.revision, self.s.endpoint, self._token())
         except Exception as exc:  # the hub's errors: not found, gated, unreachable
             raise BadRequest(f"{req.repo}@{req.revision}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        # The whole listing is checked: a hub that lists a path outside the repository lies.
+        bad = [(f.name, why) for f in files if (why := unsafe_name(f.name)) is not None]
+        if bad:
+            listed = "; ".join(f"{n[:80]!r}: {why}" for n, why in bad[:3])
+            raise PullFailed(f"{req.repo}@{req.revision}: the hub lists file names that are not safe paths: {listed}")
         chosen = select(files, req.patterns or DEFAULT_PATTERNS)
+        if any(f.size < 0 for f in chosen):
+            raise PullFailed(f"{req.repo}@{req.revision}: the hub lists a negative file size")
         if not any(f.name in ("config.json", "adapter_config.json") for f in chosen):
             raise BadRequest(
                 f"{req.repo}@{req.revision} has no config.json (nor a LoRA adapter's adapter_config.json) "
@@ -277,7 +348,9 @@ class Puller:
         total = sum(f.size for f in chosen)
         have = await asyncio.to_thread(_dir_bytes, self._partial(name))
         free = (await asyncio.to_thread(shutil.disk_usage, _existing(self.s.models_dir))).free
-        if (why := room(max(total - have, 0), free, self.s.min_free_bytes)) is not None:
+        # Pulls already running write into the same file system: what they still have to
+        # write is not free.
+        if (why := room(max(total - have, 0), free - self._to_write(), self.s.min_free_bytes)) is not None:
             raise NoSpace(f"pulling {req.repo}@{req.revision}: {why}")
         job = Job(
             id=f"pull-{uuid.uuid4().hex[:12]}",
@@ -302,6 +375,7 @@ class Puller:
                 if job.status in ACTIVE and job.id not in self._tasks:
                     job.note = "resumed after a loader restart"
                     log.info("pull %s: resuming %s (%s)", job.id, job.name, job.status)
+                    self._claimed.add(job.name)
                     self._tasks[job.id] = asyncio.create_task(self._run(job))
 
     async def cancel(self, job_id: str) -> Job | None:
@@ -316,6 +390,7 @@ class Puller:
             with contextlib.suppress(BaseException):
                 await task
         await asyncio.to_thread(shutil.rmtree, self._partial(job.name), True)
+        self._claimed.discard(job.name)
         job.status, job.finished_at, job.error = "cancelled", now_iso(), "cancelled"
         await self._save(job)
         log.info("pull %s: cancelled; its partial data is removed", job.id)
@@ -353,7 +428,8 @@ class Puller:
             log.error("pull %s: %s failed: %s", job.id, job.name, job.error)
             return
         finally:
-            self._tasks.pop(job.id, None)
+            if self._tasks.pop(job.id, None) is not None:
+                self._claimed.discard(job.name)
         job.status, job.finished_at, job.bytes_done = "succeeded", now_iso(), job.bytes_total
         await self._save(job)
         log.info("pull %s: %s is in %s", job.id, job.name, self.s.models_dir / job.name)
@@ -363,45 +439,65 @@ class Puller:
     async def _download(self, job: Job, partial: Path) -> None:
         """Each file over HTTP from the hub's resolve URL at the pinned commit, into
         ``.part/<file>`` first; a partial file continues with a byte range (the
-        hub and its CDN serve ranges), so a restarted pull goes on where it stopped."""
+        hub and its CDN serve ranges), so a restarted pull goes on where it stopped.
+        No file is written past its listed size: a hub that sends more fails the pull."""
         token = self._token()
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
         job.bytes_done = await asyncio.to_thread(_dir_bytes, partial)
         saved = time.monotonic()
-        async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with aiohttp.ClientSession(timeout=timeout, max_line_size=8190, max_field_size=8190) as session:
             for f in job.files:
-                dest, part = partial / f.name, partial / ".part" / f.name
+                if (why := unsafe_name(f.name)) is not None:  # a job resumed from Redis is checked again
+                    raise PullFailed(f"{f.name[:80]!r} is not a safe path: {why}")
+                dest = await asyncio.to_thread(inside, partial, f.name)
+                part = await asyncio.to_thread(inside, partial, f"{PARTIAL_PARTS}/{f.name}")
                 if await asyncio.to_thread(_size, dest) == f.size:
                     continue
                 await asyncio.to_thread(part.parent.mkdir, parents=True, exist_ok=True)
                 have = await asyncio.to_thread(_size, part) or 0
-                url = hf_hub_url(job.repo, f.name, revision=job.commit or job.revision, endpoint=self.s.endpoint)
-                async with _get(session, url, token, have) as resp:
-                    if have and resp.status == 200:  # the server ignored the range: start over
-                        job.bytes_done -= have
-                        have = 0
-                    fh = await asyncio.to_thread(part.open, "ab" if have else "wb")
-                    try:
-                        async for chunk in resp.content.iter_chunked(CHUNK):
-                            await asyncio.to_thread(fh.write, chunk)
-                            job.bytes_done += len(chunk)
-                            if time.monotonic() - saved >= PROGRESS_EVERY_S:
-                                saved = time.monotonic()
-                                await self._save(job)
-                    finally:
-                        await asyncio.to_thread(fh.close)
+                if have > f.size:  # not what the listing says: start that file over
+                    job.bytes_done -= have
+                    have = 0
+                if have < f.size or f.size == 0:
+                    url = hf_hub_url(job.repo, f.name, revision=job.commit or job.revision, endpoint=self.s.endpoint)
+                    async with _get(session, url, token, have, f.size, self.s.allow_http) as resp:
+                        if resp is not None:
+                            if have and resp.status == 200:  # the server ignored the range: start over
+                                job.bytes_done -= have
+                                have = 0
+                            fh = await asyncio.to_thread(part.open, "ab" if have else "wb")
+                            try:
+                                async for chunk in resp.content.iter_chunked(CHUNK):
+                                    if have + len(chunk) > f.size:
+                                        raise PullFailed(
+                                            f"{f.name}: the hub sent more than the {f.size} bytes it listed"
+                                        )
+                                    await asyncio.to_thread(fh.write, chunk)
+                                    have += len(chunk)
+                                    job.bytes_done += len(chunk)
+                                    if time.monotonic() - saved >= PROGRESS_EVERY_S:
+                                        saved = time.monotonic()
+                                        await self._save(job)
+                            finally:
+                                await asyncio.to_thread(fh.close)
+                # A .part already whole is verified with the rest, without asking the hub again.
                 await asyncio.to_thread(_move, part, dest)
-        shutil.rmtree(partial / ".part", ignore_errors=True)
+        shutil.rmtree(partial / PARTIAL_PARTS, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
 async def _get(
-    session: aiohttp.ClientSession, url: str, token: str | None, have: int
-) -> AsyncIterator[aiohttp.ClientResponse]:
+    session: aiohttp.ClientSession, url: str, token: str | None, have: int, size: int, allow_http: bool
+) -> AsyncIterator[aiohttp.ClientResponse | None]:
     """GET from ``have`` on, following redirects by hand: the token goes to the hub's own
-    host only, never to the CDN a large file redirects to."""
+    host only, never to the CDN a large file redirects to, and never over plain http
+    unless allowed. Yields None when the server says the file is whole already (416
+    with ``Content-Range: bytes */<size>``, RFC 9110 15.5.17)."""
     origin = urllib.parse.urlsplit(url).netloc
     for _ in range(MAX_REDIRECTS):
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme != "https" and not (scheme == "http" and allow_http):
+            raise PullFailed(f"{url[:200]}: only https:// is fetched (pulls.allow_http is off)")
         headers = {"Range": f"bytes={have}-"} if have else {}
         if token and urllib.parse.urlsplit(url).netloc == origin:
             headers["Authorization"] = f"Bearer {token}"
@@ -411,9 +507,17 @@ async def _get(
             resp.release()
             continue
         try:
+            if resp.status == 416 and have and resp.headers.get("Content-Range", "") == f"bytes */{size}":
+                yield None
+                return
             if resp.status not in (200, 206):
-                body = (await resp.read())[:200].decode(errors="replace")
+                body = (await resp.content.read(200)).decode(errors="replace")
                 raise PullFailed(f"{urllib.parse.urlsplit(url).path}: HTTP {resp.status}: {body}")
+            if resp.content_length is not None and resp.content_length > size - (have if resp.status == 206 else 0):
+                raise PullFailed(
+                    f"{urllib.parse.urlsplit(url).path}: the hub offers {resp.content_length} bytes "
+                    f"where {size} are listed"
+                )
             yield resp
         finally:
             resp.release()

@@ -220,6 +220,16 @@ class Registry:
     aliases: dict[str, str]
     # Configured in models.yaml but with no files on this host: name -> expected path.
     missing: dict[str, Path] = field(default_factory=dict)
+    # Every alias models.yaml names, also those of missing models: no directory may take one.
+    configured_aliases: frozenset[str] = frozenset()
+
+    def name_taken(self, name: str) -> str | None:
+        """Why a new model directory may not be called ``name``, or None."""
+        if name in self.configured_aliases:
+            return "is an alias in models.yaml"
+        if name in self.models or name in self.missing:
+            return "is a model's name already"
+        return None
 
     def known_names(self) -> list[str]:
         return sorted(self.models) + sorted(self.aliases)
@@ -480,6 +490,7 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
     for name in overrides:
         if not valid_name(name):
             raise ConfigError(f"{models_file}: models.{name}: not a valid model name ({NAME_RE.pattern})")
+    configured_aliases = frozenset(a for ov in overrides.values() for a in ov.aliases)
     dirs = discover(models_dir)
     models: dict[str, ModelSpec] = {}
     missing: dict[str, Path] = {}
@@ -507,6 +518,10 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
         if not valid_name(name) or name in models or name in overrides:
             log.warning("skipping model directory %s: %r is not usable as a model name", path, name)
             continue
+        if name in configured_aliases:
+            # One stray directory must not fail every scan: the alias keeps its meaning.
+            log.warning("skipping model directory %s: %r is an alias in %s", path, name, models_file)
+            continue
         if is_adapter_dir(path):
             adapters.append((name, path, ModelOverride()))
             continue
@@ -529,4 +544,4 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
             aliases[alias] = name
     # An alias of a model whose files are absent stays out: it must never route elsewhere.
     aliases = {a: m for a, m in aliases.items() if m in models}
-    return Registry(models=models, aliases=aliases, missing=missing)
+    return Registry(models=models, aliases=aliases, missing=missing, configured_aliases=configured_aliases)

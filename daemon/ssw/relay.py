@@ -29,7 +29,7 @@ from .contract import WorkerView
 from .errors import SswError, UpstreamError
 from .routes import Dialect
 from .routing import RoundRobin, least_outstanding
-from .upstream import ConnectFailed, NoAnswer, Pool, Response, ResponseFailed
+from .upstream import ConnectFailed, Limits, NoAnswer, Pool, Response, ResponseFailed
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,16 @@ class Relay:
     def __init__(
         self, cfg: Config, on_used: Callable[[str, str | None, bool], None], on_response: NoteResponse | None = None
     ) -> None:
-        self.pool = Pool(cfg.gateway.upstream_connect_timeout_s, cfg.gateway.upstream_read_timeout_s)
+        gw = cfg.gateway
+        limits = Limits(
+            max_headers=gw.upstream_max_headers,
+            max_header_bytes=gw.upstream_max_header_bytes,
+            max_body_bytes=gw.upstream_max_body_bytes,
+            headers_timeout_s=gw.upstream_headers_timeout_s,
+        )
+        self.pool = Pool(gw.upstream_connect_timeout_s, gw.upstream_read_timeout_s, limits)
+        self.max_event_bytes = gw.upstream_max_event_bytes
+        self.event_timeout_s = gw.upstream_read_timeout_s
         self.routing = cfg.gateway.routing
         self.on_used = on_used
         # Told the id of each stored Response it relays, before the client sees it.
@@ -217,6 +226,7 @@ class Relay:
                 continue
             except ResponseFailed as exc:
                 self.outstanding[unit] -= 1
+                log.warning("%s: %s", unit, exc)
                 raise UpstreamError(f"{unit} failed before it answered: {exc}") from None
             except BaseException:
                 self.outstanding[unit] -= 1
@@ -239,7 +249,14 @@ class Relay:
             await self._stream(resp, ex, reply, receive)
             return
         try:
-            data = await resp.read()
+            # The headers came in time; the body, however it trickles, gets a deadline too.
+            async with asyncio.timeout(self.event_timeout_s):
+                data = await resp.read()
+        except (ResponseFailed, TimeoutError) as exc:
+            resp.close()
+            why = exc if isinstance(exc, ResponseFailed) else f"no whole body within {self.event_timeout_s:.0f} s"
+            log.warning("%s: %s", ex.worker, why)
+            raise UpstreamError(f"{ex.worker} failed while it answered: {why}") from None
         except BaseException:
             resp.close()
             raise
@@ -275,15 +292,26 @@ class Relay:
         watcher.add_done_callback(lambda _: resp.close())
         finished = False
         pending = b""
+        # A peer that never ends an event (a byte at a time, or one endless line) is cut
+        # off: by the event's size, and by the time since the last whole event.
+        loop = asyncio.get_running_loop()
+        last_event = loop.time()
         try:
             async for chunk in resp.iter_chunks():
                 data = pending + chunk if pending else chunk
                 cut = data.rfind(b"\n\n")
                 if cut < 0:
+                    if len(data) > self.max_event_bytes:
+                        raise ResponseFailed(f"a stream event exceeds {self.max_event_bytes} bytes")
+                    if loop.time() - last_event > self.event_timeout_s:
+                        raise ResponseFailed(f"no whole stream event within {self.event_timeout_s:.0f} s")
                     pending = data
                     continue
+                last_event = loop.time()
                 if cut + 2 < len(data):
                     data, pending = data[: cut + 2], data[cut + 2 :]
+                    if len(pending) > self.max_event_bytes:
+                        raise ResponseFailed(f"a stream event exceeds {self.max_event_bytes} bytes")
                 else:
                     pending = b""
                 out = _inspect(data, ex)

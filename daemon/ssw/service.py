@@ -18,6 +18,7 @@ import uvicorn
 from .auth import KeyRing
 from .batch_api import AsyncTier
 from .config import Config, Listen
+from .edge import edge_protocol
 from .gateway import Gateway, gateway_app, metrics_app, pool_metrics_app
 from .gateway_pool import GatewayPool, Reporter, child_slot, reuse_port_socket
 from .gpus import make_gpu_source
@@ -41,14 +42,17 @@ class _Server(uvicorn.Server):
 BACKLOG = 4096
 
 
-def _server(app: Any, listen: Listen, cfg: Config, graceful_s: float) -> _Server:
+def _server(app: Any, listen: Listen, cfg: Config, graceful_s: float, public: bool = False) -> _Server:
+    # The public port gets the edge's limits (connections, header deadline and size);
+    # the loopback listeners (admin, metrics) are uvicorn's own protocol.
+    http: Any = edge_protocol(cfg.limits)[0] if public else "httptools"
     return _Server(
         uvicorn.Config(
             app,
             host=listen.host,
             port=listen.port,
             loop="none",
-            http="httptools",
+            http=http,
             lifespan="off",
             access_log=False,
             log_config=None,
@@ -101,14 +105,14 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
             cleanups.append(tier.close)
             graceful = cfg.gateway.shutdown_timeout_s
             if slot is None:
-                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful), None))
+                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful, public=True), None))
                 if cfg.gateway.metrics_listen is not None:
                     servers.append((_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1), None))
             else:
                 # One of several: the kernel spreads connections over the processes;
                 # the parent serves the metrics of them all.
                 sock = reuse_port_socket(cfg.public, BACKLOG)
-                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful), [sock]))
+                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful, public=True), [sock]))
 
         # Everything built so far (modules, apps, the registry) lives as long as the
         # process: out of the collector's sight, a full collection walks only what

@@ -98,6 +98,7 @@ class Supervisor:
             cfg.health.probe_timeout_s,
             cfg.health.canary_timeout_s,
             max(cfg.workers.sleep_timeout_s, cfg.workers.wake_timeout_s),
+            cfg.health.probe_max_bytes,
         )
         # Device memory the workers report on simulated GPUs (unit -> bytes), read with each snapshot.
         self._reported: dict[str, int] = {}

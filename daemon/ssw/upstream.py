@@ -7,6 +7,13 @@ talking to a local vLLM needs: one request at a time per connection, bodies
 known in full before sending, responses read whole or streamed chunk by
 chunk with flow control, a connect timeout and a silence timeout. aiohttp's
 client spent several times as much CPU per request here (bench/README.md).
+
+Nothing a worker or a peer sends is trusted for size or time (:class:`Limits`):
+response headers are capped in count and bytes while they arrive (httptools
+buffers a header value until it ends, so the bytes are counted as they are
+fed, not after), a body read whole is capped, and the headers must be complete
+within a total deadline, so a peer that drips a byte at a time cannot hold a
+request past it the way it defeats a silence timer.
 """
 
 from __future__ import annotations
@@ -17,12 +24,23 @@ import errno
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httptools
 
 HIGH_WATER = 256 * 1024  # buffered response bytes before the socket is paused
 LOW_WATER = 64 * 1024
 MAX_IDLE_PER_SOCKET = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one response may be: exceeding any is a ResponseFailed of that request."""
+
+    max_headers: int = 100
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 4 * 2**20  # a body read whole (Response.read)
+    headers_timeout_s: float | None = None  # from sending the request to the end of the response's headers
 
 
 class UpstreamError(Exception):
@@ -54,10 +72,13 @@ class _Connection(asyncio.Protocol):
         "_body_size",
         "_complete",
         "_error",
+        "_head_bytes",
+        "_head_timer",
         "_headers",
         "_headers_done",
         "_keep_alive",
         "_last_data",
+        "_limits",
         "_loop",
         "_parser",
         "_paused",
@@ -71,10 +92,12 @@ class _Connection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: str, read_timeout: float | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: str, read_timeout: float | None, limits: Limits) -> None:
         self._loop = loop
         self.pool_key = key
         self._read_timeout = read_timeout
+        self._limits = limits
+        self._head_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser: httptools.HttpResponseParser | None = None
@@ -86,6 +109,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._headers_done = False
+        self._head_bytes = 0
         self._body: collections.deque[bytes] = collections.deque()
         self._body_size = 0
         self._complete = False
@@ -107,10 +131,16 @@ class _Connection(asyncio.Protocol):
         if self._parser is None:
             self._fail(ResponseFailed("the worker sent data without a request"))
             return
+        if not self._headers_done:
+            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(ResponseFailed(f"malformed response from the worker: {exc}"))
+            return
+        if not self._headers_done and self._head_bytes > self._limits.max_header_bytes:
+            self._fail(ResponseFailed(f"response headers exceed {self._limits.max_header_bytes} bytes"))
+            self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -129,12 +159,18 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self._headers) >= self._limits.max_headers:
+            self._fail(ResponseFailed(f"more than {self._limits.max_headers} response headers"))
+            self.abort()
+            return
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
+        if self._parser is None:  # failed by a limit within this same chunk
+            return
         self.status = self._parser.get_status_code()
         self._headers_done = True
+        self._cancel_head_timer()
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -146,7 +182,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        assert self._parser is not None
+        if self._parser is None:  # failed by a limit within this same chunk
+            return
         self._keep_alive = self._parser.should_keep_alive()
         self._complete = True
         self._parser = None
@@ -166,7 +203,20 @@ class _Connection(asyncio.Protocol):
         self._last_data = self._loop.time()
         if self._read_timeout:
             self._timer = self._loop.call_later(self._read_timeout, self._check_silence)
+        if self._limits.headers_timeout_s:
+            self._head_timer = self._loop.call_later(self._limits.headers_timeout_s, self._head_deadline)
         self.transport.write(data)
+
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        if not self._headers_done:
+            self._fail(ResponseFailed(f"no complete response headers within {self._limits.headers_timeout_s:.0f} s"))
+            self.abort()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
     def _check_silence(self) -> None:
         assert self._read_timeout is not None
@@ -183,6 +233,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._cancel_head_timer()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
@@ -254,10 +305,16 @@ class Response:
                 return value
         return None
 
-    async def read(self) -> bytes:
+    async def read(self, max_bytes: int | None = None) -> bytes:
+        """The whole body; ResponseFailed past ``max_bytes`` (default: the pool's limit)."""
         assert self._conn is not None
+        limit = max_bytes or self._pool.limits.max_body_bytes
         parts = []
+        size = 0
         while (chunk := await self._conn.next_chunk()) is not None:
+            size += len(chunk)
+            if size > limit:
+                raise ResponseFailed(f"the response body exceeds {limit} bytes")
             parts.append(chunk)
         return b"".join(parts)
 
@@ -287,9 +344,10 @@ class Response:
 class Pool:
     """Kept-alive connections to workers, per socket path."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float | None) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float | None, limits: Limits | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.limits = limits or Limits()
         self._idle: dict[str, list[_Connection]] = {}
         # For https:// upstreams (another host's gateway in a fleet); None: the system's CAs.
         self.ssl_context: ssl.SSLContext | None = None
@@ -318,14 +376,14 @@ class Pool:
                     url = urllib.parse.urlsplit(path)
                     tls = url.scheme == "https"
                     _, proto = await loop.create_connection(
-                        lambda: _Connection(loop, path, self.read_timeout),
+                        lambda: _Connection(loop, path, self.read_timeout, self.limits),
                         url.hostname or "",
                         url.port or (443 if tls else 80),
                         ssl=(self.ssl_context or ssl.create_default_context()) if tls else None,
                     )
                 else:
                     _, proto = await loop.create_unix_connection(
-                        lambda: _Connection(loop, path, self.read_timeout), path
+                        lambda: _Connection(loop, path, self.read_timeout, self.limits), path
                     )
         except TimeoutError:
             raise ConnectFailed(f"connecting to {path} timed out after {self.connect_timeout:.1f} s") from None

@@ -10,7 +10,10 @@ and size headers, and byte ranges (a resumed download asks for the rest).
 Faults, per test: ``slow`` (bytes per second, so a download is still running
 when a test interrupts it), ``corrupt`` (file names served with a byte changed,
 their metadata unchanged), ``sizes`` (file names whose listed size is this, for
-a disk-space refusal). ``ranges`` records every Range header asked for.
+a disk-space refusal, or a listing that lies about what it sends), ``extra``
+(sibling entries added to every listing as they are: names a lying hub gives).
+``ranges`` records every Range header asked for. Ranges are answered as RFC 9110
+says: a start at or past the end is a 416 with ``Content-Range: bytes */<size>``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class FakeHub:
     corrupt: set[str] = field(default_factory=set)
     sizes: dict[str, int] = field(default_factory=dict)
     ranges: list[str] = field(default_factory=list)
+    extra: list[dict[str, Any]] = field(default_factory=list)
     gets: list[str] = field(default_factory=list)
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -59,7 +63,7 @@ class FakeHub:
             if name.endswith(LFS_SUFFIXES):
                 entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
             out.append(entry)
-        return out
+        return out + list(self.extra)
 
     async def _info(self, request: web.Request) -> web.Response:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"
@@ -88,6 +92,8 @@ class FakeHub:
         if (rng := request.headers.get("Range")) is not None:
             self.ranges.append(f"{name}: {rng}")
             start = int(rng.removeprefix("bytes=").split("-")[0] or 0)
+            if start >= len(data):  # RFC 9110 15.5.17: nothing left to send
+                return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{len(data)}"})
         body = data[start:]
         resp = web.StreamResponse(status=206 if start else 200, headers=headers)
         resp.content_length = len(body)

@@ -1,0 +1,172 @@
+"""The public port's HTTP protocol: uvicorn's httptools protocol with the limits
+a port open to a whole studio network needs before any request reaches the app.
+
+uvicorn arms no timer until a first response (a silent or trickling connection
+stays open for ever), and buffers every header before the app can refuse them
+(httptools joins a value split over reads with ``bytes +=``: quadratic CPU).
+This protocol, per connection:
+
+- refuses it at once (503, closed) beyond ``limits.max_connections`` open
+  connections or ``limits.max_connections_per_client`` from one address;
+- closes it (408) when a request's headers are not complete within
+  ``limits.header_timeout_s`` of the connection opening or of the first byte
+  of a kept-alive connection's next request: however slowly they trickle
+  (idle between requests, uvicorn's keep-alive timer closes it);
+- counts header bytes as they arrive and answers 431 as soon as they pass
+  ``limits.max_header_bytes`` or ``limits.max_headers``, without feeding the
+  parser another byte.
+
+Body reads get their deadline and size cap in the app (Admission.read_body,
+GatewayApp), where the route is known. Counts are per gateway process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+import orjson
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .config import LimitSettings
+
+log = logging.getLogger(__name__)
+
+
+def _refusal(status: int, reason: bytes, message: str, code: str) -> bytes:
+    body = orjson.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code, "source": "ssw"}}
+    )
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (status, reason, len(body))
+        + body
+    )
+
+
+class _Books:
+    """Open connections, per client address, shared by the protocols of one listener."""
+
+    def __init__(self) -> None:
+        self.per_client: Counter[str] = Counter()
+        self.total = 0
+        self.refused = 0  # connections refused for a connection limit
+        self.timed_out = 0  # connections closed for headers that did not arrive in time
+        self.too_large = 0  # requests refused for their headers' size or count
+
+
+def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books]:
+    """A protocol class for uvicorn's ``http=`` that enforces ``limits``, and its books."""
+    books = _Books()
+    header_timeout = limits.header_timeout_s
+    max_bytes = limits.max_header_bytes
+    max_headers = limits.max_headers
+    max_total = limits.max_connections
+    max_per_client = limits.max_connections_per_client
+    too_large = _refusal(
+        431,
+        b"Request Header Fields Too Large",
+        f"request headers exceed {max_bytes} bytes or {max_headers} fields",
+        "headers_too_large",
+    )
+    too_slow = _refusal(
+        408, b"Request Timeout", f"the request headers did not arrive within {header_timeout:g} s", "request_timeout"
+    )
+    too_many = _refusal(503, b"Service Unavailable", "too many connections; retry shortly", "too_many_connections")
+
+    class EdgeProtocol(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._ssw_peer = ""
+            self._ssw_counted = False
+            self._ssw_in_head = True  # reading a request's headers
+            self._ssw_head_bytes = 0
+            self._ssw_headers = 0
+            self._ssw_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._ssw_peer = self.client[0] if self.client else ""
+            if books.total >= max_total or books.per_client[self._ssw_peer] >= max_per_client:
+                books.refused += 1
+                transport.write(too_many)
+                transport.close()
+                return
+            self._ssw_counted = True
+            books.total += 1
+            books.per_client[self._ssw_peer] += 1
+            self._ssw_arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._ssw_disarm()
+            if self._ssw_counted:
+                self._ssw_counted = False
+                books.total -= 1
+                books.per_client[self._ssw_peer] -= 1
+                if books.per_client[self._ssw_peer] <= 0:
+                    del books.per_client[self._ssw_peer]
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.is_closing():
+                return
+            if self._ssw_in_head:
+                self._ssw_head_bytes += len(data)
+                if self._ssw_timer is None:
+                    self._ssw_arm()  # a kept-alive connection's next request began
+            super().data_received(data)
+            if self._ssw_in_head and (self._ssw_head_bytes > max_bytes or self._ssw_headers > max_headers):
+                self._ssw_refuse(too_large)
+                books.too_large += 1
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._ssw_in_head = True
+            self._ssw_headers = 0
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._ssw_headers += 1
+            if self._ssw_headers <= max_headers:
+                super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            if self._ssw_head_bytes > max_bytes or self._ssw_headers > max_headers:
+                return  # refused once the parser returns
+            self._ssw_in_head = False
+            self._ssw_head_bytes = 0
+            self._ssw_disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Idle, uvicorn's keep-alive timer runs; from the next request's first byte
+            # (which stops that timer) its headers get the same deadline as the first's.
+            self._ssw_in_head = True
+            self._ssw_head_bytes = 0
+
+        def _ssw_arm(self) -> None:
+            self._ssw_disarm()
+            self._ssw_timer = self.loop.call_later(header_timeout, self._ssw_expired)
+
+        def _ssw_disarm(self) -> None:
+            if self._ssw_timer is not None:
+                self._ssw_timer.cancel()
+                self._ssw_timer = None
+
+        def _ssw_expired(self) -> None:
+            self._ssw_timer = None
+            if self._ssw_in_head and not self.transport.is_closing():
+                books.timed_out += 1
+                # A connection that never sent a byte gets no answer: it may be a
+                # browser's speculative one.
+                self._ssw_refuse(too_slow if self._ssw_head_bytes else b"")
+
+        def _ssw_refuse(self, answer: bytes) -> None:
+            self._ssw_disarm()
+            if answer:
+                self.transport.write(answer)
+            self.transport.close()
+
+    return EdgeProtocol, books
