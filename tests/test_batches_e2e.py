@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -384,3 +385,41 @@ def metric(stack: Stack, series: str) -> float:
     text = http("GET", stack.gateway_metrics + "/metrics")[2]
     assert isinstance(text, str)
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " "))
+
+
+def test_a_disk_full_mid_batch_fails_the_batch_and_leaves_no_torn_result(stack: Stack, keys: dict[str, str]) -> None:
+    """The gateway's files may not grow past a few kB (RLIMIT_FSIZE on the running
+    process, as a full disk would refuse a write): the batch ends failed with the
+    reason, never completed with lines that are not JSON, and each segment holds only
+    whole lines. With room again, the next batch completes."""
+    stack.load("light")
+    assert stack.gateway.proc is not None
+    pid = str(stack.gateway.proc.pid)
+    with sdk(stack, keys["owner"]) as client:
+        uploaded = client.files.create(
+            file=("input.jsonl", io.BytesIO(jsonl([chat_line(f"f{i}") for i in range(24)]))), purpose="batch"
+        )
+        subprocess.run(["prlimit", "--pid", pid, "--fsize=3000:3000"], check=True)
+        try:
+            batch = client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+            )
+            failed = wait_status(client, batch.id, ("failed", "completed"))
+        finally:
+            subprocess.run(["prlimit", "--pid", pid, "--fsize=unlimited:unlimited"], check=True)
+        assert failed.status == "failed", failed
+        assert failed.errors is not None and failed.errors.data
+        error = failed.errors.data[0]
+        assert error.code == "results_unwritable" and "File too large" in (error.message or "")
+        assert failed.output_file_id is None
+        segments = list((Path(stack.dir) / "batches" / "results" / batch.id).glob("*.jsonl"))
+        assert segments
+        for segment in segments:
+            data = segment.read_bytes()
+            assert data.endswith(b"\n") and len(data) <= 3000
+            assert all(json.loads(line)["custom_id"].startswith("f") for line in data.splitlines())
+        again = submit(client, [chat_line(f"g{i}") for i in range(4)])
+        assert wait_status(client, again.id, ("completed", "failed")).status == "completed"
+    assert f"batch {batch.id}: failed: a result could not be written" in stack.gateway.log()

@@ -181,6 +181,14 @@ def _text_or_array(name: str) -> Callable[[Admission, dict[str, Any]], None]:
     return check
 
 
+def _responses(_: Admission, body: dict[str, Any]) -> None:
+    _text_or_array("input")(_, body)
+    # vLLM makes a client's request_id the stored response's id: a key that knows
+    # another key's id could take that response over.
+    if "request_id" in body:
+        raise BadRequest("'request_id' is not accepted on /v1/responses: ssw's workers choose a response's id")
+
+
 def _embeddings(_: Admission, body: dict[str, Any]) -> None:
     # vLLM embeds either 'input' or, chat-style, 'messages'.
     if not isinstance(body.get("input"), str | list) and not isinstance(body.get("messages"), list):
@@ -201,7 +209,7 @@ def _detokenize(_: Admission, body: dict[str, Any]) -> None:
 _CHECKS: dict[str, Callable[[Admission, dict[str, Any]], None]] = {
     "/v1/chat/completions": Admission._chat,
     "/v1/completions": _text_or_array("prompt"),
-    "/v1/responses": _text_or_array("input"),
+    "/v1/responses": _responses,
     "/v1/messages": Admission._anthropic_create,
     "/v1/messages/count_tokens": Admission._anthropic,
     "/v1/embeddings": _embeddings,

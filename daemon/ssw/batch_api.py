@@ -38,7 +38,7 @@ from .gateway import Gateway
 from .routes import Route, match
 
 log = logging.getLogger(__name__)
-WINDOW = re.compile(r"^(\d{1,6})([smhd])$")
+WINDOW = re.compile(r"^(\d{1,6})([smhd])\Z")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 FILE_PURPOSES = ("batch",)
 MAX_METADATA = 16

@@ -80,7 +80,6 @@ class BatchWork:
     status: BatchStatus = BatchStatus.IN_PROGRESS
     expires_at: float = 0.0
     segment: Path | None = None
-    offset: int = 0
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -480,23 +479,38 @@ class Runner:
             "response": {"status_code": answer.status, "request_id": _request_id(answer), "body": _json(answer.body)},
             "error": None,
         }
-        done = await self._append(work, orjson.dumps(result) + b"\n", ok)
+        try:
+            done = await self._append(work, orjson.dumps(result) + b"\n", ok)
+        except OSError as exc:
+            # Disk full, quota, I/O error: the segment is as it was, and this batch's
+            # results cannot be kept; it fails, never completes with lines missing.
+            await self._fail_batch(work, "results_unwritable", f"a result could not be written: {exc}")
+            return
         if await self.store.finish_line(work.id, line.index, done):
             self.metrics.batch_lines.labels(task.model, "completed" if ok else "failed").inc()
 
     async def _append(self, work: BatchWork, data: bytes, ok: bool) -> Done:
-        """Append a result to this runner's segment, on disk before it counts."""
+        """Append a result to this runner's segment, on disk before it counts. Its offset
+        is the file's own end (this runner may have written here before it last lost the
+        lease); a failed write leaves the segment exactly as it was."""
         async with work.write_lock:
             if work.segment is None:
                 directory = self.store.results_dir(work.id)
-                work.segment = directory / f"{self.id}.jsonl"
                 await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-                # This runner may have written here before it last lost the lease.
-                work.offset = await asyncio.to_thread(_size, work.segment)
-            offset = work.offset
-            await asyncio.to_thread(_append_synced, work.segment, data)
-            work.offset += len(data)
+                work.segment = directory / f"{self.id}.jsonl"
+            offset = await asyncio.to_thread(_append_synced, work.segment, data)
         return Done(work.segment.name, offset, len(data), ok)
+
+    async def _fail_batch(self, work: BatchWork, code: str, message: str) -> None:
+        """End a batch as failed, with the reason in its errors (once, whichever line saw it first)."""
+        if self.batches.pop(work.id, None) is None:
+            return
+        log.error("batch %s: failed: %s", work.id, message)
+        await self.store.move_batch(
+            work.id,
+            BatchStatus.FAILED,
+            errors={"object": "list", "data": [{"code": code, "message": message, "line": None}]},
+        )
 
     async def _run_job(self, task: Task, failure: SswError | None) -> None:
         job_id = task.job_id
@@ -543,21 +557,25 @@ class Runner:
                 return
             work.status = BatchStatus.FINALIZING
         done = await self.store.done(work.id)
-        outputs, errors = await asyncio.to_thread(self._collect, work, done, final)
         fields: dict[str, Any] = {}
-        for kind, lines in (("output", outputs), ("error", errors)):
-            if lines:
-                data = b"".join(lines)
-                record = await self.store.add_file(
-                    work.owner,
-                    f"{work.id}_{kind}.jsonl",
-                    "batch_output",
-                    len(data),
-                    _writer(data),
-                    keep=False,
-                    file_id=_derived_id(work.id, kind),
-                )
-                fields[f"{kind}_file_id"] = record["id"]
+        try:
+            outputs, errors = await asyncio.to_thread(self._collect, work, done, final)
+            for kind, lines in (("output", outputs), ("error", errors)):
+                if lines:
+                    data = b"".join(lines)
+                    record = await self.store.add_file(
+                        work.owner,
+                        f"{work.id}_{kind}.jsonl",
+                        "batch_output",
+                        len(data),
+                        _writer(data),
+                        keep=False,
+                        file_id=_derived_id(work.id, kind),
+                    )
+                    fields[f"{kind}_file_id"] = record["id"]
+        except (OSError, ResultsCorrupt) as exc:
+            await self._fail_batch(work, "results_unwritable", f"the results could not be collected: {exc}")
+            return
         await self.store.move_batch(work.id, final, **fields)
         await self.store.drop_results(work.id)
         self.batches.pop(work.id, None)
@@ -589,7 +607,9 @@ class Runner:
                 if f is None:
                     f = handles[where.segment] = open(directory / where.segment, "rb")  # noqa: SIM115
                 f.seek(where.offset)
-                (outputs if where.ok else errors).append(f.read(where.length))
+                data = f.read(where.length)
+                _check_result(data, line, where)
+                (outputs if where.ok else errors).append(data)
         finally:
             for f in handles.values():
                 f.close()
@@ -677,15 +697,39 @@ def _writer(data: bytes) -> Callable[[Path], None]:
     return write
 
 
-def _size(path: Path) -> int:
+class ResultsCorrupt(Exception):
+    """A recorded result is not the whole JSON line it was recorded as."""
+
+
+def _check_result(data: bytes, line: Line, where: Done) -> None:
+    """Each slice a batch is collected from must be one whole JSON line for its request."""
     try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
+        record = orjson.loads(data) if data.endswith(b"\n") and data.count(b"\n") == 1 else None
+    except orjson.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or record.get("custom_id") != line.custom_id:
+        raise ResultsCorrupt(
+            f"line {line.index + 1}: bytes {where.offset}-{where.offset + where.length} of {where.segment} "
+            "are not its result"
+        )
 
 
-def _append_synced(path: Path, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fdatasync(f.fileno())
+def _append_synced(path: Path, data: bytes) -> int:
+    """Append ``data`` durably and return where it starts; on any failure (a short write
+    on a full disk) cut the file back to where it was, so that no partial line stays."""
+    # Unbuffered: a short write is seen here, not retried by a buffer at close.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fdatasync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+    return start

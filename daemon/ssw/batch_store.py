@@ -55,9 +55,9 @@ from .batch_states import (
 from .errors import SswError
 
 PREFIX = "ssw:"
-FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
-BATCH_ID = re.compile(r"^batch_[0-9a-f]{24}$")
-JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
+FILE_ID = re.compile(r"^file-[0-9a-f]{24}\Z")
+BATCH_ID = re.compile(r"^batch_[0-9a-f]{24}\Z")
+JOB_ID = re.compile(r"^job_[0-9a-f]{24}\Z")
 REDIS_TIMEOUT_S = 5.0
 
 # Move a hash's status only from one of the allowed states, stamping the time

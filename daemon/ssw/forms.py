@@ -32,7 +32,11 @@ class Form:
     parts: list[Part] = field(default_factory=list)
 
     def value(self, name: str) -> str | None:
-        """A text field's value (the first of that name); None when absent."""
+        """A text field's value; None when absent. A field sent twice is a 400: ssw would
+        route by one and vLLM serve the other (it reads the last), so a key scoped to a
+        base model could reach an adapter on the same worker."""
+        if sum(1 for part in self.parts if part.name == name) > 1:
+            raise BadRequest(f"the form field '{name}' appears more than once")
         for part in self.parts:
             if part.name == name and not part.filename:
                 if len(part.data) > MAX_FIELD_BYTES:

@@ -394,7 +394,7 @@ class UnloadRequest(BaseModel):
     model: str = Field(max_length=256, description="Model name or alias.")
 
 
-JOB_ID = re.compile(r"^pull-[0-9a-f]{12}$")
+JOB_ID = re.compile(r"^pull-[0-9a-f]{12}\Z")
 
 # What the gateway's own token may do; everything else needs the admin token.
 GATEWAY_PATHS = frozenset({"/events", "/load", "/usage"})

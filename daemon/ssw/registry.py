@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # What may name a model or an alias. It keeps names safe as path parts and as
 # the readable part of unit names; anything else a client sends is refused
 # before it gets near the file system or systemd.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_SCAN_DEPTH = 2  # models_dir/<model> and models_dir/<org>/<model>
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 ADAPTER_CONFIG = "adapter_config.json"

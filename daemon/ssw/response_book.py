@@ -47,19 +47,34 @@ class ResponseBook:
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def remember(self, response_id: str, holder: Holder) -> None:
+    async def remember(self, response_id: str, holder: Holder) -> bool:
+        """Note who holds a response; False (and nothing changed) when the id is already
+        noted for another key: an entry is never taken over."""
+        known = self._local.get(response_id)
+        if known is not None and known[0] > time.monotonic() and known[1].key != holder.key:
+            log.warning("response %s: already held for another key; not noted again", response_id)
+            return False
         self._local[response_id] = (time.monotonic() + self.remember_s, holder)
         self._local.move_to_end(response_id)
         while len(self._local) > self.max_entries:
             self._local.popitem(last=False)
         if self._redis is None:
-            return
+            return True
         value = orjson.dumps([holder.model, holder.unit, holder.key])
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await self._redis.set(self.prefix + response_id, value, ex=max(1, int(self.remember_s)))
+                # NX: another gateway process (or host) may have noted it for another key.
+                if not await self._redis.set(
+                    self.prefix + response_id, value, ex=max(1, int(self.remember_s)), nx=True
+                ):
+                    raw = await self._redis.get(self.prefix + response_id)
+                    if raw is not None and orjson.loads(raw)[2:3] != [holder.key]:
+                        del self._local[response_id]
+                        log.warning("response %s: already held for another key; not noted again", response_id)
+                        return False
         except (RedisError, OSError, TimeoutError) as exc:
             self._warn(f"cannot note response {response_id} in Redis ({exc}); only this process knows its worker")
+        return True
 
     async def find(self, response_id: str) -> Holder | None:
         found = self._local.get(response_id)

@@ -103,7 +103,7 @@ ROUTES: tuple[Route, ...] = (
 )
 
 # vLLM's response ids are "resp_" and a hex uuid; anything else never reaches a path.
-RESPONSE_ID = re.compile(r"^resp_[A-Za-z0-9_-]{1,128}$")
+RESPONSE_ID = re.compile(r"^resp_[A-Za-z0-9_-]{1,128}\Z")
 _PREFIX = "/v1/responses/"
 _BY_PATH: dict[tuple[str, str], Route] = {(r.method, r.path): r for r in ROUTES if "{" not in r.path}
 _RETRIEVE = next(r for r in ROUTES if r.path == "/v1/responses/{id}")

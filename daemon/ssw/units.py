@@ -198,7 +198,7 @@ class WorkerUnit:
         return props
 
 
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?\Z", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:

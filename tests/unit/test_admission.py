@@ -54,6 +54,8 @@ MSG = [{"role": "user", "content": "hi"}]
         ("/v1/messages/count_tokens", {"messages": "hi"}, "non-empty array"),
         ("/v1/responses", {"input": 3}, "'input' must be"),
         ("/v1/responses", {"input": "x", "max_output_tokens": 9999}, "at most 100"),
+        # vLLM would make it the stored response's id: another key's id could be taken over.
+        ("/v1/responses", {"input": "x", "request_id": "resp_of_another_key"}, "'request_id' is not accepted"),
         ("/v1/embeddings", {}, "'input' must be"),
         ("/tokenize", {}, "'prompt'"),
         ("/detokenize", {"tokens": [1, "2"]}, "array of integers"),

@@ -53,3 +53,17 @@ def test_a_field_that_is_not_text_is_a_400() -> None:
     bad = b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\n\xff\xfe\r\n--XyZ--\r\n'
     with pytest.raises(BadRequest, match="UTF-8"):
         parse_form(bad, CT).value("model")
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        b'Content-Disposition: form-data; name="model"\r\n\r\nasr-adapter',
+        b'Content-Disposition: form-data; name="model"; filename="m.txt"\r\n\r\nasr-adapter',
+    ],
+)
+def test_a_field_sent_twice_is_a_400_since_vllm_reads_the_last(second: bytes) -> None:
+    form = parse_form(BODY.removesuffix(b"--XyZ--\r\n") + b"--XyZ\r\n" + second + b"\r\n--XyZ--\r\n", CT)
+    with pytest.raises(BadRequest, match="'model' appears more than once"):
+        form.value("model")
+    assert form.value("stream") == "true"
