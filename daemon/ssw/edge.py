@@ -117,9 +117,21 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
                 if self._ssw_timer is None:
                     self._ssw_arm()  # a kept-alive connection's next request began
             super().data_received(data)
-            if self._ssw_in_head and (self._ssw_head_bytes > max_bytes or self._ssw_headers > max_headers):
-                self._ssw_refuse(too_large)
+            if (
+                self._ssw_in_head
+                and not self.transport.is_closing()
+                and (self._ssw_head_bytes > max_bytes or self._ssw_headers > max_headers)
+            ):
                 books.too_large += 1
+                self._ssw_refuse(too_large)
+
+        def on_body(self, body: bytes) -> None:
+            if not self.transport.is_closing():
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self.transport.is_closing():  # refused: no request to complete
+                super().on_message_complete()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -133,7 +145,9 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
 
         def on_headers_complete(self) -> None:
             if self._ssw_head_bytes > max_bytes or self._ssw_headers > max_headers:
-                return  # refused once the parser returns
+                books.too_large += 1
+                self._ssw_refuse(too_large)
+                return
             self._ssw_in_head = False
             self._ssw_head_bytes = 0
             self._ssw_disarm()

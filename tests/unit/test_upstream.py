@@ -8,13 +8,13 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from ssw.upstream import ConnectFailed, NoAnswer, Pool, ResponseFailed, fetch, request_head
+from ssw.upstream import ConnectFailed, Limits, NoAnswer, Pool, ResponseFailed, fetch, request_head
 
 
 @pytest.fixture
@@ -176,3 +176,81 @@ async def test_a_worker_that_dies_before_answering_is_no_answer(tmp_path: Path) 
         await fetch(Pool(1.0, 5.0), path, "POST", "/v1/completions", b"{}")
     await dying
     listener.close()
+
+
+@pytest.fixture
+async def hostile(tmp_path: Path) -> AsyncIterator[Callable[[bytes, float], Awaitable[str]]]:
+    """Starts a worker that answers every request with the bytes given, one at a time
+    every ``drip_s`` if that is set, and then stays connected."""
+    servers: list[asyncio.Server] = []
+    handlers: list[asyncio.Task[None]] = []
+
+    async def start(answer: bytes, drip_s: float = 0.0) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                if drip_s:
+                    for i in range(len(answer)):
+                        writer.write(answer[i : i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(drip_s)
+                else:
+                    writer.write(answer)
+                    await writer.drain()
+                await asyncio.sleep(30)
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        path = str(tmp_path / f"hostile-{len(servers)}.sock")
+        servers.append(await asyncio.start_unix_server(serve, path))
+        return path
+
+    yield start
+    for task in handlers:
+        task.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "limits", "why"),
+    [
+        (HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(200)) + b"\r\n", Limits(max_headers=50), "more than 50"),
+        (HEAD + b"X-Big: " + b"a" * 2_000_000 + b"\r\n\r\n", Limits(max_header_bytes=65536), "exceed 65536 bytes"),
+        (
+            HEAD + b"Content-Length: 5000000\r\n\r\n" + b"x" * 5_000_000,
+            Limits(max_body_bytes=1_000_000),
+            "exceeds 1000000 bytes",
+        ),
+    ],
+)
+async def test_a_worker_answering_past_a_limit_fails_that_request(
+    hostile: Callable[[bytes, float], Awaitable[str]], answer: bytes, limits: Limits, why: str
+) -> None:
+    path = await hostile(answer, 0.0)
+    pool = Pool(1.0, 5.0, limits)
+    with pytest.raises(ResponseFailed, match=why):
+        await fetch(pool, path, "GET", "/x")
+    assert not pool._idle.get(path)  # the connection is not kept
+    await pool.close()
+
+
+async def test_headers_dripped_slower_than_the_silence_timer_still_meet_the_deadline(
+    hostile: Callable[[bytes, float], Awaitable[str]],
+) -> None:
+    # A byte every 0.1 s: the silence timer (0.5 s) never fires; the headers deadline does.
+    path = await hostile(HEAD + b"X-Slow: " + b"a" * 1000 + b"\r\n\r\n", 0.1)
+    pool = Pool(1.0, 0.5, Limits(headers_timeout_s=1.0))
+    t0 = time.monotonic()
+    with pytest.raises(ResponseFailed, match="no complete response headers within 1 s"):
+        await pool.request(path, request_head("GET", "/x"))
+    assert time.monotonic() - t0 < 2.5
+    await pool.close()
