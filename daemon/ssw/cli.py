@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="wait until ready, showing progress (default)",
     )
-    verb("unload", "stop a model's workers").add_argument("model")
+    verb("unload", "stop a model's workers (or one worker, by its unit name)").add_argument("model")
     p_pull = verb("pull", "download a model from the hub into the models dir (a job of the loader)")
     p_pull.add_argument("source", metavar="REPO[@REVISION]")
     p_pull.add_argument("--name", help="model name and directory (default: the repo's name)")
@@ -456,9 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.json and not args.wait:
                 print(f"{out['model']}: {out['state']}")
         elif args.verb == "unload":
-            out = _admin(cfg, "POST", "/unload", {"model": args.model}, timeout=cfg.workers.stop_timeout_s + 30)
+            field = "unit" if args.model.startswith("ssw-worker@") else "model"
+            body = {field: args.model}
+            out = _admin(cfg, "POST", "/unload", body, timeout=cfg.workers.stop_timeout_s + 30)
             if not args.json:
-                print(f"{out['model']}: stopped {', '.join(out['stopped'])}")
+                print(f"{out[field]}: stopped {', '.join(out['stopped'])}")
         elif args.verb == "pull":
             out = _pull(cfg, args)
         elif args.verb == "jobs":

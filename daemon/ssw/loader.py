@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.exceptions import RedisError
 
 from . import __version__, auth, http_errors, journal, pulls, redis_sink, tiers
@@ -35,7 +35,7 @@ from .routes import families_of_paths
 from .store import FactStore, Retiring
 from .supervisor import Supervisor
 from .systemd import Systemd
-from .units import unit_name
+from .units import parse_unit_name, unit_name
 from .vram import vram_need
 
 log = logging.getLogger(__name__)
@@ -391,7 +391,20 @@ class UsageReport(BaseModel):
 
 class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(max_length=256, description="Model name or alias.")
+    model: str | None = Field(default=None, max_length=256, description="Model name or alias.")
+    unit: str | None = Field(
+        default=None,
+        max_length=256,
+        description="A worker's unit name instead (ssw-worker@...): one whose model is no longer in the registry.",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> UnloadRequest:
+        if (self.model is None) == (self.unit is None):
+            raise ValueError("give 'model' or 'unit'")
+        if self.unit is not None and parse_unit_name(self.unit) is None:
+            raise ValueError(f"unit: {self.unit[:80]!r} is not a worker unit name")
+        return self
 
 
 JOB_ID = re.compile(r"^pull-[0-9a-f]{12}\Z")
@@ -510,7 +523,9 @@ def admin_app(loader: Loader) -> FastAPI:
 
     @app.post("/unload")
     async def unload(req: UnloadRequest) -> dict[str, Any]:
-        spec = await loader.resolve(req.model)
+        if req.unit is not None:
+            return {"unit": req.unit, "stopped": await loader.manager.unload_unit(req.unit)}
+        spec = await loader.resolve(req.model or "")
         units = await loader.manager.unload(spec.name)
         return {"model": spec.name, "stopped": units}
 

@@ -3,6 +3,7 @@ snapshot of GPUs and resident workers, tested by tables)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from .vram import GB, VramNeed
 Policy = Literal["spread", "pack"]
 MAX_TENSOR_PARALLEL = 8
 RELOAD_COST_STEP_S = 10.0
+# Up to this many candidates on one GPU, every subset is weighed (4,096 at most); beyond,
+# least recently used first until there is room.
+MAX_EXACT_EVICTION = 12
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,11 @@ class Resident:
     evictable: bool  # ready and not pinned
     reload_cost: float  # seconds its model takes to load (measured, or a size-based guess)
     asleep: bool = False  # holds only what a sleeping engine keeps; stopping it loses its warm state
+    keeps: int = 0  # bytes it may keep on its GPU once evicted (put to sleep: its CUDA context)
+
+    @property
+    def frees(self) -> int:
+        return max(self.held - self.keeps, 0)
 
 
 @dataclass(frozen=True)
@@ -68,18 +77,37 @@ def _pick(devices: Sequence[DeviceView], need: int, policy: Policy, after_releas
     return max(devices, key=lambda d: (free(d), -d.index))
 
 
+def _cost_step(victims: Sequence[Resident]) -> int:
+    # Reload costs compare in coarse steps, so noise in measured load times never
+    # overrides least-recently-used order.
+    return math.ceil(sum(v.reload_cost for v in victims) / RELOAD_COST_STEP_S)
+
+
 def _eviction_on(device: DeviceView, need: int, residents: Sequence[Resident]) -> tuple[list[Resident], bool]:
-    """The least recently used evictable workers on this device that make room, in LRU
-    order; sleepers last (they hold little, and stopping one loses a warm model)."""
-    chosen: list[Resident] = []
+    """The fewest evictable workers on this device that make room, counting what each
+    gives back (a worker put to sleep keeps its context); among as few, the cheapest to
+    bring back, then the longest unused; sleepers last (they hold little, and stopping
+    one loses a warm model). Returned least recently used first."""
     free = device.free_after_release
-    candidates = (r for r in residents if r.evictable and device.index in r.gpus)
-    for r in sorted(candidates, key=lambda r: (r.asleep, r.last_used)):
-        if free >= need:
-            break
-        chosen.append(r)
-        free += r.held
-    return chosen, free >= need
+    candidates = sorted(
+        (r for r in residents if r.evictable and device.index in r.gpus), key=lambda r: (r.asleep, r.last_used)
+    )
+    if free + sum(r.frees for r in candidates) < need:
+        return candidates, False
+    if len(candidates) > MAX_EXACT_EVICTION:
+        chosen: list[Resident] = []
+        for r in candidates:
+            if free >= need:
+                break
+            chosen.append(r)
+            free += r.frees
+        return chosen, True
+    for k in range(1, len(candidates) + 1):
+        enough = [c for c in itertools.combinations(candidates, k) if free + sum(r.frees for r in c) >= need]
+        if enough:
+            best = min(enough, key=lambda c: (sum(r.asleep for r in c), _cost_step(c), max(r.last_used for r in c)))
+            return list(best), True
+    return [], free >= need
 
 
 def place(
@@ -111,10 +139,7 @@ def place(
     for d in candidates:
         victims, enough = _eviction_on(d, single, residents)
         if enough:
-            # Reload costs compare in coarse steps, so noise in measured load
-            # times never overrides least-recently-used order.
-            cost = math.ceil(sum(v.reload_cost for v in victims) / RELOAD_COST_STEP_S)
-            options.append((len(victims), cost, max(v.last_used for v in victims), d.index, victims))
+            options.append((len(victims), _cost_step(victims), max(v.last_used for v in victims), d.index, victims))
     if options:
         _, _, _, index, victims = min(options, key=lambda o: o[:4])
         return Placement((index,), tuple(v.unit for v in victims), single)
@@ -131,7 +156,7 @@ def place(
             n *= 2
 
     def achievable(d: DeviceView) -> int:
-        return d.free_after_release + sum(r.held for r in residents if r.evictable and d.index in r.gpus)
+        return d.free_after_release + sum(r.frees for r in residents if r.evictable and d.index in r.gpus)
 
     best = max(candidates, key=achievable)
     hint = "" if tensor_parallel else "; placement.tensor_parallel would split it across GPUs"

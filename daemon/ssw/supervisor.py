@@ -25,7 +25,7 @@ from . import engine, journal, tiers
 from .config import Config
 from .errors import ConfigError, LoadFailed, ModelBusy, NoCapacity, SswError, SystemdError, WorkerNotFound
 from .gpus import GpuInfo, GpuSource
-from .lifecycle import ASLEEP, LEAVING, LIVE, Failure, LoadState, WorkerState, recent, recover
+from .lifecycle import ASLEEP, LEAVING, LIVE, Failure, IllegalTransition, LoadState, WorkerState, recent, recover
 from .loads import LoadBook, LoadRecord
 from .placement import DeviceView, Resident, place
 from .probes import Canary, Probes
@@ -255,6 +255,7 @@ class Supervisor:
         """The workers holding GPU memory; with ``protect_since``, those used interactively
         since then are not evictable (a load for batch work)."""
         out = []
+        residual = int(self.cfg.workers.sleep_residual_gb * GB)
         for w in self.table:
             asleep = w.state in ASLEEP
             held = self._held(w, gpus) if asleep else self._held(w, gpus) or w.budget_bytes
@@ -263,7 +264,10 @@ class Supervisor:
                 evictable = False
             # Until a load was measured, size stands in: about 1 s per GB from local disk.
             cost = self.store.load_seconds(w.model) or w.budget_bytes / GB
-            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep))
+            # An awake worker with sleep mode may be put to sleep rather than stopped: it
+            # then keeps its CUDA context on the GPU.
+            keeps = residual if w.sleep_mode and not asleep else 0
+            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps))
         return out
 
     def update_held(self, gpus: list[GpuInfo]) -> None:
@@ -416,6 +420,12 @@ class Supervisor:
             if spec is not None:
                 # Its load continues here: wait for the adopted worker, start missing replicas.
                 self.load(spec, reason="adopted while starting")
+                continue
+            # No load can finish it, and nothing else would: it would hold its GPU budget,
+            # unevictable, for ever.
+            for worker in self.table.of_model(model):
+                if worker.state is WorkerState.STARTING:
+                    self.retire(worker, f"adopted while starting, but model '{model}' is no longer in the registry")
         self.changed()
 
     # --- loading ----------------------------------------------------------------------
@@ -476,8 +486,17 @@ class Supervisor:
             if not isinstance(err, Exception):
                 raise err  # cancelled (unloaded) or shutting down
         ready = self.table.ready(spec.name)
+        # A move the lifecycle refused (a race with a stop, logged as a BUG where it
+        # happened) is ssw's own fault, never counted against the model.
+        interrupted = [e for e in errors if isinstance(e, IllegalTransition)]
+        errors = [e for e in errors if not isinstance(e, IllegalTransition)]
         if not errors and not rec.died_during_load:
             rec.last_error = None
+            if interrupted and len(ready) < spec.replicas:
+                self.loads.move(rec, LoadState.IDLE, f"interrupted: {interrupted[0]}")
+                if not ready:
+                    raise LoadFailed(f"loading {spec.name} was interrupted; ask again", retry_after_s=1)
+                return ready
             self.loads.move(rec, LoadState.IDLE, "ready")
             return ready
         if errors:
@@ -1031,31 +1050,39 @@ class Supervisor:
         """Wake a sleeping replica where it sleeps (evicting there if need be) and route to
         it once a 1-token canary passed; when that cannot be done, stop it and load cold."""
         worker.marks = {"requested": self.loads.get(spec.name).since}
+        why: str | None = None
         async with self._place_lock:
-            gpus = await self.gpu_snapshot()
-            need = max(worker.budget_bytes - self._held(worker, gpus), 0)
-            protect = self.loads.get(spec.name).protect_since
-            residents = [r for r in self._residents(gpus, protect) if r.unit != worker.unit]
-            why: str | None = None
-            try:
-                for g in worker.gpus[1:]:
-                    # A tensor-parallel sleeper wakes only where every GPU has room already.
-                    view = next(d for d in self.device_views(gpus) if d.index == g)
-                    if view.free_after_release < need:
-                        raise NoCapacity(f"GPU {g} has {view.free_after_release / GB:.1f} GB free")
-                plan = place(
-                    VramNeed(need, 0, None, "its size before it slept"),
-                    self.device_views(gpus),
-                    residents,
-                    self.cfg.placement.policy,
-                    worker.gpus[:1],
-                )
-            except SswError as exc:
-                why = exc.message
-            if why is None:
-                await self._evict(plan.evict, spec.name, worker.gpus[0])
-                worker.marks["placed"] = time.time()
-                self.table.move(worker, WorkerState.WAKING, f"woken for {spec.name}'s requests")
+            # Stopped (unloaded, over the sleepers' budget) while this wake waited for the
+            # lock: there is nothing to wake, and no failure of the model's either.
+            stopped = self.table.get(worker.unit) is not worker or worker.state not in ASLEEP or bool(worker.retirement)
+            if not stopped:
+                gpus = await self.gpu_snapshot()
+                need = max(worker.budget_bytes - self._held(worker, gpus), 0)
+                protect = self.loads.get(spec.name).protect_since
+                residents = [r for r in self._residents(gpus, protect) if r.unit != worker.unit]
+                try:
+                    for g in worker.gpus[1:]:
+                        # A tensor-parallel sleeper wakes only where every GPU has room already.
+                        view = next(d for d in self.device_views(gpus) if d.index == g)
+                        if view.free_after_release < need:
+                            raise NoCapacity(f"GPU {g} has {view.free_after_release / GB:.1f} GB free")
+                    plan = place(
+                        VramNeed(need, 0, None, "its size before it slept"),
+                        self.device_views(gpus),
+                        residents,
+                        self.cfg.placement.policy,
+                        worker.gpus[:1],
+                    )
+                except SswError as exc:
+                    why = exc.message
+                if why is None:
+                    await self._evict(plan.evict, spec.name, worker.gpus[0])
+                    worker.marks["placed"] = time.time()
+                    self.table.move(worker, WorkerState.WAKING, f"woken for {spec.name}'s requests")
+        if stopped:
+            log.info("%s: stopped while its wake waited; %s loads cold once it is gone", worker.unit, spec.name)
+            await self._wait_gone([worker])
+            return await self._start_replica(spec, worker.replica, gpu)
         if why is not None:
             log.warning("%s: cannot wake where it sleeps (%s): stopping it; %s loads cold", worker.unit, why, spec.name)
             await self.retire(worker, f"no room to wake on GPU {worker.gpus[0]}: {why}")
@@ -1120,6 +1147,9 @@ class Supervisor:
                 self.retire(worker, f"{idle}; {_tier_text(choice)}", choice.level)
 
     async def _drain(self, worker: Worker) -> str:
+        """Wait until the worker has nothing in flight (up to workers.drain_timeout_s). A
+        worker that cannot say (its /metrics does not answer) is not taken for idle: it
+        is waited for, within the same bound."""
         limit = self.cfg.workers.drain_timeout_s
         deadline = time.monotonic() + limit
         quiet_since: float | None = None
@@ -1127,7 +1157,7 @@ class Supervisor:
         while time.monotonic() < deadline and self.table.get(worker.unit) is worker:
             in_flight = await self.probes.in_flight(worker.socket)
             now = time.monotonic()
-            if not in_flight:  # 0, or it cannot even say: nothing to wait for
+            if in_flight == 0:
                 quiet_since = quiet_since if quiet_since is not None else now
                 if now - quiet_since >= DRAIN_SETTLE_S:
                     return DRAINED
@@ -1135,7 +1165,11 @@ class Supervisor:
                 quiet_since = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(worker.done), DRAIN_POLL_S)
-        return f"drain timed out after {limit:.0f} s with {in_flight or 0} requests in flight"
+        if self.table.get(worker.unit) is not worker:
+            return "its unit ended while draining"
+        if in_flight is None:
+            return f"drain timed out after {limit:.0f} s: the worker did not say what it has in flight"
+        return f"drain timed out after {limit:.0f} s with {in_flight} requests in flight"
 
     async def _stop_unit(self, worker: Worker) -> None:
         """Stop the unit (SIGTERM; vLLM's --shutdown-timeout, then SIGKILL) and wait until it is gone."""
@@ -1185,6 +1219,16 @@ class Supervisor:
         await self.store.record_cold_start(spec.name, key, seconds)
         await self.unload(spec.name)
         return result
+
+    async def unload_unit(self, unit: str) -> list[str]:
+        """Retire one worker by its unit name (one whose model has left the registry, say)."""
+        worker = self.table.get(unit)
+        if worker is None:
+            raise WorkerNotFound(f"no worker unit '{unit}'")
+        if worker.state in LIVE or worker.state in ASLEEP:
+            self.retire(worker, "unload requested")
+        await self._wait_gone([worker])
+        return [worker.unit]
 
     async def unload(self, model: str) -> list[str]:
         """Cancel the model's load or retry, and retire its workers; answers once they are gone."""

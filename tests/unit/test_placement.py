@@ -155,3 +155,36 @@ def opt(host: str, free: float, load_s: float | None = 30, victims: int = 0, loa
 )
 def test_choose_host(options: list[HostOption], chosen: str | None) -> None:
     assert choose_host(options) == chosen
+
+
+def test_eviction_takes_the_fewest_victims_that_make_room_counting_what_a_sleeper_keeps() -> None:
+    """The case seen on a host: sleepy-a (24.9 GB, sleep mode: keeps 1 GB asleep) and an
+    older 1.9 GB bystander on GPU 0; loading 24.9 GB more. Least-recently-used order took
+    the bystander and then sleepy-a; sleepy-a alone gives back 23.9 GB, which is enough."""
+    devices = [dev(0, 48, used=24.9 + 1.9)]
+    residents = [
+        Resident("bystander", (0,), int(1.9 * GB), 1, True, 5),
+        Resident("sleepy-a", (0,), int(24.9 * GB), 5, True, 30, keeps=int(1 * GB)),
+    ]
+    assert place(need(24.9), devices, residents).evict == ("sleepy-a",)
+    # Where what sleepy-a keeps asleep would leave too little, both go.
+    assert place(need(46), devices, residents).evict == ("bystander", "sleepy-a")
+
+
+@pytest.mark.parametrize(
+    ("held", "need_gb", "evicted"),
+    [
+        # Equal counts: the cheapest to bring back, then the longest unused.
+        ({"a": (10, 1, 30), "b": (10, 2, 30), "c": (20, 3, 30)}, 18, ("c",)),
+        ({"a": (10, 1, 30), "b": (10, 2, 30), "c": (10, 3, 30)}, 10, ("a",)),
+        ({"a": (10, 1, 300), "b": (10, 2, 30)}, 10, ("b",)),
+        # Two are needed: the pair least recently used.
+        ({"a": (10, 1, 30), "b": (10, 2, 30), "c": (10, 3, 30)}, 20, ("a", "b")),
+    ],
+)
+def test_eviction_choice_by_table(
+    held: dict[str, tuple[float, float, float]], need_gb: float, evicted: tuple[str, ...]
+) -> None:
+    used = sum(h for h, _, _ in held.values())
+    residents = [res(u, 0, h, last, cost=cost) for u, (h, last, cost) in held.items()]
+    assert place(need(need_gb), [dev(0, used, used=used)], residents).evict == evicted
