@@ -7,6 +7,8 @@ engine; each API key has its own mode."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, wait_for
+from tests.harness.stack import WORK_ROOT, http, wait_for, worker_http
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -163,3 +165,38 @@ def test_x_ssw_wait_on_a_request_wins_over_the_keys_mode(stack: Stack, keys: dic
     ):
         client.chat.completions.create(model="loady", messages=CHAT)
     assert err.value.status_code == 503
+
+
+def test_a_held_request_whose_client_left_is_dropped_not_relayed(stack: Stack, keys: dict[str, str]) -> None:
+    """Clients that give up while their model loads leave the queue at once, and the
+    worker never sees their requests; the one that stayed is served."""
+    stack.unload("loady")
+    body = json.dumps({"model": "loady", "messages": CHAT, "max_tokens": 2}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {keys['wait']}\r\n"
+        f"Content-Type: application/json\r\nX-SSW-Wait: true\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    port = int(stack.public.rsplit(":", 1)[1])
+    leavers = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    for s in leavers:
+        s.sendall(head + body)
+    held = lambda: http("GET", stack.public + "/health")[2]["waiting"].get("loady")  # noqa: E731
+    wait_for(lambda: held() == 4, 10, "4 held requests")
+    for s in leavers:
+        s.close()
+    wait_for(
+        lambda: not http("GET", stack.public + "/health")[2]["waiting"].get("loady"), 5, "the held requests dropped"
+    )
+    status, _, answer = http(
+        "POST",
+        stack.public + "/v1/chat/completions",
+        {"model": "loady", "messages": CHAT, "max_tokens": 2},
+        headers={**auth(keys["wait"]), "X-SSW-Wait": "true"},
+        timeout=60,
+    )
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "t0 t1"
+    worker = next(w for w in stack.status()["workers"] if w["model"] == "loady")
+    seen = worker_http(worker["socket"], "GET", "/ssw-fake/seen")[1]
+    assert [p for p in seen if p == "/v1/chat/completions"] == ["/v1/chat/completions"]  # the stayer's only
+    # Each is accounted as the client leaving, not as an error of ssw's or the worker's.
+    wait_for(lambda: stack.gateway.log().count("error=client_disconnected") >= 4, 10, "four 499s in the access log")

@@ -26,6 +26,14 @@ class BadRequest(SswError):
     type = "invalid_request_error"
 
 
+class ClientLeft(SswError):
+    """The client went away while its request was held: nothing is sent to anyone."""
+
+    status = 499  # nginx's "client closed request": for the access log and metrics only
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 class PayloadTooLarge(SswError):
     status = 413
     type = "invalid_request_error"

@@ -36,6 +36,7 @@ from .config import Config
 from .contract import ModelView, Snapshot, WorkerView
 from .errors import (
     BadRequest,
+    ClientLeft,
     LoaderUnavailable,
     LoadFailed,
     ModelLoading,
@@ -407,17 +408,27 @@ class Gateway:
             then(model)
         self._check_waiters()  # it may have become ready (or failed) meanwhile
         keepalive = self._spawn_keepalive(reply) if stream else None
+        # A client that leaves while held is dropped: its place in the queue too.
+        left = asyncio.ensure_future(reply.client_left())
         try:
             async with asyncio.timeout(self.cfg.gateway.wait_timeout_s):
-                await waiter.future
+                await asyncio.wait([waiter.future, left], return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.future.done():
+                self.queue.discard(waiter)
+                raise ClientLeft(f"the client left while '{model}' loaded")
+            waiter.future.result()
         except TimeoutError:
             self.queue.discard(waiter)
             raise ModelLoading(
                 f"model '{model}' did not become ready within {self.cfg.gateway.wait_timeout_s:.0f} s",
                 self.retry_after(model),
             ) from None
+        except asyncio.CancelledError:
+            self.queue.discard(waiter)
+            raise
         finally:
             await tasks.cancel(keepalive)
+            await tasks.cancel(left)
 
     # --- the fleet ------------------------------------------------------------------------------
 
@@ -578,7 +589,7 @@ class Gateway:
         self, scope: dict[str, Any], receive: Receive, send: Send, route: Route, response_id: str | None
     ) -> None:
         ex = Exchange(route=route.path)
-        reply = Reply(send)
+        reply = Reply(send, receive)
         reply.dialect = route.dialect
         try:
             if route.body is Body.NONE:

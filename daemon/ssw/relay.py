@@ -78,16 +78,24 @@ class Reply:
     """The answer to one client over ASGI. It starts at most once; a held stream
     that already sent keep-alives can only go on as server-sent events."""
 
-    __slots__ = ("_send", "dialect", "ended", "extra_headers", "sse", "started", "status")
+    __slots__ = ("_receive", "_send", "dialect", "ended", "extra_headers", "sse", "started", "status")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, receive: Receive | None = None) -> None:
         self._send = send
+        self._receive = receive
         self.dialect = Dialect.OPENAI  # the shape its errors take
         self.started = False
         self.sse = False
         self.ended = False
         self.status = 0
         self.extra_headers: list[tuple[bytes, bytes]] = []  # added to whatever response starts
+
+    async def client_left(self) -> None:
+        """Returns once the client has gone (call it only once its body was read)."""
+        if self._receive is None:
+            await asyncio.Future()  # a request ssw makes itself: its caller never leaves
+        else:
+            await _disconnected(self._receive)
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
