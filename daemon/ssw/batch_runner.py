@@ -23,7 +23,7 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,7 @@ class Task:
     not_before: float = 0.0
     attempts: int = 0
     taken: bool = False  # a job being run (it stays known until it ends)
+    owner: str = ""  # the API key that submitted it: slots are shared fairly between keys
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Runner:
         self.batches: dict[str, BatchWork] = {}
         self.jobs: dict[str, Task] = {}  # queued or running jobs this runner knows
         self.running: dict[str, int] = {}  # model -> its lines and jobs in flight
+        self.running_by_owner: Counter[str] = Counter()  # API key -> its lines and jobs in flight
         self.queued: dict[str, int] = {}  # model -> requests queued at its workers (vLLM)
         self.refused_until: dict[str, float] = {}
         self._asking: set[str] = set()
@@ -278,7 +280,7 @@ class Runner:
         for line in lines:
             if line.index not in done:
                 model = resolve(line.model)
-                work.pending.setdefault(model, deque()).append(Task(model, work, line))
+                work.pending.setdefault(model, deque()).append(Task(model, work, line, owner=work.owner))
         if done:
             log.info("batch %s: resuming, %d of %d lines already done", batch_id, len(done), len(lines))
         return work
@@ -296,7 +298,9 @@ class Runner:
                 )
                 continue
             model = self._resolver()(record.get("model", ""))
-            self.jobs[job_id] = Task(model, job_id=job_id, attempts=int(record.get("attempts", "0")))
+            self.jobs[job_id] = Task(
+                model, job_id=job_id, attempts=int(record.get("attempts", "0")), owner=record.get("owner", "")
+            )
 
     def _resolver(self) -> Any:
         names = self.gw.loader.snapshot and self.gw.names
@@ -312,16 +316,17 @@ class Runner:
         return resolve
 
     def _pending(self) -> dict[str, list[deque[Task]]]:
-        """Model -> the queues of what waits to run on it, in the order they are served:
-        async jobs first (one request, someone waiting on it), then batch lines, the
-        oldest batch first. Nothing is copied: a batch's 50,000 lines cost nothing here."""
+        """Model -> the queues of what waits to run on it: per API key, its async jobs
+        first (one request, someone waiting on it), then its batches' lines, the oldest
+        batch first (_dispatch shares the slots between keys). Nothing is copied: a
+        batch's 50,000 lines cost nothing here."""
         out: dict[str, list[deque[Task]]] = {}
-        jobs: dict[str, deque[Task]] = {}
+        jobs: dict[tuple[str, str], deque[Task]] = {}
         for task in self.jobs.values():
             if not task.taken:
-                jobs.setdefault(task.model, deque()).append(task)
-        for model, queue in jobs.items():
-            out[model] = [queue]
+                jobs.setdefault((task.model, task.owner), deque()).append(task)
+        for (model, _), queue in jobs.items():
+            out.setdefault(model, []).append(queue)
         for work in self.batches.values():
             if work.status is BatchStatus.IN_PROGRESS:
                 for model, queue in work.pending.items():
@@ -362,11 +367,8 @@ class Runner:
             )
             decision = decide(view, self.settings.concurrency_per_model)
             if decision.act is Act.RUN:
-                left = decision.count
-                for queue in ready:
-                    while left and queue and queue[0].not_before <= now:
-                        self._start(queue.popleft())
-                        left -= 1
+                for task in fair_share(ready, decision.count, now, self.running_by_owner):
+                    self._start(task)
             elif decision.act is Act.LOAD and model not in self._asking:
                 self._asking.add(model)
                 self._spawn(self._ask_load(model))
@@ -381,6 +383,7 @@ class Runner:
         else:
             task.taken = True
         self.running[task.model] = self.running.get(task.model, 0) + 1
+        self.running_by_owner[task.owner] += 1
         self._spawn(self._run_task(task, failure))
 
     def _spawn(self, coro: Any) -> None:
@@ -422,6 +425,7 @@ class Runner:
             self._requeue(task, RETRY_DELAY_S)
         finally:
             self.running[task.model] -= 1
+            self.running_by_owner[task.owner] -= 1
             if task.batch is not None:
                 task.batch.running -= 1
             self._wake.set()
@@ -641,6 +645,28 @@ class Runner:
             self.metrics.batch_queued.labels(model).set(sum(len(q) for q in pending.get(model, ())))
             self.metrics.batch_running.labels(model).set(self.running.get(model, 0))
         self._published = set(pending) | set(self.running)
+
+
+def fair_share(queues: list[deque[Task]], slots: int, now: float, running: Counter[str]) -> list[Task]:
+    """Up to ``slots`` tasks to start now, taken from the front of ``queues`` (each one
+    key's, in the order that key is served), one at a time for the key with the fewest
+    running (its earliest queue first): one key's 50,000 lines or thousand async jobs
+    never starve another key's. Pops what it returns."""
+    by_owner: dict[str, list[deque[Task]]] = {}
+    for queue in queues:
+        if queue:
+            by_owner.setdefault(queue[0].owner, []).append(queue)
+    taken: Counter[str] = Counter()
+    out: list[Task] = []
+    while len(out) < slots:
+        ready = [o for o, qs in by_owner.items() if any(q and q[0].not_before <= now for q in qs)]
+        if not ready:
+            break
+        owner = min(ready, key=lambda o: (running[o] + taken[o], o))
+        queue = next(q for q in by_owner[owner] if q and q[0].not_before <= now)
+        out.append(queue.popleft())
+        taken[owner] += 1
+    return out
 
 
 def _asked_model(body: dict[str, object]) -> str:
