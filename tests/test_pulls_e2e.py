@@ -4,6 +4,7 @@ disk too small, cancel, and bad input. No test reaches a public hub."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import signal
 from collections.abc import Iterator
@@ -38,7 +39,9 @@ def stack(sysbox: SysBox, hub: FakeHub, redis_server: RedisServer) -> Iterator[S
     models_dir = WORK_ROOT / f"pulls-models-{id(sysbox)}"
     models_dir.mkdir(parents=True, exist_ok=True)
     extra = {"pulls": {"endpoint": hub.url, "allow_http": True, "token_file": None, "min_free_gb": 0.1}}
-    s = start_stack(sysbox, WORK_ROOT / f"pulls-{id(sysbox)}", models_dir, {}, "fake", extra, redis_server.url)
+    # A configured model whose files are absent, with an alias: a pull may not take that name.
+    models = {"elsewhere": {"path": "not-here", "vram_gb": 1, "aliases": ["light"]}}
+    s = start_stack(sysbox, WORK_ROOT / f"pulls-{id(sysbox)}", models_dir, models, "fake", extra, redis_server.url)
     yield s
     stop_stack(s)
 
@@ -46,7 +49,7 @@ def stack(sysbox: SysBox, hub: FakeHub, redis_server: RedisServer) -> Iterator[S
 @pytest.fixture(autouse=True)
 def healthy_hub(hub: FakeHub) -> Iterator[None]:
     yield
-    hub.slow, hub.corrupt, hub.sizes = 0, set(), {}
+    hub.slow, hub.corrupt, hub.sizes, hub.extra = 0, set(), {}, []
 
 
 def models_dir(stack: Stack) -> Path:
@@ -157,3 +160,61 @@ def test_bad_pull_requests_change_nothing(stack: Stack) -> None:
     assert status == 400 and "acme/missing@main" in answer["error"]["message"]
     assert http("GET", stack.admin + "/jobs/pull-000000000000")[0] == 404
     assert http("GET", stack.admin + "/jobs/..%2F..%2Fetc")[0] == 404
+
+
+@pytest.mark.parametrize(
+    "listed", ["../escape.json", "/etc/ssw-escape.json", "a\\..\\escape.json", "x/../../escape.json"]
+)
+def test_a_hub_listing_a_path_outside_the_pull_is_refused_and_writes_nothing(
+    stack: Stack, hub: FakeHub, listed: str
+) -> None:
+    hub.extra = [{"rfilename": listed, "size": 4, "blobId": "0" * 40}]
+    status, body = pull(stack, "lying")
+    assert status == 502 and "not safe paths" in body["error"]["message"], body
+    root = models_dir(stack)
+    assert not (root / "escape.json").exists() and not (root.parent / "escape.json").exists()
+    assert not (root / "lying").exists() and not (root / ".partial" / "lying").exists()
+    assert not any(j["name"] == "lying" for j in http("GET", stack.admin + "/jobs")[2]["jobs"])
+
+
+def test_a_hub_that_sends_more_than_it_listed_fails_the_pull_at_the_listed_size(stack: Stack, hub: FakeHub) -> None:
+    hub.sizes = {"model.safetensors": 1000}  # listed as 1,000 bytes; 3 MB come
+    status, started = pull(stack, "oversent")
+    assert status == 202
+    done = finished(stack, started["id"])
+    assert done["status"] == "failed"
+    assert "model.safetensors" in done["error"] and "1000" in done["error"], done["error"]
+    assert done["bytes_done"] <= 1000 + 2000  # config and tokenizer, and never more than listed of the weights
+    assert not (models_dir(stack) / ".partial" / "oversent").exists()
+
+
+def test_a_part_file_already_whole_is_verified_without_asking_the_hub(stack: Stack, hub: FakeHub) -> None:
+    source = hub.repos["acme/tiny"]
+    part = models_dir(stack) / ".partial" / "whole" / ".part"
+    part.mkdir(parents=True)
+    (part / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    hub.ranges.clear()
+    hub.gets.clear()
+    status, started = pull(stack, "whole")
+    assert status == 202
+    done = finished(stack, started["id"])
+    assert done["status"] == "succeeded", done
+    assert "model.safetensors" not in hub.gets and not hub.ranges  # no request for it at all
+    assert (models_dir(stack) / "whole" / "model.safetensors").stat().st_size == WEIGHTS
+
+
+def test_two_pulls_of_one_name_at_once_start_one_job(stack: Stack, hub: FakeHub) -> None:
+    hub.slow = 1_000_000
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: pull(stack, "twice"), range(4)))
+    assert sorted(status for status, _ in answers) == [202, 409, 409, 409], answers
+    started = next(body for status, body in answers if status == 202)
+    hub.slow = 0
+    assert finished(stack, started["id"])["status"] == "succeeded"
+    assert [j["name"] for j in http("GET", stack.admin + "/jobs")[2]["jobs"]].count("twice") == 1
+
+
+def test_a_pull_may_not_take_an_aliass_name(stack: Stack) -> None:
+    status, body = pull(stack, "light")
+    assert status == 400 and "is an alias in models.yaml" in body["error"]["message"]
+    assert not (models_dir(stack) / "light").exists()

@@ -33,6 +33,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .config import LimitSettings
 
 log = logging.getLogger(__name__)
+LINGER_S = 2.0  # after a refusal, how long the client's unread bytes are drained
 
 
 def _refusal(status: int, reason: bytes, message: str, code: str) -> bytes:
@@ -85,6 +86,7 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
             self._ssw_head_bytes = 0
             self._ssw_headers = 0
             self._ssw_timer: asyncio.TimerHandle | None = None
+            self._ssw_refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -110,8 +112,8 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
-                return
+            if self._ssw_refused or self.transport.is_closing():
+                return  # lingering after a refusal: what still comes is dropped unread
             if self._ssw_in_head:
                 self._ssw_head_bytes += len(data)
                 if self._ssw_timer is None:
@@ -119,18 +121,18 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
             super().data_received(data)
             if (
                 self._ssw_in_head
-                and not self.transport.is_closing()
+                and not self._ssw_refused
                 and (self._ssw_head_bytes > max_bytes or self._ssw_headers > max_headers)
             ):
                 books.too_large += 1
                 self._ssw_refuse(too_large)
 
         def on_body(self, body: bytes) -> None:
-            if not self.transport.is_closing():
+            if not self._ssw_refused:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            if not self.transport.is_closing():  # refused: no request to complete
+            if not self._ssw_refused:  # refused: no request to complete
                 super().on_message_complete()
 
         def on_message_begin(self) -> None:
@@ -178,9 +180,17 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
                 self._ssw_refuse(too_slow if self._ssw_head_bytes else b"")
 
         def _ssw_refuse(self, answer: bytes) -> None:
+            """Answer and close. Closing a socket with unread bytes makes the kernel reset
+            the connection, which can destroy the answer on its way: so the write side is
+            shut after the answer, and what still arrives is dropped unread for a moment
+            (nginx's lingering close) before the connection is closed."""
             self._ssw_disarm()
-            if answer:
-                self.transport.write(answer)
-            self.transport.close()
+            self._ssw_refused = True
+            if not answer or not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            self.transport.write(answer)
+            self.transport.write_eof()
+            self._ssw_timer = self.loop.call_later(LINGER_S, self.transport.close)
 
     return EdgeProtocol, books

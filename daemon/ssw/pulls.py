@@ -310,6 +310,8 @@ class Puller:
 
     async def start(self, req: PullRequest) -> Job:
         name = req.target()
+        if (self.s.models_dir / name).exists():
+            raise ModelBusy(f"{self.s.models_dir / name} exists already: remove it, or pull under another name")
         if self.taken is not None and (why := self.taken(name)) is not None:
             raise BadRequest(f"name: {name!r} {why}; pull under another name")
         if name in self._claimed:
