@@ -399,7 +399,7 @@ def test_a_disk_full_mid_batch_fails_the_batch_and_leaves_no_torn_result(stack: 
         uploaded = client.files.create(
             file=("input.jsonl", io.BytesIO(jsonl([chat_line(f"f{i}") for i in range(24)]))), purpose="batch"
         )
-        subprocess.run(["prlimit", "--pid", pid, "--fsize=3000:3000"], check=True)
+        subprocess.run(["prlimit", "--pid", pid, "--fsize=3000:"], check=True)
         try:
             batch = client.batches.create(
                 input_file_id=uploaded.id,
@@ -408,7 +408,7 @@ def test_a_disk_full_mid_batch_fails_the_batch_and_leaves_no_torn_result(stack: 
             )
             failed = wait_status(client, batch.id, ("failed", "completed"))
         finally:
-            subprocess.run(["prlimit", "--pid", pid, "--fsize=unlimited:unlimited"], check=True)
+            subprocess.run(["prlimit", "--pid", pid, "--fsize=unlimited:"], check=True)
         assert failed.status == "failed", failed
         assert failed.errors is not None and failed.errors.data
         error = failed.errors.data[0]

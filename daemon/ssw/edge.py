@@ -83,7 +83,8 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
             self._ssw_peer = ""
             self._ssw_counted = False
             self._ssw_in_head = True  # reading a request's headers
-            self._ssw_head_bytes = 0
+            self._ssw_head_bytes = 0  # raw bytes read while the headers are incomplete
+            self._ssw_field_bytes = 0  # the request line's target and the fields, as parsed
             self._ssw_headers = 0
             self._ssw_timer: asyncio.TimerHandle | None = None
             self._ssw_refused = False
@@ -139,14 +140,22 @@ def edge_protocol(limits: LimitSettings) -> tuple[type[asyncio.Protocol], _Books
             super().on_message_begin()
             self._ssw_in_head = True
             self._ssw_headers = 0
+            self._ssw_field_bytes = 0
+
+        def on_url(self, url: bytes) -> None:
+            self._ssw_field_bytes += len(url)
+            if self._ssw_field_bytes <= max_bytes:
+                super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._ssw_headers += 1
-            if self._ssw_headers <= max_headers:
+            self._ssw_field_bytes += len(name) + len(value) + 4  # ": " and CRLF
+            if self._ssw_headers <= max_headers and self._ssw_field_bytes <= max_bytes:
                 super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            if self._ssw_head_bytes > max_bytes or self._ssw_headers > max_headers:
+            # The raw count may hold body bytes of the same read: the parsed one decides.
+            if self._ssw_field_bytes > max_bytes or self._ssw_headers > max_headers:
                 books.too_large += 1
                 self._ssw_refuse(too_large)
                 return

@@ -144,3 +144,14 @@ async def test_a_kept_alive_connection_idles_past_the_header_deadline_but_its_ne
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert time.monotonic() - t0 < 2
     writer.close()
+
+
+async def test_a_body_in_the_same_read_as_the_headers_is_not_counted_as_headers(server: tuple[int, Any]) -> None:
+    port, books = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b"x" * 60_000  # far past max_header_bytes, in one write with the headers
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    async with asyncio.timeout(5):
+        assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200 ")
+    assert books.too_large == 0
+    writer.close()
