@@ -176,9 +176,18 @@ http {{
     shutil.rmtree(host.path(inside), ignore_errors=True)
 
 
+# ssw's gateway as shipped, but its public port on uvicorn's plain httptools protocol
+# instead of the edge's (ssw/edge.py): what the edge limits cost, measured in the same run.
+PLAIN_EDGE = (
+    "import sys, ssw.service as s; s.edge_protocol = lambda limits: ('httptools', None); "
+    "from ssw.cli import main; sys.exit(main())"
+)
+
+
 @contextlib.contextmanager
-def gateway(host: Host, config: Path, processes: int, work: Path) -> Iterator[str]:
-    """ssw's gateway with N processes on a port of its own, against the stack's loader."""
+def gateway(host: Host, config: Path, processes: int, work: Path, edge: bool = True) -> Iterator[str]:
+    """ssw's gateway with N processes on a port of its own, against the stack's loader
+    (``edge=False``: without the public port's protocol limits, for comparison)."""
     sys.path.insert(0, str(REPO / "daemon"))
     from ssw.config import load_config
 
@@ -189,7 +198,9 @@ def gateway(host: Host, config: Path, processes: int, work: Path) -> Iterator[st
     inside = f"/tmp/ssw-bench-gateway-{port}.yaml"
     host.path(inside).write_text(yaml.safe_dump(cfg))
     argv = [*host.prefix(), str(REPO / ".venvs/ssw/bin/ssw"), "--config", inside, "gateway"]
-    with process(argv, work / f"gateway-{processes}.log"):
+    if not edge:
+        argv[len(host.prefix()) : len(host.prefix()) + 1] = [str(REPO / ".venvs/ssw/bin/python"), "-c", PLAIN_EDGE]
+    with process(argv, work / f"gateway-{processes}{'' if edge else '-plain'}.log"):
         wait_up(f"http://127.0.0.1:{port}/health", 60, f"ssw's gateway ({processes} processes)")
         # Healthy is not yet following the loader: wait for its first snapshot.
         deadline = time.monotonic() + 30
@@ -312,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="bench-fake", help="a fake-engine model with SSW_FAKE_TCP_PORT")
     p.add_argument("--vllm-model", help="a real vLLM model, for vllm-stream")
     p.add_argument("--workloads", default="short,stream", help="short, stream, vllm-stream")
-    p.add_argument("--targets", default="direct,nginx,ssw,litellm")
+    p.add_argument(
+        "--targets",
+        default="direct,nginx,ssw,litellm",
+        help="direct, nginx, ssw, ssw-plain (1 process, the public port without the edge's limits), litellm",
+    )
     p.add_argument("--processes", default="1,2", help="gateway processes of the ssw targets")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--duration", type=float, default=8.0, help="seconds per round and target")
@@ -339,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         ssw_urls = {
             n: stack.enter_context(gateway(host, Path(args.config), n, work)) for n in processes if "ssw" in targets
         }
+        plain_url = (
+            stack.enter_context(gateway(host, Path(args.config), 1, work, edge=False))
+            if "ssw-plain" in targets
+            else None
+        )
         for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
             model = args.vllm_model if workload == "vllm-stream" else args.model
             if model is None:
@@ -357,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                         plan.append(("nginx", url, [], ""))
                     elif target == "ssw":
                         plan += [(f"ssw-{n}p", url, [], key) for n, url in ssw_urls.items()]
+                    elif target == "ssw-plain" and plain_url is not None:
+                        plan.append(("ssw-plain-1p", plain_url, [], key))
                     elif target == "litellm" and backend:
                         port, master_key = per_workload.enter_context(litellm(pid, model, backend, work))
                         plan.append(("litellm", f"http://127.0.0.1:{port}", netns(pid), master_key))
@@ -375,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 one: dict[str, Any] = {}
                 if args.latency_duration and workload == "short":
                     for name, url, ns, k in plan:
-                        if name in ("direct", "nginx", "ssw-1p"):
+                        if name in ("direct", "nginx", "ssw-1p", "ssw-plain-1p"):
                             one[name] = wrk(url, workload, model, k, 1, args.latency_duration, lua, ns)
             summary = {
                 name: {

@@ -282,6 +282,8 @@ def test_relay_runs_every_peer_side_by_side(stack: Stack, tmp_path: Path) -> Non
         "relay",
         "--workloads",
         "short,stream",
+        "--targets",
+        "direct,nginx,ssw,ssw-plain,litellm",
         "--processes",
         "1,2",
         "--connections",
@@ -301,10 +303,10 @@ def test_relay_runs_every_peer_side_by_side(stack: Stack, tmp_path: Path) -> Non
     results = json.loads(out.read_text())
     for workload in ("short", "stream"):
         targets = results["workloads"][workload]["targets"]
-        assert set(targets) == {"direct", "nginx", "ssw-1p", "ssw-2p", "litellm"}, targets
+        assert set(targets) == {"direct", "nginx", "ssw-1p", "ssw-2p", "ssw-plain-1p", "litellm"}, targets
         for name, t in targets.items():
             assert t["rps_median"] > 0 and t["errors"] == 0, (workload, name, t)
-    assert set(results["workloads"]["short"]["one_connection"]) == {"direct", "nginx", "ssw-1p"}
+    assert set(results["workloads"]["short"]["one_connection"]) == {"direct", "nginx", "ssw-1p", "ssw-plain-1p"}
     assert "= " in stdout and "x nginx" in stdout and (tmp_path / "relay.png").stat().st_size > 0
 
 
