@@ -37,6 +37,7 @@ from typing import Any, Literal
 import aiohttp
 import redis.asyncio as aioredis
 from huggingface_hub import HfApi, hf_hub_url
+from huggingface_hub import constants as hf_constants
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import RedisError
 
@@ -325,6 +326,9 @@ class Puller:
         return job
 
     async def _start(self, req: PullRequest, name: str) -> Job:
+        endpoint = self.s.endpoint or hf_constants.ENDPOINT  # HF_ENDPOINT, when set
+        if not endpoint.startswith("https://") and not self.s.allow_http:
+            raise BadRequest(f"the hub {endpoint!r} is not https:// (pulls.allow_http is off)")
         if (self.s.models_dir / name).exists():
             raise ModelBusy(f"{self.s.models_dir / name} exists already: remove it, or pull under another name")
         busy = [j for j in await self.list() if j.name == name and j.status in ACTIVE]
