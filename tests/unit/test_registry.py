@@ -159,3 +159,17 @@ def test_unusable_directory_names_are_skipped(tmp_path: Path) -> None:
     (tmp_path / "m" / "broken" / "config.json").write_text("{not json")
     (tmp_path / "m" / "broken" / "model.safetensors").write_bytes(b"x")
     assert sorted(scan(tmp_path / "m", tmp_path / "none.yaml").models) == ["good"]
+
+
+def test_a_directory_named_like_an_alias_is_skipped_and_the_scan_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_model_dir(tmp_path / "m" / "qwen", QWEN2_CONFIG)
+    make_model_dir(tmp_path / "m" / "light", QWEN2_CONFIG)  # say, a pull named after the alias
+    models = write_models(tmp_path / "y.yaml", {"qwen": {"aliases": ["light"]}, "absent": {"aliases": ["heavy"]}})
+    reg = scan(tmp_path / "m", models)
+    assert sorted(reg.models) == ["qwen"] and reg.aliases == {"light": "qwen"}
+    assert "'light' is an alias in" in caplog.text
+    # Neither alias, even that of a model whose files are absent, may become a model's name.
+    assert reg.name_taken("light") and reg.name_taken("heavy") and reg.name_taken("qwen")
+    assert reg.name_taken("new-one") is None
