@@ -495,15 +495,32 @@ class FleetSettings(_Section):
     advertise_url: str | None = Field(
         default=None,
         pattern=r"^https?://[^/\s]+$",
-        description="How the other hosts' gateways reach this one, e.g. http://10.0.0.2:8000 (needed with a fleet).",
+        description="How the other hosts' gateways reach this one's fleet listener, e.g. https://10.0.0.2:8443 "
+        "(needed with a fleet).",
+    )
+    listen: Listen | None = Field(
+        default=None,
+        description="The fleet listener: where the other hosts' gateways send their hops, on the fleet's network "
+        "(e.g. 10.0.0.2:8443), TLS with this host's certificate; only signed hops are served there, and the public "
+        "port never accepts one. Needed with a fleet.",
     )
     credential_file: Path = Field(
         default=Path("/etc/ssw/fleet.token"),
-        description="The secret gateways present to each other (the same file on every host; client keys "
-        "cannot stand in for it).",
+        description="The fleet's secret: hops are signed with it (the same file on every host; it never travels).",
     )
     tls_ca_file: Path | None = Field(
-        default=None, description="CA that signed the other hosts' certificates, for https advertise_urls."
+        default=None, description="The fleet's CA: it signed every host's certificate (and the fleet Redis's)."
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="This host's certificate, signed by the fleet's CA: the fleet listener's, and the one it "
+        "presents to other hosts and to the fleet's Redis.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="The private key of tls_cert_file.")
+    insecure: bool = Field(
+        default=False,
+        description="Allow a fleet over plain http:// and redis:// (logged as a warning at every start): hops "
+        "are still signed, but anyone on the fleet's network reads the prompts.",
     )
     heartbeat_s: float = Field(default=2.0, gt=0, description="How often each loader publishes its host's state.")
     ttl_s: float = Field(default=10.0, gt=0, description="A host not heard from for this long is dropped from routing.")
@@ -513,10 +530,23 @@ class FleetSettings(_Section):
 
     @model_validator(mode="after")
     def _advertised(self) -> FleetSettings:
-        if self.redis_url and not self.advertise_url:
-            raise ValueError("advertise_url is required when fleet.redis_url is set")
         if self.ttl_s < 2 * self.heartbeat_s:
             raise ValueError("ttl_s must be at least twice heartbeat_s")
+        if not self.redis_url:
+            return self
+        if not self.advertise_url:
+            raise ValueError("advertise_url is required when fleet.redis_url is set")
+        if self.listen is None:
+            raise ValueError("listen (the fleet listener, on the fleet's network) is required with a fleet")
+        if self.insecure:
+            return self
+        if not self.advertise_url.startswith("https://"):
+            raise ValueError(f"advertise_url: {self.advertise_url!r} is not https:// (or set fleet.insecure: true)")
+        if not self.redis_url.startswith("rediss://"):
+            raise ValueError("redis_url: the fleet's Redis is not rediss:// (TLS) (or set fleet.insecure: true)")
+        for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} is required for a fleet over TLS (or set fleet.insecure: true)")
         return self
 
     @property

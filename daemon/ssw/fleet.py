@@ -11,8 +11,12 @@ Each gateway reads every host's record as often (:class:`FleetView`), routes
 to another host's gateway when only that host has the model ready, and
 decides where a model loads fleet-wide with a lease (``ssw:fleet:load:<model>``,
 SET NX): however many gateways ask at once, one host loads it. Host-to-host
-requests carry the fleet credential (``fleet.credential_file``); a client's
-API key can never stand in for it.
+requests go to the other host's fleet listener over TLS (mutual: each host
+presents its certificate, signed by the fleet's CA) and carry a claim signed
+with the fleet's secret (:mod:`ssw.hops`), never the secret or a client's key.
+A peer that cannot be reached from here is passed over for a while
+(``UNREACHABLE_FOR_S``), whatever its record in Redis says: an asymmetric
+partition (Redis reachable, the peer not) costs one failed connection.
 
 When the fleet's Redis is down, every host keeps serving its own models, and
 says so (``/health``, ``ssw_fleet_connected``); records older than the TTL
@@ -23,18 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
+import orjson
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from . import tasks
+from . import hops, tasks
 from .auth import read_token
 from .config import FleetSettings
 from .contract import HostRecord
@@ -45,9 +50,10 @@ from .placement import HostOption, choose_host
 log = logging.getLogger(__name__)
 PREFIX = "ssw:fleet:"
 REDIS_TIMEOUT_S = 2.0
-TOKEN_HEADER = b"x-ssw-fleet-token"
-KEY_HEADER = b"x-ssw-fleet-key"
 LOG_EVERY_S = 30.0
+LOAD_PATH = "/v1/ssw/fleet/load"
+UNREACHABLE_FOR_S = 15.0  # a peer this host could not connect to is passed over this long
+MAX_ANSWER_BYTES = 64 * 1024  # what a peer's answer to a fleet call may be
 
 
 class FleetUnavailable(SswError):
@@ -56,14 +62,44 @@ class FleetUnavailable(SswError):
     code = "fleet_unavailable"
 
 
-def fleet_redis(settings: FleetSettings) -> aioredis.Redis:
+def fleet_redis(settings: FleetSettings, timeout: float = REDIS_TIMEOUT_S) -> aioredis.Redis:
+    """The fleet's Redis; over TLS (rediss://) checked against the fleet's CA, with this
+    host's certificate for a server that asks for one."""
     assert settings.redis_url
+    tls: dict[str, Any] = {}
+    if settings.redis_url.startswith("rediss://"):
+        tls = {
+            "ssl_ca_certs": str(settings.tls_ca_file) if settings.tls_ca_file else None,
+            "ssl_certfile": str(settings.tls_cert_file) if settings.tls_cert_file else None,
+            "ssl_keyfile": str(settings.tls_key_file) if settings.tls_key_file else None,
+        }
     return aioredis.Redis.from_url(
         settings.redis_url,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
         decode_responses=True,
+        **tls,
     )
+
+
+def client_ssl(settings: FleetSettings) -> ssl.SSLContext | None:
+    """How this host's gateway speaks TLS to the others': their certificates checked
+    against the fleet's CA, its own presented."""
+    if settings.tls_ca_file is None:
+        return None
+    ctx = ssl.create_default_context(cafile=str(settings.tls_ca_file))
+    if settings.tls_cert_file and settings.tls_key_file:
+        ctx.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    return ctx
+
+
+def warn_if_insecure(settings: FleetSettings) -> None:
+    if settings.enabled and settings.insecure:
+        log.warning(
+            "fleet.insecure is true: hops to other hosts (%s) and the fleet's Redis may go in clear; anyone on "
+            "the fleet's network can read prompts and answers",
+            settings.advertise_url,
+        )
 
 
 class Publisher:
@@ -129,44 +165,81 @@ class FleetView:
         self.last_error: str | None = None
         self._on_change = on_change
         self._redis = fleet_redis(settings)
-        self._token: str | None = None
+        self._secret: bytes | None = None
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._warned = 0.0
+        self.verifier = hops.Verifier(self.host)
+        self._unreachable: dict[str, float] = {}  # host -> until when (monotonic) it is passed over
 
     @property
-    def token(self) -> str:
-        if self._token is None:
-            # The same file on every host (Ansible puts it there).
-            self._token = read_token(self.settings.credential_file)
-        if not self._token:
-            raise FleetUnavailable(f"the fleet credential {self.settings.credential_file} cannot be read")
-        return self._token
+    def secret(self) -> bytes:
+        if self._secret is None:
+            # The same file on every host (Ansible puts it there); it never travels.
+            self._secret = (read_token(self.settings.credential_file) or "").encode()
+        if not self._secret:
+            raise FleetUnavailable(f"the fleet's secret {self.settings.credential_file} cannot be read")
+        return self._secret
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        ca = self.settings.tls_ca_file
-        return ssl.create_default_context(cafile=str(ca)) if ca else None
+        return client_ssl(self.settings)
 
     def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ssl=self.ssl_context() or True)
-        self._session = aiohttp.ClientSession(connector=connector)
+        self._session = aiohttp.ClientSession(connector=connector, max_line_size=8190, max_field_size=8190)
         self._task = asyncio.create_task(self._run())
+
+    def claim(self, host: str, key: str, priority: str, wait: bool, fallback: bool | None, method: str,
+              path: str, body: bytes) -> bytes:  # fmt: skip
+        """The signed claim for one hop to ``host``."""
+        return hops.make(
+            self.secret,
+            iss=self.host,
+            aud=host,
+            key=key,
+            priority=priority,
+            wait=wait,
+            fallback=fallback,
+            method=method,
+            path=path,
+            body=body,
+        ).encode()
+
+    def check(self, header: bytes, method: str, path: str) -> hops.Claim:
+        """A hop's claim, checked (but for its body); BadClaim otherwise."""
+        try:
+            secret = self.secret
+        except FleetUnavailable as exc:
+            raise hops.BadClaim(exc.message) from None
+        return self.verifier.check(secret, header, method, path)
+
+    # --- peers this host cannot reach ---------------------------------------------------------
+
+    def unreachable(self, host: str, why: str) -> None:
+        """Pass ``host`` over for a while: it cannot be reached from here (it may still
+        publish to Redis: an asymmetric partition)."""
+        if self._unreachable.get(host, 0.0) <= time.monotonic():
+            log.warning("fleet: host %s cannot be reached from here (%s); passed over for %.0f s", host, why,
+                        UNREACHABLE_FOR_S)  # fmt: skip
+        self._unreachable[host] = time.monotonic() + UNREACHABLE_FOR_S
+        self.version += 1
+        self._on_change()
+
+    def reachable(self, host: str) -> bool:
+        until = self._unreachable.get(host)
+        if until is None:
+            return True
+        if until <= time.monotonic():
+            del self._unreachable[host]
+            self.version += 1  # routing to it may resume
+            return True
+        return False
 
     async def close(self) -> None:
         await tasks.cancel(self._task)
         if self._session is not None:
             await self._session.close()
         await self._redis.aclose()
-
-    def trusted(self, presented: bytes | None) -> bool:
-        """Whether a request carries the fleet credential (constant time)."""
-        if presented is None:
-            return False
-        try:
-            token = self.token
-        except FleetUnavailable:
-            return False
-        return hmac.compare_digest(presented, token.encode())
 
     # --- following the fleet --------------------------------------------------------------
 
@@ -242,7 +315,7 @@ class FleetView:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 got = await self._redis.get(key)
                 holder = str(got) if got is not None else None
-                if holder is not None and holder in self.hosts:
+                if holder is not None and holder in self.hosts and (holder == self.host or self.reachable(holder)):
                     return holder
                 if holder is not None:
                     # The host it was given to is gone: place it again.
@@ -260,6 +333,8 @@ class FleetView:
     def options(self, model: str) -> list[HostOption]:
         out = []
         for name, record in self.hosts.items():
+            if name != self.host and not self.reachable(name):
+                continue
             entry = record.models.get(model)
             if entry is None:
                 continue
@@ -280,23 +355,30 @@ class FleetView:
             )
         return out
 
-    async def ask_load(self, host: str, model: str) -> None:
+    async def ask_load(self, host: str, model: str, key: str, priority: str) -> None:
         """Ask another host's gateway to load a model (it asks its loader)."""
         record = self.hosts.get(host)
         if record is None or self._session is None:
             raise FleetUnavailable(f"host {host} is not in the fleet")
+        body = orjson.dumps({"model": model})
+        claim = self.claim(host, key, priority, True, None, "POST", LOAD_PATH, body)
         try:
             async with self._session.post(
-                record.url + "/v1/ssw/fleet/load",
-                json={"model": model},
-                headers={TOKEN_HEADER.decode(): self.token},
+                record.url + LOAD_PATH,
+                data=body,
+                headers={hops.HEADER.decode(): claim.decode(), "content-type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=30),
             ) as resp:
                 if resp.status >= 400:
-                    body = await resp.json(content_type=None)
-                    err = body.get("error", {}) if isinstance(body, dict) else {}
-                    raise FleetUnavailable(f"host {host} cannot load '{model}': {err.get('message', resp.status)}")
+                    data = await resp.content.read(MAX_ANSWER_BYTES)
+                    try:
+                        err = orjson.loads(data).get("error", {})
+                    except (ValueError, AttributeError):
+                        err = {}
+                    message = err.get("message", resp.status) if isinstance(err, dict) else resp.status
+                    raise FleetUnavailable(f"host {host} cannot load '{model}': {message}")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self.unreachable(host, str(exc) or type(exc).__name__)
             raise FleetUnavailable(f"host {host} cannot be reached to load '{model}': {exc}") from exc
 
 

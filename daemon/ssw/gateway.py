@@ -28,10 +28,10 @@ from fastapi.responses import Response
 from prometheus_client import generate_latest
 from starlette.routing import Match
 
-from . import __version__, http_errors, tasks
+from . import __version__, hops, http_errors, redis_sink, tasks
 from .accounting import Accounting, Exchange
 from .admission import ANTHROPIC_ROLES, CHAT_ROLES, Admission, parse_body
-from .auth import ApiKey, KeyRing, Unauthorized
+from .auth import ApiKey, KeyRing
 from .config import Config
 from .contract import ModelView, Snapshot, WorkerView
 from .errors import (
@@ -49,14 +49,14 @@ from .errors import (
     SswError,
     UpstreamError,
 )
-from .fleet import KEY_HEADER, TOKEN_HEADER, FleetUnavailable, FleetView
+from .fleet import LOAD_PATH, FleetUnavailable, FleetView, fleet_redis, warn_if_insecure
 from .forms import Form, parse_form
 from .gateway_pool import GatewayPool
 from .lifecycle import ASLEEP, LIVE, Failure, LoadState, WorkerState
 from .loader_client import LoaderClient
 from .prom import CONTENT_TYPE, GatewayMetrics, label_host, pool_registry
 from .registry import valid_name
-from .relay import Receive, Relay, Reply, Send
+from .relay import Receive, Relay, Reply, Send, Unreached
 from .response_book import Holder, ResponseBook
 from .routes import RESPONSE_ID, ROUTES, Body, Family, Route, match
 from .waitqueue import VLLM_PRIORITY, WaitQueue, parse_priority
@@ -79,6 +79,39 @@ FORWARD_HEADERS = (b"accept", b"x-request-id")
 SOURCE = "ssw-gateway"
 # Query parameters of a retrieve that reach the worker (re-encoded, never passed raw).
 RETRIEVE_PARAMS = ("stream", "starting_after", "include[]")
+
+
+FLEET_LISTENER = "ssw.fleet_listener"  # set on requests that came in on the fleet listener
+MAX_HOSTS_TRIED = 3  # hosts of the fleet a request is offered to before it fails
+CLOCK_SKEW_S = 5.0  # between this host's clock and a peer's, when comparing their stamps
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A load this gateway's waiters wait for on another host."""
+
+    host: str
+    key: str  # the API key's name it was asked for
+    priority: str
+    asked_at: float  # wall time
+
+
+def _remote_worker(host: str, model: str, url: str) -> WorkerView:
+    """Another host's gateway, as a worker of ``model`` (its socket a URL)."""
+    return WorkerView(unit=f"{host}/{model}", model=model, replica=1, state=WorkerState.READY, gpus=[], socket=url)
+
+
+def remote_host(worker: WorkerView) -> str | None:
+    """The host whose gateway ``worker`` is; None: a worker of this host."""
+    if worker.socket.startswith(("http://", "https://")):
+        return worker.unit.split("/", 1)[0]
+    return None
+
+
+def _target(scope: dict[str, Any]) -> str:
+    """The request's path and query, as signed in a hop's claim."""
+    query = scope.get("query_string", b"")
+    return scope["path"] + ("?" + query.decode("latin-1") if query else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,17 +165,8 @@ class Names:
                 for name in record.models:
                     state = "ready" if name in ready else "loading" if name in present else "unloaded"
                     self.hosts.setdefault(name, {})[host] = state
-                    if state == "ready" and host != fleet.host:
-                        self.remote.setdefault(name, []).append(
-                            WorkerView(
-                                unit=f"{host}/{name}",
-                                model=name,
-                                replica=1,
-                                state=WorkerState.READY,
-                                gpus=[],
-                                socket=record.url,
-                            )
-                        )
+                    if state == "ready" and host != fleet.host and fleet.reachable(host):
+                        self.remote.setdefault(name, []).append(_remote_worker(host, name, record.url))
         self.ready: dict[str, list[WorkerView]] = {}
         self.live: dict[str, list[WorkerView]] = {}
         self.asleep: set[str] = set()
@@ -198,7 +222,12 @@ class Gateway:
         self.keys.reload()
         self.admission = Admission(cfg, self.keys)
         self.accounting = Accounting(cfg, self.metrics)
-        self.responses = ResponseBook(cfg.redis_url, cfg.gateway.responses_remember_s, cfg.gateway.responses_max)
+        # In a fleet, which host holds each stored response is the fleet's to know.
+        self.responses = ResponseBook(
+            fleet_redis(cfg.fleet, timeout=0.5) if cfg.fleet.enabled else redis_sink.client(cfg.redis_url),
+            cfg.gateway.responses_remember_s,
+            cfg.gateway.responses_max,
+        )
         self.relay = Relay(cfg, loader.used, self._note_response)
         self._names: Names | None = None
         # model -> (epoch, seq) of the snapshot that reflects its load request
@@ -214,9 +243,10 @@ class Gateway:
         self.fleet = FleetView(cfg.fleet, self._on_fleet) if cfg.fleet.enabled else None
         if self.fleet is not None:
             self.relay.pool.ssl_context = self.fleet.ssl_context()
+            warn_if_insecure(cfg.fleet)
             self.metrics.host = self.fleet.host
         # model -> the host its waiters wait on (a load placed on another host)
-        self._placed: dict[str, str] = {}
+        self._placed: dict[str, Placed] = {}
         loader.on_snapshot(self._on_snapshot)
 
     async def close(self) -> None:
@@ -343,7 +373,7 @@ class Gateway:
             self._asking.discard(model)
 
     async def workers_for(
-        self, model: str, mode: str, priority: str, reply: Reply, stream: bool, hop: bool = False
+        self, model: str, mode: str, priority: str, reply: Reply, stream: bool, hop: bool = False, key: str = ""
     ) -> list[WorkerView]:
         """The model's ready workers: this host's, else (in a fleet) other hosts' gateways
         that have it ready. While it is ready nowhere, start its load where the fleet
@@ -363,7 +393,7 @@ class Gateway:
         if not hop and mode != "batch":
             target = await self._fleet_target(model, names)
             if target is not None:
-                return await self._hold_remote(model, target, mode, priority, reply, stream)
+                return await self._hold_remote(model, target, mode, priority, reply, stream, key)
         entry = names.snap.models.get(model)
         if entry is None:
             raise ModelNotFound(model, sorted(names.snap.models))
@@ -388,7 +418,9 @@ class Gateway:
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading", retry)
         await self._hold(model, priority, retry, reply, stream, self._ask_again_soon if reask else None)
-        workers = self.names.ready.get(model)
+        names = self.names
+        # Released when the model became ready here, or first on another host of the fleet.
+        workers = names.ready.get(model) or (None if hop else names.remote.get(model))
         if not workers:
             raise UpstreamError(f"model '{model}' was ready but its worker is gone again; retry")
         return workers
@@ -437,8 +469,9 @@ class Gateway:
         fleet = self.fleet
         if fleet is None:
             return None
-        placed = self._placed.get(model)
-        if placed is not None:
+        placed_on = self._placed.get(model)
+        placed = placed_on.host if placed_on is not None else None
+        if placed is not None and fleet.reachable(placed):
             record = fleet.hosts.get(placed)
             entry = record.models.get(model) if record else None
             if (
@@ -462,12 +495,13 @@ class Gateway:
         return None if host == fleet.host else host
 
     async def _hold_remote(
-        self, model: str, host: str, mode: str, priority: str, reply: Reply, stream: bool
+        self, model: str, host: str, mode: str, priority: str, reply: Reply, stream: bool, key: str
     ) -> list[WorkerView]:
         assert self.fleet is not None
-        if self._placed.get(model) != host:
-            await self.fleet.ask_load(host, model)
-            self._placed[model] = host
+        placed = self._placed.get(model)
+        if placed is None or placed.host != host:
+            await self.fleet.ask_load(host, model, key, priority)
+            self._placed[model] = Placed(host, key, priority, time.time())
         retry = self._remote_retry_after(model, host)
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading on host {host}", retry)
@@ -484,36 +518,51 @@ class Gateway:
         return max(1, math.ceil((entry.load_seconds if entry else None) or DEFAULT_RETRY_AFTER_S))
 
     def _check_placed(self, model: str, names: Names) -> bool:
-        """For waiters of a load on another host: whether that host is still on it
-        (it may have died: the load is placed again, or failed: the waiters fail)."""
-        host = self._placed[model]
+        """For waiters of a load on another host: whether that host is still on it. Gone
+        or unreachable from here: the load is placed again. Its load ended without a
+        worker (no room, cancelled there, failed): the waiters fail with its reason."""
+        placed = self._placed[model]
+        host = placed.host
         fleet = self.fleet
         record = fleet.hosts.get(host) if fleet else None
-        if record is None:
-            log.warning("%s: host %s, which was loading it, is gone; placing it again", model, host)
+        if record is None or (fleet is not None and not fleet.reachable(host)):
+            why = "is gone" if record is None else "cannot be reached from here"
+            log.warning("%s: host %s, which was loading it, %s; placing it again", model, host, why)
             del self._placed[model]
-            self._spawn(self._place_again(model))
+            self._spawn(self._place_again(model, placed))
             return True
         entry = record.models.get(model)
-        if entry is not None and entry.load.state is LoadState.COOLING_DOWN:
+        if entry is None:
+            return True
+        rec = entry.load
+        failure: SswError | None = None
+        if rec.state is LoadState.COOLING_DOWN:
+            failure = LoadFailed(f"loading '{model}' on host {host} failed: {rec.last_error}", self.retry_after(model))
+        elif (
+            rec.state is LoadState.IDLE
+            and rec.since >= placed.asked_at - CLOCK_SKEW_S
+            and not any(w.model == model and w.state is not WorkerState.FAILED for w in record.workers)
+        ):
+            # Its load there ended, and no worker came of it.
+            why = rec.last_error or rec.reason or "no worker came up"
+            if rec.reason.startswith(Failure.NO_ROOM.value):
+                failure = NoCapacity(f"host {host} has no room for '{model}': {why}")
+            else:
+                failure = LoadFailed(f"loading '{model}' on host {host} ended without a worker: {why}", 1)
+        if failure is not None:
             del self._placed[model]
-            self.queue.fail(
-                model,
-                LoadFailed(
-                    f"loading '{model}' on host {host} failed: {entry.load.last_error}", self.retry_after(model)
-                ),
-            )
+            self.queue.fail(model, failure)
         return True
 
-    async def _place_again(self, model: str) -> None:
+    async def _place_again(self, model: str, placed: Placed) -> None:
         try:
             host = await self._fleet_target(model, self.names)
             if host is None:
                 accepted = await self.loader.request_load(model)
                 self._asked[model] = (accepted.epoch, accepted.seq)
             else:
-                await self.fleet.ask_load(host, model)  # type: ignore[union-attr]
-                self._placed[model] = host
+                await self.fleet.ask_load(host, model, placed.key, placed.priority)  # type: ignore[union-attr]
+                self._placed[model] = Placed(host, placed.key, placed.priority, time.time())
         except SswError as exc:
             self.queue.fail(model, exc)
 
@@ -560,7 +609,8 @@ class Gateway:
     ) -> tuple[str, list[WorkerView], str | None]:
         """(model that serves, its workers, the model it stands in for or None)."""
         try:
-            return model, await self.workers_for(model, mode, priority, reply, stream, hop), None
+            key_name = key.name if key else ""
+            return model, await self.workers_for(model, mode, priority, reply, stream, hop, key_name), None
         except (LoadFailed, NoCapacity) as exc:
             names = self.names
             entry = names.models.get(model)
@@ -653,19 +703,60 @@ class Gateway:
         if internal is not None:
             # Authenticated when it was submitted; its concurrency is the runner's to bound.
             key = internal.key
-        elif TOKEN_HEADER in headers:
-            # Another host of the fleet, for a client it authenticated and admitted.
-            if self.fleet is None or not self.fleet.trusted(headers[TOKEN_HEADER]):
-                raise Unauthorized("Invalid fleet credential.")
-            name = headers.get(KEY_HEADER, b"").decode("latin-1")
-            key = ApiKey(name, "", None) if valid_name(name) else None
-            scope[HOP] = True
+        elif scope.get(FLEET_LISTENER) or hops.HEADER in headers:
+            # Another host's gateway, for a client it authenticated: its signed claim names
+            # the key, which this host looks up itself and holds to its scope and limits.
+            claim = self._hop_claim(scope, headers)
+            key = self._claimed_key(claim)
+            self.admission.admit(key, ex)  # that key's in-flight limit, counted on this host
+            scope[HOP] = claim
+            ex.key, ex.priority = claim.key, parse_priority(claim.priority)
+            return key, headers
         else:
             key = self.admission.authenticate(scope["headers"])
             self.admission.admit(key, ex)
         ex.key = key.name if key else ""
         ex.priority = parse_priority(headers[PRIORITY_HEADER].decode("latin-1") if PRIORITY_HEADER in headers else None)
         return key, headers
+
+    def _hop_claim(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> hops.Claim:
+        if not scope.get(FLEET_LISTENER) or self.fleet is None:
+            raise hops.BadClaim("fleet claims are taken only on the fleet listener, never on the public port")
+        header = headers.get(hops.HEADER)
+        if header is None:
+            raise hops.BadClaim("the fleet listener serves only hops, each with a claim signed by the fleet")
+        return self.fleet.check(header, scope["method"], _target(scope))
+
+    def _claimed_key(self, claim: hops.Claim) -> ApiKey | None:
+        if not self.cfg.auth.enabled:
+            return None
+        key = self.keys.named(claim.key)
+        if key is None:
+            raise hops.BadClaim(f"the fleet claim names API key {claim.key[:64]!r}, which this host does not know")
+        return key
+
+    def _hop_head(
+        self,
+        worker: WorkerView,
+        method: bytes,
+        target: bytes,
+        payload: bytes,
+        headers: dict[bytes, bytes],
+        content_type: bytes,
+        ex: Exchange,
+        wait: bool,
+    ) -> bytes:
+        """The head of a request to ``worker``: a local worker's, or another host's gateway's
+        with the claim that carries the client's key name, priority, wait and fallback."""
+        extra: list[tuple[bytes, bytes]] = []
+        host = remote_host(worker)
+        if host is not None and self.fleet is not None:
+            fallback = _truthy(headers.get(FALLBACK_HEADER))
+            claim = self.fleet.claim(
+                host, ex.key, ex.priority, wait, fallback, method.decode(), target.decode("latin-1"), payload
+            )
+            extra.append((hops.HEADER, claim))
+        return _request_head(method, target, payload, headers, content_type, extra)
 
     async def _proxy(self, scope: dict[str, Any], receive: Receive, reply: Reply, ex: Exchange, route: Route) -> None:
         key, headers = self._admit(scope, ex)
@@ -683,6 +774,9 @@ class Gateway:
                 body["stream"] = stream_field.strip().lower() == "true"
         else:
             body = parse_body(raw, self.cfg.limits.max_json_depth)
+        claim: hops.Claim | None = scope.get(HOP)
+        if claim is not None:
+            hops.check_body(claim, raw)
         if body.get("model") is None:
             raise BadRequest("'model' is required")
         ex.stream = stream = body.get("stream") is True
@@ -710,31 +804,33 @@ class Gateway:
             ex.status = 202
             return
         previous = body.get("previous_response_id") if route.family is Family.RESPONSES else None
-        mode = "wait"
+        ex.capture_id = route.path == "/v1/responses" and body.get("store") is not False
         if previous is not None:
-            # Continuing a stored response: only the worker that holds it can.
+            # Continuing a stored response: only the worker that holds it can (on this host,
+            # or through the gateway of the host that holds it).
             holder = await self._holder(previous, key)
             if holder.model != model:
                 raise BadRequest(f"previous_response_id belongs to model '{holder.model}', not '{model}'")
-            served, workers, stands_in_for = model, [self._holding_worker(holder, previous)], None
+            worker = self._holding_worker(holder, previous)
+            payload = self._payload(body, raw, route, model, ex, asked)
+            head = self._hop_head(worker, b"POST", route.path.encode(), payload, headers, b"application/json", ex, True)
+            await self.relay.forward(model, head, payload, [worker], ex, reply, receive)
+            return
+        sdk = any(name.startswith(b"x-stainless-") for name in headers)
+        # Work ssw runs itself is never held: the runner decides when a model is worth a load.
+        if scope.get(INTERNAL) is not None:
+            mode = "batch"
+        elif claim is not None:
+            mode = "wait" if claim.wait else "unavailable"
         else:
-            sdk = any(name.startswith(b"x-stainless-") for name in headers)
-            # Work ssw runs itself is never held: the runner decides when a model is worth a load.
-            internal = scope.get(INTERNAL) is not None
-            hop = scope.get(HOP, False)
-            mode = "batch" if internal else self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
+            mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
+        # A hop never falls back on the far side: the first host applied the key's fallbacks.
+        fallback = False if claim is not None else _truthy(headers.get(FALLBACK_HEADER))
+        # Each host that cannot be reached is passed over, then the next, then a load here.
+        for _ in range(MAX_HOSTS_TRIED):
             try:
                 served, workers, stands_in_for = await self._serve_or_fallback(
-                    key,
-                    model,
-                    body,
-                    route,
-                    mode,
-                    ex.priority,
-                    _truthy(headers.get(FALLBACK_HEADER)),
-                    reply,
-                    stream,
-                    hop,
+                    key, model, body, route, mode, ex.priority, fallback, reply, stream, claim is not None
                 )
             except ModelLoading as exc:
                 if mode == "accept" and not reply.started:
@@ -746,35 +842,40 @@ class Gateway:
                         "retry_after_s": exc.retry_after_s,
                     }
                 raise
-        ex.model = served
-        if form is not None:
-            # The form goes through as sent, with the model's own name for an alias.
-            payload = raw if asked == served else form.with_value("model", served)
-            content_type = headers.get(b"content-type", b"")
-        else:
-            payload = self._payload(body, raw, route, served, ex, asked)
-            content_type = b"application/json"
-        ex.capture_id = route.path == "/v1/responses" and body.get("store") is not False
-        extra: list[tuple[bytes, bytes]] = []
-        if workers[0].socket.startswith(("http://", "https://")) and self.fleet is not None:
-            # Another host's gateway: it trusts this one for the client it authenticated.
-            extra = [
-                (TOKEN_HEADER, self.fleet.token.encode()),
-                (KEY_HEADER, ex.key.encode()),
-                (PRIORITY_HEADER, ex.priority.encode()),
-                (WAIT_HEADER, b"true" if mode == "wait" else b"false"),
-            ]
-        head = _request_head(b"POST", route.path.encode(), payload, headers, content_type, extra)
-        if stands_in_for is not None:
-            reply.extra_headers.append((FALLBACK_FROM_HEADER, stands_in_for.encode()))
-        await self.relay.forward(served, head, payload, workers, ex, reply, receive)
+            ex.model = served
+            if form is not None:
+                # The form goes through as sent, with the model's own name for an alias.
+                payload = raw if asked == served else form.with_value("model", served)
+                content_type = headers.get(b"content-type", b"")
+            else:
+                payload = self._payload(body, raw, route, served, ex, asked)
+                content_type = b"application/json"
+            host = remote_host(workers[0])
+            if host is not None:
+                workers = self.relay.order(served, workers)[:1]  # the claim is for one host
+            head = self._hop_head(workers[0], b"POST", route.path.encode(), payload, headers, content_type, ex,
+                                  mode == "wait")  # fmt: skip
+            if stands_in_for is not None and not reply.started:
+                reply.extra_headers.append((FALLBACK_FROM_HEADER, stands_in_for.encode()))
+            try:
+                await self.relay.forward(served, head, payload, workers, ex, reply, receive, remote=host is not None)
+                return
+            except Unreached as exc:
+                if host is None or self.fleet is None:
+                    raise
+                self.fleet.unreachable(host, exc.message)
+        raise UpstreamError(f"no host of the fleet that has '{model}' could be reached")
 
     async def _by_response(
         self, scope: dict[str, Any], receive: Receive, reply: Reply, ex: Exchange, route: Route, response_id: str
     ) -> None:
-        """Retrieve or cancel a stored response: at the worker that holds it, or a 404."""
+        """Retrieve or cancel a stored response: at the worker that holds it (through its
+        host's gateway, in a fleet), or a 404."""
         key, headers = self._admit(scope, ex)
-        await self.admission.read_body(headers.get(b"content-length"), _body(receive))  # none is expected
+        raw = await self.admission.read_body(headers.get(b"content-length"), _body(receive))  # none is expected
+        claim: hops.Claim | None = scope.get(HOP)
+        if claim is not None:
+            hops.check_body(claim, raw)
         holder = await self._holder(response_id, key)
         worker = self._holding_worker(holder, response_id)
         ex.model = holder.model
@@ -785,8 +886,10 @@ class Gateway:
             ex.stream = any(k == "stream" and v.lower() == "true" for k, v in kept)
             if kept:
                 path += b"?" + urllib.parse.urlencode(kept).encode()
-        head = _request_head(route.method.encode(), path, b"", headers, b"application/json")
-        await self.relay.forward(holder.model, head, b"", [worker], ex, reply, receive)
+        head = self._hop_head(worker, route.method.encode(), path, b"", headers, b"application/json", ex, False)
+        await self.relay.forward(
+            holder.model, head, b"", [worker], ex, reply, receive, remote=remote_host(worker) is not None
+        )
 
     async def _holder(self, response_id: object, key: ApiKey | None) -> Holder:
         """Who holds a stored response the caller may see; the same 404 for one that
@@ -799,11 +902,19 @@ class Gateway:
             raise missing
         names = self.names
         allowed = self.admission.allowed_models(key, names.resolve)
-        if holder.model not in names.snap.models or (allowed is not None and holder.model not in allowed):
+        if holder.model not in names.models or (allowed is not None and holder.model not in allowed):
             raise missing
         return holder
 
     def _holding_worker(self, holder: Holder, response_id: str) -> WorkerView:
+        if self.fleet is not None and holder.host and holder.host != self.fleet.host:
+            record = self.fleet.hosts.get(holder.host)
+            if record is not None and self.fleet.reachable(holder.host):
+                # Held on another host: its gateway relays it (and checks the owner again).
+                return _remote_worker(holder.host, holder.model, record.url)
+            raise ResponseNotFound(
+                f"Response '{response_id}' is held on host {holder.host}, which cannot be reached from here now."
+            )
         for worker in self.names.ready.get(holder.model, ()):
             if worker.unit == holder.unit:
                 return worker
@@ -813,8 +924,10 @@ class Gateway:
         )
 
     async def _note_response(self, ex: Exchange, response_id: str) -> None:
-        if RESPONSE_ID.match(response_id) and ex.worker:
-            await self.responses.remember(response_id, Holder(ex.model, ex.worker, ex.key))
+        # Relayed from another host's gateway: that host notes it (its worker holds it).
+        if RESPONSE_ID.match(response_id) and ex.worker and "/" not in ex.worker:
+            host = self.fleet.host if self.fleet is not None else ""
+            await self.responses.remember(response_id, Holder(ex.model, ex.worker, ex.key, host))
 
     def _payload(
         self, body: dict[str, Any], raw: bytes, route: Route, served: str, ex: Exchange, asked: object
@@ -829,7 +942,8 @@ class Gateway:
                 # ask for it, so it is taken out of their stream again.
                 body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
                 ex.strip_usage = changed = True
-        entry = self.names.snap.models[served]
+        # (a model only another host of the fleet has is in the fleet's names, not this snapshot)
+        entry = self.names.models[served]
         if route.family is Family.CHAT and entry.chat_template_kwargs:
             kwargs = body.get("chat_template_kwargs")
             kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
@@ -991,7 +1105,7 @@ def _openapi(route: Route) -> dict[str, Any]:
 
 # FastAPI's routes that anyone may call: the rest need a key before their body is read.
 # (The fleet's load route checks its own credential before it reads a byte.)
-OPEN_PATHS = frozenset({"/health", "/openapi.json", "/metrics", "/v1/ssw/fleet/load"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/metrics", LOAD_PATH})
 UPLOAD_PATH = "/v1/files"
 FORM_SLACK = 64 * 1024  # the multipart form around an uploaded file
 
@@ -1033,6 +1147,24 @@ class GatewayApp:
 
     def _routed(self, scope: dict[str, Any]) -> bool:
         return any(route.matches(scope)[0] is not Match.NONE for route in self.api.router.routes)
+
+
+class FleetApp:
+    """The fleet listener: the same gateway, for hops from the other hosts' gateways only
+    (each with a signed claim), on the fleet's network and over TLS. The public port never
+    takes a hop, and this one serves nothing else."""
+
+    def __init__(self, public: GatewayApp) -> None:
+        self.public = public
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        scope[FLEET_LISTENER] = True
+        if match(scope["method"], scope["path"]) is not None or scope["path"] in (LOAD_PATH, "/health"):
+            await self.public(scope, receive, send)
+            return
+        await Reply(send).error(NotServed(f"the fleet listener serves hops only, not {scope['path'][:80]}"), SOURCE)
 
 
 def bounded_body(receive: Receive, declared: bytes | None, limit: int, timeout: float) -> Receive:
@@ -1095,16 +1227,29 @@ def gateway_app(gw: Gateway) -> GatewayApp:
             },
         }
 
-    @app.post("/v1/ssw/fleet/load", status_code=202, include_in_schema=False)
+    @app.post(LOAD_PATH, status_code=202, include_in_schema=False)
     async def fleet_load(request: Request) -> dict[str, Any]:
-        """Another host's gateway asks this host to load a model (the fleet decided it loads here)."""
-        if gw.fleet is None or not gw.fleet.trusted(request.headers.get("x-ssw-fleet-token", "").encode()):
-            raise Unauthorized("Invalid fleet credential.")
-        body = parse_body(await request.body(), 4)
-        model = gw.names.resolve(body.get("model"))
-        if model not in gw.names.snap.models:
-            raise ModelNotFound(model, sorted(gw.names.snap.models))
+        """Another host's gateway asks this host to load a model (the fleet decided it
+        loads here), for one of its clients: on the fleet listener, with a signed claim."""
+        scope: dict[str, Any] = dict(request.scope)
+        headers = dict(scope["headers"])
+        claim = gw._hop_claim(scope, headers)
+        key = gw._claimed_key(claim)
+        raw = await gw.admission.read_body(headers.get(b"content-length"), _body(request.receive), 4096)
+        hops.check_body(claim, raw)
+        body = parse_body(raw, 4)
+        names = gw.names
+        asked = body.get("model")
+        try:
+            resolved: str | None = names.resolve(asked)
+        except (ModelNotFound, BadRequest):
+            resolved = None
+        gw.admission.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
+        model = names.resolve(asked)
+        if model not in names.snap.models:
+            raise ModelNotFound(model, sorted(names.snap.models))
         accepted = await gw.loader.request_load(model)
+        assert gw.fleet is not None
         return {"model": model, "host": gw.fleet.host, "load": accepted.load.model_dump(mode="json")}
 
     if gw.cfg.gateway.public_metrics:

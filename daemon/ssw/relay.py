@@ -165,6 +165,11 @@ async def _disconnected(receive: Receive) -> None:
 NoteResponse = Callable[[Exchange, str], Awaitable[None]]
 
 
+class Unreached(UpstreamError):
+    """No worker took the request (nothing of an answer reached anyone): another host,
+    or a load here, may still serve it."""
+
+
 class Relay:
     def __init__(
         self, cfg: Config, on_used: Callable[[str, str | None, bool], None], on_response: NoteResponse | None = None
@@ -211,13 +216,16 @@ class Relay:
         ex: Exchange,
         reply: Reply,
         receive: Receive,
+        remote: bool = False,
     ) -> None:
-        """Send the request to the first worker that takes it and relay the answer."""
+        """Send the request to the first worker that takes it and relay the answer.
+        ``remote``: the workers are one other host's gateway, tried once (the caller
+        passes an unreachable host over and offers the request elsewhere)."""
         last_error: Exception | None = None
         order = self.order(model, workers)
         # Cycle through the pool: a lone worker gets another try too, on a fresh
         # connection (a pooled one may point at a process that was replaced).
-        for attempt in range(MAX_FAILOVER_ATTEMPTS):
+        for attempt in range(1 if remote else MAX_FAILOVER_ATTEMPTS):
             worker = order[attempt % len(order)]
             unit = worker.unit
             self.outstanding[unit] = self.outstanding.get(unit, 0) + 1
@@ -248,7 +256,7 @@ class Relay:
             finally:
                 self.outstanding[unit] -= 1
             return
-        raise UpstreamError(f"no worker of '{model}' could be reached: {last_error}")
+        raise Unreached(f"no worker of '{model}' could be reached: {last_error}")
 
     async def _answer(self, resp: Response, ex: Exchange, reply: Reply, receive: Receive) -> None:
         ex.status = resp.status

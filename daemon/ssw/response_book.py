@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 
 import orjson
+import redis.asyncio as aioredis
 from redis.exceptions import RedisError
-
-from .redis_sink import client
 
 log = logging.getLogger(__name__)
 REDIS_TIMEOUT_S = 0.5
@@ -32,15 +31,16 @@ class Holder:
     model: str
     unit: str  # the worker's unit
     key: str  # the API key's name that created it ("" with auth off)
+    host: str = ""  # the fleet host whose worker holds it ("": no fleet)
 
 
 class ResponseBook:
-    def __init__(self, redis_url: str | None, remember_s: float, max_entries: int, prefix: str = "ssw:") -> None:
+    def __init__(self, redis: aioredis.Redis | None, remember_s: float, max_entries: int, prefix: str = "ssw:") -> None:
         self.remember_s = remember_s
         self.max_entries = max_entries
         self.prefix = prefix + "response:"
         self._local: collections.OrderedDict[str, tuple[float, Holder]] = collections.OrderedDict()
-        self._redis = client(redis_url) if redis_url else None
+        self._redis = redis
         self._last_log = 0.0
 
     async def close(self) -> None:
@@ -60,7 +60,7 @@ class ResponseBook:
             self._local.popitem(last=False)
         if self._redis is None:
             return True
-        value = orjson.dumps([holder.model, holder.unit, holder.key])
+        value = orjson.dumps([holder.model, holder.unit, holder.key, holder.host])
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 # NX: another gateway process (or host) may have noted it for another key.
@@ -94,8 +94,8 @@ class ResponseBook:
         if raw is None:
             return None
         try:
-            model, unit, key = orjson.loads(raw)
-            return Holder(str(model), str(unit), str(key))
+            model, unit, key, *host = orjson.loads(raw)
+            return Holder(str(model), str(unit), str(key), str(host[0]) if host else "")
         except (ValueError, TypeError):
             return None
 

@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Generator
 from typing import Any
 
@@ -19,7 +20,7 @@ from .auth import KeyRing
 from .batch_api import AsyncTier
 from .config import Config, Listen
 from .edge import edge_protocol
-from .gateway import Gateway, gateway_app, metrics_app, pool_metrics_app
+from .gateway import FleetApp, Gateway, gateway_app, metrics_app, pool_metrics_app
 from .gateway_pool import GatewayPool, Reporter, child_slot, reuse_port_socket
 from .gpus import make_gpu_source
 from .loader import Loader, admin_app
@@ -42,9 +43,11 @@ class _Server(uvicorn.Server):
 BACKLOG = 4096
 
 
-def _server(app: Any, listen: Listen, cfg: Config, graceful_s: float, public: bool = False) -> _Server:
-    # The public port gets the edge's limits (connections, header deadline and size);
-    # the loopback listeners (admin, metrics) are uvicorn's own protocol.
+def _server(
+    app: Any, listen: Listen, cfg: Config, graceful_s: float, public: bool = False, tls: dict[str, Any] | None = None
+) -> _Server:
+    # The public port and the fleet listener get the edge's limits (connections, header
+    # deadline and size); the loopback listeners (admin, metrics) uvicorn's own protocol.
     http: Any = edge_protocol(cfg.limits)[0] if public else "httptools"
     return _Server(
         uvicorn.Config(
@@ -53,6 +56,7 @@ def _server(app: Any, listen: Listen, cfg: Config, graceful_s: float, public: bo
             port=listen.port,
             loop="none",
             http=http,
+            **(tls or {}),
             lifespan="off",
             access_log=False,
             log_config=None,
@@ -104,15 +108,17 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
             tier.start()
             cleanups.append(tier.close)
             graceful = cfg.gateway.shutdown_timeout_s
-            if slot is None:
-                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful, public=True), None))
-                if cfg.gateway.metrics_listen is not None:
-                    servers.append((_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1), None))
-            else:
-                # One of several: the kernel spreads connections over the processes;
-                # the parent serves the metrics of them all.
-                sock = reuse_port_socket(cfg.public, BACKLOG)
-                servers.append((_server(_public_app(gateway, tier), cfg.public, cfg, graceful, public=True), [sock]))
+            app = _public_app(gateway, tier)
+            listeners: list[tuple[Any, Listen, dict[str, Any] | None]] = [(app, cfg.public, None)]
+            if cfg.fleet.enabled and cfg.fleet.listen is not None:
+                listeners.append((FleetApp(app), cfg.fleet.listen, _fleet_tls(cfg)))
+            for served, listen, tls in listeners:
+                # One of several processes: the kernel spreads connections over them.
+                socks = None if slot is None else [reuse_port_socket(listen, BACKLOG)]
+                servers.append((_server(served, listen, cfg, graceful, public=True, tls=tls), socks))
+            if slot is None and cfg.gateway.metrics_listen is not None:
+                # (with several processes, the parent serves the metrics of them all)
+                servers.append((_server(metrics_app(gateway), cfg.gateway.metrics_listen, cfg, 1), None))
 
         # Everything built so far (modules, apps, the registry) lives as long as the
         # process: out of the collector's sight, a full collection walks only what
@@ -176,6 +182,18 @@ async def _gateway(cfg: Config, cleanups: list[Any], background: list[asyncio.Ta
     if gateway.fleet is not None:
         gateway.fleet.start()
     return gateway
+
+
+def _fleet_tls(cfg: Config) -> dict[str, Any] | None:
+    """The fleet listener's TLS: this host's certificate, and the peer's required and
+    checked against the fleet's CA (mutual TLS). None: fleet.insecure without files."""
+    f = cfg.fleet
+    if f.tls_cert_file is None or f.tls_key_file is None:
+        return None
+    tls: dict[str, Any] = {"ssl_certfile": str(f.tls_cert_file), "ssl_keyfile": str(f.tls_key_file)}
+    if f.tls_ca_file is not None:
+        tls |= {"ssl_ca_certs": str(f.tls_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return tls
 
 
 def _public_app(gateway: Gateway, tier: AsyncTier) -> Any:

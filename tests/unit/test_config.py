@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from ssw.config import Config, load_config
 from ssw.errors import ConfigError
@@ -87,3 +89,34 @@ def test_unreadable_and_malformed_files_are_config_errors(tmp_path: Path) -> Non
     bad.write_text("a: [")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+FLEET = {
+    "redis_url": "rediss://:pw@10.0.0.1:6380/0",
+    "host": "a",
+    "advertise_url": "https://10.0.0.2:8443",
+    "listen": {"host": "10.0.0.2", "port": 8443},
+    "tls_ca_file": "/etc/ssw/fleet/ca.pem",
+    "tls_cert_file": "/etc/ssw/fleet/host.pem",
+    "tls_key_file": "/etc/ssw/fleet/host.key",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"advertise_url": "http://10.0.0.2:8443"}, "advertise_url: 'http://10.0.0.2:8443' is not https://"),
+        ({"redis_url": "redis://:pw@10.0.0.1:6379/0"}, "redis_url: the fleet's Redis is not rediss://"),
+        ({"tls_cert_file": None}, "tls_cert_file is required"),
+        ({"listen": None}, "listen (the fleet listener"),
+    ],
+)
+def test_a_fleet_in_clear_is_refused_unless_insecure_is_said(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Config.model_validate({"fleet": {**FLEET, **change}})
+    if "listen" not in change:
+        Config.model_validate({"fleet": {**FLEET, **change, "insecure": True}})
+
+
+def test_a_fleet_over_tls_validates() -> None:
+    assert Config.model_validate({"fleet": FLEET}).fleet.enabled

@@ -40,6 +40,10 @@ class Fleet:
     host: str
     hosts: dict[str, HostRecord] = field(default_factory=dict)
     version: int = 1
+    cut_off: set[str] = field(default_factory=set)  # hosts this one cannot reach
+
+    def reachable(self, host: str) -> bool:
+        return host not in self.cut_off
 
 
 SNAP = Snapshot(
@@ -83,6 +87,9 @@ def test_other_hosts_ready_models_are_workers_reached_through_their_gateways() -
     assert names.resolve("light") == "local"
     assert names.hosts["both"] == {"a": "unloaded", "b": "ready"}
     assert names.hosts["remote-only"] == {"b": "loading"}
+    # A host this one cannot reach (an asymmetric partition) serves nothing through it.
+    fleet.cut_off = {"b"}
+    assert Names(SNAP, fleet).remote == {}  # type: ignore[arg-type]
     assert names.state("both") == "ready" and names.state("remote-only") == "loading"
     # This host's own record never makes remote workers of its own.
     assert "local" not in names.remote

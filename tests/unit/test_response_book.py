@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from ssw.redis_sink import client
 from ssw.response_book import Holder, ResponseBook
 from tests.harness.stack import RedisServer
 
@@ -15,8 +16,8 @@ async def test_an_id_noted_for_one_key_is_never_taken_over_by_another(
     with_redis: bool, redis_server: RedisServer
 ) -> None:
     prefix = f"test-{uuid.uuid4().hex[:8]}:"
-    book = ResponseBook(redis_server.url if with_redis else None, 60, 100, prefix)
-    other = ResponseBook(redis_server.url if with_redis else None, 60, 100, prefix)  # another gateway process
+    book = ResponseBook(client(redis_server.url) if with_redis else None, 60, 100, prefix)
+    other = ResponseBook(client(redis_server.url) if with_redis else None, 60, 100, prefix)  # another process
     try:
         mine = Holder("m", "ssw-worker@m-1.service", "alice")
         assert await book.remember("resp_1", mine)
