@@ -314,12 +314,16 @@ class Gateway:
         names = self.names  # the latest snapshot, and nothing older
         snap = names.snap
         for model in self.queue.models():
-            # Ready here, or on another host of the fleet (where the fleet placed it).
+            # Ready here, or on another host of the fleet (where the fleet placed it, or
+            # first): there for all but the hops this host serves itself.
             if model in names.ready or model in names.remote:
-                released = self.queue.release(model)
-                self._placed.pop(model, None)
-                log.info("%s: ready; released %d waiting requests", model, len(released))
-                continue
+                released = self.queue.release(model, here=model in names.ready)
+                if released:
+                    self._placed.pop(model, None)
+                    where = "" if model in names.ready else " on another host"
+                    log.info("%s: ready%s; released %d waiting requests", model, where, len(released))
+                if self.queue.depth(model) == 0:
+                    continue
             if model in self._placed and self._check_placed(model, names):
                 continue
             entry = snap.models.get(model)
@@ -417,7 +421,7 @@ class Gateway:
         retry = self.retry_after(model)
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading", retry)
-        await self._hold(model, priority, retry, reply, stream, self._ask_again_soon if reask else None)
+        await self._hold(model, priority, retry, reply, stream, self._ask_again_soon if reask else None, here_only=hop)
         names = self.names
         # Released when the model became ready here, or first on another host of the fleet.
         workers = names.ready.get(model) or (None if hop else names.remote.get(model))
@@ -433,9 +437,10 @@ class Gateway:
         reply: Reply,
         stream: bool,
         then: Callable[[str], None] | None = None,
+        here_only: bool = False,
     ) -> None:
         """Wait until the model's waiters are released (or failed, or time out)."""
-        waiter = self.queue.add(model, priority, retry)
+        waiter = self.queue.add(model, priority, retry, here_only)
         if then is not None:
             then(model)
         self._check_waiters()  # it may have become ready (or failed) meanwhile
@@ -611,7 +616,7 @@ class Gateway:
         try:
             key_name = key.name if key else ""
             return model, await self.workers_for(model, mode, priority, reply, stream, hop, key_name), None
-        except (LoadFailed, NoCapacity) as exc:
+        except (LoadFailed, NoCapacity, FleetUnavailable) as exc:
             names = self.names
             entry = names.models.get(model)
             allowed = fallback if fallback is not None else bool(entry and entry.fallback_default)
@@ -1224,6 +1229,8 @@ def gateway_app(gw: Gateway) -> GatewayApp:
                 "connected": gw.fleet.connected,
                 "error": gw.fleet.last_error,
                 "hosts": sorted(gw.fleet.hosts),
+                # hosts this one could not reach lately, whatever their records say
+                "unreachable": sorted(h for h in gw.fleet.hosts if not gw.fleet.reachable(h)),
             },
         }
 

@@ -43,6 +43,7 @@ class Waiter:
     model: str = field(compare=False)
     priority: str = field(compare=False)
     future: asyncio.Future[None] = field(compare=False)
+    here_only: bool = field(default=False, compare=False)  # served by this host's workers only (a hop)
 
 
 class WaitQueue:
@@ -62,12 +63,17 @@ class WaitQueue:
     def models(self) -> list[str]:
         return [m for m, ws in self._waiting.items() if ws]
 
-    def add(self, model: str, priority: str, retry_after_s: int) -> Waiter:
+    def add(self, model: str, priority: str, retry_after_s: int, here_only: bool = False) -> Waiter:
         """Queue a request; when the queue is full a more urgent request displaces
         the newest of the least urgent ones, which gets the 429 instead."""
         waiters = self._waiting.setdefault(model, [])
         waiter = Waiter(
-            PRIORITIES[priority], next(self._counter), model, priority, asyncio.get_running_loop().create_future()
+            PRIORITIES[priority],
+            next(self._counter),
+            model,
+            priority,
+            asyncio.get_running_loop().create_future(),
+            here_only,
         )
         if len(waiters) >= self.limit:
             victim = max(waiters)  # least urgent, then newest
@@ -88,9 +94,14 @@ class WaitQueue:
             waiters.remove(waiter)
             self._changed(waiter.model)
 
-    def release(self, model: str) -> list[Waiter]:
-        """Wake every waiter of the model, most urgent first; returns them in that order."""
-        waiters = sorted(self._waiting.pop(model, []))
+    def release(self, model: str, here: bool = True) -> list[Waiter]:
+        """Wake the model's waiters, most urgent first; returns them in that order. With
+        ``here`` false (ready on another host only) those that wait for this host stay."""
+        waiting = self._waiting.pop(model, [])
+        if not here and any(w.here_only for w in waiting):
+            self._waiting[model] = [w for w in waiting if w.here_only]
+            waiting = [w for w in waiting if not w.here_only]
+        waiters = sorted(waiting)
         for w in waiters:
             if not w.future.done():
                 w.future.set_result(None)

@@ -1,11 +1,14 @@
 """A test fleet on this one machine: each host a disposable systemd host with its
 own network namespace (a veth pair to a bridge, its own address, the
-production ports: the gateway on :8000, the loader on 127.0.0.1:8001), its
-own loader and gateway, and one Redis for the fleet on the bridge.
+production ports: the gateway on :8000 and its fleet listener on :8443, the
+loader on 127.0.0.1:8001), its own loader and gateway, and one Redis for the
+fleet on the bridge, over TLS. The fleet's CA and every certificate are made
+here with openssl, as the Ansible role makes them on its controller.
 
     net = Network().up()
-    a = FleetHost.start(net, 1, ...)   # <subnet>.2
-    b = FleetHost.start(net, 2, ...)   # <subnet>.3
+    pki = Pki(root / "pki")
+    a = FleetHost.start(net, 1, ..., pki=pki)   # <subnet>.2
+    b = FleetHost.start(net, 2, ..., pki=pki)   # <subnet>.3
 """
 
 from __future__ import annotations
@@ -65,6 +68,10 @@ class Network:
         self.namespaces.append(ns)
         return ns, address
 
+    def link(self, index: int) -> str:
+        """The bridge's end of host ``index``'s link: all its traffic passes there."""
+        return self._veth(index, "h")
+
     def cut(self, index: int) -> None:
         """Take host ``index`` off the network (a partition)."""
         ip("link", "set", self._veth(index, "h"), "down")
@@ -77,6 +84,45 @@ class Network:
             ip("netns", "del", ns, check=False)
         self.namespaces.clear()
         ip("link", "del", self.bridge, check=False)
+
+
+FLEET_PORT = 8443
+
+
+class Pki:
+    """The fleet's CA, and certificates it signs for an address (EC P-256, a day long)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca = directory / "ca.pem"
+        self.ca_key = directory / "ca.key"
+        if not self.ca.exists():
+            self._openssl(
+                "req", "-x509", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-keyout", str(self.ca_key), "-out", str(self.ca), "-days", "1", "-subj", "/CN=ssw test fleet CA",
+            )  # fmt: skip
+
+    @staticmethod
+    def _openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    def issue(self, name: str, address: str) -> tuple[Path, Path]:
+        """(certificate, key) for ``name`` at ``address`` (its SAN)."""
+        cert, key, csr = self.dir / f"{name}.pem", self.dir / f"{name}.key", self.dir / f"{name}.csr"
+        if not cert.exists():
+            self._openssl(
+                "req", "-new", "-nodes", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}",
+            )  # fmt: skip
+            ext = self.dir / f"{name}.ext"
+            ext.write_text(f"subjectAltName=IP:{address},DNS:{name}\nextendedKeyUsage=serverAuth,clientAuth\n")
+            self._openssl(
+                "x509", "-req", "-in", str(csr), "-CA", str(self.ca), "-CAkey", str(self.ca_key),
+                "-CAcreateserial", "-out", str(cert), "-days", "1", "-extfile", str(ext),
+            )  # fmt: skip
+            key.chmod(0o644)  # the test's processes run as root, and the gateway's account reads it
+        return cert, key
 
 
 @dataclass
@@ -104,9 +150,20 @@ class FleetHost:
         models: dict[str, Any],
         fleet: dict[str, Any],
         extra: dict[str, Any] | None = None,
+        pki: Pki | None = None,
     ) -> FleetHost:
         netns, address = net.add(index)
         name = f"host{chr(ord('a') + index - 1)}"
+        if pki is not None:
+            cert, key = pki.issue(name, address)
+            tls: dict[str, Any] = {
+                "advertise_url": f"https://{address}:{FLEET_PORT}",
+                "tls_ca_file": str(pki.ca),
+                "tls_cert_file": str(cert),
+                "tls_key_file": str(key),
+            }
+        else:
+            tls = {"advertise_url": f"http://{address}:{FLEET_PORT}", "insecure": True}
         directory = root / name
         box = SysBox.boot(share=(WORK_ROOT,), netns=netns)
         config = write_config(
@@ -121,7 +178,12 @@ class FleetHost:
             extra={
                 "public": {"host": "0.0.0.0", "port": 8000},
                 "gateway": {"metrics_listen": {"host": "127.0.0.1", "port": 8002}},
-                "fleet": {**fleet, "host": name, "advertise_url": f"http://{address}:8000"},
+                "fleet": {
+                    **fleet,
+                    **tls,
+                    "host": name,
+                    "listen": {"host": address, "port": FLEET_PORT},
+                },
                 **(extra or {}),
             },
         )

@@ -254,10 +254,17 @@ class RedisServer:
     """Debian's redis-server on a free port (loopback, or ``host``), without persistence;
     with ``password``, only for those who give it (as a fleet's Redis)."""
 
-    def __init__(self, directory: Path, host: str = "127.0.0.1", password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        host: str = "127.0.0.1",
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.port = free_port()
         self.host = host
         self.password = password
+        self.tls = tls  # (CA, certificate, key): TLS only (rediss://), clients' certificates checked if sent
         self.dir = directory
         self.proc: subprocess.Popen[bytes] | None = None
         self._clients: list[redis.Redis] = []
@@ -265,15 +272,31 @@ class RedisServer:
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
                 "redis-server",
-                "--port",
-                str(self.port),
+                *(
+                    [
+                        "--port",
+                        "0",
+                        "--tls-port",
+                        str(self.port),
+                        "--tls-ca-cert-file",
+                        str(self.tls[0]),
+                        "--tls-cert-file",
+                        str(self.tls[1]),
+                        "--tls-key-file",
+                        str(self.tls[2]),
+                        "--tls-auth-clients",
+                        "optional",
+                    ]
+                    if self.tls
+                    else ["--port", str(self.port)]
+                ),
                 "--bind",
                 self.host,
                 *(["--requirepass", self.password] if self.password else []),
@@ -293,6 +316,8 @@ class RedisServer:
     def client(self, **kw: Any) -> redis.Redis:
         """A client of this server, closed when the server stops (an unclosed one is a
         ResourceWarning in whichever test the garbage collector runs in)."""
+        if self.tls:
+            kw = {"ssl_ca_certs": str(self.tls[0]), **kw}
         c = redis.Redis.from_url(self.url, **kw)
         self._clients.append(c)
         return c

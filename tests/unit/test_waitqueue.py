@@ -66,3 +66,12 @@ def test_least_outstanding_prefers_idle_replicas_and_rotates_ties() -> None:
     assert least_outstanding(["a", "b", "c"], load.get, rr, "m") == ["b", "c", "a"]
     assert least_outstanding(["a", "b", "c"], load.get, rr, "m") == ["b", "c", "a"]
     assert least_outstanding(["a", "b", "c"], load.get, rr, "m") == ["c", "b", "a"]
+
+
+async def test_a_ready_on_another_host_releases_all_but_the_hops_this_host_serves() -> None:
+    q = WaitQueue(10)
+    client = q.add("m", "interactive", 5)
+    hop = q.add("m", "interactive", 5, here_only=True)
+    assert q.release("m", here=False) == [client]
+    assert client.future.done() and not hop.future.done() and q.depth("m") == 1
+    assert q.release("m") == [hop] and q.depth("m") == 0
