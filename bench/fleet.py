@@ -2,15 +2,19 @@
 
     python bench/fleet.py --json bench/results/fleet.json     # as root, about a minute
 
-It brings up its own fleet of two hosts on this machine (tests/harness/fleet.py:
+It brings up its own fleets of two hosts on this machine (tests/harness/fleet.py:
 each a disposable systemd host in its own network namespace, the fake engine,
-one Redis on a bridge) and measures:
+one Redis on a bridge), one after the other in one run: the fleet as shipped
+(mutual TLS between gateways and to Redis, signed hops) and the same fleet
+with ``fleet.insecure`` (plain http and redis, the hops still signed), and
+measures:
 
 1. **hop**: a model ready on host B only. The same request, one client on a
    kept-alive connection, in alternating rounds to B's gateway and to A's
    (which relays it to B's): the added latency of the hop is the difference
    of the medians, with p99s. The fake engine answers at once, so the
-   gateways' share stands out.
+   gateways' share stands out. Also: what making and checking one claim
+   costs (HMAC-SHA256 over its JSON), in microseconds.
 2. **single flight**: ``--clients`` clients, spread over both gateways, ask at
    once for a model loaded nowhere (its engine takes ``--load-delay`` s to
    start). Reported: units started fleet-wide (one is right), and when the
@@ -33,8 +37,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.harness.fleet import FleetHost, Network
+from tests.harness.fleet import FleetHost, Network, Pki
 from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
+
+from ssw import hops
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -129,6 +135,55 @@ def single_flight(a: FleetHost, b: FleetHost, args: argparse.Namespace) -> dict[
     }
 
 
+def claim_cost(n: int = 20_000) -> dict[str, float]:
+    """Microseconds to make one claim, and to check one (signature, fields, nonce, body)."""
+    secret, body = secrets.token_bytes(32), b'{"model": "hop", "messages": [], "max_tokens": 1}' * 4
+    made = [
+        hops.make(secret, iss="a", aud="b", key="k", priority="interactive", wait=True, fallback=None,
+                  method="POST", path="/v1/chat/completions", body=body).encode()
+        for _ in range(n)
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    for _ in range(n):
+        hops.make(secret, iss="a", aud="b", key="k", priority="interactive", wait=True, fallback=None,
+                  method="POST", path="/v1/chat/completions", body=body)  # fmt: skip
+    make_us = (time.perf_counter() - t0) / n * 1e6
+    verifier = hops.Verifier("b")
+    t0 = time.perf_counter()
+    for header in made:
+        hops.check_body(verifier.check(secret, header, "POST", "/v1/chat/completions"), body)
+    return {"make_us": round(make_us, 1), "check_us": round((time.perf_counter() - t0) / n * 1e6, 1)}
+
+
+def measure(root: Path, models: Path, specs: dict[str, Any], args: argparse.Namespace, tls: bool) -> dict[str, Any]:
+    net = Network().up()
+    pki = Pki(root / "pki") if tls else None
+    redis_tls = (pki.ca, *pki.issue("redis", net.gateway_ip)) if pki else None
+    redis = RedisServer(root / "redis", host=net.gateway_ip, password=secrets.token_hex(8), tls=redis_tls).start()
+    token = root / "fleet.token"
+    token.write_text(secrets.token_urlsafe(32))
+    fleet = {"redis_url": redis.url, "credential_file": str(token), "heartbeat_s": 0.5, "ttl_s": 5}
+    hosts: list[FleetHost] = []
+    extra = {"gateway": {"access_log": False}}
+    try:
+        for index in (1, 2):
+            hosts.append(FleetHost.start(net, index, root, models, specs, fleet, extra, pki))
+        a, b = hosts
+        wait_for(lambda: len((a.health().get("fleet") or {}).get("hosts", [])) == 2, 30, "the fleet")
+        what = "TLS" if tls else "plain http"
+        print(f"hop ({what}): a model ready on B, through B's gateway and through A's", file=sys.stderr)
+        result = {"hop": hop(a, b, args)}
+        if tls:
+            print(f"single flight: {args.clients} clients over both gateways", file=sys.stderr)
+            result["single_flight"] = single_flight(a, b, args)
+        return result
+    finally:
+        for host in hosts:
+            host.stop()
+        redis.stop()
+        net.down()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     if os.geteuid() != 0:
@@ -146,32 +201,22 @@ def main(argv: list[str] | None = None) -> int:
         "hop": {"path": "fake-a", "vram_gb": 2},
         "burst": {"path": "fake-b", "vram_gb": 2, "env": {"SSW_FAKE_LOAD_DELAY": str(args.load_delay)}},
     }
-    net = Network().up()
-    redis = RedisServer(root / "redis", host=net.gateway_ip, password=secrets.token_hex(8)).start()
-    token = root / "fleet.token"
-    token.write_text(secrets.token_urlsafe(32))
-    fleet = {"redis_url": redis.url, "credential_file": str(token), "heartbeat_s": 0.5, "ttl_s": 5}
-    hosts: list[FleetHost] = []
-    extra = {"gateway": {"access_log": False}}
-    try:
-        for index in (1, 2):
-            hosts.append(FleetHost.start(net, index, root, models, specs, fleet, extra))
-        a, b = hosts
-        wait_for(lambda: len((a.health().get("fleet") or {}).get("hosts", [])) == 2, 30, "the fleet")
-        print("hop: a model ready on B, through B's gateway and through A's", file=sys.stderr)
-        result = {"hop": hop(a, b, args)}
-        print(f"single flight: {args.clients} clients over both gateways", file=sys.stderr)
-        result["single_flight"] = single_flight(a, b, args)
-    finally:
-        for host in hosts:
-            host.stop()
-        redis.stop()
-        net.down()
-    h, s = result["hop"], result["single_flight"]
-    print(f"{'path':<12} {'p50 ms':>8} {'p99 ms':>8}")
-    print(f"{'B direct':<12} {h['b_direct']['p50_ms']:>8} {h['b_direct']['p99_ms']:>8}")
-    print(f"{'A -> B':<12} {h['a_to_b']['p50_ms']:>8} {h['a_to_b']['p99_ms']:>8}")
-    print(f"the hop adds {h['added_p50_ms']} ms p50, {h['added_p99_ms']} ms p99 ({h['requests']} requests each)")
+    secure = measure(root / "tls", models, specs, args, tls=True)
+    plain = measure(root / "plain", models, specs, args, tls=False)
+    result = {
+        "hop": secure["hop"],  # as shipped: mutual TLS and signed claims
+        "hop_plain": plain["hop"],  # fleet.insecure: plain http, claims still signed
+        "claim": claim_cost(),
+        "single_flight": secure["single_flight"],
+    }
+    h, p, c, s = result["hop"], result["hop_plain"], result["claim"], result["single_flight"]
+    print(f"{'path':<22} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, row in (("B direct", h["b_direct"]), ("A -> B, TLS", h["a_to_b"]),
+                      ("B direct (plain run)", p["b_direct"]), ("A -> B, plain http", p["a_to_b"])):  # fmt: skip
+        print(f"{name:<22} {row['p50_ms']:>8} {row['p99_ms']:>8}")
+    print(f"the hop adds {h['added_p50_ms']} ms p50, {h['added_p99_ms']} ms p99 over TLS "
+          f"({p['added_p50_ms']} / {p['added_p99_ms']} ms in plain http; {h['requests']} requests each)")  # fmt: skip
+    print(f"a claim: {c['make_us']} us to make, {c['check_us']} us to check")
     print(
         f"single flight: {s['clients']} clients, {s['units_started']} unit started fleet-wide; "
         f"answered {s['first_answer_s']}-{s['last_answer_s']} s after asking (load delay {s['load_delay_s']} s)"

@@ -181,7 +181,7 @@ def test_site_yml_converges_a_two_host_fleet_idempotently(tiny_in_models_dir: No
         ports: dict[str, dict[str, int]] = {}
         for name, box in boxes.items():
             env[f"SSW_FLEET_{name}_PID"] = str(box.pid)
-            ports[name] = {p: free_port() for p in ("REDIS", "PUBLIC", "ADMIN", "METRICS")}
+            ports[name] = {p: free_port() for p in ("REDIS", "REDIS_TLS", "PUBLIC", "FLEET", "ADMIN", "METRICS")}
             env.update({f"SSW_FLEET_{name}_{p}": str(v) for p, v in ports[name].items()})
 
         def converge(*extra: str) -> subprocess.CompletedProcess[str]:
@@ -208,10 +208,16 @@ def test_site_yml_converges_a_two_host_fleet_idempotently(tiny_in_models_dir: No
         while fleet_of_a() != ["fleet-a", "fleet-b"] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert fleet_of_a() == ["fleet-a", "fleet-b"]
-        # Both hosts hold the same credential; the fleet's Redis wants its password.
-        assert a.run("cat", "/etc/ssw/fleet.token").stdout == b.run("cat", "/etc/ssw/fleet.token").stdout
+        # Both hosts hold the same secret and key file, and certificates of one CA; the
+        # fleet's Redis speaks TLS and wants its password; every hop goes over TLS.
+        for shared in ("/etc/ssw/fleet.token", "/etc/ssw/keys.yaml", "/etc/ssw/fleet/ca.pem"):
+            assert a.run("cat", shared).stdout == b.run("cat", shared).stdout, shared
+        assert a.run("cat", "/etc/ssw/fleet/host.pem").stdout != b.run("cat", "/etc/ssw/fleet/host.pem").stdout
         assert "requirepass" in a.run("grep", "^requirepass", "/etc/redis/redis.conf").stdout
+        assert f"tls-port {ports['A']['REDIS_TLS']}" in a.run("grep", "^tls-port", "/etc/redis/redis.conf").stdout
         assert b.run("grep", "^requirepass", "/etc/redis/redis.conf").stdout == ""
+        config_b = b.run("cat", "/etc/ssw/config.yaml").stdout
+        assert "rediss://" in config_b and f"https://127.0.0.1:{ports['B']['FLEET']}" in config_b
         # A model loaded on B is served through A's gateway, with A's key.
         loaded = b.run("/opt/ssw/venv/bin/ssw", "load", "tiny", timeout=600)
         assert loaded.returncode == 0, loaded.stdout + loaded.stderr

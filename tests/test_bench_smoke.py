@@ -387,5 +387,7 @@ def test_fleet_bench_measures_the_hop_and_single_flight(models_root: Path, tmp_p
     )
     figures = json.loads(out.read_text())
     assert figures["hop"]["requests"] == 50 and figures["hop"]["a_to_b"]["p50_ms"] > 0
+    assert figures["hop_plain"]["requests"] == 50 and figures["hop_plain"]["a_to_b"]["p50_ms"] > 0
+    assert figures["claim"]["make_us"] > 0 and figures["claim"]["check_us"] > 0
     assert figures["single_flight"]["units_started"] == 1 and figures["single_flight"]["workers_after"] == 1
-    assert "the hop adds" in stdout
+    assert "the hop adds" in stdout and "over TLS" in stdout
