@@ -317,12 +317,16 @@ class FleetView:
                 holder = str(got) if got is not None else None
                 if holder is not None and holder in self.hosts and (holder == self.host or self.reachable(holder)):
                     return holder
-                if holder is not None:
+                if holder is not None and holder not in self.hosts:
                     # The host it was given to is gone: place it again.
                     await self._redis.delete(key)
                 choice = choose_host(self.options(model))
                 if choice is None:
                     raise FleetUnavailable(f"no host of the fleet can load '{model}' now")
+                if holder is not None and holder in self.hosts:
+                    # Given to a host this one cannot reach: the others may, so its lease
+                    # stands; this gateway goes elsewhere (here, most often).
+                    return choice
                 if await self._redis.set(key, choice, nx=True, px=lease_ms):
                     log.info("fleet: %s loads on %s", model, choice)
                     return choice
@@ -355,8 +359,9 @@ class FleetView:
             )
         return out
 
-    async def ask_load(self, host: str, model: str, key: str, priority: str) -> None:
-        """Ask another host's gateway to load a model (it asks its loader)."""
+    async def ask_load(self, host: str, model: str, key: str, priority: str) -> float:
+        """Ask another host's gateway to load a model (it asks its loader); returns when,
+        by that host's clock, its load record entered the state it is in."""
         record = self.hosts.get(host)
         if record is None or self._session is None:
             raise FleetUnavailable(f"host {host} is not in the fleet")
@@ -369,17 +374,21 @@ class FleetView:
                 headers={hops.HEADER.decode(): claim.decode(), "content-type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=30),
             ) as resp:
-                if resp.status >= 400:
-                    data = await resp.content.read(MAX_ANSWER_BYTES)
-                    try:
-                        err = orjson.loads(data).get("error", {})
-                    except (ValueError, AttributeError):
-                        err = {}
-                    message = err.get("message", resp.status) if isinstance(err, dict) else resp.status
-                    raise FleetUnavailable(f"host {host} cannot load '{model}': {message}")
+                data = await resp.content.read(MAX_ANSWER_BYTES)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.unreachable(host, str(exc) or type(exc).__name__)
             raise FleetUnavailable(f"host {host} cannot be reached to load '{model}': {exc}") from exc
+        try:
+            answer = orjson.loads(data)
+        except ValueError:
+            answer = {}
+        if resp.status >= 400:
+            err = answer.get("error", {}) if isinstance(answer, dict) else {}
+            message = err.get("message", resp.status) if isinstance(err, dict) else resp.status
+            raise FleetUnavailable(f"host {host} cannot load '{model}': {message}")
+        load = answer.get("load") if isinstance(answer, dict) else None
+        since = load.get("since") if isinstance(load, dict) else None
+        return float(since) if isinstance(since, int | float) else 0.0
 
 
 def _redacted(url: str | None) -> str:

@@ -83,7 +83,6 @@ RETRIEVE_PARAMS = ("stream", "starting_after", "include[]")
 
 FLEET_LISTENER = "ssw.fleet_listener"  # set on requests that came in on the fleet listener
 MAX_HOSTS_TRIED = 3  # hosts of the fleet a request is offered to before it fails
-CLOCK_SKEW_S = 5.0  # between this host's clock and a peer's, when comparing their stamps
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +92,9 @@ class Placed:
     host: str
     key: str  # the API key's name it was asked for
     priority: str
-    asked_at: float  # wall time
+    # When that host's load record entered the state it had as it accepted (its clock):
+    # a later change to idle, with no worker, is that load ending without one.
+    since: float
 
 
 def _remote_worker(host: str, model: str, url: str) -> WorkerView:
@@ -395,9 +396,16 @@ class Gateway:
         # Batch work (mode 'batch': never held) never places loads on other hosts: the
         # runner loads only here, and only without evicting a model in interactive use.
         if not hop and mode != "batch":
-            target = await self._fleet_target(model, names)
-            if target is not None:
-                return await self._hold_remote(model, target, mode, priority, reply, stream, key)
+            for _ in range(MAX_HOSTS_TRIED):
+                target = await self._fleet_target(model, names)
+                if target is None:
+                    break
+                try:
+                    return await self._hold_remote(model, target, mode, priority, reply, stream, key)
+                except FleetUnavailable:
+                    if self.fleet is None or self.fleet.reachable(target):
+                        raise
+                    names = self.names  # it cannot be reached from here: placed again without it
         entry = names.snap.models.get(model)
         if entry is None:
             raise ModelNotFound(model, sorted(names.snap.models))
@@ -505,8 +513,8 @@ class Gateway:
         assert self.fleet is not None
         placed = self._placed.get(model)
         if placed is None or placed.host != host:
-            await self.fleet.ask_load(host, model, key, priority)
-            self._placed[model] = Placed(host, key, priority, time.time())
+            since = await self.fleet.ask_load(host, model, key, priority)
+            self._placed[model] = Placed(host, key, priority, since)
         retry = self._remote_retry_after(model, host)
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading on host {host}", retry)
@@ -545,7 +553,7 @@ class Gateway:
             failure = LoadFailed(f"loading '{model}' on host {host} failed: {rec.last_error}", self.retry_after(model))
         elif (
             rec.state is LoadState.IDLE
-            and rec.since >= placed.asked_at - CLOCK_SKEW_S
+            and rec.since > placed.since
             and not any(w.model == model and w.state is not WorkerState.FAILED for w in record.workers)
         ):
             # Its load there ended, and no worker came of it.
@@ -566,8 +574,8 @@ class Gateway:
                 accepted = await self.loader.request_load(model)
                 self._asked[model] = (accepted.epoch, accepted.seq)
             else:
-                await self.fleet.ask_load(host, model, placed.key, placed.priority)  # type: ignore[union-attr]
-                self._placed[model] = Placed(host, placed.key, placed.priority, time.time())
+                since = await self.fleet.ask_load(host, model, placed.key, placed.priority)  # type: ignore[union-attr]
+                self._placed[model] = Placed(host, placed.key, placed.priority, since)
         except SswError as exc:
             self.queue.fail(model, exc)
 
