@@ -740,6 +740,16 @@ class Gateway:
             raise hops.BadClaim("the fleet listener serves only hops, each with a claim signed by the fleet")
         return self.fleet.check(header, scope["method"], _target(scope))
 
+    def _resolve_in_scope(self, key: ApiKey | None, asked: object, names: Names) -> str:
+        """The model ``asked`` names, within the key's scope. Outside it the answer is the
+        same 403 whether or not the model exists."""
+        try:
+            resolved: str | None = names.resolve(asked)
+        except (ModelNotFound, BadRequest):
+            resolved = None
+        self.admission.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
+        return names.resolve(asked)
+
     def _claimed_key(self, claim: hops.Claim) -> ApiKey | None:
         if not self.cfg.auth.enabled:
             return None
@@ -795,13 +805,7 @@ class Gateway:
         ex.stream = stream = body.get("stream") is True
         names = self.names
         asked = body["model"]
-        try:
-            resolved: str | None = names.resolve(asked)
-        except (ModelNotFound, BadRequest):
-            resolved = None
-        # Outside the key's scope the answer is the same whether or not the model exists.
-        self.admission.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
-        model = names.resolve(asked)
+        model = self._resolve_in_scope(key, asked, names)
         ex.model = model
         entry = names.models[model]
         if route.family not in entry.capabilities:
@@ -1254,13 +1258,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
         hops.check_body(claim, raw)
         body = parse_body(raw, 4)
         names = gw.names
-        asked = body.get("model")
-        try:
-            resolved: str | None = names.resolve(asked)
-        except (ModelNotFound, BadRequest):
-            resolved = None
-        gw.admission.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
-        model = names.resolve(asked)
+        model = gw._resolve_in_scope(key, body.get("model"), names)
         if model not in names.snap.models:
             raise ModelNotFound(model, sorted(names.snap.models))
         accepted = await gw.loader.request_load(model)
