@@ -31,14 +31,13 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.harness.fleet import FleetHost, Network, Pki
-from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
+from tests.harness.stack import WORK_ROOT, RedisServer, http, percentile, timed_posts, wait_for
 
 from ssw import hops
 
@@ -57,27 +56,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def timed(url: str, body: bytes, n: int) -> list[float]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = HTTPConnection(host, int(port), timeout=30)
-    out = []
-    headers = {"Content-Type": "application/json"}
-    try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/chat/completions", body, headers)
-            resp = conn.getresponse()
-            resp.read()
-            out.append(time.perf_counter() - t0)
-            if resp.status != 200:
-                raise RuntimeError(f"{url} answered {resp.status}")
-    finally:
-        conn.close()
-    return out
+    return timed_posts(url, "/v1/chat/completions", body, n)
 
 
 def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+    return percentile(values, p) * 1000
 
 
 def hop_ready_on_b(a: FleetHost, b: FleetHost) -> bool:

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, wait_for
+from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, percentile, timed_posts, wait_for
 from tests.harness.sysbox import SysBox
 
 pytestmark = pytest.mark.systemd
@@ -351,27 +351,12 @@ def rss_kib(pid: int) -> int:
 
 def timed_chats(stack: Stack, key: str, n: int) -> list[float]:
     """Latencies of n short chats, one after another, on one kept-alive connection."""
-    port = int(stack.public.rsplit(":", 1)[1])
-    conn = http_client.HTTPConnection("127.0.0.1", port, timeout=30)
-    body = json.dumps({"model": "alpha", "messages": CHAT, "max_tokens": 2})
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    out = []
-    try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/chat/completions", body, headers)
-            resp = conn.getresponse()
-            resp.read()
-            assert resp.status == 200
-            out.append(time.perf_counter() - t0)
-    finally:
-        conn.close()
-    return out
+    body = json.dumps({"model": "alpha", "messages": CHAT, "max_tokens": 2}).encode()
+    return timed_posts(stack.public, "/v1/chat/completions", body, n, {"Authorization": f"Bearer {key}"})
 
 
 def p99(samples: list[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return percentile(samples, 0.99)
 
 
 SLOWLORIS = """

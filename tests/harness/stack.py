@@ -125,6 +125,33 @@ def http_in_background(method: str, url: str, body: Any, timeout: float) -> tupl
     return thread, result
 
 
+def timed_posts(url: str, path: str, body: bytes, n: int, headers: dict[str, str] | None = None) -> list[float]:
+    """Seconds each of ``n`` POSTs took, one after another on one kept-alive connection;
+    any answer but 200 is an error (the benchmarks and the latency tests share it)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = HTTPConnection(host, int(port), timeout=30)
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    out = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            conn.request("POST", path, body, sent)
+            resp = conn.getresponse()
+            resp.read()
+            out.append(time.perf_counter() - t0)
+            if resp.status != 200:
+                raise RuntimeError(f"{url}{path} answered {resp.status}")
+    finally:
+        conn.close()
+    return out
+
+
+def percentile(samples: list[float], p: float) -> float:
+    """The ``p`` quantile (0..1) of ``samples``, nearest rank."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
