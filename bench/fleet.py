@@ -36,8 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.harness.fleet import FleetHost, Network, Pki
-from tests.harness.stack import WORK_ROOT, RedisServer, http, percentile, timed_posts, wait_for
+from tests.harness.fleet import FleetHost, Network, Pki, fleet_redis_server, fleet_secret
+from tests.harness.stack import WORK_ROOT, http, percentile, timed_posts, wait_for
 
 from ssw import hops
 
@@ -141,10 +141,8 @@ def claim_cost(n: int = 20_000) -> dict[str, float]:
 def measure(root: Path, models: Path, specs: dict[str, Any], args: argparse.Namespace, tls: bool) -> dict[str, Any]:
     net = Network().up()
     pki = Pki(root / "pki") if tls else None
-    redis_tls = (pki.ca, *pki.issue("redis", net.gateway_ip)) if pki else None
-    redis = RedisServer(root / "redis", host=net.gateway_ip, password=secrets.token_hex(8), tls=redis_tls).start()
-    token = root / "fleet.token"
-    token.write_text(secrets.token_urlsafe(32))
+    redis = fleet_redis_server(root, net, pki)
+    token = fleet_secret(root)
     fleet = {"redis_url": redis.url, "credential_file": str(token), "heartbeat_s": 0.5, "ttl_s": 5}
     hosts: list[FleetHost] = []
     extra = {"gateway": {"access_log": False}}

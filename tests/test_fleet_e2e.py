@@ -32,7 +32,7 @@ import openai
 import pytest
 
 from ssw import hops
-from tests.harness.fleet import FLEET_PORT, FleetHost, Network, Pki
+from tests.harness.fleet import FLEET_PORT, FleetHost, Network, Pki, fleet_redis_server, fleet_secret
 from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
 
 pytestmark = pytest.mark.systemd
@@ -82,12 +82,8 @@ def fleet(models_root: Path) -> Iterator[Fleet]:
     root.mkdir(parents=True)
     net = Network().up()
     pki = Pki(root / "pki")
-    redis_cert, redis_key = pki.issue("redis", net.gateway_ip)
-    redis = RedisServer(
-        root / "redis", host=net.gateway_ip, password=secrets.token_hex(8), tls=(pki.ca, redis_cert, redis_key)
-    ).start()
-    token = root / "fleet.token"
-    token.write_text(secrets.token_urlsafe(32))
+    redis = fleet_redis_server(root, net, pki)
+    token = fleet_secret(root)
     settings = {
         "redis_url": redis.url,
         "credential_file": str(token),

@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.harness.stack import WORK_ROOT, Role, http, wait_for, write_config
+from tests.harness.stack import WORK_ROOT, RedisServer, Role, http, wait_for, write_config
 from tests.harness.sysbox import SysBox
 
 
@@ -123,6 +124,20 @@ class Pki:
             )  # fmt: skip
             key.chmod(0o644)  # the test's processes run as root, and the gateway's account reads it
         return cert, key
+
+
+def fleet_redis_server(root: Path, net: Network, pki: Pki | None) -> RedisServer:
+    """The fleet's Redis on the bridge, with a password; over TLS with ``pki``'s
+    certificate for the bridge's address."""
+    tls = (pki.ca, *pki.issue("redis", net.gateway_ip)) if pki is not None else None
+    return RedisServer(root / "redis", host=net.gateway_ip, password=secrets.token_hex(8), tls=tls).start()
+
+
+def fleet_secret(root: Path) -> Path:
+    """A new fleet secret in a file, as the Ansible role makes one."""
+    path = root / "fleet.token"
+    path.write_text(secrets.token_urlsafe(32))
+    return path
 
 
 @dataclass
