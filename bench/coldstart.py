@@ -30,7 +30,7 @@ from typing import Any
 
 import admin_api
 
-from ssw.engine import cache_directory
+from ssw.loader.systemd.engine import cache_directory
 
 
 def cold_start(args: argparse.Namespace, headers: dict[str, str], options: dict[str, Any]) -> dict[str, Any]:

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from ssw.errors import NoCapacity
-from ssw.placement import DeviceView, Resident, place
-from ssw.registry import scan
-from ssw.vram import GB, VramNeed
+from ssw.loader.decide.placement import DeviceView, Resident, place
+from ssw.loader.decide.vram import GB, VramNeed
+from ssw.loader.models.registry import scan
 
 CONFIG = {
     "architectures": ["Qwen2ForCausalLM"],

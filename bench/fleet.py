@@ -36,10 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ssw.gateway import hops
 from tests.harness.fleet import FleetHost, Network, Pki, fleet_redis_server, fleet_secret
 from tests.harness.stack import WORK_ROOT, http, percentile, timed_posts, wait_for
-
-from ssw import hops
 
 CHAT = [{"role": "user", "content": "hi"}]
 

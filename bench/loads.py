@@ -45,7 +45,7 @@ import admin_api
 import aiohttp
 import targets
 
-from ssw.engine import cache_directory
+from ssw.loader.systemd.engine import cache_directory
 
 WAIT = {"X-SSW-Wait": "true"}
 

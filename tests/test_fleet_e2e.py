@@ -31,7 +31,7 @@ from typing import Any
 import openai
 import pytest
 
-from ssw import hops
+from ssw.gateway import hops
 from tests.harness.fleet import FLEET_PORT, FleetHost, Network, Pki, fleet_redis_server, fleet_secret
 from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ssw.redis_sink import RedisSink, RequestRecord
+from ssw.common.redis_sink import RedisSink, RequestRecord
 from tests.conftest import Stack, start_stack, stop_stack
 from tests.harness.stack import REPO, SSW_VENV, WORK_ROOT, RedisServer, http, wait_for
 from tests.harness.sysbox import SysBox

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .units import MAX_SOCKET_PATH, SOCKET_DIR_NAME_MAX, SOCKET_NAME
+from ssw.errors import ConfigError
+from ssw.loader.systemd.units import MAX_SOCKET_PATH, SOCKET_DIR_NAME_MAX, SOCKET_NAME
 
 
 class _Section(BaseModel):

@@ -16,17 +16,17 @@ from typing import Any
 import aiohttp
 import uvicorn
 
-from .auth import KeyRing
-from .batch_api import AsyncTier
-from .config import Config, Listen
-from .edge import edge_protocol
-from .gateway import FleetApp, Gateway, gateway_app, metrics_app, pool_metrics_app
-from .gateway_pool import GatewayPool, Reporter, child_slot, reuse_port_socket
-from .gpus import make_gpu_source
-from .loader import Loader, admin_app
-from .loader_client import LoaderClient
-from .notify import Notifier
-from .systemd import Systemd
+from ssw.batch.app import AsyncTier
+from ssw.common.auth import KeyRing
+from ssw.config import Config, Listen
+from ssw.gateway.edge import edge_protocol
+from ssw.gateway.handler import FleetApp, Gateway, gateway_app, metrics_app, pool_metrics_app
+from ssw.gateway.loader_client import LoaderClient
+from ssw.gateway.pool import GatewayPool, Reporter, child_slot, reuse_port_socket
+from ssw.loader.gpus import make_gpu_source
+from ssw.loader.role import Loader, admin_app
+from ssw.loader.systemd.bus import Systemd
+from ssw.notify import Notifier
 
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 2.0

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ssw.routes import Family
+from ssw.common.routes import Family
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -60,9 +60,9 @@ from pathlib import Path
 import fake_apis
 from aiohttp import web
 
-from ssw.capabilities import Shape, predict
-from ssw.registry import read_facts
-from ssw.routes import Family
+from ssw.common.routes import Family
+from ssw.loader.models.capabilities import Shape, predict
+from ssw.loader.models.registry import read_facts
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from ssw.admission import Admission, parse_body, too_deep
-from ssw.auth import KeyRing, Unauthorized, digest, new_secret, write_keys
+from ssw.common.auth import KeyRing, Unauthorized, digest, new_secret, write_keys
+from ssw.common.routes import ROUTES
 from ssw.config import Config
 from ssw.errors import BadRequest
-from ssw.routes import ROUTES
+from ssw.gateway.admission import Admission, parse_body, too_deep
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from ssw.batch_input import InvalidInput, line_body, read_lines
+from ssw.batch.input import InvalidInput, line_body, read_lines
 from ssw.errors import BadRequest, ModelNotFound
 
 ENDPOINT = "/v1/chat/completions"

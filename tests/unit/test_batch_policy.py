@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssw.batch_policy import Act, ModelState, View, decide
+from ssw.batch.policy import Act, ModelState, View, decide
 
 READY, LOADING, IDLE, GONE, FAILING = (
     ModelState.READY,

@@ -13,9 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ssw.batch_input import Line
-from ssw.batch_runner import ResultsCorrupt, Task, _append_synced, _check_result, fair_share
-from ssw.batch_store import Done
+from ssw.batch.input import Line
+from ssw.batch.runner import ResultsCorrupt, Task, _append_synced, _check_result, fair_share
+from ssw.batch.store import Done
 
 
 def result(custom_id: str) -> bytes:
@@ -38,7 +38,7 @@ def test_a_write_past_the_file_size_limit_leaves_the_segment_as_it_was(tmp_path:
         f"""
         import resource, sys
         from pathlib import Path
-        from ssw.batch_runner import _append_synced
+        from ssw.batch.runner import _append_synced
         segment = Path({str(segment)!r})
         first = b'{{"custom_id": "a"}}' + b"\\n"
         _append_synced(segment, first)

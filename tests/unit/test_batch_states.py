@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ssw.batch_states import (
+from ssw.batch.states import (
     BATCH_FINAL,
     BATCH_MOVES,
     BATCH_STAMPS,

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ssw.batch_states import BatchStatus, JobStatus
-from ssw.batch_store import PREFIX, BatchStore, Done
+from ssw.batch.states import BatchStatus, JobStatus
+from ssw.batch.store import PREFIX, BatchStore, Done
 from tests.harness.stack import RedisServer
 
 

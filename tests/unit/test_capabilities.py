@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ssw.capabilities import CLASSIFY, EMBED, GENERATE, SPEECH, Shape, predict, runner_and_convert
-from ssw.routes import Family
+from ssw.common.routes import Family
+from ssw.loader.models.capabilities import CLASSIFY, EMBED, GENERATE, SPEECH, Shape, predict, runner_and_convert
 
 
 @pytest.mark.parametrize(

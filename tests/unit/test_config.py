@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from ssw.config import Config, load_config
 from ssw.errors import ConfigError
-from ssw.registry import ModelOverride
+from ssw.loader.models.registry import ModelOverride
 from tests.harness.stack import REPO
 
 

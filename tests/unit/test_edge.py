@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 
 from ssw.config import LimitSettings
-from ssw.edge import edge_protocol
+from ssw.gateway.edge import edge_protocol
 
 LIMITS = LimitSettings(
     header_timeout_s=0.5,

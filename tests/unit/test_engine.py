@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ssw.config import Config
-from ssw.engine import vllm_argv, worker_unit
-from ssw.registry import ModelFacts, ModelSpec
-from ssw.vram import GB
+from ssw.loader.decide.vram import GB
+from ssw.loader.models.registry import ModelFacts, ModelSpec
+from ssw.loader.systemd.engine import vllm_argv, worker_unit
 
 SOCKET = Path("/run/ssw/workers/qwen3-8b_2-0123456789/http.sock")
 

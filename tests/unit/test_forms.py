@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ssw.errors import BadRequest
-from ssw.forms import parse_form
+from ssw.gateway.forms import parse_form
 
 CT = b"multipart/form-data; boundary=XyZ"
 AUDIO = b"RIFF\r\n--Xy\r\n\x00\xff"  # binary, with a near-boundary inside

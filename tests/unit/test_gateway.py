@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from ssw.contract import HostRecord, ModelView, Snapshot, WorkerView
+from ssw.common.contract import HostRecord, ModelView, Snapshot, WorkerView
+from ssw.common.states import WorkerState
 from ssw.errors import PayloadTooLarge, RequestTimeout
-from ssw.gateway import Names, bounded_body
-from ssw.lifecycle import WorkerState
+from ssw.gateway.handler import Names, bounded_body
 
 
 def worker(model: str, unit: str, state: WorkerState = WorkerState.READY, adapters: tuple[str, ...] = ()) -> WorkerView:

@@ -14,7 +14,7 @@ import pytest
 
 from ssw.config import GpuSettings, SimulatedGpu
 from ssw.errors import ConfigError
-from ssw.gpus import NvmlGpus, SimulatedGpus, make_gpu_source, unit_of_pid
+from ssw.loader.gpus import NvmlGpus, SimulatedGpus, make_gpu_source, unit_of_pid
 
 GB = 10**9
 
@@ -129,7 +129,7 @@ def test_unit_of_pid_reads_the_cgroup(tmp_path: Path, monkeypatch: pytest.Monkey
     def fake_path(p: str) -> Path:
         return real_path(str(tmp_path) + p) if p.startswith("/proc/42") else real_path(p)
 
-    monkeypatch.setattr("ssw.gpus.Path", fake_path)
+    monkeypatch.setattr("ssw.loader.gpus.Path", fake_path)
     assert unit_of_pid(42) == "ssw-worker@qwen3\\x2d8b:2.service"
     assert unit_of_pid(43) is None
 

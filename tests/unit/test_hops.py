@@ -8,7 +8,7 @@ import base64
 import orjson
 import pytest
 
-from ssw import hops
+from ssw.gateway import hops
 
 SECRET = b"s3cret-of-the-fleet"
 NOW = 1_800_000_000.0

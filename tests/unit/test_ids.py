@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from ssw.batch_api import WINDOW
-from ssw.batch_store import BATCH_ID, FILE_ID, JOB_ID
-from ssw.loader import JOB_ID as PULL_JOB_ID
-from ssw.registry import NAME_RE, valid_name
-from ssw.routes import RESPONSE_ID
+from ssw.batch.app import WINDOW
+from ssw.batch.store import BATCH_ID, FILE_ID, JOB_ID
+from ssw.common.routes import RESPONSE_ID
+from ssw.loader.models.registry import NAME_RE, valid_name
+from ssw.loader.role import JOB_ID as PULL_JOB_ID
 
 CASES = [
     (WINDOW, "24h"),

@@ -6,8 +6,7 @@ import re
 
 import pytest
 
-from ssw.config import PlacementSettings
-from ssw.lifecycle import (
+from ssw.common.states import (
     CRASH_WINDOW_S,
     LOAD_TRANSITIONS,
     TERMINAL,
@@ -24,6 +23,7 @@ from ssw.lifecycle import (
     recent,
     recover,
 )
+from ssw.config import PlacementSettings
 from tests.harness.stack import REPO
 
 W = WorkerState
@@ -140,4 +140,4 @@ def test_failures_outside_the_window_are_forgotten() -> None:
 def test_the_readme_shows_the_lifecycle_as_the_tables_say() -> None:
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```mermaid\n(.*?)```", readme, re.DOTALL)
-    assert mermaid() + "\n" in blocks, "README.md's lifecycle diagram differs from ssw.lifecycle; paste mermaid()"
+    assert mermaid() + "\n" in blocks, "README.md's lifecycle diagram differs from ssw.common.states; paste mermaid()"

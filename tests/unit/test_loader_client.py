@@ -13,12 +13,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from ssw.common.contract import LoadView, ModelView, Snapshot, WorkerView
+from ssw.common.states import LoadState, WorkerState
 from ssw.config import Config
-from ssw.contract import LoadView, ModelView, Snapshot, WorkerView
-from ssw.gateway import Gateway
-from ssw.lifecycle import LoadState, WorkerState
-from ssw.loader_client import LoaderClient
-from ssw.relay import Reply
+from ssw.gateway.handler import Gateway
+from ssw.gateway.loader_client import LoaderClient
+from ssw.gateway.relay import Reply
 
 
 class StubLoader:

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from ssw.lifecycle import IllegalTransition, LoadState
-from ssw.loads import LoadBook
+from ssw.common.states import IllegalTransition, LoadState
+from ssw.loader.workers.loads import LoadBook
 
 
 def test_a_record_moves_along_the_table_and_publishes() -> None:

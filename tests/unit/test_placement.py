@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ssw.errors import NoCapacity
-from ssw.placement import DeviceView, HostOption, Policy, Resident, choose_host, place
-from ssw.vram import VramNeed
+from ssw.loader.decide.placement import DeviceView, HostOption, Policy, Resident, choose_host, place
+from ssw.loader.decide.vram import VramNeed
 
 GB = 10**9
 

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from ssw.errors import BadRequest, ModelBusy
-from ssw.pulls import (
+from ssw.loader.models.pulls import (
     DEFAULT_PATTERNS,
     HubFile,
     Job,

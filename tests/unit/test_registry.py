@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from ssw.config import Config
-from ssw.engine import vllm_argv
 from ssw.errors import ConfigError, ModelNotFound
-from ssw.registry import family_defaults, read_facts, scan
+from ssw.loader.models.registry import family_defaults, read_facts, scan
+from ssw.loader.systemd.engine import vllm_argv
 from tests.conftest import QWEN2_CONFIG, make_model_dir
 from tests.harness.stack import REPO
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from ssw.accounting import Exchange
-from ssw.relay import _inspect, wrap_worker_error
-from ssw.routes import Dialect
+from ssw.common.routes import Dialect
+from ssw.gateway.accounting import Exchange
+from ssw.gateway.relay import _inspect, wrap_worker_error
 
 
 @pytest.mark.parametrize(

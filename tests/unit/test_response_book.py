@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from ssw.redis_sink import client
-from ssw.response_book import Holder, ResponseBook
+from ssw.common.redis_sink import client
+from ssw.gateway.response_book import Holder, ResponseBook
 from tests.harness.stack import RedisServer
 
 

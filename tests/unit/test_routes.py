@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssw.routes import ROUTES, Family, families_of_paths, inference_paths, is_inference_path, match
+from ssw.common.routes import ROUTES, Family, families_of_paths, inference_paths, is_inference_path, match
 
 
 @pytest.mark.parametrize(

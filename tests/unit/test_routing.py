@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ssw.routing import RoundRobin, least_outstanding
+from ssw.gateway.routing import RoundRobin, least_outstanding
 
 
 def test_round_robin_rotates_and_gives_failover_order() -> None:

@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 
-from ssw import engine
+from ssw.common.states import WorkerState
 from ssw.config import Config
-from ssw.gpus import make_gpu_source
-from ssw.lifecycle import WorkerState
-from ssw.registry import Registry
-from ssw.store import FactStore, Retiring
-from ssw.supervisor import DRAINED, Supervisor
-from ssw.systemd import UnitDetails, UnitStatus
-from ssw.workers import Worker
+from ssw.loader.gpus import make_gpu_source
+from ssw.loader.models.registry import Registry
+from ssw.loader.store import FactStore, Retiring
+from ssw.loader.systemd import engine
+from ssw.loader.systemd.bus import UnitDetails, UnitStatus
+from ssw.loader.workers.supervisor import DRAINED, Supervisor
+from ssw.loader.workers.table import Worker
 
 
 class FakeBus:

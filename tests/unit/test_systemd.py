@@ -7,7 +7,7 @@ from typing import Any
 
 from dbus_fast import Message, MessageType
 
-from ssw.systemd import MANAGER, MANAGER_PATH, Systemd
+from ssw.loader.systemd.bus import MANAGER, MANAGER_PATH, Systemd
 
 
 class FakeBus:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from ssw import tasks
+from ssw.common import tasks
 
 
 async def test_cancel_ends_each_task_and_skips_none() -> None:

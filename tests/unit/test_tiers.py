@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssw.tiers import Choice, Sleeper, Victim, choose, freed, over_budget, prewarm_order, ram_budget
+from ssw.loader.decide.tiers import Choice, Sleeper, Victim, choose, freed, over_budget, prewarm_order, ram_budget
 
 GB = 10**9
 

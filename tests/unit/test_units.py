@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from ssw.errors import BadRequest
-from ssw.systemd import unit_object_path
-from ssw.units import (
+from ssw.loader.systemd.bus import unit_object_path
+from ssw.loader.systemd.units import (
     MAX_SOCKET_PATH,
     SOCKET_DIR_NAME_MAX,
     SOCKET_NAME,

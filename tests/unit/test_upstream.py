@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from ssw.upstream import ConnectFailed, Limits, NoAnswer, Pool, ResponseFailed, fetch, request_head
+from ssw.common.upstream import ConnectFailed, Limits, NoAnswer, Pool, ResponseFailed, fetch, request_head
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from ssw.config import PlacementSettings
-from ssw.placement import DeviceView, place
-from ssw.registry import scan
-from ssw.vram import GB, kv_bytes_per_token, vram_need
+from ssw.loader.decide.placement import DeviceView, place
+from ssw.loader.decide.vram import GB, kv_bytes_per_token, vram_need
+from ssw.loader.models.registry import scan
 from tests.harness.stack import REPO
 from tests.seed_models import SEED_MODELS, make_seed_model
 from tests.unit.test_engine import spec as engine_spec

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 
 from ssw.errors import BadRequest
-from ssw.routing import RoundRobin, least_outstanding
-from ssw.waitqueue import QueueFull, WaitQueue, parse_priority
+from ssw.gateway.routing import RoundRobin, least_outstanding
+from ssw.gateway.waitqueue import QueueFull, WaitQueue, parse_priority
 
 
 async def test_waiters_are_released_in_priority_order_first_come_first_served_within_a_tier() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ssw.lifecycle import IllegalTransition, WorkerState
-from ssw.workers import Worker, WorkerTable, load_phases
+from ssw.common.states import IllegalTransition, WorkerState
+from ssw.loader.workers.table import Worker, WorkerTable, load_phases
 
 
 @pytest.mark.parametrize(

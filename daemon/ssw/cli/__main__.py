@@ -1,0 +1,5 @@
+import sys
+
+from ssw.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""The contract between the loader and its clients (the gateway, the CLI): what
+the loader publishes on ``GET /events`` and answers on ``GET /status``.
+
+One typed, versioned model used on both sides. ``epoch`` changes every time a
+loader starts, so a client recognises a restarted loader (whose ``seq`` starts
+again from 0) and asks again for what it was waiting for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ssw.common.states import LoadState, WorkerState
+
+CONTRACT_VERSION: Literal[1] = 1
+
+
+class _View(BaseModel):
+    # Fields a newer loader adds are ignored by an older client of the same version.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class WorkerView(_View):
+    unit: str
+    model: str
+    replica: int
+    state: WorkerState
+    state_reason: str = ""
+    state_for_s: float = 0.0
+    gpus: list[int]
+    socket: str
+    pinned: bool = False
+    vram_budget_bytes: int = 0
+    vram_measured_bytes: int | None = None
+    uptime_s: float = 0.0
+    idle_s: float = 0.0
+    adopted: bool = False
+    unit_active: bool = False
+    load_phases_s: dict[str, float] | None = None
+    load_marks: dict[str, float] = Field(default_factory=dict)  # when each step of its load happened (wall time)
+    adapters: list[str] = Field(default_factory=list)  # LoRA adapters loaded in it, by model name
+    sleep_mode: bool = False  # started with vLLM's sleep mode
+    sleep_level: int | None = None  # while sleeping: 1 (weights in host RAM) or 2 (weights dropped)
+    ram_bytes: int | None = None  # host memory of its unit (cgroup MemoryCurrent) when last read
+
+
+class LoadView(_View):
+    """A model's load record."""
+
+    state: LoadState = LoadState.IDLE
+    reason: str = ""
+    since: float = 0.0  # wall time the record entered this state
+    deadline: float | None = None  # wall time a backoff or cooldown ends
+    last_error: str | None = None
+    recent_failures: int = 0  # within the crash window
+
+
+class ModelView(_View):
+    aliases: list[str] = Field(default_factory=list)
+    pinned: bool = False
+    load: LoadView = Field(default_factory=LoadView)
+    load_seconds: float | None = None  # median of measured loads; None: never loaded here
+    wake_seconds: float | None = None  # median of measured wakes from sleep; None: never woke here
+    base: str | None = None  # a LoRA adapter: the model whose workers serve it
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    fallbacks: list[str] = Field(default_factory=list)
+    fallback_default: bool = False
+    scheduling_policy: str | None = None
+    max_tokens: int | None = None
+    # What it can serve (routes.Family values): measured from a worker that ran, else predicted.
+    capabilities: list[str] = Field(default_factory=list)
+    capabilities_measured: bool = False
+
+
+class Snapshot(_View):
+    version: Literal[1] = CONTRACT_VERSION
+    epoch: str  # a new value each time a loader starts
+    seq: int  # increases with every change within an epoch
+    models: dict[str, ModelView]
+    aliases: dict[str, str]
+    missing: dict[str, str] = Field(default_factory=dict)  # configured, files absent: name -> expected path
+    workers: list[WorkerView]
+
+
+class GpuView(_View):
+    index: int
+    uuid: str
+    name: str
+    simulated: bool
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_reserved_bytes: int
+    memory_releasing_bytes: int
+    memory_free_bytes: int
+    utilization_pct: int | None
+    temperature_c: int | None
+    power_w: float | None
+    workers: list[str]
+
+
+class ModelStatus(ModelView):
+    path: str
+    weight_bytes: int
+    vram_need_bytes: int
+    vram_need_source: str
+    measured_vram_bytes: int | None
+    unit: str
+    # Median cold start per set of start options tried (POST /coldstart), "{}" as configured.
+    cold_starts: dict[str, float] = Field(default_factory=dict)
+    cold_start_best: str | None = None
+
+
+class Status(_View):
+    """``GET /status``: the snapshot with everything an operator wants to see."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    epoch: str
+    seq: int
+    ssw_version: str
+    uptime_s: float
+    gpu_source: str
+    placement_policy: str
+    evictions_total: int
+    gpus: list[GpuView]
+    models: dict[str, ModelStatus]
+    aliases: dict[str, str]
+    missing: dict[str, str]
+    workers: list[WorkerView]
+
+
+class LoadAccepted(_View):
+    """``POST /load`` with ``wait: false``: where the load stands, as of which snapshot."""
+
+    model: str
+    load: LoadView
+    epoch: str
+    seq: int
+
+
+class Preview(_View):
+    """Where loading a model on a host would leave it (the fleet's placement input)."""
+
+    free_after_bytes: int  # free on the GPU it would take, after it and its evictions
+    victims: int  # workers it would evict
+
+
+class HostRecord(_View):
+    """One host of a fleet, as its loader publishes it to the fleet's Redis every heartbeat."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    host: str
+    url: str  # its gateway, as the other hosts reach it
+    epoch: str
+    at: float  # wall time of this heartbeat
+    gpus: list[GpuView]
+    models: dict[str, ModelView]
+    aliases: dict[str, str]
+    workers: list[WorkerView]
+    # Models on its disk that no worker serves: what loading each would take (None: it cannot).
+    previews: dict[str, Preview | None] = Field(default_factory=dict)

@@ -1,0 +1,196 @@
+"""Where a new worker goes, and which workers give way (pure: decisions over a
+snapshot of GPUs and resident workers, tested by tables)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from ssw.errors import NoCapacity
+from ssw.loader.decide.vram import GB, VramNeed
+
+Policy = Literal["spread", "pack"]
+MAX_TENSOR_PARALLEL = 8
+RELOAD_COST_STEP_S = 10.0
+# Up to this many candidates on one GPU, every subset is weighed (4,096 at most); beyond,
+# least recently used first until there is room.
+MAX_EXACT_EVICTION = 12
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    index: int
+    total: int
+    used: int  # in use now: ssw's workers and any other process
+    pending: int  # reserved by loads in flight and not yet in use
+    releasing: int = 0  # part of `used` held by workers that are draining or stopping
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used - self.pending
+
+    @property
+    def free_after_release(self) -> int:
+        """Free once the workers on their way out are gone (a start waits for them)."""
+        return self.free + self.releasing
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A worker that holds memory and might give way."""
+
+    unit: str
+    gpus: tuple[int, ...]
+    held: int  # bytes it counts for on each of its GPUs
+    last_used: float  # wall time of its last request
+    evictable: bool  # ready and not pinned
+    reload_cost: float  # seconds its model takes to load (measured, or a size-based guess)
+    asleep: bool = False  # holds only what a sleeping engine keeps; stopping it loses its warm state
+    keeps: int = 0  # bytes it may keep on its GPU once evicted (put to sleep: its CUDA context)
+
+    @property
+    def frees(self) -> int:
+        return max(self.held - self.keeps, 0)
+
+
+@dataclass(frozen=True)
+class Placement:
+    gpus: tuple[int, ...]
+    evict: tuple[str, ...] = ()
+    per_gpu_bytes: int = 0
+
+    @property
+    def tensor_parallel(self) -> int:
+        return len(self.gpus)
+
+
+def _pick(devices: Sequence[DeviceView], need: int, policy: Policy, after_release: bool = False) -> DeviceView:
+    def free(d: DeviceView) -> int:
+        return d.free_after_release if after_release else d.free
+
+    if policy == "pack":
+        # Best fit: the least room left over; the lowest index breaks ties.
+        return min(devices, key=lambda d: (free(d) - need, d.index))
+    return max(devices, key=lambda d: (free(d), -d.index))
+
+
+def _cost_step(victims: Sequence[Resident]) -> int:
+    # Reload costs compare in coarse steps, so noise in measured load times never
+    # overrides least-recently-used order.
+    return math.ceil(sum(v.reload_cost for v in victims) / RELOAD_COST_STEP_S)
+
+
+def _eviction_on(device: DeviceView, need: int, residents: Sequence[Resident]) -> tuple[list[Resident], bool]:
+    """The fewest evictable workers on this device that make room, counting what each
+    gives back (a worker put to sleep keeps its context); among as few, the cheapest to
+    bring back, then the longest unused; sleepers last (they hold little, and stopping
+    one loses a warm model). Returned least recently used first."""
+    free = device.free_after_release
+    candidates = sorted(
+        (r for r in residents if r.evictable and device.index in r.gpus), key=lambda r: (r.asleep, r.last_used)
+    )
+    if free + sum(r.frees for r in candidates) < need:
+        return candidates, False
+    if len(candidates) > MAX_EXACT_EVICTION:
+        chosen: list[Resident] = []
+        for r in candidates:
+            if free >= need:
+                break
+            chosen.append(r)
+            free += r.frees
+        return chosen, True
+    for k in range(1, len(candidates) + 1):
+        enough = [c for c in itertools.combinations(candidates, k) if free + sum(r.frees for r in c) >= need]
+        if enough:
+            best = min(enough, key=lambda c: (sum(r.asleep for r in c), _cost_step(c), max(r.last_used for r in c)))
+            return list(best), True
+    return [], free >= need
+
+
+def place(
+    need: VramNeed,
+    devices: Sequence[DeviceView],
+    residents: Sequence[Resident],
+    policy: Policy = "spread",
+    allowed: Sequence[int] | None = None,
+    tensor_parallel: bool = False,
+) -> Placement:
+    """A placement for one worker; NoCapacity (with the numbers) when none exists."""
+    candidates = [d for d in devices if allowed is None or d.index in allowed]
+    if not candidates:
+        raise NoCapacity(f"no GPU among {list(allowed or [])} exists on this host")
+    single = need.per_gpu(1)
+
+    fitting = [d for d in candidates if d.free >= single]
+    if fitting:
+        return Placement((_pick(fitting, single, policy).index,), (), single)
+    # Room that workers on their way out (unloaded, evicted) will give back: the
+    # start waits for them rather than evicting anyone else.
+    fitting = [d for d in candidates if d.free_after_release >= single]
+    if fitting:
+        return Placement((_pick(fitting, single, policy, after_release=True).index,), (), single)
+
+    # Evict on one GPU: the fewest workers, then the cheapest to bring back,
+    # then the longest unused.
+    options = []
+    for d in candidates:
+        victims, enough = _eviction_on(d, single, residents)
+        if enough:
+            options.append((len(victims), _cost_step(victims), max(v.last_used for v in victims), d.index, victims))
+    if options:
+        _, _, _, index, victims = min(options, key=lambda o: o[:4])
+        return Placement((index,), tuple(v.unit for v in victims), single)
+
+    if tensor_parallel:
+        n = 2
+        while n <= min(len(candidates), MAX_TENSOR_PARALLEL):
+            per = need.per_gpu(n)
+            roomy = sorted(
+                (d for d in candidates if d.free_after_release >= per), key=lambda d: (-d.free_after_release, d.index)
+            )
+            if len(roomy) >= n:
+                return Placement(tuple(sorted(d.index for d in roomy[:n])), (), per)
+            n *= 2
+
+    def achievable(d: DeviceView) -> int:
+        return d.free_after_release + sum(r.frees for r in residents if r.evictable and d.index in r.gpus)
+
+    best = max(candidates, key=achievable)
+    hint = "" if tensor_parallel else "; placement.tensor_parallel would split it across GPUs"
+    raise NoCapacity(
+        f"needs {single / GB:.1f} GB on one GPU ({need.source}), but at most {achievable(best) / GB:.1f} GB "
+        f"can be freed (GPU {best.index}, {best.total / GB:.1f} GB, evicting every unpinned idle worker){hint}"
+    )
+
+
+@dataclass(frozen=True)
+class HostOption:
+    """A host of the fleet that could serve a model that is ready nowhere."""
+
+    host: str
+    loading: bool  # a load of it is already under way there
+    free_after: int  # bytes free on the GPU it would take, after the evictions it needs
+    load_seconds: float | None  # measured there; None: never loaded there
+    victims: int
+
+
+def choose_host(options: Sequence[HostOption]) -> str | None:
+    """Where a model loads, fleet-wide: where it already loads; else the most free
+    VRAM after the evictions it needs, then the fastest measured load, then the
+    fewest victims (name breaks ties, so every gateway decides alike)."""
+    if not options:
+        return None
+    best = min(
+        options,
+        key=lambda o: (
+            not o.loading,
+            -o.free_after,
+            o.load_seconds if o.load_seconds is not None else math.inf,
+            o.victims,
+            o.host,
+        ),
+    )
+    return best.host

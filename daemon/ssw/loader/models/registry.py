@@ -1,0 +1,547 @@
+"""The model registry: what is on disk under the models dir, merged with the
+operator's ``models.yaml``, with aliases resolved.
+
+Scanning reads files and is meant to run in a thread; everything else here is
+pure and works on the resulting :class:`Registry` snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ssw.errors import ConfigError, ModelNotFound
+from ssw.loader.models.capabilities import Shape
+
+log = logging.getLogger(__name__)
+
+# What may name a model or an alias. It keeps names safe as path parts and as
+# the readable part of unit names; anything else a client sends is refused
+# before it gets near the file system or systemd.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+MAX_SCAN_DEPTH = 2  # models_dir/<model> and models_dir/<org>/<model>
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+ADAPTER_CONFIG = "adapter_config.json"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as --max-lora-rank
+DEFAULT_MAX_LORAS = 4
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.match(name) is not None and ".." not in name
+
+
+class ModelOverride(BaseModel):
+    """One entry of models.yaml. Unset fields fall back to facts and family defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str | None = Field(default=None, description="Directory under models_dir (default: the model's name).")
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
+    pinned: bool = Field(default=False, description="Loaded at start, never evicted, always restarted.")
+    vram_gb: float | None = Field(
+        default=None, gt=0, description="VRAM the worker may use, in GB; wins over estimates."
+    )
+    max_model_len: int | None = Field(default=None, gt=0, description="vLLM --max-model-len.")
+    max_num_seqs: int | None = Field(default=None, gt=0, description="vLLM --max-num-seqs (concurrency).")
+    tool_call_parser: str | None = Field(default=None, description="Tool-call parser; 'none' turns the default off.")
+    reasoning_parser: str | None = Field(default=None, description="Reasoning parser; 'none' turns the default off.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Defaults the gateway adds to chat requests unless the client set them."
+    )
+    extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments for this model.")
+    replicas: int = Field(default=1, ge=1, le=16, description="Workers to run for this model.")
+    max_tokens: int | None = Field(
+        default=None, gt=0, description="The largest max_tokens a request may ask of this model (400 beyond)."
+    )
+    gpus: list[int] | None = Field(
+        default=None, description="GPU of each replica, in order (cycled); default: placement decides."
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list, description="Models or aliases that may serve when this one cannot."
+    )
+    fallback_default: bool = Field(
+        default=False, description="Use the fallbacks without the client asking (X-SSW-Fallback: true)."
+    )
+    runner: Literal["auto", "generate", "pooling"] = Field(
+        default="auto",
+        description="vLLM --runner: 'pooling' serves a generative architecture as an embedding or "
+        "classification model (with convert); auto: as vLLM decides from the architecture.",
+    )
+    convert: Literal["auto", "none", "embed", "classify"] = Field(
+        default="auto", description="vLLM --convert: how a pooling runner adapts the model (embed, classify)."
+    )
+    scheduling_policy: Literal["fcfs", "priority"] | None = Field(
+        default=None, description="vLLM --scheduling-policy; 'priority' passes X-SSW-Priority on to vLLM."
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for this model's workers.")
+    sleep: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Start workers with vLLM's sleep mode, so that eviction and idle_ttl_s put them to sleep "
+        "instead of stopping them; auto: on GPU hosts (NVML), off on the CPU, where vLLM refuses it. Pinned "
+        "models sleep only when this is true.",
+    )
+    idle_ttl_s: float | None = Field(
+        default=None, gt=0, description="After this long without a request its workers sleep (or stop)."
+    )
+    preload: bool = Field(default=False, description="Loaded when the loader starts; unlike pinned, may be evicted.")
+    enforce_eager: bool | None = Field(
+        default=None, description="vLLM --enforce-eager: no CUDA graphs or torch.compile; starts faster, serves slower."
+    )
+    load_format: str | None = Field(
+        default=None, description="vLLM --load-format (e.g. 'safetensors', 'runai_streamer', 'fastsafetensors')."
+    )
+    compilation_config: dict[str, Any] | None = Field(
+        default=None, description="vLLM --compilation-config (e.g. {level: 0} to skip compilation)."
+    )
+    base: str | None = Field(
+        default=None,
+        description="For a LoRA adapter: the model whose workers serve it (default: from its adapter_config.json).",
+    )
+    max_loras: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="For a base model: adapters loaded at once per worker (vLLM --max-loras).",
+    )
+    max_lora_rank: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="For a base model: the largest adapter rank (default: from the adapters).",
+    )
+    python: str | None = Field(
+        default=None,
+        description="Python of the vLLM environment this model runs with (default: vllm.python), for a model "
+        "that needs another vLLM version; absolute, or relative to the models file.",
+    )
+
+    @field_validator("aliases")
+    @classmethod
+    def _aliases_are_names(cls, value: list[str]) -> list[str]:
+        for alias in value:
+            if not valid_name(alias):
+                raise ValueError(f"alias {alias!r} is not a valid name ({NAME_RE.pattern})")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _relative_path(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith("/") or ".." in Path(value).parts):
+            raise ValueError("must be a path relative to models_dir without '..'")
+        return value
+
+
+class ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: dict[str, ModelOverride] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What config.json and the weight files say; None where they do not say."""
+
+    architectures: tuple[str, ...] = ()
+    model_type: str | None = None
+    quantization: str | None = None
+    dtype: str | None = None
+    num_layers: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int | None = None
+    weight_bytes: int = 0
+    num_labels: int | None = None  # a classifier's outputs (1: a cross-encoder that scores)
+    sentence_transformers: bool = False  # modules.json: vLLM pools such a directory
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: Path
+    facts: ModelFacts
+    aliases: tuple[str, ...] = ()
+    pinned: bool = False
+    vram_gb: float | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    extra_args: tuple[str, ...] = ()
+    replicas: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    gpus: tuple[int, ...] | None = None
+    max_tokens: int | None = None
+    fallbacks: tuple[str, ...] = ()
+    fallback_default: bool = False
+    scheduling_policy: str | None = None
+    python: Path | None = None
+    runner: str = "auto"
+    convert: str = "auto"
+    sleep: Literal["auto"] | bool = "auto"
+    idle_ttl_s: float | None = None
+    preload: bool = False
+    enforce_eager: bool | None = None
+    load_format: str | None = None
+    compilation_config: dict[str, Any] | None = None
+    base: str | None = None  # a LoRA adapter: the model whose workers serve it
+    lora_rank: int | None = None  # an adapter's rank (adapter_config.json's r)
+    # A base model with adapters: (max_loras, max_lora_rank) for vLLM; None: LoRA off.
+    lora: tuple[int, int] | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
+
+    @property
+    def shape(self) -> Shape:
+        f = self.facts
+        return Shape(f.architectures, f.sentence_transformers, f.num_labels, self.runner, self.convert)
+
+    @property
+    def fingerprint(self) -> str:
+        """What decides the routes its workers mount: measured routes hold while it is unchanged."""
+        return json.dumps(
+            [list(self.facts.architectures), self.runner, self.convert, list(self.extra_args), str(self.python or "")]
+        )
+
+
+@dataclass(frozen=True)
+class Registry:
+    models: dict[str, ModelSpec]
+    aliases: dict[str, str]
+    # Configured in models.yaml but with no files on this host: name -> expected path.
+    missing: dict[str, Path] = field(default_factory=dict)
+    # Every alias models.yaml names, also those of missing models: no directory may take one.
+    configured_aliases: frozenset[str] = frozenset()
+
+    def name_taken(self, name: str) -> str | None:
+        """Why a new model directory may not be called ``name``, or None."""
+        if name in self.configured_aliases:
+            return "is an alias in models.yaml"
+        if name in self.models or name in self.missing:
+            return "is a model's name already"
+        return None
+
+    def known_names(self) -> list[str]:
+        return sorted(self.models) + sorted(self.aliases)
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The model a name or alias means; ModelNotFound (listing the alternatives) otherwise."""
+        spec = self.models.get(name)
+        if spec is None and name in self.aliases:
+            spec = self.models.get(self.aliases[name])
+        if spec is None:
+            raise ModelNotFound(name, self.known_names())
+        return spec
+
+
+# --- family defaults -------------------------------------------------------------
+
+
+def family_defaults(name: str, facts: ModelFacts) -> dict[str, Any]:
+    """Parser and chat-template defaults by model family; models.yaml overrides them."""
+    model_type = (facts.model_type or "").lower()
+    archs = " ".join(facts.architectures).lower()
+    lowered = name.lower() + " " + archs
+    out: dict[str, Any] = {}
+    if model_type.startswith("qwen") or "qwen" in archs:
+        out["tool_call_parser"] = "hermes"
+    elif model_type == "llama" or "llama" in archs:
+        out["tool_call_parser"] = "llama3_json"
+    elif model_type.startswith("mistral") or "mistral" in archs:
+        out["tool_call_parser"] = "mistral"
+    if model_type.startswith("qwen3") or "qwen3" in archs:
+        out["chat_template_kwargs"] = {"enable_thinking": False}
+    if "deepseek-r1" in lowered or "deepseek_r1" in lowered:
+        out["reasoning_parser"] = "deepseek_r1"
+    return out
+
+
+# --- scanning (blocking I/O; run in a thread) -----------------------------------
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def read_facts(model_dir: Path) -> ModelFacts:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError("config.json is not an object")
+    # Multimodal configs keep the language model's shape under text_config.
+    nested = cfg.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else cfg
+    heads = _int(text.get("num_attention_heads"))
+    hidden = _int(text.get("hidden_size"))
+    head_dim = _int(text.get("head_dim"))
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads
+    quant = cfg.get("quantization_config")
+    archs = cfg.get("architectures") or []
+    labels = cfg.get("id2label")
+    num_labels = _int(cfg.get("num_labels")) or (len(labels) if isinstance(labels, dict) and labels else None)
+    return ModelFacts(
+        architectures=tuple(a for a in archs if isinstance(a, str)),
+        model_type=cfg.get("model_type") if isinstance(cfg.get("model_type"), str) else None,
+        quantization=quant.get("quant_method") if isinstance(quant, dict) else None,
+        dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or text.get("torch_dtype") or "") or None,
+        num_layers=_int(text.get("num_hidden_layers")),
+        num_kv_heads=_int(text.get("num_key_value_heads")) or heads,
+        head_dim=head_dim,
+        max_position_embeddings=_int(text.get("max_position_embeddings")),
+        weight_bytes=weight_bytes(model_dir),
+        num_labels=num_labels,
+        sentence_transformers=(model_dir / "modules.json").is_file(),
+    )
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the weight files vLLM would load (safetensors preferred, as vLLM does)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            return sum((model_dir / n).stat().st_size for n in names if (model_dir / n).is_file())
+        except (ValueError, OSError):
+            pass
+    for suffixes in ((".safetensors",), WEIGHT_SUFFIXES):
+        files = [p for p in model_dir.iterdir() if p.is_file() and p.name.endswith(suffixes)]
+        if files:
+            return sum(p.stat().st_size for p in files)
+    return 0
+
+
+def _has_weights(model_dir: Path) -> bool:
+    return any(p.name.endswith(WEIGHT_SUFFIXES) for p in model_dir.iterdir())
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """A LoRA adapter as peft saves one: adapter_config.json and its weights."""
+    return (path / ADAPTER_CONFIG).is_file() and any(
+        (path / f"adapter_model{suffix}").is_file() for suffix in (".safetensors", ".bin")
+    )
+
+
+def read_adapter(path: Path) -> tuple[str | None, int | None]:
+    """(base_model_name_or_path, rank) from adapter_config.json."""
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{ADAPTER_CONFIG} is not an object")
+    base = cfg.get("base_model_name_or_path")
+    return (base if isinstance(base, str) and base else None), _int(cfg.get("r"))
+
+
+def lora_rank_for(ranks: list[int]) -> int:
+    """vLLM's --max-lora-rank takes one of a few values: the smallest that holds every adapter."""
+    need = max(ranks, default=8)
+    return next((r for r in LORA_RANKS if r >= need), LORA_RANKS[-1])
+
+
+def discover(models_dir: Path) -> dict[str, Path]:
+    """Model directories under models_dir (config.json plus weights, or a LoRA adapter),
+    keyed by relative path."""
+    found: dict[str, Path] = {}
+    if not models_dir.is_dir():
+        return found
+
+    def walk(directory: Path, depth: int) -> None:
+        try:
+            children = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for child in children:
+            try:
+                if ((child / "config.json").is_file() and _has_weights(child)) or is_adapter_dir(child):
+                    found[child.relative_to(models_dir).as_posix()] = child
+                elif depth < MAX_SCAN_DEPTH:
+                    walk(child, depth + 1)
+            except OSError as exc:
+                log.warning("skipping %s: %s", child, exc)
+
+    walk(models_dir, 1)
+    return found
+
+
+def load_models_file(path: Path) -> ModelsFile:
+    if not path.exists():
+        return ModelsFile()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return ModelsFile.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except ValidationError as exc:
+        lines = [f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride, base: Path) -> ModelSpec:
+    defaults = family_defaults(name, facts)
+
+    def parser(value: str | None, key: str) -> str | None:
+        chosen = value if value is not None else defaults.get(key)
+        return None if chosen in (None, "none") else chosen
+
+    return ModelSpec(
+        name=name,
+        path=path,
+        facts=facts,
+        aliases=tuple(ov.aliases),
+        pinned=ov.pinned,
+        vram_gb=ov.vram_gb,
+        max_model_len=ov.max_model_len,
+        max_num_seqs=ov.max_num_seqs,
+        tool_call_parser=parser(ov.tool_call_parser, "tool_call_parser"),
+        reasoning_parser=parser(ov.reasoning_parser, "reasoning_parser"),
+        chat_template_kwargs=dict(
+            ov.chat_template_kwargs if ov.chat_template_kwargs is not None else defaults.get("chat_template_kwargs", {})
+        ),
+        extra_args=tuple(ov.extra_args),
+        replicas=ov.replicas,
+        env=dict(ov.env),
+        gpus=tuple(ov.gpus) if ov.gpus is not None else None,
+        max_tokens=ov.max_tokens,
+        fallbacks=tuple(ov.fallbacks),
+        fallback_default=ov.fallback_default,
+        scheduling_policy=ov.scheduling_policy,
+        python=(base / ov.python) if ov.python else None,
+        runner=ov.runner,
+        convert=ov.convert,
+        sleep=ov.sleep,
+        idle_ttl_s=ov.idle_ttl_s,
+        preload=ov.preload,
+        enforce_eager=ov.enforce_eager,
+        load_format=ov.load_format,
+        compilation_config=ov.compilation_config,
+    )
+
+
+def find_base(ref: str, models: dict[str, ModelSpec], models_dir: Path) -> str | None:
+    """The model an adapter's base_model_name_or_path means on this host: a model of that
+    name, or whose directory is that path (relative, absolute, or the hub id's last part)."""
+    if ref in models and not models[ref].is_adapter:
+        return ref
+    bases = {n: s for n, s in models.items() if not s.is_adapter}
+    for test in (
+        lambda s: s.path == Path(ref),
+        lambda s: s.path == models_dir / ref,
+        lambda s: s.path.name == ref.rstrip("/").rsplit("/", 1)[-1],
+    ):
+        found = sorted(n for n, spec in bases.items() if test(spec))
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def _add_adapters(
+    models: dict[str, ModelSpec],
+    missing: dict[str, Path],
+    adapters: list[tuple[str, Path, ModelOverride]],
+    overrides: dict[str, ModelOverride],
+    models_dir: Path,
+    models_file: Path,
+) -> None:
+    """Adapters become models served by their base's workers; bases with adapters (or
+    max_loras in models.yaml) get LoRA turned on, sized for the adapters present."""
+    ranks: dict[str, list[int]] = {}
+    for name, path, ov in adapters:
+        try:
+            ref, rank = read_adapter(path)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping adapter %s: %s", path, exc)
+            missing[name] = path
+            continue
+        base = ov.base or (find_base(ref, models, models_dir) if ref else None)
+        if base is None or base not in models or models[base].is_adapter:
+            log.warning(
+                "adapter %s (%s): no base model for %r on this host; name one with models.yaml's base",
+                name,
+                path,
+                ov.base or ref,
+            )
+            missing[name] = path
+            continue
+        spec = _spec(name, path, models[base].facts, ov, models_file.parent)
+        models[name] = dataclasses.replace(spec, base=base, lora_rank=rank)
+        ranks.setdefault(base, []).append(rank or 8)
+    for name, spec in list(models.items()):
+        ov = overrides.get(name, ModelOverride())
+        if spec.is_adapter or (name not in ranks and ov.max_loras is None):
+            continue
+        present = ranks.get(name, [])
+        rank = lora_rank_for([*present, *([ov.max_lora_rank] if ov.max_lora_rank else [])])
+        models[name] = dataclasses.replace(
+            spec, lora=(ov.max_loras or min(max(len(present), 1), DEFAULT_MAX_LORAS), rank)
+        )
+
+
+def scan(models_dir: Path, models_file: Path) -> Registry:
+    """Build the registry from disk. Configuration errors raise ConfigError naming the key."""
+    overrides = load_models_file(models_file).models
+    for name in overrides:
+        if not valid_name(name):
+            raise ConfigError(f"{models_file}: models.{name}: not a valid model name ({NAME_RE.pattern})")
+    configured_aliases = frozenset(a for ov in overrides.values() for a in ov.aliases)
+    dirs = discover(models_dir)
+    models: dict[str, ModelSpec] = {}
+    missing: dict[str, Path] = {}
+    claimed: set[str] = set()
+    adapters: list[tuple[str, Path, ModelOverride]] = []  # resolved once every base is known
+    for name, ov in overrides.items():
+        rel = ov.path or name
+        claimed.add(rel)
+        path = dirs.get(rel)
+        if path is None:
+            missing[name] = models_dir / rel
+            continue
+        if is_adapter_dir(path):
+            adapters.append((name, path, ov))
+            continue
+        try:
+            models[name] = _spec(name, path, read_facts(path), ov, models_file.parent)
+        except (OSError, ValueError) as exc:
+            log.warning("model %s: cannot read %s: %s", name, path / "config.json", exc)
+            missing[name] = path
+    for rel, path in dirs.items():
+        if rel in claimed:
+            continue
+        name = rel.replace("/", "--")
+        if not valid_name(name) or name in models or name in overrides:
+            log.warning("skipping model directory %s: %r is not usable as a model name", path, name)
+            continue
+        if name in configured_aliases:
+            # One stray directory must not fail every scan: the alias keeps its meaning.
+            log.warning("skipping model directory %s: %r is an alias in %s", path, name, models_file)
+            continue
+        if is_adapter_dir(path):
+            adapters.append((name, path, ModelOverride()))
+            continue
+        try:
+            models[name] = _spec(name, path, read_facts(path), ModelOverride(), models_file.parent)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping model directory %s: %s", path, exc)
+
+    _add_adapters(models, missing, adapters, overrides, models_dir, models_file)
+
+    aliases: dict[str, str] = {}
+    for name, ov in overrides.items():
+        for alias in ov.aliases:
+            if alias in overrides or alias in models:
+                raise ConfigError(f"{models_file}: models.{name}.aliases: {alias!r} is already a model name")
+            if alias in aliases:
+                raise ConfigError(
+                    f"{models_file}: models.{name}.aliases: {alias!r} is already an alias of {aliases[alias]!r}"
+                )
+            aliases[alias] = name
+    # An alias of a model whose files are absent stays out: it must never route elsewhere.
+    aliases = {a: m for a, m in aliases.items() if m in models}
+    return Registry(models=models, aliases=aliases, missing=missing, configured_aliases=configured_aliases)
