@@ -17,7 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ssw.errors import ConfigError
-from ssw.loader.systemd.units import MAX_SOCKET_PATH, SOCKET_DIR_NAME_MAX, SOCKET_NAME
+
+# Where a worker's socket lives: workers.socket_dir/<unit's directory>/http.sock. The
+# directory's name is a readable part of the unit's name and a digest (at most
+# SOCKET_DIR_NAME_MAX long); the whole path must fit a socket address.
+SOCKET_NAME = "http.sock"
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+SOCKET_DIR_NAME_MAX = 24 + 1 + 10
 
 
 class _Section(BaseModel):

@@ -19,8 +19,9 @@ import uvicorn
 from ssw.batch.app import AsyncTier
 from ssw.common.auth import KeyRing
 from ssw.config import Config, Listen
+from ssw.gateway.app import FleetApp, gateway_app, metrics_app, pool_metrics_app
 from ssw.gateway.edge import edge_protocol
-from ssw.gateway.handler import FleetApp, Gateway, gateway_app, metrics_app, pool_metrics_app
+from ssw.gateway.handler import Gateway
 from ssw.gateway.loader_client import LoaderClient
 from ssw.gateway.pool import GatewayPool, Reporter, child_slot, reuse_port_socket
 from ssw.loader.gpus import make_gpu_source

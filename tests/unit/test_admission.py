@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from ssw.common.auth import KeyRing, Unauthorized, digest, new_secret, write_keys
+from ssw.common.bodies import parse_body, too_deep
 from ssw.common.routes import ROUTES
 from ssw.config import Config
 from ssw.errors import BadRequest
-from ssw.gateway.admission import Admission, parse_body, too_deep
+from ssw.gateway.admission import Admission
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ import pytest
 from ssw.common.contract import HostRecord, ModelView, Snapshot, WorkerView
 from ssw.common.states import WorkerState
 from ssw.errors import PayloadTooLarge, RequestTimeout
-from ssw.gateway.handler import Names, bounded_body
+from ssw.gateway.app import bounded_body
+from ssw.gateway.names import Names
 
 
 def worker(model: str, unit: str, state: WorkerState = WorkerState.READY, adapters: tuple[str, ...] = ()) -> WorkerView:

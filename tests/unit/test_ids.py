@@ -9,8 +9,8 @@ import pytest
 
 from ssw.batch.app import WINDOW
 from ssw.batch.store import BATCH_ID, FILE_ID, JOB_ID
+from ssw.common.contract import NAME_RE, valid_name
 from ssw.common.routes import RESPONSE_ID
-from ssw.loader.models.registry import NAME_RE, valid_name
 from ssw.loader.role import JOB_ID as PULL_JOB_ID
 
 CASES = [

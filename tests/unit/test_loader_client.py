@@ -160,7 +160,7 @@ async def test_a_restarted_loader_is_asked_again_for_the_load_its_waiters_need(s
         async def send(message: Any) -> None:
             raise AssertionError("nothing is sent while a plain request waits")
 
-        waiting = asyncio.ensure_future(gw.workers_for("m", "wait", "interactive", Reply(send), False))
+        waiting = asyncio.ensure_future(gw.availability.workers_for("m", "wait", "interactive", Reply(send), False))
         await until(lambda: loader.loads == ["m"] and gw.queue.depth("m") == 1)
         # The loader dies with the load; the new one (a new epoch, its seq from 0) knows nothing of it.
         await loader.restart()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ssw.errors import NoCapacity
-from ssw.loader.decide.placement import DeviceView, HostOption, Policy, Resident, choose_host, place
+from ssw.gateway.fleet import HostOption, choose_host
+from ssw.loader.decide.placement import DeviceView, Policy, Resident, place
 from ssw.loader.decide.vram import VramNeed
 
 GB = 10**9

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssw.gateway.metrics import label_host
+from ssw.common.prom import label_host
 
 
 @pytest.mark.parametrize(

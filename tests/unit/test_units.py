@@ -4,12 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from ssw.config import MAX_SOCKET_PATH, SOCKET_DIR_NAME_MAX, SOCKET_NAME
 from ssw.errors import BadRequest
 from ssw.loader.systemd.bus import unit_object_path
 from ssw.loader.systemd.units import (
-    MAX_SOCKET_PATH,
-    SOCKET_DIR_NAME_MAX,
-    SOCKET_NAME,
     WorkerUnit,
     escape,
     instance_for,

@@ -28,14 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from ssw.batch.input import ENDPOINTS, read_lines
+from ssw.batch.metrics import BatchMetrics
 from ssw.batch.runner import Runner
 from ssw.batch.states import BatchStatus, JobStatus
 from ssw.batch.store import BatchStore, file_view
 from ssw.common.auth import ApiKey
 from ssw.common.routes import Route, match
+from ssw.common.serving import Serving
 from ssw.config import Config
-from ssw.errors import BadRequest, NotServed, PayloadTooLarge, SswError, clip
-from ssw.gateway.handler import Gateway
+from ssw.errors import BadRequest, PayloadTooLarge, SswError, clip
 
 log = logging.getLogger(__name__)
 WINDOW = re.compile(r"^(\d{1,6})([smhd])\Z")
@@ -68,7 +69,7 @@ class BatchCreate(BaseModel):
 class AsyncTier:
     """Files, batches and async jobs: the store, the runner, and their routes."""
 
-    def __init__(self, cfg: Config, gw: Gateway, store: BatchStore, runner: Runner) -> None:
+    def __init__(self, cfg: Config, gw: Serving, store: BatchStore, runner: Runner) -> None:
         self.cfg = cfg
         self.settings = cfg.batch
         self.gw = gw
@@ -77,10 +78,10 @@ class AsyncTier:
         gw.on_async = self.accept_job
 
     @classmethod
-    async def create(cls, cfg: Config, gw: Gateway) -> AsyncTier:
+    async def create(cls, cfg: Config, gw: Serving) -> AsyncTier:
         store = BatchStore(cfg.redis_url, cfg.batch.dir, cfg.batch.retain_s)
         await asyncio.to_thread(store.prepare)
-        runner = Runner(cfg, gw, store, gw.metrics)
+        runner = Runner(cfg, gw, store, BatchMetrics(gw.metrics_registry))
         return cls(cfg, gw, store, runner)
 
     def start(self) -> None:
@@ -91,7 +92,7 @@ class AsyncTier:
         await self.store.close()
 
     def _owner(self, request: Request) -> tuple[ApiKey | None, str]:
-        key = self.gw.admission.authenticate(request.headers.raw)
+        key = self.gw.authenticate(request.headers.raw)
         return key, key.name if key else ""
 
     # --- files ---------------------------------------------------------------------------
@@ -216,23 +217,9 @@ class AsyncTier:
     def _checker(self, key: ApiKey | None, route: Route) -> Any:
         """The synchronous route's admission rules for one line's body: the model it
         resolves to (in the key's scope, able to serve the route), within its limits."""
-        names = self.gw.names
 
         def check(body: dict[str, Any]) -> str:
-            asked = body.get("model")
-            if not isinstance(asked, str):
-                raise BadRequest("'model' must be a string naming a model or alias")
-            try:
-                resolved: str | None = names.resolve(asked)
-            except SswError:
-                resolved = None
-            self.gw.admission.check_scope(key, asked, resolved, names.resolve)
-            model = names.resolve(asked)
-            entry = names.models[model]
-            if route.family not in entry.capabilities:
-                raise NotServed(f"'{model}' does not serve {route.path}")
-            self.gw.admission.validate(body, route, entry.max_tokens)
-            return model
+            return self.gw.admit_line(key, route, body)
 
         return check
 

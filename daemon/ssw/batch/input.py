@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from ssw.common.bodies import too_deep
 from ssw.errors import BadRequest, SswError
-from ssw.gateway.admission import too_deep
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_CUSTOM_ID = 512

@@ -32,16 +32,16 @@ from typing import Any
 import orjson
 
 from ssw.batch.input import Line, line_body, read_lines
+from ssw.batch.metrics import BatchMetrics
 from ssw.batch.policy import Act, ModelState, View, decide
 from ssw.batch.states import BATCH_FINAL, BatchStatus, JobStatus
 from ssw.batch.store import BatchStore, Done, StoreUnavailable, write_durably
 from ssw.common.probes import Probes
 from ssw.common.routes import match
+from ssw.common.serving import Answer, Serving
 from ssw.common.states import LoadState
 from ssw.config import Config
 from ssw.errors import LoaderUnavailable, ModelNotFound, SswError, WouldEvict
-from ssw.gateway.handler import Answer, Gateway
-from ssw.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 TICK_S = 0.5
@@ -85,7 +85,7 @@ class BatchWork:
 
 
 class Runner:
-    def __init__(self, cfg: Config, gw: Gateway, store: BatchStore, metrics: GatewayMetrics) -> None:
+    def __init__(self, cfg: Config, gw: Serving, store: BatchStore, metrics: BatchMetrics) -> None:
         self.cfg = cfg
         self.settings = cfg.batch
         self.gw = gw
@@ -303,7 +303,7 @@ class Runner:
             )
 
     def _resolver(self) -> Any:
-        names = self.gw.loader.snapshot and self.gw.names
+        names = self.gw.snapshot and self.gw.names
 
         def resolve(name: str) -> str:
             if not names:
@@ -337,7 +337,7 @@ class Runner:
     # --- running --------------------------------------------------------------------------
 
     def _model_state(self, model: str) -> ModelState:
-        snap = self.gw.loader.snapshot
+        snap = self.gw.snapshot
         if snap is None:
             return ModelState.LOADING
         names = self.gw.names
@@ -361,7 +361,7 @@ class Runner:
                 state=self._model_state(model),
                 pending=sum(len(q) for q in ready),
                 running=self.running.get(model, 0),
-                interactive_queued=self.queued.get(model, 0) + self.gw.queue.depth(model),
+                interactive_queued=self.queued.get(model, 0) + self.gw.interactive_queued(model),
                 refused_until=self.refused_until.get(model, 0.0),
                 now=now,
             )
@@ -393,7 +393,7 @@ class Runner:
 
     async def _ask_load(self, model: str) -> None:
         try:
-            await self.gw.loader.request_load(model, protect_s=self.settings.protect_interactive_s)
+            await self.gw.request_load(model, protect_s=self.settings.protect_interactive_s)
             log.info("batch runner: loading %s for batch work", model)
             self._refused.discard(model)
         except WouldEvict as exc:
@@ -443,7 +443,7 @@ class Runner:
         assert found is not None
         if self.cfg.auth.enabled:
             # As of the key file's last reload (the gateway re-reads it: SIGHUP, or when it changes).
-            key = self.gw.keys.named(owner)
+            key = self.gw.key_named(owner)
             if key is None:
                 return _answer(401, "invalid_api_key", "the API key that submitted this request was revoked")
         else:
@@ -491,7 +491,7 @@ class Runner:
             await self._fail_batch(work, "results_unwritable", f"a result could not be written: {exc}")
             return
         if await self.store.finish_line(work.id, line.index, done):
-            self.metrics.batch_lines.labels(task.model, "completed" if ok else "failed").inc()
+            self.metrics.lines.labels(task.model, "completed" if ok else "failed").inc()
 
     async def _append(self, work: BatchWork, data: bytes, ok: bool) -> Done:
         """Append a result to this runner's segment, on disk before it counts. Its offset
@@ -535,7 +535,7 @@ class Runner:
         ok = 200 <= answer.status < 300
         response = {"status_code": answer.status, "request_id": _request_id(answer), "body": _json(answer.body)}
         await self._end_job(job_id, JobStatus.SUCCEEDED if ok else JobStatus.FAILED, response, None)
-        self.metrics.batch_lines.labels(task.model, "completed" if ok else "failed").inc()
+        self.metrics.lines.labels(task.model, "completed" if ok else "failed").inc()
 
     async def _end_job(
         self, job_id: str, status: JobStatus, response: dict[str, Any] | None, error: dict[str, Any] | None
@@ -628,22 +628,22 @@ class Runner:
             if not self.holding:
                 continue
             busy = {m for m, n in self.running.items() if n} | set(self._pending())
-            names = self.gw.loader.snapshot and self.gw.names
+            names = self.gw.snapshot and self.gw.names
             queued: dict[str, int] = {}
             for model in busy:
                 workers = names.ready.get(model, []) if names else []
                 counts = await asyncio.gather(*(self._probes.waiting(Path(w.socket)) for w in workers))
                 queued[model] = sum(n or 0 for n in counts)
                 if queued[model] and not self.queued.get(model):
-                    self.metrics.batch_yields.labels(model).inc()
+                    self.metrics.yields.labels(model).inc()
                     log.info("batch runner: %s has %d queued requests; batch lines wait", model, queued[model])
             self.queued = queued
 
     def _publish(self) -> None:
         pending = self._pending()
         for model in set(pending) | set(self.running) | self._published:
-            self.metrics.batch_queued.labels(model).set(sum(len(q) for q in pending.get(model, ())))
-            self.metrics.batch_running.labels(model).set(self.running.get(model, 0))
+            self.metrics.queued.labels(model).set(sum(len(q) for q in pending.get(model, ())))
+            self.metrics.running.labels(model).set(self.running.get(model, 0))
         self._published = set(pending) | set(self.running)
 
 

@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _keys(cfg: Config, args: argparse.Namespace) -> int:
     from ssw.common import auth
-    from ssw.loader.models.registry import valid_name
+    from ssw.common.contract import valid_name
 
     path = cfg.auth.keys_file
     entries = auth.load_raw(path)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from ssw.common.contract import valid_name
 from ssw.errors import ConfigError, SswError
-from ssw.loader.models.registry import valid_name
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "ssw-"

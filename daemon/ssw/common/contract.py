@@ -8,6 +8,7 @@ again from 0) and asks again for what it was waiting for.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,6 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from ssw.common.states import LoadState, WorkerState
 
 CONTRACT_VERSION: Literal[1] = 1
+
+# What may name a model or an alias. It keeps names safe as path parts and as
+# the readable part of unit names; anything else a client sends is refused
+# before it gets near the file system or systemd.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME_RE.match(name) is not None and ".." not in name
 
 
 class _View(BaseModel):

@@ -1,60 +1,81 @@
 """Who may call, and what a request must look like before any worker is touched:
-API keys and their scopes, per-key limits, the body's size, JSON shape and
-nesting, and the fields ssw relies on. Everything else in a body passes
-through to vLLM untouched."""
+API keys and their scopes (or, on the fleet listener, a peer's signed claim),
+per-key limits, the body's size, JSON shape and nesting, the model it names and
+what that model serves, and the fields ssw relies on. Everything else in a body
+passes through to vLLM untouched.
+
+:meth:`Admission.admit` is the one call a route makes: it returns an
+:class:`Admitted` request or raises the domain error the client gets. The batch
+tier's input lines pass :meth:`Admission.check`, the same rules."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from ssw.common.auth import ApiKey, Forbidden, KeyRing, bearer
-from ssw.common.routes import Route
+from ssw.common.bodies import parse_body
+from ssw.common.contract import ModelView
+from ssw.common.routes import Body, Route
 from ssw.config import Config
-from ssw.errors import BadRequest, HeadersTooLarge, ModelNotFound, PayloadTooLarge, RequestTimeout, TooManyRequests
+from ssw.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ModelNotFound,
+    NotServed,
+    PayloadTooLarge,
+    RequestTimeout,
+    TooManyRequests,
+)
+from ssw.gateway import hops
 from ssw.gateway.accounting import Exchange
+from ssw.gateway.fleet import FleetView
+from ssw.gateway.forms import Form, parse_form
+from ssw.gateway.names import Names
+from ssw.gateway.waitqueue import parse_priority
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 ANTHROPIC_ROLES = ("user", "assistant")
+PRIORITY_HEADER = b"x-ssw-priority"
+# Where a request that ssw itself makes (a batch line, an async job) carries its
+# caller: a key in the ASGI scope, which no HTTP client can set.
+INTERNAL = "ssw.internal"
+FLEET_LISTENER = "ssw.fleet_listener"  # set on requests that came in on the fleet listener
 
 
-def too_deep(value: Any, limit: int) -> bool:
-    """Whether JSON containers nest deeper than ``limit`` (iterative: no recursion to exhaust)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        obj, depth = stack.pop()
-        children = obj.values() if type(obj) is dict else obj
-        for child in children:
-            if type(child) is dict or type(child) is list:
-                if depth + 1 > limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
+@dataclass(frozen=True, slots=True)
+class Internal:
+    """A request the asynchronous tier runs on behalf of an API key (None: auth off)."""
+
+    key: ApiKey | None
 
 
-def parse_body(raw: bytes, max_depth: int) -> dict[str, Any]:
-    """The request body as a JSON object; BadRequest for anything else."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        if "depth" in str(exc):
-            raise BadRequest(f"the request body nests deeper than {max_depth} levels") from None
-        raise BadRequest("the request body is not valid JSON") from None
-    if type(body) is not dict:
-        raise BadRequest("the request body must be a JSON object")
-    if too_deep(body, max_depth):
-        raise BadRequest(f"the request body nests deeper than {max_depth} levels")
-    return body
+@dataclass(slots=True)
+class Admitted:
+    """A request that passed admission: who sent it, its body read and parsed, and
+    (for a route that names a model) the model it resolved to within the key's scope."""
+
+    key: ApiKey | None
+    headers: dict[bytes, bytes]
+    raw: bytes
+    body: dict[str, Any] = field(default_factory=dict)
+    form: Form | None = None
+    claim: hops.Claim | None = None  # a hop from another host's gateway: its signed claim
+    internal: bool = False  # a batch line or async job ssw runs itself
+    asked: object = None  # the name the client sent
+    model: str = ""
+    entry: ModelView | None = None
+    stream: bool = False
 
 
 class Admission:
-    def __init__(self, cfg: Config, keys: KeyRing) -> None:
+    def __init__(self, cfg: Config, keys: KeyRing, fleet: FleetView | None = None) -> None:
         self.cfg = cfg
         self.limits = cfg.limits
         self.keys = keys
+        self.fleet = fleet
         self.in_flight: dict[str, int] = {}  # API key name -> requests in flight
 
     def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> ApiKey | None:
@@ -95,7 +116,8 @@ class Admission:
                 continue
         return out
 
-    def admit(self, key: ApiKey | None, ex: Exchange) -> None:
+    def admit_key(self, key: ApiKey | None, ex: Exchange) -> None:
+        """A place within the key's in-flight limit (given back by :meth:`release`)."""
         if key is None:
             return
         cap = self.limits.max_in_flight_per_key
@@ -105,6 +127,109 @@ class Admission:
             raise TooManyRequests(f"this API key already has {limit} requests in flight")
         self.in_flight[key.name] = current + 1
         ex.admitted = True
+
+    async def admit(
+        self, scope: dict[str, Any], receive: Callable[[], Any], ex: Exchange, route: Route, names: Callable[[], Names]
+    ) -> Admitted:
+        """Everything between a request's head and its worker, in one call: who sent it
+        (a key, a peer's claim, or ssw itself), its place within the key's in-flight
+        limit, the body read within its limits and parsed, and the model it names,
+        resolved within the key's scope, able to serve the route, within its limits."""
+        got = self._caller(scope, ex)
+        multipart = route.body is Body.MULTIPART
+        got.raw = await self.read_body(
+            got.headers.get(b"content-length"),
+            body_chunks(receive),
+            self.limits.max_upload_bytes if multipart else self.limits.max_body_bytes,
+        )
+        if route.body is Body.NONE:
+            if got.claim is not None:
+                hops.check_body(got.claim, got.raw)
+            return got
+        if multipart:
+            got.form = parse_form(got.raw, got.headers.get(b"content-type"))
+            got.body = {"model": got.form.value("model")}
+            if (stream_field := got.form.value("stream")) is not None:
+                got.body["stream"] = stream_field.strip().lower() == "true"
+        else:
+            got.body = parse_body(got.raw, self.limits.max_json_depth)
+        if got.claim is not None:
+            hops.check_body(got.claim, got.raw)
+        got.asked = got.body.get("model")
+        got.model = self.check(got.key, got.body, route, names())
+        got.entry = names().models[got.model]
+        ex.model = got.model
+        ex.stream = got.stream = got.body.get("stream") is True
+        return got
+
+    def check(self, key: ApiKey | None, body: dict[str, Any], route: Route, names: Names) -> str:
+        """The model a parsed body names, within the key's scope, able to serve the route,
+        and the body within that model's limits (a public request and a batch line alike)."""
+        asked = body.get("model")
+        if asked is None:
+            raise BadRequest("'model' is required")
+        model = self.resolve_in_scope(key, asked, names)
+        entry = names.models[model]
+        if route.family not in entry.capabilities:
+            raise NotServed(
+                f"'{model}' does not serve {route.path}: it serves {', '.join(entry.capabilities) or 'nothing'}"
+                " (GET /v1/models lists what each model can do)"
+            )
+        self.validate(body, route, entry.max_tokens)
+        return model
+
+    def resolve_in_scope(self, key: ApiKey | None, asked: object, names: Names) -> str:
+        """The model ``asked`` names, within the key's scope. Outside it the answer is the
+        same 403 whether or not the model exists."""
+        try:
+            resolved: str | None = names.resolve(asked)
+        except (ModelNotFound, BadRequest):
+            resolved = None
+        self.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
+        return names.resolve(asked)
+
+    def hop_caller(self, scope: dict[str, Any]) -> tuple[hops.Claim, ApiKey | None]:
+        """A peer's signed claim (on the fleet listener only) and the key it names, looked
+        up on this host."""
+        claim = self._hop_claim(scope, dict(scope["headers"]))
+        return claim, self._claimed_key(claim)
+
+    def _caller(self, scope: dict[str, Any], ex: Exchange) -> Admitted:
+        headers: dict[bytes, bytes] = dict(scope["headers"])
+        internal: Internal | None = scope.get(INTERNAL)
+        if internal is not None:
+            # Authenticated when it was submitted; its concurrency is the runner's to bound.
+            got = Admitted(internal.key, headers, b"", internal=True)
+        elif scope.get(FLEET_LISTENER) or hops.HEADER in headers:
+            # Another host's gateway, for a client it authenticated: its signed claim names
+            # the key, which this host looks up itself and holds to its scope and limits.
+            claim, key = self.hop_caller(scope)
+            self.admit_key(key, ex)  # that key's in-flight limit, counted on this host
+            ex.key, ex.priority = claim.key, parse_priority(claim.priority)
+            return Admitted(key, headers, b"", claim=claim)
+        else:
+            key = self.authenticate(scope["headers"])
+            self.admit_key(key, ex)
+            got = Admitted(key, headers, b"")
+        ex.key = got.key.name if got.key else ""
+        ex.priority = parse_priority(headers[PRIORITY_HEADER].decode("latin-1") if PRIORITY_HEADER in headers else None)
+        return got
+
+    def _hop_claim(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> hops.Claim:
+        if not scope.get(FLEET_LISTENER) or self.fleet is None:
+            raise hops.BadClaim("fleet claims are taken only on the fleet listener, never on the public port")
+        header = headers.get(hops.HEADER)
+        if header is None:
+            raise hops.BadClaim("the fleet listener serves only hops, each with a claim signed by the fleet")
+        return self.fleet.check(header, scope["method"], _target(scope))
+
+    def _claimed_key(self, claim: hops.Claim) -> ApiKey | None:
+        if not self.cfg.auth.enabled:
+            return None
+        key = self.keys.named(claim.key)
+        if key is None:
+            raise hops.BadClaim(f"the fleet claim names API key {claim.key[:64]!r}, which this host does not know")
+        return key
 
     def release(self, ex: Exchange) -> None:
         if ex.admitted:
@@ -216,3 +341,21 @@ _CHECKS: dict[str, Callable[[Admission, dict[str, Any]], None]] = {
     "/tokenize": _tokenize,
     "/detokenize": _detokenize,
 }
+
+
+async def body_chunks(receive: Callable[[], Any]) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("the client left before sending its whole body")
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def _target(scope: dict[str, Any]) -> str:
+    """The request's path and query, as signed in a hop's claim."""
+    query = scope.get("query_string", b"")
+    return scope["path"] + ("?" + query.decode("latin-1") if query else "")

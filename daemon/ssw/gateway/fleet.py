@@ -26,32 +26,28 @@ are dropped, so nothing is routed to a host that may be gone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
-import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from ssw.common import tasks
 from ssw.common.auth import read_token
 from ssw.common.contract import HostRecord
+from ssw.common.fleet_wire import LOG_EVERY_S, PREFIX, REDIS_TIMEOUT_S, fleet_redis, redacted
 from ssw.common.states import LoadState, WorkerState
 from ssw.config import FleetSettings
 from ssw.errors import SswError
 from ssw.gateway import hops
-from ssw.loader.decide.placement import HostOption, choose_host
 
 log = logging.getLogger(__name__)
-PREFIX = "ssw:fleet:"
-REDIS_TIMEOUT_S = 2.0
-LOG_EVERY_S = 30.0
 LOAD_PATH = "/v1/ssw/fleet/load"
 UNREACHABLE_FOR_S = 15.0  # a peer this host could not connect to is passed over this long
 MAX_ANSWER_BYTES = 64 * 1024  # what a peer's answer to a fleet call may be
@@ -61,26 +57,6 @@ class FleetUnavailable(SswError):
     status = 503
     type = "service_unavailable"
     code = "fleet_unavailable"
-
-
-def fleet_redis(settings: FleetSettings, timeout: float = REDIS_TIMEOUT_S) -> aioredis.Redis:
-    """The fleet's Redis; over TLS (rediss://) checked against the fleet's CA, with this
-    host's certificate for a server that asks for one."""
-    assert settings.redis_url
-    tls: dict[str, Any] = {}
-    if settings.redis_url.startswith("rediss://"):
-        tls = {
-            "ssl_ca_certs": str(settings.tls_ca_file) if settings.tls_ca_file else None,
-            "ssl_certfile": str(settings.tls_cert_file) if settings.tls_cert_file else None,
-            "ssl_keyfile": str(settings.tls_key_file) if settings.tls_key_file else None,
-        }
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        decode_responses=True,
-        **tls,
-    )
 
 
 def client_ssl(settings: FleetSettings) -> ssl.SSLContext | None:
@@ -101,55 +77,6 @@ def warn_if_insecure(settings: FleetSettings) -> None:
             "the fleet's network can read prompts and answers",
             settings.advertise_url,
         )
-
-
-class Publisher:
-    """The loader's side: its host's record, every heartbeat."""
-
-    def __init__(self, settings: FleetSettings, record: Callable[[], Awaitable[HostRecord]]) -> None:
-        self.settings = settings
-        self.host = settings.host_name()
-        self._record = record
-        self._redis = fleet_redis(settings)
-        self._task: asyncio.Task[None] | None = None
-        self.connected = False
-        self._warned = 0.0
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def close(self) -> None:
-        await tasks.cancel(self._task)
-        # Leaving on purpose: the others drop this host now, not after the TTL.
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await self._redis.delete(PREFIX + "host:" + self.host)
-        await self._redis.aclose()
-
-    async def publish(self) -> None:
-        record = await self._record()
-        ttl_ms = int(self.settings.ttl_s * 1000)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.set(PREFIX + "host:" + self.host, record.model_dump_json(), px=ttl_ms)
-        pipe.zadd(PREFIX + "hosts", {self.host: record.at})
-        async with asyncio.timeout(REDIS_TIMEOUT_S):
-            await pipe.execute()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.publish()
-                if not self.connected:
-                    log.info("fleet: publishing host %s to %s", self.host, _redacted(self.settings.redis_url))
-                self.connected = True
-            except (RedisError, OSError, TimeoutError) as exc:
-                if self.connected or time.monotonic() - self._warned > LOG_EVERY_S:
-                    self._warned = time.monotonic()
-                    log.warning("fleet: cannot reach the fleet's Redis (%s); this host serves its own models", exc)
-                self.connected = False
-            except Exception:
-                log.exception("fleet: publishing failed")
-            await asyncio.sleep(self.settings.heartbeat_s)
 
 
 class FleetView:
@@ -263,7 +190,7 @@ class FleetView:
             self._lost(str(exc), now)
             return
         if not self.connected:
-            log.info("fleet: following %d hosts in %s", len(names), _redacted(self.settings.redis_url))
+            log.info("fleet: following %d hosts in %s", len(names), redacted(self.settings.redis_url))
         flipped = not self.connected
         self.connected, self.last_error = True, None
         hosts: dict[str, HostRecord] = {}
@@ -392,9 +319,31 @@ class FleetView:
         return float(since) if isinstance(since, int | float) else 0.0
 
 
-def _redacted(url: str | None) -> str:
-    """A Redis URL without its password, for logs."""
-    if not url or "@" not in url:
-        return url or ""
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+@dataclass(frozen=True)
+class HostOption:
+    """A host of the fleet that could serve a model that is ready nowhere."""
+
+    host: str
+    loading: bool  # a load of it is already under way there
+    free_after: int  # bytes free on the GPU it would take, after the evictions it needs
+    load_seconds: float | None  # measured there; None: never loaded there
+    victims: int
+
+
+def choose_host(options: Sequence[HostOption]) -> str | None:
+    """Where a model loads, fleet-wide: where it already loads; else the most free
+    VRAM after the evictions it needs, then the fastest measured load, then the
+    fewest victims (name breaks ties, so every gateway decides alike)."""
+    if not options:
+        return None
+    best = min(
+        options,
+        key=lambda o: (
+            not o.loading,
+            -o.free_after,
+            o.load_seconds if o.load_seconds is not None else math.inf,
+            o.victims,
+            o.host,
+        ),
+    )
+    return best.host

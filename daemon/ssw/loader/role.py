@@ -23,19 +23,30 @@ from redis.exceptions import RedisError
 
 from ssw import __version__
 from ssw.common import auth, http_errors, redis_sink
-from ssw.common.contract import GpuView, HostRecord, LoadAccepted, ModelStatus, ModelView, Preview, Snapshot, Status
+from ssw.common.contract import (
+    GpuView,
+    HostRecord,
+    LoadAccepted,
+    ModelStatus,
+    ModelView,
+    Preview,
+    Snapshot,
+    Status,
+    valid_name,
+)
+from ssw.common.prom import CONTENT_TYPE
 from ssw.common.routes import families_of_paths
 from ssw.common.states import WorkerState
 from ssw.config import Config
 from ssw.errors import JobNotFound, MetricsUnavailable, ModelNotFound, SswError, WouldEvict, clip
-from ssw.gateway.fleet import Publisher
-from ssw.gateway.metrics import CONTENT_TYPE, LoaderMetrics
 from ssw.loader.decide import tiers
 from ssw.loader.decide.vram import vram_need
 from ssw.loader.gpus import GpuInfo, GpuSource
+from ssw.loader.metrics import LoaderMetrics
 from ssw.loader.models import pulls
 from ssw.loader.models.capabilities import predict
-from ssw.loader.models.registry import ModelSpec, Registry, scan, valid_name
+from ssw.loader.models.registry import ModelSpec, Registry, scan
+from ssw.loader.publish import Publisher
 from ssw.loader.store import FactStore, Retiring
 from ssw.loader.systemd import journal
 from ssw.loader.systemd.bus import Systemd

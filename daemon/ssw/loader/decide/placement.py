@@ -164,33 +164,3 @@ def place(
         f"needs {single / GB:.1f} GB on one GPU ({need.source}), but at most {achievable(best) / GB:.1f} GB "
         f"can be freed (GPU {best.index}, {best.total / GB:.1f} GB, evicting every unpinned idle worker){hint}"
     )
-
-
-@dataclass(frozen=True)
-class HostOption:
-    """A host of the fleet that could serve a model that is ready nowhere."""
-
-    host: str
-    loading: bool  # a load of it is already under way there
-    free_after: int  # bytes free on the GPU it would take, after the evictions it needs
-    load_seconds: float | None  # measured there; None: never loaded there
-    victims: int
-
-
-def choose_host(options: Sequence[HostOption]) -> str | None:
-    """Where a model loads, fleet-wide: where it already loads; else the most free
-    VRAM after the evictions it needs, then the fastest measured load, then the
-    fewest victims (name breaks ties, so every gateway decides alike)."""
-    if not options:
-        return None
-    best = min(
-        options,
-        key=lambda o: (
-            not o.loading,
-            -o.free_after,
-            o.load_seconds if o.load_seconds is not None else math.inf,
-            o.victims,
-            o.host,
-        ),
-    )
-    return best.host

@@ -41,8 +41,8 @@ from huggingface_hub import constants as hf_constants
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import RedisError
 
+from ssw.common.contract import NAME_RE, valid_name
 from ssw.errors import BadRequest, MetricsUnavailable, ModelBusy, NoSpace, SswError
-from ssw.loader.models.registry import NAME_RE, valid_name
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,24 +17,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ssw.common.contract import NAME_RE, valid_name
 from ssw.errors import ConfigError, ModelNotFound
 from ssw.loader.models.capabilities import Shape
 
 log = logging.getLogger(__name__)
 
-# What may name a model or an alias. It keeps names safe as path parts and as
-# the readable part of unit names; anything else a client sends is refused
-# before it gets near the file system or systemd.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 MAX_SCAN_DEPTH = 2  # models_dir/<model> and models_dir/<org>/<model>
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 ADAPTER_CONFIG = "adapter_config.json"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as --max-lora-rank
 DEFAULT_MAX_LORAS = 4
-
-
-def valid_name(name: object) -> bool:
-    return isinstance(name, str) and NAME_RE.match(name) is not None and ".." not in name
 
 
 class ModelOverride(BaseModel):

@@ -20,6 +20,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssw.config import SOCKET_NAME
 from ssw.errors import BadRequest
 
 UNIT_PREFIX = "ssw-worker@"
@@ -87,10 +88,7 @@ def parse_unit_name(name: str) -> tuple[str, int] | None:
 # Where a worker's socket lives: a directory of its own under workers.socket_dir,
 # named after its unit (readable, and a digest so that the name stays short
 # enough for a socket path and unique).
-SOCKET_NAME = "http.sock"
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 _READABLE = re.compile(r"[^A-Za-z0-9_.-]")
-SOCKET_DIR_NAME_MAX = 24 + 1 + 10
 
 
 def socket_dir_name(unit: str) -> str:

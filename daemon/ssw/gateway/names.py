@@ -1,0 +1,97 @@
+"""Names, aliases and workers as of one loader snapshot (and, in a fleet, the other
+hosts' latest records), indexed for the hot path: what a request's ``model``
+resolves to, and which workers serve it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ssw.common.contract import ModelView, Snapshot, WorkerView, valid_name
+from ssw.common.states import ASLEEP, LIVE, LoadState, WorkerState
+from ssw.errors import BadRequest, ModelNotFound
+
+if TYPE_CHECKING:
+    from ssw.gateway.fleet import FleetView
+
+
+def remote_worker(host: str, model: str, url: str) -> WorkerView:
+    """Another host's gateway, as a worker of ``model`` (its socket a URL)."""
+    return WorkerView(unit=f"{host}/{model}", model=model, replica=1, state=WorkerState.READY, gpus=[], socket=url)
+
+
+def remote_host(worker: WorkerView) -> str | None:
+    """The host whose gateway ``worker`` is; None: a worker of this host."""
+    if worker.socket.startswith(("http://", "https://")):
+        return worker.unit.split("/", 1)[0]
+    return None
+
+
+class Names:
+    """Names, aliases and workers as of one snapshot (and, in a fleet, the other
+    hosts' latest records), indexed for the hot path."""
+
+    def __init__(self, snap: Snapshot, fleet: FleetView | None = None) -> None:
+        self.snap = snap
+        self.fleet_version = fleet.version if fleet else 0
+        # Every model and alias this gateway can serve: this host's first, then those
+        # only other hosts of the fleet have.
+        self.models: dict[str, ModelView] = dict(snap.models)
+        self.aliases: dict[str, str] = dict(snap.aliases)
+        # model -> other hosts' gateways that have it ready, as workers (their socket a URL)
+        self.remote: dict[str, list[WorkerView]] = {}
+        self.hosts: dict[str, dict[str, str]] = {}  # model -> host -> its state there
+        if fleet is not None:
+            for host, record in sorted(fleet.hosts.items()):
+                for name, entry in record.models.items():
+                    self.models.setdefault(name, entry)
+                for alias, target in record.aliases.items():
+                    self.aliases.setdefault(alias, target)
+                ready = {w.model for w in record.workers if w.state is WorkerState.READY}
+                ready |= {a for w in record.workers if w.state is WorkerState.READY for a in w.adapters}
+                present = {w.model for w in record.workers}
+                for name in record.models:
+                    state = "ready" if name in ready else "loading" if name in present else "unloaded"
+                    self.hosts.setdefault(name, {})[host] = state
+                    if state == "ready" and host != fleet.host and fleet.reachable(host):
+                        self.remote.setdefault(name, []).append(remote_worker(host, name, record.url))
+        self.ready: dict[str, list[WorkerView]] = {}
+        self.live: dict[str, list[WorkerView]] = {}
+        self.asleep: set[str] = set()
+        for w in snap.workers:
+            if w.state is WorkerState.READY:
+                self.ready.setdefault(w.model, []).append(w)
+            if w.state in LIVE:
+                self.live.setdefault(w.model, []).append(w)
+            if w.state in ASLEEP:
+                self.asleep.add(w.model)
+        # An adapter is served by the workers of its base that have it loaded, and by
+        # no other: never the bare base model in its place.
+        for name, entry in snap.models.items():
+            if entry.base is not None:
+                for table in (self.ready, self.live):
+                    holders = [w for w in table.get(entry.base, []) if name in w.adapters]
+                    if holders:
+                        table[name] = holders
+
+    def resolve(self, name: object) -> str:
+        if not isinstance(name, str):
+            raise BadRequest("'model' must be a string naming a model or alias")
+        models = self.models
+        if valid_name(name):
+            if name in models:
+                return name
+            target = self.aliases.get(name)
+            if target in models:
+                return target
+        raise ModelNotFound(name, sorted(models) + sorted(self.aliases))
+
+    def state(self, model: str) -> str:
+        """ready, loading, sleeping or unloaded, as /v1/models says."""
+        if model in self.ready or model in self.remote:
+            return "ready"
+        if model not in self.snap.models:
+            return "loading" if "loading" in self.hosts.get(model, {}).values() else "unloaded"
+        entry = self.snap.models[model]
+        if model in self.live or entry.load.state in (LoadState.LOADING, LoadState.BACKING_OFF):
+            return "loading"
+        return "sleeping" if model in self.asleep else "unloaded"
