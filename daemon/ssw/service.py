@@ -24,8 +24,9 @@ from ssw.gateway.edge import edge_protocol
 from ssw.gateway.handler import Gateway
 from ssw.gateway.loader_client import LoaderClient
 from ssw.gateway.pool import GatewayPool, Reporter, child_slot, reuse_port_socket
+from ssw.loader.app import admin_app
 from ssw.loader.gpus import make_gpu_source
-from ssw.loader.role import Loader, admin_app
+from ssw.loader.role import Loader
 from ssw.loader.systemd.bus import Systemd
 from ssw.notify import Notifier
 

@@ -11,7 +11,7 @@ from ssw.batch.app import WINDOW
 from ssw.batch.store import BATCH_ID, FILE_ID, JOB_ID
 from ssw.common.contract import NAME_RE, valid_name
 from ssw.common.routes import RESPONSE_ID
-from ssw.loader.role import JOB_ID as PULL_JOB_ID
+from ssw.loader.app import JOB_ID as PULL_JOB_ID
 
 CASES = [
     (WINDOW, "24h"),

@@ -7,23 +7,19 @@ import re
 import pytest
 
 from ssw.common.states import (
-    CRASH_WINDOW_S,
     LOAD_TRANSITIONS,
     TERMINAL,
     WORKER_TRANSITIONS,
     Failure,
     IllegalTransition,
     LoadState,
-    Recovery,
     WorkerState,
-    backoff_s,
     check_load_move,
     check_worker_move,
     mermaid,
-    recent,
-    recover,
 )
 from ssw.config import PlacementSettings
+from ssw.loader.decide.recovery import CRASH_WINDOW_S, Recovery, backoff_s, recent, recover
 from tests.harness.stack import REPO
 
 W = WorkerState

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from ssw.loader.role import UnloadRequest
+from ssw.loader.app import UnloadRequest
 
 
 def test_unload_takes_a_model_or_a_worker_unit() -> None:

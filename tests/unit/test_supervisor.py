@@ -18,7 +18,10 @@ from ssw.loader.models.registry import Registry
 from ssw.loader.store import FactStore, Retiring
 from ssw.loader.systemd import engine
 from ssw.loader.systemd.bus import UnitDetails, UnitStatus
-from ssw.loader.workers.supervisor import DRAINED, Supervisor
+from ssw.loader.models.catalog import Catalog
+from ssw.loader.workers.parts import Parts
+from ssw.loader.workers.retire import DRAINED
+from ssw.loader.workers.supervisor import Supervisor
 from ssw.loader.workers.table import Worker
 
 
@@ -70,14 +73,15 @@ def supervisor(tmp_path: Path) -> Supervisor:
             "workers": {"drain_timeout_s": 1.2},
         }
     )
-    return Supervisor(
+    parts = Parts.build(
         cfg,
         FakeBus(),  # type: ignore[arg-type]
         make_gpu_source(cfg.gpus),
-        Registry(models={}, aliases={}),
+        Catalog(Registry(models={}, aliases={})),
         FactStore(tmp_path / "facts.json"),
         Retiring(tmp_path / "retiring.json"),
     )
+    return Supervisor(parts)
 
 
 async def test_a_wake_whose_sleeper_was_stopped_meanwhile_loads_cold_and_fails_nothing(
@@ -91,10 +95,10 @@ async def test_a_wake_whose_sleeper_was_stopped_meanwhile_loads_cold_and_fails_n
         started.append(replica)
         return "cold"
 
-    monkeypatch.setattr(supervisor, "_start_replica", cold_start)
+    monkeypatch.setattr(supervisor.starter, "start_replica", cold_start)
     spec: Any = type("Spec", (), {"name": "a"})()
-    async with supervisor._place_lock:  # another load places, and stops the sleeper (over budget)
-        wake = asyncio.ensure_future(supervisor._wake(spec, worker, None))
+    async with supervisor.inventory.place_lock:  # another load places, and stops the sleeper (over budget)
+        wake = asyncio.ensure_future(supervisor.starter.wake(spec, worker, None))
         await asyncio.sleep(0.01)
         supervisor.table.move(worker, WorkerState.STOPPING, "stopped: sleepers over the host memory budget")
     await asyncio.sleep(0.01)
@@ -117,11 +121,11 @@ async def test_a_drain_with_no_answer_from_the_worker_waits_its_bound_rather_tha
     monkeypatch.setattr(supervisor.probes, "in_flight", in_flight)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    outcome = await supervisor._drain(worker)
+    outcome = await supervisor.retirer.drain(worker)
     assert loop.time() - t0 >= 1.2
     assert "did not say what it has in flight" in outcome
     answers[0] = 0
-    assert await supervisor._drain(worker) == DRAINED
+    assert await supervisor.retirer.drain(worker) == DRAINED
 
 
 async def test_an_adopted_starting_worker_whose_model_left_the_registry_is_retired(
@@ -146,10 +150,10 @@ async def test_an_adopted_starting_worker_whose_model_left_the_registry_is_retir
     async def unhealthy(socket: Path) -> bool:
         return False
 
-    monkeypatch.setattr(supervisor, "_stop_unit", stop_unit)
+    monkeypatch.setattr(supervisor.retirer, "stop_unit", stop_unit)
     monkeypatch.setattr(supervisor.probes, "healthy", unhealthy)
-    monkeypatch.setattr(supervisor, "_remove_stale_socket_dirs", lambda: None)
-    await supervisor.adopt()
+    monkeypatch.setattr(supervisor.sockets, "remove_stale", lambda: None)
+    await supervisor.adopter.adopt()
     for _ in range(100):
         if stopped:
             break

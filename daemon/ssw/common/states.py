@@ -2,19 +2,13 @@
 
 A worker's state and a model's load record change only along the transition
 tables below; :class:`~ssw.loader.workers.table.WorkerTable` and :class:`~ssw.loader.workers.loads.LoadBook`
-are the one place each applies them. What to do after a failure is decided
-here too, by :func:`recover`, from the failure and the model's recent history.
+are the one place each applies them. What to do after a failure is decided by
+:func:`ssw.loader.decide.recovery.recover`, from the kind of failure named here.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Literal
-
-from ssw.config import PlacementSettings
-
-CRASH_WINDOW_S = 600.0  # failures further apart than this do not add up
 
 
 class WorkerState(enum.StrEnum):
@@ -86,7 +80,7 @@ def check_load_move(current: LoadState, new: LoadState) -> None:
         raise IllegalTransition(f"load {current.value} -> {new.value} is not an allowed transition")
 
 
-# --- what to do after a failure --------------------------------------------------------
+# --- the kinds of failure ----------------------------------------------------------------
 
 
 class Failure(enum.StrEnum):
@@ -94,50 +88,6 @@ class Failure(enum.StrEnum):
     START_FAILED = "start_failed"  # the unit could not start, exited, or never became healthy
     DIED = "died"  # a worker that was ready ended on its own
     HUNG = "hung"  # a worker stopped answering /health or its canary, and was replaced
-
-
-@dataclass(frozen=True)
-class Recovery:
-    action: Literal["retry", "cool_down", "give_up"]
-    delay_s: float = 0.0  # retry: after this long; cool_down: refused this long
-    reason: str = ""
-
-
-def backoff_s(earlier_failures: int, settings: PlacementSettings) -> float:
-    """restart_backoff_s, doubling with each earlier failure, capped."""
-    first, cap = settings.restart_backoff_s, settings.restart_backoff_max_s
-    # min() before the power: 2**1000 is fine for ints, not for floats.
-    return float(min(first * 2 ** min(earlier_failures, 64), cap))
-
-
-def recover(failure: Failure, pinned: bool, earlier_failures: int, settings: PlacementSettings) -> Recovery:
-    """Restart now or later, cool down, or give up, for a model whose load or worker failed.
-
-    ``earlier_failures`` counts the model's failures within CRASH_WINDOW_S before this one.
-    """
-    delay = backoff_s(earlier_failures, settings)
-    if pinned:
-        # Pinned models always come back, however long it takes; the cap keeps
-        # a broken one from costing more than one attempt per restart_backoff_max_s.
-        return Recovery("retry", delay, "pinned models are always restarted")
-    if failure is Failure.NO_ROOM:
-        # Not the model's fault, and a request may free room: answer, do not punish.
-        return Recovery("give_up", 0.0, "no room on any GPU")
-    if failure is Failure.START_FAILED:
-        # Retrying at once would fail the same way and turn every request into a start.
-        return Recovery("cool_down", settings.failed_load_cooldown_s, "its load failed")
-    if earlier_failures >= settings.max_restarts:
-        return Recovery(
-            "cool_down",
-            settings.failed_load_cooldown_s,
-            f"its workers failed {earlier_failures + 1} times within {CRASH_WINDOW_S / 60:.0f} minutes",
-        )
-    return Recovery("retry", delay, "a worker that was ready is brought back")
-
-
-def recent(failures: list[float], now: float) -> list[float]:
-    """The failure times (monotonic) still inside the crash window."""
-    return [t for t in failures if now - t < CRASH_WINDOW_S]
 
 
 # --- the diagram in the README ------------------------------------------------------------

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ssw.common.contract import LoadView
-from ssw.common.states import IllegalTransition, LoadState, check_load_move, recent
+from ssw.common.states import IllegalTransition, LoadState, check_load_move
+from ssw.loader.decide.recovery import recent
 
 log = logging.getLogger(__name__)
 
