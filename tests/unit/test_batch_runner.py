@@ -13,8 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from ssw.batch.backlog import Task, fair_share
 from ssw.batch.input import Line
-from ssw.batch.runner import ResultsCorrupt, Task, _append_synced, _check_result, fair_share
+from ssw.batch.results import ResultsCorrupt, _append_synced, _check_result
 from ssw.batch.store import Done
 
 
@@ -38,7 +39,7 @@ def test_a_write_past_the_file_size_limit_leaves_the_segment_as_it_was(tmp_path:
         f"""
         import resource, sys
         from pathlib import Path
-        from ssw.batch.runner import _append_synced
+        from ssw.batch.results import _append_synced
         segment = Path({str(segment)!r})
         first = b'{{"custom_id": "a"}}' + b"\\n"
         _append_synced(segment, first)

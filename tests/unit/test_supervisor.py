@@ -14,11 +14,11 @@ import pytest
 from ssw.common.states import WorkerState
 from ssw.config import Config
 from ssw.loader.gpus import make_gpu_source
+from ssw.loader.models.catalog import Catalog
 from ssw.loader.models.registry import Registry
 from ssw.loader.store import FactStore, Retiring
 from ssw.loader.systemd import engine
 from ssw.loader.systemd.bus import UnitDetails, UnitStatus
-from ssw.loader.models.catalog import Catalog
 from ssw.loader.workers.parts import Parts
 from ssw.loader.workers.retire import DRAINED
 from ssw.loader.workers.supervisor import Supervisor
