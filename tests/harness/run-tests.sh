@@ -11,4 +11,6 @@ cd "$repo"
 .venvs/ssw/bin/ruff format --check daemon tests bench
 .venvs/ssw/bin/mypy
 .venvs/ssw/bin/mypy bench/*.py
+# The house rules: the wings never import each other, decide/ does no I/O (pyproject.toml).
+.venvs/ssw/bin/lint-imports
 exec .venvs/ssw/bin/pytest "$@"

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ssw.config import PlacementSettings
-from ssw.loader.models.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from ssw.loader.models.registry import ModelSpec
 
 GB = 10**9
 DEFAULT_CONTEXT = 8192  # when neither models.yaml nor config.json says

@@ -12,7 +12,7 @@ from ssw.loader.decide.vram import GB, kv_bytes_per_token, vram_need
 from ssw.loader.models.registry import scan
 from tests.harness.stack import REPO
 from tests.seed_models import SEED_MODELS, make_seed_model
-from tests.unit.test_engine import spec as engine_spec
+from tests.unit.loader.systemd.test_engine import spec as engine_spec
 
 
 @pytest.mark.parametrize("name", sorted(SEED_MODELS))

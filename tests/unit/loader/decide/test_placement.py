@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from ssw.errors import NoCapacity
-from ssw.gateway.fleet import HostOption, choose_host
 from ssw.loader.decide.placement import DeviceView, Policy, Resident, place
 from ssw.loader.decide.vram import VramNeed
 
@@ -132,30 +131,6 @@ def test_a_refusal_counts_leaving_workers_in_what_could_be_freed() -> None:
     devices = [DeviceView(0, 10 * GB, 10 * GB, 0, releasing=4 * GB)]
     with pytest.raises(NoCapacity, match=r"at most 7\.0 GB can be freed"):
         place(need(12), devices, [res("a", 0, 3, last_used=2)])
-
-
-# --- which host of a fleet loads a model ---------------------------------------------------
-
-
-def opt(host: str, free: float, load_s: float | None = 30, victims: int = 0, loading: bool = False) -> HostOption:
-    return HostOption(host, loading, int(free * GB), load_s, victims)
-
-
-@pytest.mark.parametrize(
-    ("options", "chosen"),
-    [
-        ([], None),
-        ([opt("a", 10)], "a"),
-        ([opt("a", 10), opt("b", 30)], "b"),  # the most free VRAM after the load and its evictions
-        ([opt("a", 30, load_s=40), opt("b", 30, load_s=20)], "b"),  # then the fastest measured load
-        ([opt("a", 30, load_s=None), opt("b", 30, load_s=90)], "b"),  # a measured load beats a guess
-        ([opt("a", 30, victims=2), opt("b", 30, victims=1)], "b"),  # then the fewest victims
-        ([opt("b", 30), opt("a", 30)], "a"),  # then the name: every gateway decides alike
-        ([opt("a", 40), opt("b", 1, loading=True)], "b"),  # where it already loads, above all
-    ],
-)
-def test_choose_host(options: list[HostOption], chosen: str | None) -> None:
-    assert choose_host(options) == chosen
 
 
 def test_eviction_takes_the_fewest_victims_that_make_room_counting_what_a_sleeper_keeps() -> None:

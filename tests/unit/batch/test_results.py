@@ -6,14 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections import Counter, deque
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
 
-from ssw.batch.backlog import Task, fair_share
 from ssw.batch.input import Line
 from ssw.batch.results import ResultsCorrupt, _append_synced, _check_result
 from ssw.batch.store import Done
@@ -78,32 +75,3 @@ def test_the_lines_whole_result_passes() -> None:
     line = Line(index=0, custom_id="a", model="m", offset=0, length=1)
     data = result("a")
     _check_result(data, line, Done("runner.jsonl", 0, len(data), True))
-
-
-def tasks(owner: str, n: int, kind: str = "line", not_before: float = 0.0) -> deque[Task]:
-    return deque(Task("m", job_id=f"{owner}-{kind}-{i}", owner=owner, not_before=not_before) for i in range(n))
-
-
-def ids(picked: list[Task]) -> list[str]:
-    return [t.job_id for t in picked]
-
-
-@pytest.mark.parametrize(
-    ("queues", "slots", "running", "picked"),
-    [
-        # One key's thousand async jobs (queued first) never starve another key's batch.
-        (lambda: [tasks("a", 1000, "job"), tasks("b", 5)], 4, {}, ["a-job-0", "b-line-0", "a-job-1", "b-line-1"]),
-        # A key with lines running already waits its turn behind one with none.
-        (lambda: [tasks("a", 5), tasks("b", 5)], 2, {"a": 2}, ["b-line-0", "b-line-1"]),
-        # Within one key: its jobs first, then its batches in order.
-        (lambda: [tasks("a", 1, "job"), tasks("a", 2)], 3, {}, ["a-job-0", "a-line-0", "a-line-1"]),
-        # Lines put back for later are not taken before their time.
-        (lambda: [tasks("a", 3, not_before=99.0), tasks("b", 1)], 3, {}, ["b-line-0"]),
-        # Alone, a key gets every slot.
-        (lambda: [tasks("a", 10)], 3, {}, ["a-line-0", "a-line-1", "a-line-2"]),
-    ],
-)
-def test_slots_are_shared_fairly_between_keys(
-    queues: Callable[[], list[deque[Task]]], slots: int, running: dict[str, int], picked: list[str]
-) -> None:
-    assert ids(fair_share(queues(), slots, now=1.0, running=Counter(running))) == picked
