@@ -422,6 +422,6 @@ def test_a_disk_full_mid_batch_fails_the_batch_and_leaves_no_torn_result(stack: 
             assert all(json.loads(line)["custom_id"].startswith("f") for line in data.splitlines())
         again = submit(client, [chat_line(f"g{i}") for i in range(4)])
         assert wait_status(client, again.id, ("completed", "failed")).status == "completed"
-    # (a line's result, or the output file at the end: whichever write met the limit first;
-    # logged just before the batch's record moves, and copied to the log by the harness's reader)
-    wait_for(lambda: f"batch {batch.id}: failed: " in stack.gateway.log(), 10, "the batch's failure in the log")
+    # (a line's result, or the output file at the end: whichever write met the limit first.) Its
+    # log line is not checked here: the gateway's log file is under the same file size limit, so
+    # it may be lost; tests/unit/batch/test_backlog.py checks that a failure is logged once.
