@@ -1,4 +1,4 @@
-"""The lifecycle written down: transition tables, the recovery decision, the diagram."""
+"""The lifecycle written down: transition tables, and the diagram in the docs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from ssw.common.states import (
     check_worker_move,
     mermaid,
 )
-from ssw.config import PlacementSettings
 from tests.harness.stack import REPO
 
 W = WorkerState
@@ -96,10 +95,7 @@ def test_load_moves(current: LoadState, new: LoadState, allowed: bool) -> None:
             check_load_move(current, new)
 
 
-SETTINGS = PlacementSettings(restart_backoff_s=2, restart_backoff_max_s=30, max_restarts=3, failed_load_cooldown_s=60)
-
-
-def test_the_readme_shows_the_lifecycle_as_the_tables_say() -> None:
-    readme = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```mermaid\n(.*?)```", readme, re.DOTALL)
-    assert mermaid() + "\n" in blocks, "README.md's lifecycle diagram differs from ssw.common.states; paste mermaid()"
+def test_the_docs_show_the_lifecycle_as_the_tables_say() -> None:
+    page = (REPO / "docs" / "lifecycle.md").read_text()
+    blocks = re.findall(r"```mermaid\n(.*?)```", page, re.DOTALL)
+    assert mermaid() + "\n" in blocks, "docs/lifecycle.md's diagram differs from ssw.common.states; paste mermaid()"

@@ -1,4 +1,4 @@
-"""Placement and eviction (pure decisions over devices and residents), by table."""
+"""Which host of a fleet loads a model that is ready nowhere (pure), by table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lifecycle written down: transition tables, the recovery decision, the diagram."""
+"""What to do after a failure (pure, by table): retry after a backoff, cool down, or give up."""
 
 from __future__ import annotations
 
