@@ -184,10 +184,18 @@ PLAIN_EDGE = (
 )
 
 
+# ssw's gateway from another checkout of the repository (--baseline: the commit before a
+# change, say), against the same loader, in the same run: a change's cost, measured.
+BASELINE = "import sys; from ssw.cli import main; sys.exit(main())"
+
+
 @contextlib.contextmanager
-def gateway(host: Host, config: Path, processes: int, work: Path, edge: bool = True) -> Iterator[str]:
+def gateway(
+    host: Host, config: Path, processes: int, work: Path, edge: bool = True, baseline: Path | None = None
+) -> Iterator[str]:
     """ssw's gateway with N processes on a port of its own, against the stack's loader
-    (``edge=False``: without the public port's protocol limits, for comparison)."""
+    (``edge=False``: without the public port's protocol limits; ``baseline``: the code of
+    that checkout; both for comparison)."""
     sys.path.insert(0, str(REPO / "daemon"))
     from ssw.config import load_config
 
@@ -198,9 +206,15 @@ def gateway(host: Host, config: Path, processes: int, work: Path, edge: bool = T
     inside = f"/tmp/ssw-bench-gateway-{port}.yaml"
     host.path(inside).write_text(yaml.safe_dump(cfg))
     argv = [*host.prefix(), str(REPO / ".venvs/ssw/bin/ssw"), "--config", inside, "gateway"]
+    env = None
     if not edge:
         argv[len(host.prefix()) : len(host.prefix()) + 1] = [str(REPO / ".venvs/ssw/bin/python"), "-c", PLAIN_EDGE]
-    with process(argv, work / f"gateway-{processes}{'' if edge else '-plain'}.log"):
+    if baseline is not None:
+        argv[len(host.prefix()) : len(host.prefix()) + 1] = [str(REPO / ".venvs/ssw/bin/python"), "-c", BASELINE]
+        # Before the editable install's path: that checkout's package is the one imported.
+        env = {**os.environ, "PYTHONPATH": str(baseline / "daemon")}
+    suffix = "" if edge and baseline is None else "-plain" if not edge else "-baseline"
+    with process(argv, work / f"gateway-{processes}{suffix}.log", env):
         wait_up(f"http://127.0.0.1:{port}/health", 60, f"ssw's gateway ({processes} processes)")
         # Healthy is not yet following the loader: wait for its first snapshot.
         deadline = time.monotonic() + 30
@@ -326,8 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--targets",
         default="direct,nginx,ssw,litellm",
-        help="direct, nginx, ssw, ssw-plain (1 process, the public port without the edge's limits), litellm",
+        help="direct, nginx, ssw, ssw-plain (1 process, the public port without the edge's limits), "
+        "ssw-baseline (1 process, the gateway of --baseline), litellm",
     )
+    p.add_argument("--baseline", type=Path, help="another checkout of this repository, for the ssw-baseline target")
     p.add_argument("--processes", default="1,2", help="gateway processes of the ssw targets")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--duration", type=float, default=8.0, help="seconds per round and target")
@@ -359,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
             if "ssw-plain" in targets
             else None
         )
+        if "ssw-baseline" in targets and args.baseline is None:
+            sys.exit("relay: ssw-baseline needs --baseline")
+        baseline_url = (
+            stack.enter_context(gateway(host, Path(args.config), 1, work, baseline=args.baseline.resolve()))
+            if "ssw-baseline" in targets and args.baseline is not None
+            else None
+        )
         for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
             model = args.vllm_model if workload == "vllm-stream" else args.model
             if model is None:
@@ -379,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                         plan += [(f"ssw-{n}p", url, [], key) for n, url in ssw_urls.items()]
                     elif target == "ssw-plain" and plain_url is not None:
                         plan.append(("ssw-plain-1p", plain_url, [], key))
+                    elif target == "ssw-baseline" and baseline_url is not None:
+                        plan.append(("ssw-baseline-1p", baseline_url, [], key))
                     elif target == "litellm" and backend:
                         port, master_key = per_workload.enter_context(litellm(pid, model, backend, work))
                         plan.append(("litellm", f"http://127.0.0.1:{port}", netns(pid), master_key))
@@ -397,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 one: dict[str, Any] = {}
                 if args.latency_duration and workload == "short":
                     for name, url, ns, k in plan:
-                        if name in ("direct", "nginx", "ssw-1p", "ssw-plain-1p"):
+                        if name in ("direct", "nginx", "ssw-1p", "ssw-plain-1p", "ssw-baseline-1p"):
                             one[name] = wrk(url, workload, model, k, 1, args.latency_duration, lua, ns)
             summary = {
                 name: {
