@@ -176,7 +176,7 @@ class Retirer(Piece):
         than the budget (placement.sleep_ram_gb or sleep_ram_fraction)."""
         asleep = self.table.asleep()
         for w in asleep:
-            details = await _quiet(self.systemd.details(w.unit))
+            details = await quiet_read(self.systemd.details(w.unit))
             if details is not None and details.memory_current is not None:
                 w.ram_bytes = details.memory_current
         budget = self.ram_budget()
@@ -197,7 +197,7 @@ class Retirer(Piece):
         return tiers.ram_budget(p.sleep_ram_gb, p.sleep_ram_fraction, self.host_memory)
 
 
-async def _quiet(call: Awaitable[T]) -> T | None:
+async def quiet_read(call: Awaitable[T]) -> T | None:
     """A D-Bus read whose failure only costs a figure."""
     try:
         return await call

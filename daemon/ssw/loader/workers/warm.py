@@ -16,7 +16,7 @@ from ssw.loader.decide.vram import vram_need
 from ssw.loader.models.registry import ModelSpec
 from ssw.loader.workers.inventory import Inventory
 from ssw.loader.workers.parts import Parts, Piece
-from ssw.loader.workers.retire import Retirer, _quiet
+from ssw.loader.workers.retire import Retirer, quiet_read
 from ssw.loader.workers.table import Worker
 
 IDLE_CHECK_S = 1.0
@@ -49,7 +49,7 @@ class Warm(Piece):
         if not worker.sleep_mode:
             return tiers.Choice("stop", "sleep mode is off for this model")
         spec = self.catalog.models.get(worker.model)
-        details = await _quiet(self.systemd.details(worker.unit))
+        details = await quiet_read(self.systemd.details(worker.unit))
         wakes = {level: t for level in (1, 2) if (t := self.store.wake_seconds(worker.model, level)) is not None}
         victim = tiers.Victim(
             sleep_enabled=True,
