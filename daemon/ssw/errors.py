@@ -157,6 +157,23 @@ class ModelLoading(SswError):
         self.accepted: dict[str, object] | None = None
 
 
+class DeadlineUnmet(SswError):
+    """The model cannot be ready within the request's deadline: its load (or wake) goes on,
+    and the client learns when it should be ready."""
+
+    status = 503
+    type = "deadline_exceeded"
+    code = "deadline_exceeded"
+
+    def __init__(self, model: str, eta_s: float, deadline_ms: int) -> None:
+        super().__init__(
+            f"model '{model}' is not ready and will not be within this request's deadline of {deadline_ms} ms "
+            f"(ready in about {eta_s:.1f} s; it is loading)"
+        )
+        self.eta_s = eta_s
+        self.retry_after_s = max(1, int(eta_s + 0.999))
+
+
 class UpstreamError(SswError):
     status = 502
     type = "upstream_error"

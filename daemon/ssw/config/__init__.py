@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from ssw.config.sections import (
+    MAX_DEADLINE_MS,
     MAX_SOCKET_PATH,
     SOCKET_DIR_NAME_MAX,
     SOCKET_NAME,
@@ -39,6 +40,7 @@ from ssw.config.sections import (
 from ssw.errors import ConfigError
 
 __all__ = [
+    "MAX_DEADLINE_MS",
     "MAX_SOCKET_PATH",
     "SOCKET_DIR_NAME_MAX",
     "SOCKET_NAME",

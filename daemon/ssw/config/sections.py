@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 SOCKET_NAME = "http.sock"
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 SOCKET_DIR_NAME_MAX = 24 + 1 + 10
+# The longest first-token deadline a request may carry (X-SSW-Deadline-Ms) or a priority may have.
+MAX_DEADLINE_MS = 600_000
 
 
 class _Section(BaseModel):
@@ -252,6 +254,10 @@ class PlacementSettings(_Section):
 NotLoaded = Literal["wait", "accept", "unavailable"]
 
 
+Priority = Literal["realtime", "interactive", "batch"]
+DeadlineMs = Annotated[int, Field(ge=1, le=MAX_DEADLINE_MS)]
+
+
 class GatewaySettings(_Section):
     not_loaded: NotLoaded = Field(
         default="wait",
@@ -262,6 +268,13 @@ class GatewaySettings(_Section):
     )
     wait_timeout_s: float = Field(
         default=180.0, gt=0, description="How long a held request waits for its model to become ready (503 after)."
+    )
+    deadlines_ms: dict[Priority, DeadlineMs] = Field(
+        default_factory=dict,
+        description="Per priority, how long a request may wait for its first token while its model is not ready "
+        "(e.g. {realtime: 500}); X-SSW-Deadline-Ms on a request wins. Past it (the model's measured load or "
+        "wake is longer, or a held request's deadline passes) the request is answered at once by a ready "
+        "fallback, or with a 503 and the load's ETA; the load goes on. None by default: requests wait.",
     )
     keepalive_s: float = Field(
         default=10.0,

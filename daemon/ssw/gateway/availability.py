@@ -21,6 +21,7 @@ from ssw.common.states import Failure, LoadState, WorkerState
 from ssw.config import Config
 from ssw.errors import (
     ClientLeft,
+    DeadlineUnmet,
     LoaderUnavailable,
     LoadFailed,
     ModelLoading,
@@ -56,6 +57,21 @@ class Placed:
     since: float
 
 
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """How long a request may wait for its first token while its model is not ready."""
+
+    ms: int
+    at: float  # the event loop's clock
+
+    @classmethod
+    def after(cls, ms: int) -> Deadline:
+        return cls(ms, asyncio.get_running_loop().time() + ms / 1000)
+
+    def left(self) -> float:
+        return self.at - asyncio.get_running_loop().time()
+
+
 class Availability:
     def __init__(
         self,
@@ -85,24 +101,28 @@ class Availability:
         return self._names()
 
     def retry_after(self, model: str) -> int:
-        """An honest wait: the model's measured load (or wake) time less what has passed,
-        plus what is left of a backoff."""
+        """An honest wait, in whole seconds (at least 1): :meth:`eta_s`."""
+        return max(1, math.ceil(self.eta_s(model)))
+
+    def eta_s(self, model: str) -> float:
+        """When the model should be ready: its measured load (or wake) time less what has
+        passed, plus what is left of a backoff."""
         entry = self.names.models.get(model)
         if entry is None:
             return DEFAULT_RETRY_AFTER_S
         live = self.names.live.get(model, [])
         if model in self.names.asleep or any(w.state is WorkerState.WAKING for w in live):
-            return max(1, math.ceil(entry.wake_seconds or DEFAULT_WAKE_S))
+            return entry.wake_seconds or DEFAULT_WAKE_S
         load_s = entry.load_seconds or DEFAULT_RETRY_AFTER_S
         rec = entry.load
         now = time.time()
         if rec.state is LoadState.BACKING_OFF and rec.deadline:
-            return max(1, math.ceil(rec.deadline - now + load_s))
+            return max(rec.deadline - now + load_s, 0.0)
         if rec.state is LoadState.COOLING_DOWN and rec.deadline:
-            return max(1, math.ceil(rec.deadline - now))
+            return max(rec.deadline - now, 0.0)
         if rec.state is LoadState.LOADING and entry.load_seconds:
-            return max(1, math.ceil(load_s - (now - rec.since)))
-        return max(1, math.ceil(load_s))
+            return max(load_s - (now - rec.since), 0.0)
+        return load_s
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -189,13 +209,22 @@ class Availability:
             self._asking.discard(model)
 
     async def workers_for(
-        self, model: str, mode: str, priority: str, reply: Reply, stream: bool, hop: bool = False, key: str = ""
+        self,
+        model: str,
+        mode: str,
+        priority: str,
+        reply: Reply,
+        stream: bool,
+        hop: bool = False,
+        key: str = "",
+        deadline: Deadline | None = None,
     ) -> list[WorkerView]:
         """The model's ready workers: this host's, else (in a fleet) other hosts' gateways
         that have it ready. While it is ready nowhere, start its load where the fleet
         decides (here without a fleet) and hold the request (mode 'wait'), or raise
         ModelLoading for a 202 or 503 answer. A request another host sent here (``hop``)
-        is served by this host's workers only."""
+        is served by this host's workers only. With a ``deadline`` the model cannot meet (its
+        ETA is later, or a held request's deadline passes), DeadlineUnmet: its load goes on."""
         names = self.names
         workers = names.ready.get(model)
         if workers:
@@ -212,7 +241,7 @@ class Availability:
                 if target is None:
                     break
                 try:
-                    return await self._hold_remote(model, target, mode, priority, reply, stream, key)
+                    return await self._hold_remote(model, target, mode, priority, reply, stream, key, deadline)
                 except FleetUnavailable:
                     if self.fleet is None or self.fleet.reachable(target):
                         raise
@@ -238,9 +267,11 @@ class Availability:
         else:
             self._asked.setdefault(model, (names.snap.epoch, names.snap.seq))
         retry = self.retry_after(model)
+        self._check_deadline(model, self.eta_s(model), deadline)
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading", retry)
-        await self._hold(model, priority, retry, reply, stream, self._ask_again_soon if reask else None, here_only=hop)
+        then = self._ask_again_soon if reask else None
+        await self._hold(model, priority, retry, reply, stream, then, here_only=hop, deadline=deadline)
         names = self.names
         # Released when the model became ready here, or first on another host of the fleet.
         workers = names.ready.get(model) or (None if hop else names.remote.get(model))
@@ -257,8 +288,10 @@ class Availability:
         stream: bool,
         then: Callable[[str], None] | None = None,
         here_only: bool = False,
+        deadline: Deadline | None = None,
     ) -> None:
-        """Wait until the model's waiters are released (or failed, or time out)."""
+        """Wait until the model's waiters are released (or failed, or time out: at
+        gateway.wait_timeout_s, or at the request's deadline when that comes first)."""
         waiter = self.queue.add(model, priority, retry, here_only)
         if then is not None:
             then(model)
@@ -266,8 +299,10 @@ class Availability:
         keepalive = self._spawn_keepalive(reply) if stream else None
         # A client that leaves while held is dropped: its place in the queue too.
         left = asyncio.ensure_future(reply.client_left())
+        limit = self.cfg.gateway.wait_timeout_s
+        by_deadline = deadline is not None and deadline.left() < limit
         try:
-            async with asyncio.timeout(self.cfg.gateway.wait_timeout_s):
+            async with asyncio.timeout(deadline.left() if deadline is not None and by_deadline else limit):
                 await asyncio.wait([waiter.future, left], return_when=asyncio.FIRST_COMPLETED)
             if not waiter.future.done():
                 self.queue.discard(waiter)
@@ -275,6 +310,8 @@ class Availability:
             waiter.future.result()
         except TimeoutError:
             self.queue.discard(waiter)
+            if deadline is not None and by_deadline:
+                raise DeadlineUnmet(model, self.eta_s(model), deadline.ms) from None
             raise ModelLoading(
                 f"model '{model}' did not become ready within {self.cfg.gateway.wait_timeout_s:.0f} s",
                 self.retry_after(model),
@@ -319,7 +356,15 @@ class Availability:
         return None if host == fleet.host else host
 
     async def _hold_remote(
-        self, model: str, host: str, mode: str, priority: str, reply: Reply, stream: bool, key: str
+        self,
+        model: str,
+        host: str,
+        mode: str,
+        priority: str,
+        reply: Reply,
+        stream: bool,
+        key: str,
+        deadline: Deadline | None = None,
     ) -> list[WorkerView]:
         assert self.fleet is not None
         placed = self._placed.get(model)
@@ -327,14 +372,22 @@ class Availability:
             since = await self.fleet.ask_load(host, model, key, priority)
             self._placed[model] = Placed(host, key, priority, since)
         retry = self._remote_retry_after(model, host)
+        self._check_deadline(model, retry, deadline)
         if mode != "wait":
             raise ModelLoading(f"model '{model}' is loading on host {host}", retry)
-        await self._hold(model, priority, retry, reply, stream)
+        await self._hold(model, priority, retry, reply, stream, deadline=deadline)
         names = self.names
         workers = names.ready.get(model) or names.remote.get(model)
         if not workers:
             raise UpstreamError(f"model '{model}' was ready but its worker is gone again; retry")
         return workers
+
+    @staticmethod
+    def _check_deadline(model: str, eta_s: float, deadline: Deadline | None) -> None:
+        """A model that will not be ready within the request's deadline: DeadlineUnmet now
+        (its load was asked for already), rather than a wait that cannot end in time."""
+        if deadline is not None and eta_s > deadline.left():
+            raise DeadlineUnmet(model, eta_s, deadline.ms)
 
     def _remote_retry_after(self, model: str, host: str) -> int:
         record = self.fleet.hosts.get(host) if self.fleet else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import urllib.parse
 from collections.abc import Iterable
 from typing import Any
@@ -25,9 +26,10 @@ from ssw.common.contract import Snapshot, WorkerView
 from ssw.common.fleet_wire import fleet_redis
 from ssw.common.routes import Body, Family, Route
 from ssw.common.serving import Answer, AsyncAcceptor
-from ssw.config import Config
+from ssw.config import MAX_DEADLINE_MS, Config
 from ssw.errors import (
     BadRequest,
+    DeadlineUnmet,
     LoaderUnavailable,
     LoadFailed,
     ModelLoading,
@@ -38,7 +40,7 @@ from ssw.errors import (
 from ssw.gateway import hops
 from ssw.gateway.accounting import Accounting, Exchange
 from ssw.gateway.admission import INTERNAL, PRIORITY_HEADER, Admission, Internal
-from ssw.gateway.availability import MAX_HOSTS_TRIED, Availability
+from ssw.gateway.availability import MAX_HOSTS_TRIED, Availability, Deadline
 from ssw.gateway.fleet import FleetUnavailable, FleetView, warn_if_insecure
 from ssw.gateway.loader_client import LoaderClient
 from ssw.gateway.metrics import GatewayMetrics
@@ -51,6 +53,7 @@ from ssw.gateway.waitqueue import VLLM_PRIORITY, WaitQueue
 log = logging.getLogger(__name__)
 
 WAIT_HEADER = b"x-ssw-wait"
+DEADLINE_HEADER = b"x-ssw-deadline-ms"
 FALLBACK_HEADER = b"x-ssw-fallback"
 FALLBACK_FROM_HEADER = b"x-ssw-fallback-from"
 ASYNC_HEADER = b"x-ssw-async"
@@ -137,6 +140,23 @@ class Gateway:
 
     # --- the proxy routes --------------------------------------------------------------------
 
+    def _deadline(self, headers: dict[bytes, bytes], ex: Exchange) -> Deadline | None:
+        """How long this request may wait for its first token while its model is not ready:
+        X-SSW-Deadline-Ms, else its priority's gateway.deadlines_ms; counted from its arrival."""
+        raw = headers.get(DEADLINE_HEADER)
+        if raw is not None:
+            text = raw.decode("latin-1").strip()
+            if not text.isdigit() or not 1 <= int(text) <= MAX_DEADLINE_MS:
+                raise BadRequest(
+                    f"X-SSW-Deadline-Ms must be a whole number of milliseconds from 1 to {MAX_DEADLINE_MS}"
+                )
+            ms: int | None = int(text)
+        else:
+            ms = self.cfg.gateway.deadlines_ms.get(ex.priority)  # type: ignore[call-overload]
+        if ms is None:
+            return None
+        return Deadline.after(ms - int((time.perf_counter() - ex.t0) * 1000))
+
     def not_loaded_mode(self, key: ApiKey | None, wait_header: bool | None, sdk: bool) -> str:
         """wait, accept or unavailable: X-SSW-Wait first, then the key's setting, then
         gateway.not_loaded. An official OpenAI SDK reads any 2xx as a completion (a
@@ -164,15 +184,20 @@ class Gateway:
         reply: Reply,
         stream: bool,
         hop: bool = False,
+        deadline: Deadline | None = None,
     ) -> tuple[str, list[WorkerView], str | None]:
         """(model that serves, its workers, the model it stands in for or None)."""
         try:
             key_name = key.name if key else ""
-            return model, await self.availability.workers_for(model, mode, priority, reply, stream, hop, key_name), None
-        except (LoadFailed, NoCapacity, FleetUnavailable) as exc:
+            ready = await self.availability.workers_for(model, mode, priority, reply, stream, hop, key_name, deadline)
+            return model, ready, None
+        except (LoadFailed, NoCapacity, FleetUnavailable, DeadlineUnmet) as exc:
             names = self.names
             entry = names.models.get(model)
-            allowed = fallback if fallback is not None else bool(entry and entry.fallback_default)
+            # A deadline asks for an answer in time: a ready fallback gives one, unless the
+            # request said X-SSW-Fallback: false.
+            default = isinstance(exc, DeadlineUnmet) or bool(entry and entry.fallback_default)
+            allowed = fallback if fallback is not None else default
             if entry is None or not allowed or not route.fallbacks:
                 raise
             in_scope = self.admission.allowed_models(key, names.resolve)
@@ -309,11 +334,12 @@ class Gateway:
             mode = self.not_loaded_mode(key, _truthy(headers.get(WAIT_HEADER)), sdk)
         # A hop never falls back on the far side: the first host applied the key's fallbacks.
         fallback = False if claim is not None else _truthy(headers.get(FALLBACK_HEADER))
+        deadline = None if got.internal or claim is not None else self._deadline(headers, ex)
         # Each host that cannot be reached is passed over, then the next, then a load here.
         for _ in range(MAX_HOSTS_TRIED):
             try:
                 served, workers, stands_in_for = await self._serve_or_fallback(
-                    key, model, body, route, mode, ex.priority, fallback, reply, stream, claim is not None
+                    key, model, body, route, mode, ex.priority, fallback, reply, stream, claim is not None, deadline
                 )
             except ModelLoading as exc:
                 if mode == "accept" and not reply.started:

@@ -80,9 +80,9 @@ class StubLoader:
         return web.Response(status=204)
 
 
-@pytest.fixture
-async def stub() -> AsyncIterator[tuple[StubLoader, str]]:
-    loader = StubLoader()
+@contextlib.asynccontextmanager
+async def serve(loader: StubLoader) -> AsyncIterator[str]:
+    """The stub loader's admin API on a port of its own; its URL."""
     app = web.Application()
     app.router.add_get("/events", loader.events)
     app.router.add_post("/load", loader.load)
@@ -92,9 +92,18 @@ async def stub() -> AsyncIterator[tuple[StubLoader, str]]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield loader, f"http://127.0.0.1:{port}"
-    await loader.end_streams()
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await loader.end_streams()
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[tuple[StubLoader, str]]:
+    loader = StubLoader()
+    async with serve(loader) as url:
+        yield loader, url
 
 
 @contextlib.asynccontextmanager
