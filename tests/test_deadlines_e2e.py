@@ -35,9 +35,8 @@ def stack(sysbox: SysBox, models_root: Path) -> Iterator[Stack]:
 
 def chat(stack: Stack, model: str, **headers: str) -> tuple[int, dict[str, str], object, float]:
     t0 = time.monotonic()
-    status, hdrs, body = http(
-        "POST", stack.public + "/v1/chat/completions", {"model": model, "messages": CHAT}, headers
-    )
+    request = {"model": model, "messages": CHAT}
+    status, hdrs, answer = http("POST", stack.public + "/v1/chat/completions", request, headers)
     return status, hdrs, answer, time.monotonic() - t0
 
 
