@@ -26,7 +26,9 @@ asleep), which ssw's simulated GPU source reads as NVML would measure a real
 process. Faults, for tests: SSW_FAKE_SLEEP_LEAK=1 keeps the memory after a
 sleep (vLLM issue #32714); POST /ssw-fake/fail-wake makes the next wake fail,
 POST /ssw-fake/break-on-wake makes it wake into an engine that cannot
-generate (wrong answers after a wake: vLLM issue #16234).
+generate, and POST /ssw-fake/garble-on-wake (or SSW_FAKE_WRONG_AFTER_WAKE=1)
+into one that answers, wrongly ("x0 x1 …" where it said "t0 t1 …": vLLM
+issues #16234, gibberish after a level-2 wake).
 
 With --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 it serves vLLM's
 runtime LoRA API (POST /v1/load_lora_adapter, /v1/unload_lora_adapter): a
@@ -93,9 +95,15 @@ def make_app(args: argparse.Namespace) -> web.Application:
     ready_at = time.monotonic() + args.load_delay
     delay = 1.0 / args.tokens_per_second if args.tokens_per_second > 0 else 0.0
     stats = {"running": 0, "aborted": 0, "in_flight": 0, "generations": 0}
-    broken = {"generate": False}
+    broken = {"generate": False, "garbled": False}
     sleep_api = args.enable_sleep_mode and os.environ.get("VLLM_SERVER_DEV_MODE") == "1"
-    asleep: dict[str, object] = {"level": 0, "weights": None, "fail_wake": False, "break_on_wake": False}
+    asleep: dict[str, object] = {
+        "level": 0,
+        "weights": None,
+        "fail_wake": False,
+        "break_on_wake": False,
+        "garble_on_wake": os.environ.get("SSW_FAKE_WRONG_AFTER_WAKE") == "1",
+    }
     memory_file = Path(args.uds).parent / "device-memory" if args.uds else None
     budget = int(os.environ.get("SSW_VRAM_BYTES", "0"))
     residual = int(os.environ.get("SSW_FAKE_RESIDUAL_BYTES", str(300 * 10**6)))
@@ -138,6 +146,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
         report_memory(budget)
         if asleep["break_on_wake"]:
             broken["generate"] = True
+        if asleep["garble_on_wake"]:
+            broken["garbled"] = True
         return web.Response(status=200)
 
     async def is_sleeping(_: web.Request) -> web.Response:
@@ -149,6 +159,10 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def break_on_wake(_: web.Request) -> web.Response:
         asleep["break_on_wake"] = True
+        return web.json_response({"ok": True})
+
+    async def garble_on_wake(_: web.Request) -> web.Response:
+        asleep["garble_on_wake"] = True
         return web.json_response({"ok": True})
 
     async def fake_sleeps(_: web.Request) -> web.Response:
@@ -265,12 +279,16 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if not body.get("stream"):
             if delay:
                 await asyncio.sleep(delay * n_tokens)
-            text = " ".join(f"t{i}" for i in range(n_tokens))
-            choice = (
+            prefix = "x" if broken["garbled"] else "t"
+            text = " ".join(f"{prefix}{i}" for i in range(n_tokens))
+            choice: dict[str, object] = (
                 {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                 if chat
                 else {"index": 0, "text": text, "finish_reason": "length"}
             )
+            if not chat and body.get("logprobs"):
+                tokens = text.split(" ")
+                choice["logprobs"] = {"tokens": tokens, "token_logprobs": [-0.25 * (i + 1) for i in range(len(tokens))]}
             return web.json_response(
                 {
                     "id": rid,
@@ -396,6 +414,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/ssw-fake/sleeps", fake_sleeps)
     app.router.add_post("/ssw-fake/fail-wake", fail_wake)
     app.router.add_post("/ssw-fake/break-on-wake", break_on_wake)
+    app.router.add_post("/ssw-fake/garble-on-wake", garble_on_wake)
     if lora_api:
         lora_routes = {("POST", "/v1/load_lora_adapter"): load_lora, ("POST", "/v1/unload_lora_adapter"): unload_lora}
         routes = [(m, p, lora_routes.get((m, p), h)) for m, p, h in routes]

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_pull.add_argument(
         "--wait", action=argparse.BooleanOptionalAction, default=True, help="follow it to the end (default)"
     )
+    verb(
+        "clear-check",
+        "clear a model's known-answer failure: it may sleep again, its answer is recorded anew",
+        verbs.clear_check,
+    ).add_argument("model")
     verb("jobs", "the loader's pull jobs", verbs.jobs)
     verb("cancel", "cancel a pull (its partial data is removed)", verbs.cancel).add_argument("job")
     p_logs = verb("logs", "a worker's journal", verbs.logs)

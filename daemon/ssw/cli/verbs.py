@@ -116,6 +116,14 @@ def unload(cfg: Config, args: argparse.Namespace) -> Any:
     return out
 
 
+def clear_check(cfg: Config, args: argparse.Namespace) -> Any:
+    out = admin(cfg, "POST", "/known-answer/clear", {"model": args.model})
+    if not args.json:
+        done = "cleared: it may sleep again, and its next start records its answer anew"
+        print(f"{out['model']}: {done if out['cleared'] else 'nothing to clear'}")
+    return out
+
+
 def pull(cfg: Config, args: argparse.Namespace) -> Any:
     return _pull(cfg, args)
 

@@ -120,6 +120,8 @@ class ModelStatus(ModelView):
     # Median cold start per set of start options tried (POST /coldstart), "{}" as configured.
     cold_starts: dict[str, float] = Field(default_factory=dict)
     cold_start_best: str | None = None
+    # The known-answer check: recorded?, failures, the last one, and why it may not sleep.
+    known_answer: dict[str, Any] = Field(default_factory=dict)
 
 
 class Status(_View):

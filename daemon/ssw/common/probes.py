@@ -9,7 +9,9 @@ import asyncio
 import enum
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,6 +39,29 @@ async def fetch(
 # vLLM's gauges of requests it holds: being generated, and queued.
 WAITING_METRIC = "vllm:num_requests_waiting"
 IN_FLIGHT_METRICS = ("vllm:num_requests_running", WAITING_METRIC)
+
+
+# The known-answer check: a fixed prompt, a few greedy tokens (few: a slow engine pays them
+# on every start and wake).
+KNOWN_PROMPT = "The capital of France is"
+KNOWN_TOKENS = 4
+
+
+@dataclass(frozen=True)
+class KnownAnswer:
+    """A model's greedy answer to the fixed prompt."""
+
+    text: str
+    logprobs: tuple[float, ...] = ()  # per token, where the engine gives them
+
+    def differs(self, other: KnownAnswer, tolerance: float) -> str | None:
+        """Why ``other`` is not this answer (None: it is)."""
+        if other.text != self.text:
+            return f"{other.text!r} where {self.text!r} was recorded"
+        for i, (was, now) in enumerate(zip(self.logprobs, other.logprobs, strict=False)):
+            if abs(was - now) > tolerance:
+                return f"token {i}'s logprob {now:.4f} where {was:.4f} was recorded (tolerance {tolerance})"
+        return None
 
 
 class Canary(enum.Enum):
@@ -194,6 +219,52 @@ class Probes:
         if 400 <= status < 500:
             return Canary.NOT_APPLICABLE, f"completions answered {status}"
         return Canary.FAILED, f"a 1-token completion answered {status}: {answer[:200].decode(errors='replace')}"
+
+    async def known_answer(self, socket: Path, model: str) -> tuple[Canary, KnownAnswer | None, str]:
+        """The engine's greedy answer to the fixed prompt, with its logprobs."""
+        request = {
+            "model": model,
+            "prompt": KNOWN_PROMPT,
+            "max_tokens": KNOWN_TOKENS,
+            "temperature": 0,
+            "logprobs": 1,
+            "seed": 0,
+        }
+        try:
+            async with asyncio.timeout(self._canary_timeout):
+                status, answer = await fetch(
+                    self._canary_pool,
+                    str(socket),
+                    "POST",
+                    "/v1/completions",
+                    json.dumps(request).encode(),
+                    Content_Type="application/json",
+                )
+        except TimeoutError:
+            return Canary.FAILED, None, f"no answer within {self._canary_timeout:.0f} s"
+        except UpstreamError as exc:
+            return Canary.FAILED, None, str(exc)
+        if 400 <= status < 500:
+            return Canary.NOT_APPLICABLE, None, f"completions answered {status}"
+        if status != 200:
+            return Canary.FAILED, None, f"a {KNOWN_TOKENS}-token completion answered {status}"
+        parsed = _known(answer)
+        if parsed is None:
+            return Canary.FAILED, None, "a completion that is not one: " + answer[:200].decode(errors="replace")
+        return Canary.PASSED, parsed, ""
+
+
+def _known(answer: bytes) -> KnownAnswer | None:
+    """The text and logprobs of a completion's first choice (None: not a completion)."""
+    try:
+        choice: Any = json.loads(answer)["choices"][0]
+        text = choice["text"]
+        logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    if not isinstance(text, str) or not all(isinstance(x, int | float) for x in logprobs):
+        return None
+    return KnownAnswer(text, tuple(float(x) for x in logprobs))
 
 
 def _why(path: str, status: int, body: bytes) -> str:

@@ -192,6 +192,19 @@ class HealthSettings(_Section):
         "completion), which catches an engine that answers /health but cannot generate; 0: off.",
     )
     canary_timeout_s: float = Field(default=30.0, gt=0, description="How long the 1-token canary may take.")
+    known_answer: bool = Field(
+        default=True,
+        description="On a model's first healthy start, record its greedy answer to a fixed prompt (its text, and "
+        "each token's logprob); after every wake and every later start, ask again and compare. A worker that "
+        "answers wrongly is stopped; after a wake the model loads cold and sleeps no more until an operator "
+        "clears it (ssw clear-check MODEL). Models that do not complete text are not checked.",
+    )
+    known_answer_logprob_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        description="How far a token's logprob may move between two answers that count as the same (GPU "
+        "kernels are not bit-exact across runs; the text must match exactly).",
+    )
 
 
 class PlacementSettings(_Section):

@@ -77,6 +77,11 @@ class UsageReport(BaseModel):
     )
 
 
+class ModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=256, description="Model name or alias.")
+
+
 class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(default=None, max_length=256, description="Model name or alias.")
@@ -223,6 +228,15 @@ def admin_app(loader: Loader) -> FastAPI:
             loader.manager.touch(unit, when, report.interactive.get(unit))
         for unit, used in report.adapters.items():
             loader.manager.touch_adapters(unit, used)
+
+    @app.post("/known-answer/clear")
+    async def clear_known_answer(req: ModelRequest) -> dict[str, Any]:
+        """An operator's all-clear after a wrong answer: the model may sleep again, and its
+        next start records its answer anew."""
+        spec = await loader.resolve(req.model)
+        cleared = await loader.store.clear_known_answer(spec.name)
+        loader.manager.feed.changed()
+        return {"model": spec.name, "cleared": cleared}
 
     @app.post("/rescan")
     async def rescan() -> dict[str, Any]:

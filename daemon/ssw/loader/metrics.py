@@ -36,6 +36,12 @@ class LoaderMetrics:
             buckets=LOAD_BUCKETS,
             registry=self.registry,
         )
+        self.known_answer_failures = Counter(
+            "ssw_known_answer_failures",
+            "Workers whose answer to the fixed prompt differed from the recorded one, after a wake or a start.",
+            ["model", "after"],
+            registry=self.registry,
+        )
         self.registry.register(_LoaderCollector(worker_counts, evictions, gpus, reserved))
         ProcessCollector(registry=self.registry)
 

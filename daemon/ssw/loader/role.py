@@ -66,7 +66,8 @@ class Loader:
         self.catalog = Catalog(registry)
         self.store = store
         # The parts every piece of the machinery shares, built once here.
-        self.manager = Supervisor(Parts.build(cfg, systemd, gpus, self.catalog, store, retiring), self._load_result)
+        parts = Parts.build(cfg, systemd, gpus, self.catalog, store, retiring)
+        self.manager = Supervisor(parts, self._load_result, self._check_failed)
         self.started_at = time.time()
         self.redis = redis_sink.client(cfg.redis_url)
         self.latest_gpus: list[GpuInfo] = []
@@ -175,6 +176,9 @@ class Loader:
             self._sampler.cancel()
         await self.manager.close()
         await self.redis.aclose()
+
+    def _check_failed(self, model: str, after: str) -> None:
+        self.metrics.known_answer_failures.labels(model, after).inc()
 
     def _load_result(self, model: str, result: str, seconds: float) -> None:
         self.metrics.loads.labels(model, result).inc()
@@ -336,6 +340,7 @@ class Loader:
                 unit=unit_name(name),
                 cold_starts=(trials := self.store.cold_starts(name)),
                 cold_start_best=min(trials, key=lambda k: trials[k]) if trials else None,
+                known_answer=self.store.known_answer_status(name),
             )
         return Status(
             epoch=self.manager.feed.epoch,

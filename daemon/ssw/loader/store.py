@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ssw.common.probes import KnownAnswer
+
 log = logging.getLogger(__name__)
 KEEP_LOAD_TIMES = 10
 
@@ -115,6 +117,63 @@ class FactStore:
         if entry.get("routes_fingerprint") != fingerprint or not isinstance(routes, list):
             return None
         return {r for r in routes if isinstance(r, str)}
+
+    # --- the known-answer check ------------------------------------------------------------
+
+    def known_answer(self, model: str, fingerprint: str) -> KnownAnswer | None:
+        """The greedy answer recorded on the model's first healthy start, with this fingerprint."""
+        entry = self._facts.get(model, {}).get("known_answer")
+        if not isinstance(entry, dict) or entry.get("fingerprint") != fingerprint:
+            return None
+        text, logprobs = entry.get("text"), entry.get("logprobs")
+        if not isinstance(text, str) or not isinstance(logprobs, list):
+            return None
+        return KnownAnswer(text, tuple(float(x) for x in logprobs if isinstance(x, int | float)))
+
+    async def record_known_answer(self, model: str, fingerprint: str, answer: KnownAnswer) -> None:
+        async with self._lock:
+            entry = self._facts.setdefault(model, {})
+            entry["known_answer"] = {"fingerprint": fingerprint, "text": answer.text, "logprobs": list(answer.logprobs)}
+            entry["updated_at"] = time.time()
+            await self._save()
+
+    async def known_answer_failed(self, model: str, why: str, block_sleep: bool) -> None:
+        """A worker answered wrongly: counted, and (after a wake) the model sleeps no more
+        until an operator clears it."""
+        async with self._lock:
+            entry = self._facts.setdefault(model, {})
+            entry["known_answer_failures"] = int(entry.get("known_answer_failures", 0)) + 1
+            entry["known_answer_last_failure"] = why
+            if block_sleep:
+                entry["sleep_blocked"] = why
+            entry["updated_at"] = time.time()
+            await self._save()
+
+    def sleep_blocked(self, model: str) -> str | None:
+        """Why the model may not sleep (its known answer differed after a wake), if so."""
+        why = self._facts.get(model, {}).get("sleep_blocked")
+        return why if isinstance(why, str) else None
+
+    async def clear_known_answer(self, model: str) -> bool:
+        """An operator's all-clear: the recorded answer is dropped (the next start records
+        one anew) and the model may sleep again. False: there was nothing to clear."""
+        async with self._lock:
+            entry = self._facts.get(model, {})
+            had = any(k in entry for k in ("known_answer", "sleep_blocked", "known_answer_last_failure"))
+            for k in ("known_answer", "sleep_blocked", "known_answer_last_failure"):
+                entry.pop(k, None)
+            if had:
+                await self._save()
+            return had
+
+    def known_answer_status(self, model: str) -> dict[str, Any]:
+        entry = self._facts.get(model, {})
+        return {
+            "recorded": isinstance(entry.get("known_answer"), dict),
+            "failures": int(entry.get("known_answer_failures", 0)),
+            "last_failure": entry.get("known_answer_last_failure"),
+            "sleep_blocked": self.sleep_blocked(model),
+        }
 
     def public(self, model: str) -> dict[str, Any]:
         return {

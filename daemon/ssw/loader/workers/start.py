@@ -43,6 +43,7 @@ class Starter(Piece):
         warm: Warm,
         retirer: Retirer,
         on_load_result: Callable[[str, str, float], None] | None = None,
+        on_check_failed: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__(parts)
         self.inventory = inventory
@@ -51,6 +52,8 @@ class Starter(Piece):
         self.retirer = retirer
         # (model, "ready" or "failed", seconds from unit start to healthy or failure)
         self.on_load_result = on_load_result
+        # (model, "wake" or "start"): a worker's known answer differed
+        self.on_check_failed = on_check_failed
 
     async def start_replica(self, spec: ModelSpec, replica: int, gpu: int | None = None, evict: bool = True) -> Worker:
         need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
@@ -85,7 +88,8 @@ class Starter(Piece):
                 state=WorkerState.STARTING,
                 state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
                 pinned=spec.pinned,
-                sleep_mode=engine.sleep_enabled(spec, self.gpus.kind),
+                # Not a model whose answer was wrong after a wake, until an operator clears it.
+                sleep_mode=engine.sleep_enabled(spec, self.gpus.kind) and not self.store.sleep_blocked(spec.name),
                 # A cold-start trial runs a changed copy of the model's spec.
                 trial=spec != self.catalog.models.get(spec.name),
             )
@@ -185,6 +189,11 @@ class Starter(Piece):
             if "bound" not in worker.marks and "requested" in worker.marks and worker.socket.exists():
                 worker.marks["bound"] = time.time()
             if await self.probes.healthy(worker.socket):
+                # A known model's later start answers the fixed prompt as its first did, or
+                # it is not routed to.
+                wrong = await self._compare_known_answer(worker, "after a start", block_sleep=False)
+                if wrong is not None:
+                    raise LoadFailed(wrong)
                 worker.marks["healthy"] = time.time()
                 took = worker.marks["healthy"] - worker.started_at
                 phases = describe_phases(worker.marks)
@@ -219,6 +228,8 @@ class Starter(Piece):
         spec = self.catalog.models.get(worker.model)
         if worker.trial:
             return  # started with other options than configured: its figures are the trial's
+        if spec is not None and self.cfg.health.known_answer and not worker.adopted:
+            await self._record_known_answer(worker, spec)
         # A tensor-parallel footprint is per GPU of a split model: not comparable.
         await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
         self.feed.changed()
@@ -231,6 +242,42 @@ class Starter(Piece):
         if mounted is not None:
             await self.store.record_routes(spec.name, spec.fingerprint, inference_paths(mounted))
             self.feed.changed()
+
+    async def _record_known_answer(self, worker: Worker, spec: ModelSpec) -> None:
+        """On a model's first healthy start, its greedy answer to the fixed prompt."""
+        if self.store.known_answer(spec.name, spec.fingerprint) is not None:
+            return
+        result, answer, detail = await self.probes.known_answer(worker.socket, worker.model)
+        if result is Canary.PASSED and answer is not None:
+            await self.store.record_known_answer(spec.name, spec.fingerprint, answer)
+            log.info("%s: known answer recorded: %r", worker.unit, answer.text)
+        elif result is Canary.FAILED:
+            log.warning("%s: no known answer recorded: %s", worker.unit, detail)
+
+    async def _compare_known_answer(self, worker: Worker, when: str, block_sleep: bool) -> str | None:
+        """Why the worker's answer to the fixed prompt is not the recorded one (None: it is,
+        or none is recorded, or the model does not complete text). A wrong answer is
+        counted and, after a wake, the model sleeps no more until an operator clears it."""
+        spec = self.catalog.models.get(worker.model)
+        if spec is None or worker.trial or worker.adopted or not self.cfg.health.known_answer:
+            return None
+        recorded = self.store.known_answer(spec.name, spec.fingerprint)
+        if recorded is None:
+            return None
+        result, answer, detail = await self.probes.known_answer(worker.socket, worker.model)
+        if result is Canary.NOT_APPLICABLE:
+            return None
+        if answer is None:
+            return f"the known-answer check {when} failed: {detail}"
+        differs = recorded.differs(answer, self.cfg.health.known_answer_logprob_tolerance)
+        if differs is None:
+            return None
+        why = f"the known answer {when} differs: {differs}"
+        log.error("%s: %s%s", worker.unit, why, "; the model sleeps no more until cleared" if block_sleep else "")
+        await self.store.known_answer_failed(worker.model, why, block_sleep)
+        if self.on_check_failed is not None:
+            self.on_check_failed(worker.model, "wake" if block_sleep else "start")
+        return why
 
     async def wake(self, spec: ModelSpec, worker: Worker, gpu: int | None) -> Worker:
         """Wake a sleeping replica where it sleeps (evicting there if need be) and route to
@@ -279,6 +326,8 @@ class Starter(Piece):
                         failure = f"the 1-token canary after the wake failed: {detail}"
                     elif result is Canary.NOT_APPLICABLE:
                         worker.canary = False
+                if failure is None:
+                    failure = await self._compare_known_answer(worker, "after the wake", block_sleep=True)
                 if failure is not None:
                     raise LoadFailed(failure)
                 took = time.monotonic() - started

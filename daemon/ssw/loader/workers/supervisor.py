@@ -38,13 +38,20 @@ log = logging.getLogger(__name__)
 
 
 class Supervisor(Piece):
-    def __init__(self, parts: Parts, on_load_result: Callable[[str, str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        parts: Parts,
+        on_load_result: Callable[[str, str, float], None] | None = None,
+        on_check_failed: Callable[[str, str], None] | None = None,
+    ) -> None:
         super().__init__(parts)
         self.inventory = Inventory(parts)
         self.sockets = Sockets(parts)
         self.retirer = Retirer(parts, self.inventory)
         self.warm = Warm(parts, self.inventory, self.retirer)
-        self.starter = Starter(parts, self.inventory, self.sockets, self.warm, self.retirer, on_load_result)
+        self.starter = Starter(
+            parts, self.inventory, self.sockets, self.warm, self.retirer, on_load_result, on_check_failed
+        )
         self.health = Health(parts, self._replace)
         self.adopter = Adopter(parts, self.retirer, self.sockets, self.load)
         self.adapters = Adapters(parts, self.load)

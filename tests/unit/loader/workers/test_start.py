@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from ssw.common.probes import Canary
+from ssw.common.probes import Canary, KnownAnswer
 from ssw.common.states import WorkerState
-from ssw.errors import NoCapacity
+from ssw.errors import LoadFailed, NoCapacity
 from ssw.loader.workers.supervisor import Supervisor
 from tests.unit.loader.workers.fakes import FakeBus, sleeper, spec, worker
 
@@ -109,3 +109,80 @@ async def test_a_wake_whose_sleeper_was_stopped_meanwhile_loads_cold_and_fails_n
     assert not waking.done() and not started  # it waits for that unit to be gone
     supervisor.table.move(asleep, WorkerState.GONE, "unit ended")
     assert await asyncio.wait_for(waking, 5) == "cold" and started == [1]
+
+
+def answering(supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch, *texts: str) -> list[str]:
+    """The engine answers the fixed prompt with each text in turn (the last one after that)."""
+    asked: list[str] = []
+
+    async def known_answer(socket: Path, model: str) -> tuple[Canary, KnownAnswer | None, str]:
+        text = texts[min(len(asked), len(texts) - 1)]
+        asked.append(text)
+        return Canary.PASSED, KnownAnswer(text, (-0.5, -1.0)), ""
+
+    monkeypatch.setattr(supervisor.probes, "known_answer", known_answer)
+    return asked
+
+
+async def test_a_models_first_start_records_its_answer_and_a_later_start_must_repeat_it(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    healthy_probes(supervisor, monkeypatch)
+    answering(supervisor, monkeypatch, " Paris.", " Paris.", " Lyon?")
+    bus: FakeBus = supervisor.systemd  # type: ignore[assignment]
+    a = spec("a")
+    first = await asyncio.wait_for(supervisor.starter.start_replica(a, 1), 10)
+    for _ in range(200):  # recorded in the background, once it serves
+        if supervisor.store.known_answer("a", a.fingerprint) is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert supervisor.store.known_answer("a", a.fingerprint) == KnownAnswer(" Paris.", (-0.5, -1.0))
+    await supervisor.retirer.retire(first, "test")
+    second = await asyncio.wait_for(supervisor.starter.start_replica(a, 1), 10)  # answers " Paris." again
+    assert second.state is WorkerState.READY
+    await supervisor.retirer.retire(second, "test")
+    with pytest.raises(LoadFailed) as raised:
+        await asyncio.wait_for(supervisor.starter.start_replica(a, 1), 10)
+    assert "the known answer after a start differs: ' Lyon?' where ' Paris.' was recorded" in raised.value.message
+    assert bus.stopped[-1] == "ssw-worker@a.service" and supervisor.table.of_model("a") == []
+    status = supervisor.store.known_answer_status("a")
+    assert status["failures"] == 1 and status["sleep_blocked"] is None  # a start's failure: not the warm tier's
+
+
+async def test_a_wrong_answer_after_a_wake_stops_the_sleeper_loads_cold_and_ends_sleeping(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    healthy_probes(supervisor, monkeypatch)
+    answering(supervisor, monkeypatch, " garbage")
+    bus: FakeBus = supervisor.systemd  # type: ignore[assignment]
+    a = spec("a")
+    await supervisor.store.record_known_answer("a", a.fingerprint, KnownAnswer(" Paris.", (-0.5, -1.0)))
+    failed: list[tuple[str, str]] = []
+    supervisor.starter.on_check_failed = lambda model, after: failed.append((model, after))
+    asleep = sleeper()
+    asleep.sleep_level = 2
+    asleep.released.set()
+    supervisor.table.add(asleep, "asleep")
+    cold: list[int] = []
+
+    async def cold_start(spec: Any, replica: int, gpu: int | None = None, evict: bool = True) -> str:
+        cold.append(replica)
+        return "cold"
+
+    async def woken(socket: Path, timeout: float) -> None:
+        return None
+
+    async def canary(socket: Path, model: str) -> tuple[Canary, str]:
+        return Canary.PASSED, ""  # it generates: only its answer is wrong
+
+    monkeypatch.setattr(supervisor.probes, "wake", woken)
+    monkeypatch.setattr(supervisor.probes, "canary", canary)
+    monkeypatch.setattr(supervisor.starter, "start_replica", cold_start)
+    assert await asyncio.wait_for(supervisor.starter.wake(a, asleep, None), 10) == "cold" and cold == [1]
+    assert bus.stopped == [asleep.unit] and asleep.state is WorkerState.GONE
+    blocked = supervisor.store.sleep_blocked("a")
+    assert blocked is not None and "' garbage' where ' Paris.' was recorded" in blocked
+    assert failed == [("a", "wake")]
+    # An operator's all-clear: it may sleep again, and its answer is recorded anew.
+    assert await supervisor.store.clear_known_answer("a")
+    assert supervisor.store.sleep_blocked("a") is None and supervisor.store.known_answer("a", a.fingerprint) is None
