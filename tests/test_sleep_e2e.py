@@ -1,8 +1,8 @@
 """The warm tier on real systemd, with the fake engine's sleep API: evicted and
 idle workers sleep instead of stopping and wake for the next request; sleeps
 wait for in-flight requests; GPU memory is seen free before anything is placed
-there; sleepers stay within their host memory budget; a wake that fails loads
-the model cold; preload.
+there; sleepers stay within their host memory budget; a wake that fails, or
+whose known answer differs, loads the model cold; preload.
 
 One simulated 10 GB GPU holds one of the 6 GB models at a time, so loading one
 evicts the other. GPU 1 holds the preloaded model.
@@ -50,6 +50,7 @@ def models() -> dict[str, Any]:
         "b": sleeper(),
         "c": sleeper(),
         "leaky": sleeper(SSW_FAKE_SLEEP_LEAK="1"),
+        "liar": sleeper(),  # answers wrongly after a wake, when a test asks it to
         "cold": {"path": "m", "vram_gb": 6, "gpus": [0]},  # sleep: auto, off on simulated GPUs
         "nap": {**sleeper(), "idle_ttl_s": 2},
         "quit": {"path": "m", "vram_gb": 2, "gpus": [1], "idle_ttl_s": 2},
@@ -240,6 +241,41 @@ def test_a_failed_wake_or_canary_stops_the_worker_and_loads_the_model_cold(stack
         assert now["state"] == "ready" and main_pid(stack, now["unit"]) != pid  # a fresh process
         assert reason in stack.loader.log()
         stack.unload("b")
+
+
+def test_a_worker_that_answers_wrongly_after_a_wake_is_replaced_cold_and_its_model_sleeps_no_more(
+    stack: Stack,
+) -> None:
+    liar = stack.load("liar")["workers"][0]
+    wait_for(lambda: stack.status()["models"]["liar"]["known_answer"]["recorded"], 30, "liar's answer recorded")
+    pid = main_pid(stack, liar["unit"])
+    stack.load("b")
+    asleep(stack, "liar")
+    assert worker_http(liar["socket"], "POST", "/ssw-fake/garble-on-wake")[0] == 200
+    status, _, body = chat(stack, "liar")
+    assert status == 200 and body["model"] == "liar", body
+    now = workers(stack, "liar")[0]
+    assert now["state"] == "ready" and main_pid(stack, now["unit"]) != pid  # a fresh process, loaded cold
+    assert "the known answer after the wake differs: 'x0 x1 x2 x3' where 't0 t1 t2 t3' was recorded" in (
+        stack.loader.log()
+    )
+    checked = stack.status()["models"]["liar"]["known_answer"]
+    assert checked["failures"] == 1 and "differs" in (checked["sleep_blocked"] or "")
+    assert "--enable-sleep-mode" not in stack.unit_show(now["unit"], "ExecStart")["ExecStart"]
+    metrics = http("GET", stack.admin + "/metrics")[2]
+    assert 'ssw_known_answer_failures_total{model="liar",after="wake"} 1.0' in metrics
+    # Evicted now, it stops rather than sleep; an operator's all-clear lets it sleep again.
+    stack.load("b")
+    wait_for(lambda: not workers(stack, "liar"), 30, "liar to stop, not sleep")
+    cleared = stack.cli("clear-check", "liar")
+    assert cleared.returncode == 0 and "liar: cleared" in cleared.stdout, cleared.stderr
+    assert stack.status()["models"]["liar"]["known_answer"] == {
+        "recorded": False,
+        "failures": 1,
+        "last_failure": None,
+        "sleep_blocked": None,
+    }
+    stack.unload("b")
 
 
 def test_a_model_without_sleep_mode_is_stopped_when_evicted(stack: Stack) -> None:
