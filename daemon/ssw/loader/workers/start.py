@@ -189,9 +189,10 @@ class Starter(Piece):
             if "bound" not in worker.marks and "requested" in worker.marks and worker.socket.exists():
                 worker.marks["bound"] = time.time()
             if await self.probes.healthy(worker.socket):
-                # A known model's later start answers the fixed prompt as its first did, or
-                # it is not routed to.
-                wrong = await self._compare_known_answer(worker, "after a start", block_sleep=False)
+                # A model's first start records its answer to the fixed prompt; a later one
+                # must repeat it, or it is not routed to. (Before it is ready: nothing else
+                # runs on it meanwhile.)
+                wrong = await self._compare_known_answer(worker, "after a start", block_sleep=False, record=True)
                 if wrong is not None:
                     raise LoadFailed(wrong)
                 worker.marks["healthy"] = time.time()
@@ -228,8 +229,6 @@ class Starter(Piece):
         spec = self.catalog.models.get(worker.model)
         if worker.trial:
             return  # started with other options than configured: its figures are the trial's
-        if spec is not None and self.cfg.health.known_answer and not worker.adopted:
-            await self._record_known_answer(worker, spec)
         # A tensor-parallel footprint is per GPU of a split model: not comparable.
         await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
         self.feed.changed()
@@ -254,15 +253,20 @@ class Starter(Piece):
         elif result is Canary.FAILED:
             log.warning("%s: no known answer recorded: %s", worker.unit, detail)
 
-    async def _compare_known_answer(self, worker: Worker, when: str, block_sleep: bool) -> str | None:
+    async def _compare_known_answer(
+        self, worker: Worker, when: str, block_sleep: bool, record: bool = False
+    ) -> str | None:
         """Why the worker's answer to the fixed prompt is not the recorded one (None: it is,
-        or none is recorded, or the model does not complete text). A wrong answer is
-        counted and, after a wake, the model sleeps no more until an operator clears it."""
+        or none is recorded (with ``record``: this one is now), or the model does not
+        complete text). A wrong answer is counted and, after a wake, the model sleeps no
+        more until an operator clears it."""
         spec = self.catalog.models.get(worker.model)
         if spec is None or worker.trial or worker.adopted or not self.cfg.health.known_answer:
             return None
         recorded = self.store.known_answer(spec.name, spec.fingerprint)
         if recorded is None:
+            if record:
+                await self._record_known_answer(worker, spec)
             return None
         result, answer, detail = await self.probes.known_answer(worker.socket, worker.model)
         if result is Canary.NOT_APPLICABLE:

@@ -132,10 +132,6 @@ async def test_a_models_first_start_records_its_answer_and_a_later_start_must_re
     bus: FakeBus = supervisor.systemd  # type: ignore[assignment]
     a = spec("a")
     first = await asyncio.wait_for(supervisor.starter.start_replica(a, 1), 10)
-    for _ in range(200):  # recorded in the background, once it serves
-        if supervisor.store.known_answer("a", a.fingerprint) is not None:
-            break
-        await asyncio.sleep(0.01)
     assert supervisor.store.known_answer("a", a.fingerprint) == KnownAnswer(" Paris.", (-0.5, -1.0))
     await supervisor.retirer.retire(first, "test")
     second = await asyncio.wait_for(supervisor.starter.start_replica(a, 1), 10)  # answers " Paris." again
