@@ -338,7 +338,9 @@ class GatewaySettings(_Section):
         "requests; metrics add up.",
     )
     routing: Literal["round_robin", "least_outstanding"] = Field(
-        default="round_robin", description="How requests are spread over a model's replicas."
+        default="round_robin",
+        description="How requests are spread over a model's replicas (realtime requests always go to the "
+        "one with the fewest requests in flight).",
     )
     metrics_listen: Listen | None = Field(
         default=Listen(host="127.0.0.1", port=8002),

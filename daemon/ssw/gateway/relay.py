@@ -201,9 +201,11 @@ class Relay:
         fine = [w for w in workers if self._suspect_until.get(w.unit, 0.0) <= now]
         return fine or workers
 
-    def order(self, model: str, workers: list[WorkerView]) -> list[WorkerView]:
+    def order(self, model: str, workers: list[WorkerView], priority: str = "interactive") -> list[WorkerView]:
+        """The failover sequence for one request. Realtime requests always go to the replica
+        with the fewest requests in flight first: they must not queue behind a busy one."""
         workers = self.healthy_first(workers)
-        if self.routing == "least_outstanding":
+        if self.routing == "least_outstanding" or priority == "realtime":
             return least_outstanding(workers, lambda w: self.outstanding.get(w.unit, 0), self.rr, model)
         return self.rr.order(model, workers)
 
@@ -222,7 +224,7 @@ class Relay:
         ``remote``: the workers are one other host's gateway, tried once (the caller
         passes an unreachable host over and offers the request elsewhere)."""
         last_error: Exception | None = None
-        order = self.order(model, workers)
+        order = self.order(model, workers, ex.priority)
         # Cycle through the pool: a lone worker gets another try too, on a fresh
         # connection (a pooled one may point at a process that was replaced).
         for attempt in range(1 if remote else MAX_FAILOVER_ATTEMPTS):

@@ -1,4 +1,5 @@
-"""The relay's pure parts: errors from workers in the envelope, and stream inspection."""
+"""The relay's pure parts: errors from workers in the envelope, stream inspection, and the
+order in which a request tries the replicas."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 
 import pytest
 
+from ssw.common.contract import WorkerView
 from ssw.common.routes import Dialect
+from ssw.common.states import WorkerState
+from ssw.config import Config
 from ssw.gateway.accounting import Exchange
-from ssw.gateway.relay import _inspect, wrap_worker_error
+from ssw.gateway.relay import Relay, _inspect, wrap_worker_error
 
 
 @pytest.mark.parametrize(
@@ -104,3 +108,19 @@ def test_worker_errors_on_the_anthropic_route_take_its_shape() -> None:
     }
     data, _ = wrap_worker_error(503, b"", Dialect.ANTHROPIC)
     assert json.loads(data)["error"]["type"] == "overloaded_error"  # the SDK retries it
+
+
+async def test_realtime_requests_go_to_the_least_busy_replica_whatever_the_routing() -> None:
+    relay = Relay(Config(), lambda unit, adapter, interactive: None)  # gateway.routing: round_robin
+    workers = [
+        WorkerView(
+            unit=f"ssw-worker@m:{i}.service", model="m", replica=i, state=WorkerState.READY, gpus=[0], socket="/s"
+        )
+        for i in (1, 2, 3)
+    ]
+    relay.outstanding = {workers[0].unit: 5, workers[1].unit: 0, workers[2].unit: 9}
+    for _ in range(3):  # the rotation moves on; the least busy stays first
+        assert relay.order("m", workers, "realtime")[0] is workers[1]
+    firsts = {relay.order("m", workers, "interactive")[0].unit for _ in range(3)}
+    assert firsts == {w.unit for w in workers}  # round-robin for the others
+    await relay.pool.close()
