@@ -150,6 +150,7 @@ def start_stack(
     engine: str,
     extra: dict[str, Any] | None = None,
     redis_url: str | None = None,
+    splits: dict[str, Any] | None = None,
 ) -> Stack:
     public_port, admin_port, metrics_port = free_port(), free_port(), free_port()
     extra = dict(extra or {})
@@ -164,6 +165,7 @@ def start_stack(
         public_port=public_port,
         admin_port=admin_port,
         extra=extra,
+        splits=splits,
         **({"redis_url": redis_url} if redis_url else {}),
     )
     public, admin = f"http://127.0.0.1:{public_port}", f"http://127.0.0.1:{admin_port}"

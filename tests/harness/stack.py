@@ -174,11 +174,12 @@ def write_config(
     admin_port: int,
     extra: dict[str, Any] | None = None,
     redis_url: str = "redis://127.0.0.1:1/0",
+    splits: dict[str, Any] | None = None,
 ) -> Path:
     """A config for a test stack; engine 'fake' (fast stand-in) or 'vllm' (real, CPU).
     Without a redis_url, metrics go nowhere (and are counted as dropped)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "models.yaml").write_text(yaml.safe_dump({"models": models}))
+    (directory / "models.yaml").write_text(yaml.safe_dump({"models": models, **({"splits": splits} if splits else {})}))
     if engine == "vllm":
         vllm = {
             "python": str(VLLM_VENV / "bin/python"),

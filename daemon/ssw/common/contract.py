@@ -84,12 +84,20 @@ class ModelView(_View):
     capabilities_measured: bool = False
 
 
+class SplitView(_View):
+    """An A/B split: a name whose traffic goes to several models by share."""
+
+    shares: dict[str, float]
+    sticky: str = "key"  # who stays on one model: "key" (the API key) or "user" (the request's user)
+
+
 class Snapshot(_View):
     version: Literal[1] = CONTRACT_VERSION
     epoch: str  # a new value each time a loader starts
     seq: int  # increases with every change within an epoch
     models: dict[str, ModelView]
     aliases: dict[str, str]
+    splits: dict[str, SplitView] = Field(default_factory=dict)
     missing: dict[str, str] = Field(default_factory=dict)  # configured, files absent: name -> expected path
     workers: list[WorkerView]
 

@@ -95,23 +95,25 @@ class Admission:
             return None
         return self.keys.check(secret)
 
-    def check_scope(self, key: ApiKey | None, asked: str, model: str | None, resolve: Callable[[str], str]) -> None:
+    def check_scope(self, key: ApiKey | None, asked: str, model: str | None, expand: Callable[[str], set[str]]) -> None:
         """403 for a model outside the key's scope, whether or not that model exists.
         ``model`` is what ``asked`` resolves to (None: nothing)."""
-        allowed = self.allowed_models(key, resolve)
+        allowed = self.allowed_models(key, expand)
         if allowed is None or (key is not None and key.models is not None and asked in key.models):
             return
         if model is None or model not in allowed:
             raise Forbidden("This API key may not use that model.")
 
     @staticmethod
-    def allowed_models(key: ApiKey | None, resolve: Callable[[str], str]) -> set[str] | None:
+    def allowed_models(key: ApiKey | None, expand: Callable[[str], set[str]]) -> set[str] | None:
+        """The models a key may use (None: all): each name in its scope, as ``expand`` says
+        (an alias its model, a split every model of it)."""
         if key is None or key.models is None:
             return None
-        out = set()
+        out: set[str] = set()
         for entry in key.models:
             try:
-                out.add(resolve(entry))
+                out |= expand(entry)
             except (ModelNotFound, BadRequest):
                 continue
         return out
@@ -168,7 +170,7 @@ class Admission:
         asked = body.get("model")
         if asked is None:
             raise BadRequest("'model' is required")
-        model = self.resolve_in_scope(key, asked, names)
+        model = self.resolve_in_scope(key, asked, names, body)
         entry = names.models[model]
         if route.family not in entry.capabilities:
             raise NotServed(
@@ -178,15 +180,19 @@ class Admission:
         self.validate(body, route, entry.max_tokens)
         return model
 
-    def resolve_in_scope(self, key: ApiKey | None, asked: object, names: Names) -> str:
-        """The model ``asked`` names, within the key's scope. Outside it the answer is the
-        same 403 whether or not the model exists."""
+    def resolve_in_scope(
+        self, key: ApiKey | None, asked: object, names: Names, body: dict[str, Any] | None = None
+    ) -> str:
+        """The model ``asked`` names, within the key's scope (an A/B split: the model this
+        caller sticks to). Outside it the answer is the same 403 whether or not the model
+        exists."""
+        who = names.who(asked, key.name if key else None, (body or {}).get("user"))
         try:
-            resolved: str | None = names.resolve(asked)
+            resolved: str | None = names.resolve(asked, who)
         except (ModelNotFound, BadRequest):
             resolved = None
-        self.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.resolve)
-        return names.resolve(asked)
+        self.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.expand)
+        return names.resolve(asked, who)
 
     def hop_caller(self, scope: dict[str, Any]) -> tuple[hops.Claim, ApiKey | None]:
         """A peer's signed claim (on the fleet listener only) and the key it names, looked

@@ -181,7 +181,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
     async def models(request: Request) -> Response:
         key = gw.admission.authenticate(request.headers.raw)
         names = gw.names
-        allowed = gw.admission.allowed_models(key, names.resolve)
+        allowed = gw.admission.allowed_models(key, names.expand)
         data = []
         for name, entry in names.models.items():
             if allowed is not None and name not in allowed:
@@ -207,6 +207,12 @@ def gateway_app(gw: Gateway) -> GatewayApp:
             if allowed is not None and target not in allowed:
                 continue
             data.append({"id": alias, "object": "model", "created": 0, "owned_by": "ssw", "ssw": {"alias_of": target}})
+        for split_name, split in names.splits.items():
+            members = names.expand(split_name)
+            if not members or (allowed is not None and not members & allowed):
+                continue
+            view = {"split_of": {m: s for m, s in split.shares.items() if m in members}, "sticky": split.sticky}
+            data.append({"id": split_name, "object": "model", "created": 0, "owned_by": "ssw", "ssw": view})
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
     async def documented_only(request: Request) -> Response:

@@ -200,7 +200,7 @@ class Gateway:
             allowed = fallback if fallback is not None else default
             if entry is None or not allowed or not route.fallbacks:
                 raise
-            in_scope = self.admission.allowed_models(key, names.resolve)
+            in_scope = self.admission.allowed_models(key, names.expand)
             for candidate in entry.fallbacks:
                 candidate_entry = names.models.get(candidate)
                 workers = names.ready.get(candidate) or (None if hop else names.remote.get(candidate))

@@ -4,9 +4,12 @@ resolves to, and which workers serve it."""
 
 from __future__ import annotations
 
+import hashlib
+import random
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
-from ssw.common.contract import ModelView, Snapshot, WorkerView, valid_name
+from ssw.common.contract import ModelView, Snapshot, SplitView, WorkerView, valid_name
 from ssw.common.states import ASLEEP, LIVE, LoadState, WorkerState
 from ssw.errors import BadRequest, ModelNotFound
 
@@ -37,6 +40,7 @@ class Names:
         # only other hosts of the fleet have.
         self.models: dict[str, ModelView] = dict(snap.models)
         self.aliases: dict[str, str] = dict(snap.aliases)
+        self.splits: dict[str, SplitView] = dict(snap.splits)
         # model -> other hosts' gateways that have it ready, as workers (their socket a URL)
         self.remote: dict[str, list[WorkerView]] = {}
         self.hosts: dict[str, dict[str, str]] = {}  # model -> host -> its state there
@@ -73,7 +77,9 @@ class Names:
                     if holders:
                         table[name] = holders
 
-    def resolve(self, name: object) -> str:
+    def resolve(self, name: object, who: str | None = None) -> str:
+        """The model a name means: itself, an alias's model, or (an A/B split) the model
+        ``who`` sticks to (anyone, when nobody is named)."""
         if not isinstance(name, str):
             raise BadRequest("'model' must be a string naming a model or alias")
         models = self.models
@@ -83,7 +89,30 @@ class Names:
             target = self.aliases.get(name)
             if target in models:
                 return target
-        raise ModelNotFound(name, sorted(models) + sorted(self.aliases))
+            split = self.splits.get(name)
+            if split is not None:
+                shares = {m: s for m, s in split.shares.items() if m in models}
+                if shares:
+                    failing = {m for m in shares if models[m].load.state is LoadState.COOLING_DOWN}
+                    return pick(name, shares, who, failing)
+        raise ModelNotFound(name, sorted(models) + sorted(self.aliases) + sorted(self.splits))
+
+    def expand(self, name: str) -> set[str]:
+        """Every model a name may mean: one, or a split's all."""
+        split = self.splits.get(name)
+        if split is not None and valid_name(name):
+            return {m for m in split.shares if m in self.models}
+        return {self.resolve(name)}
+
+    def who(self, name: object, key: str | None, user: object) -> str | None:
+        """Who sticks to one model of a split: the API key, or (sticky: user) the request's
+        ``user`` field, else its key. None: nobody to stick (no key, no user)."""
+        split = self.splits.get(name) if isinstance(name, str) else None
+        if split is None:
+            return None
+        if split.sticky == "user" and isinstance(user, str) and user:
+            return "user:" + user[:256]
+        return "key:" + key if key else None
 
     def state(self, model: str) -> str:
         """ready, loading, sleeping or unloaded, as /v1/models says."""
@@ -95,3 +124,23 @@ class Names:
         if model in self.live or entry.load.state in (LoadState.LOADING, LoadState.BACKING_OFF):
             return "loading"
         return "sleeping" if model in self.asleep else "unloaded"
+
+
+def pick(split: str, shares: Mapping[str, float], who: str | None, failing: Collection[str] = ()) -> str:
+    """The model of an A/B split that ``who`` is served by (pure): a point in [0, 1) that a
+    hash of the split and ``who`` places, over the shares in name order, so the same caller
+    always lands on the same model and callers spread by share. Models that fail (cooling
+    down) give their share to the others, unless all fail. Nobody named: anyone, by share."""
+    usable = {m: s for m, s in shares.items() if m not in failing} or dict(shares)
+    total = sum(usable.values())
+    if who is None:
+        point = random.random()
+    else:
+        digest = hashlib.sha256(f"{split}\0{who}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for model in sorted(usable):
+        edge += usable[model] / total
+        if point < edge:
+            return model
+    return sorted(usable)[-1]

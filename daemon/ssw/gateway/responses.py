@@ -49,7 +49,7 @@ class StoredResponses:
         if holder is None or (self.cfg.auth.enabled and holder.key != (key.name if key else "")):
             raise missing
         names = self.names
-        allowed = self.admission.allowed_models(key, names.resolve)
+        allowed = self.admission.allowed_models(key, names.expand)
         if holder.model not in names.models or (allowed is not None and holder.model not in allowed):
             raise missing
         return holder

@@ -23,6 +23,7 @@ from ssw.common.contract import (
     ModelView,
     Preview,
     Snapshot,
+    SplitView,
     Status,
     valid_name,
 )
@@ -270,6 +271,9 @@ class Loader:
             seq=self.manager.feed.seq,
             models={name: self._model_view(spec) for name, spec in sorted(reg.models.items())},
             aliases=dict(sorted(reg.aliases.items())),
+            splits={
+                name: SplitView(shares=shares, sticky=sticky) for name, (shares, sticky) in sorted(reg.splits.items())
+            },
             missing={name: str(path) for name, path in sorted(reg.missing.items())},
             workers=[w.view(now) for w in sorted(self.manager.table, key=lambda w: w.unit)],
         )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
-from ssw.common.contract import HostRecord, ModelView, Snapshot, WorkerView
+import pytest
+
+from ssw.common.contract import HostRecord, ModelView, Snapshot, SplitView, WorkerView
 from ssw.common.states import WorkerState
-from ssw.gateway.names import Names
+from ssw.errors import ModelNotFound
+from ssw.gateway.names import Names, pick
 
 
 def worker(model: str, unit: str, state: WorkerState = WorkerState.READY, adapters: tuple[str, ...] = ()) -> WorkerView:
@@ -88,3 +92,37 @@ def test_other_hosts_ready_models_are_workers_reached_through_their_gateways() -
     assert names.state("both") == "ready" and names.state("remote-only") == "loading"
     # This host's own record never makes remote workers of its own.
     assert "local" not in names.remote
+
+
+SHARES = {"a": 80.0, "b": 20.0}
+
+
+def test_a_split_spreads_callers_by_share_and_keeps_each_on_one_model() -> None:
+    picked = Counter(pick("dialogue", SHARES, f"user:{i}") for i in range(4000))
+    assert abs(picked["a"] / 4000 - 0.8) < 0.03
+    for i in range(50):
+        assert len({pick("dialogue", SHARES, f"key:k{i}") for _ in range(5)}) == 1
+
+
+def test_a_failing_model_gives_its_share_to_the_others_unless_all_fail() -> None:
+    assert {pick("dialogue", SHARES, f"user:{i}", failing={"a"}) for i in range(200)} == {"b"}
+    assert {pick("dialogue", SHARES, f"user:{i}", failing={"a", "b"}) for i in range(200)} == {"a", "b"}
+
+
+def test_a_split_name_resolves_to_its_callers_model_and_expands_to_all() -> None:
+    snap = Snapshot(
+        epoch="e",
+        seq=1,
+        models={"a": ModelView(), "b": ModelView()},
+        aliases={},
+        splits={"dialogue": SplitView(shares=SHARES, sticky="user")},
+        workers=[],
+    )
+    names = Names(snap)
+    assert names.expand("dialogue") == {"a", "b"} and names.expand("a") == {"a"}
+    assert names.who("dialogue", "alice", "npc-7") == "user:npc-7"
+    assert names.who("dialogue", "alice", None) == "key:alice" and names.who("a", "alice", "u") is None
+    assert names.resolve("dialogue", "user:npc-7") == pick("dialogue", SHARES, "user:npc-7")
+    with pytest.raises(ModelNotFound) as raised:
+        names.resolve("dialog")
+    assert "dialogue" in raised.value.message  # listed among what exists

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ssw.common.contract import NAME_RE, valid_name
 from ssw.errors import ConfigError, ModelNotFound
 from ssw.loader.models.capabilities import Shape
+from ssw.loader.models.splits import check_splits
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,33 @@ class ModelOverride(BaseModel):
         return value
 
 
+class SplitOverride(BaseModel):
+    """An A/B split in models.yaml: a name whose traffic goes to several models by weight,
+    each client sticking to one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: dict[str, float] = Field(min_length=2, description="model -> its share (any positive numbers)")
+    sticky: Literal["key", "user"] = Field(
+        default="key",
+        description="Who stays on one model: each API key, or each end user (the request's 'user' field, "
+        "else its key).",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [m for m, w in value.items() if not w > 0]
+        if bad:
+            raise ValueError(f"every share must be positive: {', '.join(bad)}")
+        return value
+
+
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     models: dict[str, ModelOverride] = Field(default_factory=dict)
+    splits: dict[str, SplitOverride] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -214,6 +238,8 @@ class Registry:
     missing: dict[str, Path] = field(default_factory=dict)
     # Every alias models.yaml names, also those of missing models: no directory may take one.
     configured_aliases: frozenset[str] = frozenset()
+    # A/B splits: name -> (model -> share, who sticks: "key" or "user"); models present here only.
+    splits: dict[str, tuple[dict[str, float], str]] = field(default_factory=dict)
 
     def name_taken(self, name: str) -> str | None:
         """Why a new model directory may not be called ``name``, or None."""
@@ -478,7 +504,8 @@ def _add_adapters(
 
 def scan(models_dir: Path, models_file: Path) -> Registry:
     """Build the registry from disk. Configuration errors raise ConfigError naming the key."""
-    overrides = load_models_file(models_file).models
+    models_yaml = load_models_file(models_file)
+    overrides = models_yaml.models
     for name in overrides:
         if not valid_name(name):
             raise ConfigError(f"{models_file}: models.{name}: not a valid model name ({NAME_RE.pattern})")
@@ -536,4 +563,11 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
             aliases[alias] = name
     # An alias of a model whose files are absent stays out: it must never route elsewhere.
     aliases = {a: m for a, m in aliases.items() if m in models}
-    return Registry(models=models, aliases=aliases, missing=missing, configured_aliases=configured_aliases)
+    splits = check_splits(models_yaml.splits, models, aliases, overrides, models_file)
+    return Registry(
+        models=models,
+        aliases=aliases,
+        missing=missing,
+        configured_aliases=configured_aliases | frozenset(splits),
+        splits=splits,
+    )
