@@ -187,12 +187,13 @@ class Admission:
         caller sticks to). Outside it the answer is the same 403 whether or not the model
         exists."""
         who = names.who(asked, key.name if key else None, (body or {}).get("user"))
+        within = self.allowed_models(key, names.expand)
         try:
-            resolved: str | None = names.resolve(asked, who)
+            resolved: str | None = names.resolve(asked, who, within)
         except (ModelNotFound, BadRequest):
             resolved = None
         self.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.expand)
-        return names.resolve(asked, who)
+        return names.resolve(asked, who, within)
 
     def hop_caller(self, scope: dict[str, Any]) -> tuple[hops.Claim, ApiKey | None]:
         """A peer's signed claim (on the fleet listener only) and the key it names, looked

@@ -77,9 +77,10 @@ class Names:
                     if holders:
                         table[name] = holders
 
-    def resolve(self, name: object, who: str | None = None) -> str:
+    def resolve(self, name: object, who: str | None = None, within: Collection[str] | None = None) -> str:
         """The model a name means: itself, an alias's model, or (an A/B split) the model
-        ``who`` sticks to (anyone, when nobody is named)."""
+        ``who`` sticks to (anyone, when nobody is named), among those ``within`` (a key's
+        scope) where any of the split's are."""
         if not isinstance(name, str):
             raise BadRequest("'model' must be a string naming a model or alias")
         models = self.models
@@ -92,6 +93,8 @@ class Names:
             split = self.splits.get(name)
             if split is not None:
                 shares = {m: s for m, s in split.shares.items() if m in models}
+                if within is not None:
+                    shares = {m: s for m, s in shares.items() if m in within} or shares
                 if shares:
                     failing = {m for m in shares if models[m].load.state is LoadState.COOLING_DOWN}
                     return pick(name, shares, who, failing)

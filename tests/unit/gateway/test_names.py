@@ -126,3 +126,18 @@ def test_a_split_name_resolves_to_its_callers_model_and_expands_to_all() -> None
     with pytest.raises(ModelNotFound) as raised:
         names.resolve("dialog")
     assert "dialogue" in raised.value.message  # listed among what exists
+
+
+def test_a_keys_scope_narrows_a_split_to_the_models_it_may_use() -> None:
+    snap = Snapshot(
+        epoch="e",
+        seq=1,
+        models={"a": ModelView(), "b": ModelView()},
+        aliases={},
+        splits={"dialogue": SplitView(shares=SHARES)},
+        workers=[],
+    )
+    names = Names(snap)
+    assert {names.resolve("dialogue", f"key:k{i}", within={"b"}) for i in range(50)} == {"b"}
+    # A scope with none of the split's models changes nothing: the scope check refuses it.
+    assert {names.resolve("dialogue", f"key:k{i}", within={"c"}) for i in range(50)} == {"a", "b"}
