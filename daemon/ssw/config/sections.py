@@ -212,6 +212,13 @@ class PlacementSettings(_Section):
         default="spread",
         description="'spread': the GPU with the most free VRAM; 'pack': the GPU where the model fits most tightly.",
     )
+    min_residency_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="A worker that became ready is not evicted for this long (pinned ones never are), unless "
+        "a realtime request needs the room and nothing else can make it: two models asked for in turn on one "
+        "GPU then take turns at this pace rather than swapping on every request. 0: off.",
+    )
     runtime_overhead_gb: float = Field(
         default=0.95,
         ge=0,

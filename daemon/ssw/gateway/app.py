@@ -170,7 +170,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
         model = gw.admission.resolve_in_scope(key, body.get("model"), names)
         if model not in names.snap.models:
             raise ModelNotFound(model, sorted(names.snap.models))
-        accepted = await gw.loader.request_load(model)
+        accepted = await gw.loader.request_load(model, priority=claim.priority)
         assert gw.fleet is not None
         return {"model": model, "host": gw.fleet.host, "load": accepted.load.model_dump(mode="json")}
 

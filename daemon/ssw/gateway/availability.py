@@ -257,7 +257,7 @@ class Availability:
         reask = False
         if rec.state is LoadState.IDLE and model not in names.live:
             try:
-                accepted = await self.loader.request_load(model)
+                accepted = await self.loader.request_load(model, priority=priority)
             except LoaderUnavailable:
                 if mode != "wait":
                     raise
@@ -435,7 +435,7 @@ class Availability:
         try:
             host = await self._fleet_target(model, self.names)
             if host is None:
-                accepted = await self.loader.request_load(model)
+                accepted = await self.loader.request_load(model, priority=placed.priority)
                 self._asked[model] = (accepted.epoch, accepted.seq)
             else:
                 since = await self.fleet.ask_load(host, model, placed.key, placed.priority)  # type: ignore[union-attr]

@@ -183,7 +183,9 @@ class LoaderClient:
 
     # --- loads -------------------------------------------------------------------
 
-    async def request_load(self, model: str, protect_s: float | None = None) -> LoadAccepted:
+    async def request_load(
+        self, model: str, protect_s: float | None = None, priority: str | None = None
+    ) -> LoadAccepted:
         """Ask for a load without waiting for it; the answer says as of which snapshot
         (epoch and seq) the request is reflected. With ``protect_s``, the load may not
         evict a model used interactively within that many seconds (WouldEvict if it must)."""
@@ -193,7 +195,7 @@ class LoaderClient:
             timeout = aiohttp.ClientTimeout(total=30)
             async with self._session.post(
                 self.url + "/load",
-                json={"model": model, "wait": False, "protect_interactive_s": protect_s},
+                json={"model": model, "wait": False, "protect_interactive_s": protect_s, "priority": priority},
                 headers=self._auth(),
                 timeout=timeout,
             ) as resp:

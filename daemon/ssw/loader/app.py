@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -44,6 +44,11 @@ class LoadRequest(BaseModel):
         ge=0,
         le=30 * 86400,
         description="For batch work: refuse (409) rather than evict a model used interactively this recently.",
+    )
+    priority: Literal["realtime", "interactive", "batch"] | None = Field(
+        default=None,
+        description="The priority of the request the load is for: a realtime one may evict a worker within "
+        "placement.min_residency_s of becoming ready.",
     )
 
 
@@ -165,7 +170,7 @@ def admin_app(loader: Loader) -> FastAPI:
             why = await loader.manager.warm.evicts_protected(placed, protect_since)
             if why is not None:
                 raise WouldEvict(f"loading {spec.name} for batch work would evict {why}")
-        task = loader.manager.load(spec, req.gpu, protect_since=protect_since)
+        task = loader.manager.load(spec, req.gpu, protect_since=protect_since, urgent=req.priority == "realtime")
         if not req.wait:
             accepted = LoadAccepted(
                 model=spec.name,

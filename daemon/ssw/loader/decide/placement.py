@@ -3,6 +3,7 @@ snapshot of GPUs and resident workers, tested by tables)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -50,6 +51,9 @@ class Resident:
     reload_cost: float  # seconds its model takes to load (measured, or a size-based guess)
     asleep: bool = False  # holds only what a sleeping engine keeps; stopping it loses its warm state
     keeps: int = 0  # bytes it may keep on its GPU once evicted (put to sleep: its CUDA context)
+    # Ready for less than placement.min_residency_s: evicted only for an urgent load, and only
+    # when nothing else makes room (two models taking turns on one GPU must not thrash).
+    young: bool = False
 
     @property
     def frees(self) -> int:
@@ -117,8 +121,35 @@ def place(
     policy: Policy = "spread",
     allowed: Sequence[int] | None = None,
     tensor_parallel: bool = False,
+    urgent: bool = False,
 ) -> Placement:
-    """A placement for one worker; NoCapacity (with the numbers) when none exists."""
+    """A placement for one worker; NoCapacity (with the numbers) when none exists. Workers
+    that became ready a short while ago (``young``) are left alone; an ``urgent`` load may
+    evict them when nothing else makes room."""
+    settled = [dataclasses.replace(r, evictable=False) if r.young and r.evictable else r for r in residents]
+    try:
+        return _place(need, devices, settled, policy, allowed, tensor_parallel)
+    except NoCapacity as exc:
+        young = [r for r in residents if r.young and r.evictable]
+        if not young:
+            raise
+        if urgent:
+            return _place(need, devices, residents, policy, allowed, tensor_parallel)
+        exc.message += (
+            f"; {len(young)} worker(s) that would make room became ready less than placement.min_residency_s "
+            "ago: they give way to a realtime request only"
+        )
+        raise
+
+
+def _place(
+    need: VramNeed,
+    devices: Sequence[DeviceView],
+    residents: Sequence[Resident],
+    policy: Policy,
+    allowed: Sequence[int] | None,
+    tensor_parallel: bool,
+) -> Placement:
     candidates = [d for d in devices if allowed is None or d.index in allowed]
     if not candidates:
         raise NoCapacity(f"no GPU among {list(allowed or [])} exists on this host")

@@ -34,11 +34,12 @@ def plan_start(
     allowed: Sequence[int] | None,
     tensor_parallel: bool,
     taken: Collection[str],
+    urgent: bool = False,
 ) -> StartPlan:
     """Where replica ``replica`` of ``model`` starts; NoCapacity (naming the model and
     the numbers) when it fits nowhere, even after evictions."""
     try:
-        placed = place(need, devices, residents, policy, allowed, tensor_parallel)
+        placed = place(need, devices, residents, policy, allowed, tensor_parallel, urgent)
     except SswError as exc:
         exc.message = f"{model}: {exc.message}"
         raise
@@ -47,7 +48,12 @@ def plan_start(
 
 
 def plan_wake(
-    need: int, gpus: tuple[int, ...], devices: Sequence[DeviceView], residents: Sequence[Resident], policy: Policy
+    need: int,
+    gpus: tuple[int, ...],
+    devices: Sequence[DeviceView],
+    residents: Sequence[Resident],
+    policy: Policy,
+    urgent: bool = False,
 ) -> Placement:
     """Who gives way for a sleeper to wake on its own GPUs, needing ``need`` more bytes on
     each. A tensor-parallel sleeper wakes only where every GPU but the first has room
@@ -56,4 +62,6 @@ def plan_wake(
         view = next(d for d in devices if d.index == g)
         if view.free_after_release < need:
             raise NoCapacity(f"GPU {g} has {view.free_after_release / GB:.1f} GB free")
-    return place(VramNeed(need, 0, None, "its size before it slept"), devices, residents, policy, gpus[:1])
+    return place(
+        VramNeed(need, 0, None, "its size before it slept"), devices, residents, policy, gpus[:1], False, urgent
+    )

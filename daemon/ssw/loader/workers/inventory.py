@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 from ssw.common.states import ASLEEP, LEAVING, WorkerState
 from ssw.errors import NoCapacity, SswError
@@ -106,7 +107,10 @@ class Inventory(Piece):
             # An awake worker with sleep mode may be put to sleep rather than stopped: it
             # then keeps its CUDA context on the GPU.
             keeps = residual if w.sleep_mode and not asleep else 0
-            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps))
+            # Since it became ready (started or woken): a health blip does not make it young again.
+            ready_for = time.time() - w.marks.get("healthy", 0.0)
+            young = w.state is WorkerState.READY and ready_for < self.cfg.placement.min_residency_s
+            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps, young))
         return out
 
     def update_held(self, gpus: list[GpuInfo]) -> None:

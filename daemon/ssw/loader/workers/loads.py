@@ -34,6 +34,8 @@ class LoadRecord:
     died_during_load: int = 0
     # For batch work: workers used interactively since this wall time are not evicted for it.
     protect_since: float | None = None
+    # For a realtime request: it may evict workers that became ready a short while ago.
+    urgent: bool = False
 
     def seconds_left(self) -> float:
         return max(self.deadline - time.time(), 0.0) if self.deadline is not None else 0.0

@@ -64,6 +64,7 @@ class Starter(Piece):
             # two loads can never both count the same free memory.
             gpus = await self.inventory.gpu_snapshot()
             protect = self.loads.get(spec.name).protect_since
+            urgent = self.loads.get(spec.name).urgent
             plan = plan_start(
                 spec.name,
                 replica,
@@ -75,6 +76,7 @@ class Starter(Piece):
                 allowed,
                 self.cfg.placement.tensor_parallel,
                 self.table.units() | await self._loaded_units(spec.name),
+                urgent,
             )
             await self.warm.evict(plan.evict, spec.name, plan.gpus[0])
             name = plan.unit
@@ -298,9 +300,9 @@ class Starter(Piece):
                 protect = self.loads.get(spec.name).protect_since
                 residents = [r for r in self.inventory.residents(gpus, protect) if r.unit != worker.unit]
                 try:
-                    plan = plan_wake(
-                        need, worker.gpus, self.inventory.device_views(gpus), residents, self.cfg.placement.policy
-                    )
+                    views = self.inventory.device_views(gpus)
+                    urgent = self.loads.get(spec.name).urgent
+                    plan = plan_wake(need, worker.gpus, views, residents, self.cfg.placement.policy, urgent)
                 except SswError as exc:
                     why = exc.message
                 if why is None:

@@ -164,3 +164,32 @@ def test_eviction_choice_by_table(
     used = sum(h for h, _, _ in held.values())
     residents = [res(u, 0, h, last, cost=cost) for u, (h, last, cost) in held.items()]
     assert place(need(need_gb), [dev(0, used, used=used)], residents).evict == evicted
+
+
+def young(unit: str, gpu: int, held: float, last_used: float) -> Resident:
+    return Resident(unit, (gpu,), int(held * GB), last_used, True, 30, young=True)
+
+
+@pytest.mark.parametrize(
+    ("residents", "urgent", "evicted"),
+    [
+        # Two models taking turns on one GPU: the one just loaded stays, the older one goes,
+        # least recently used or not.
+        ([young("just-ready", 0, 8, last_used=1.0), res("settled", 0, 8, last_used=5.0)], False, ("settled",)),
+        # Only a young worker could make room: a realtime request may have it.
+        ([young("just-ready", 0, 8, last_used=1.0)], True, ("just-ready",)),
+        # Even then, an older one goes first.
+        ([young("just-ready", 0, 8, last_used=1.0), res("settled", 0, 8, last_used=5.0)], True, ("settled",)),
+    ],
+)
+def test_workers_within_their_minimum_residency_give_way_only_to_urgent_loads(
+    residents: list[Resident], urgent: bool, evicted: tuple[str, ...]
+) -> None:
+    plan = place(need(6), [dev(0, 20, used=16)], residents, urgent=urgent)
+    assert plan.evict == evicted
+
+
+def test_a_young_worker_is_not_evicted_for_a_load_that_is_not_urgent_and_the_refusal_says_so() -> None:
+    with pytest.raises(NoCapacity) as raised:
+        place(need(6), [dev(0, 10, used=8)], [young("just-ready", 0, 8, last_used=1.0)])
+    assert "became ready less than placement.min_residency_s ago" in raised.value.message
