@@ -263,7 +263,7 @@ def test_a_worker_that_answers_wrongly_after_a_wake_is_replaced_cold_and_its_mod
     assert checked["failures"] == 1 and "differs" in (checked["sleep_blocked"] or "")
     assert "--enable-sleep-mode" not in stack.unit_show(now["unit"], "ExecStart")["ExecStart"]
     metrics = http("GET", stack.admin + "/metrics")[2]
-    assert 'ssw_known_answer_failures_total{model="liar",after="wake"} 1.0' in metrics
+    assert 'ssw_known_answer_failures_total{after="wake",model="liar"} 1.0' in metrics
     # Evicted now, it stops rather than sleep; an operator's all-clear lets it sleep again.
     stack.load("b")
     wait_for(lambda: not workers(stack, "liar"), 30, "liar to stop, not sleep")
