@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssw.batch.input import Line, read_lines
+from ssw.batch.results import error_record
 from ssw.batch.states import BATCH_FINAL, BatchStatus, JobStatus
 from ssw.batch.store import BatchStore
 from ssw.common.serving import Serving
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger(__name__)
-
-
-def results_error(code: str, message: str) -> dict[str, Any]:
-    return {"code": code, "message": message}
 
 
 @dataclass
@@ -162,7 +159,7 @@ class Backlog:
                 continue
             if now >= float(record.get("expires_at", "0") or 0):
                 await self.results.end_job(
-                    job_id, JobStatus.EXPIRED, None, results_error("job_expired", "the job expired before it ran")
+                    job_id, JobStatus.EXPIRED, None, error_record("job_expired", "the job expired before it ran")
                 )
                 continue
             model = self.resolver()(record.get("model", ""))

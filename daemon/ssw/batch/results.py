@@ -13,16 +13,23 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ssw.batch.backlog import BatchWork, results_error
 from ssw.batch.input import Line
 from ssw.batch.states import BatchStatus, JobStatus
 from ssw.batch.store import BatchStore, Done, write_durably
 
+if TYPE_CHECKING:
+    from ssw.batch.backlog import BatchWork
+
 log = logging.getLogger(__name__)
+
+
+def error_record(code: str, message: str) -> dict[str, Any]:
+    """The error object of a request that got no answer (in a result line, or a job's record)."""
+    return {"code": code, "message": message}
 
 
 class Results:
@@ -136,7 +143,7 @@ def _not_run(line: Line, code: str, message: str) -> bytes:
         "id": "batch_req_" + secrets.token_hex(12),
         "custom_id": line.custom_id,
         "response": None,
-        "error": results_error(code, message),
+        "error": error_record(code, message),
     }
     return orjson.dumps(record) + b"\n"
 

@@ -27,6 +27,7 @@ from ssw.errors import (
     NotServed,
     PayloadTooLarge,
     RequestTimeout,
+    SswError,
     TooManyRequests,
 )
 from ssw.gateway import hops
@@ -95,10 +96,10 @@ class Admission:
             return None
         return self.keys.check(secret)
 
-    def check_scope(self, key: ApiKey | None, asked: str, model: str | None, expand: Callable[[str], set[str]]) -> None:
-        """403 for a model outside the key's scope, whether or not that model exists.
-        ``model`` is what ``asked`` resolves to (None: nothing)."""
-        allowed = self.allowed_models(key, expand)
+    @staticmethod
+    def _check_scope(key: ApiKey | None, asked: str, model: str | None, allowed: set[str] | None) -> None:
+        """403 for a model outside the key's scope (``allowed``), whether or not that model
+        exists. ``model`` is what ``asked`` resolves to (None: nothing)."""
         if allowed is None or (key is not None and key.models is not None and asked in key.models):
             return
         if model is None or model not in allowed:
@@ -158,8 +159,9 @@ class Admission:
         if got.claim is not None:
             hops.check_body(got.claim, got.raw)
         got.asked = got.body.get("model")
-        got.model = self.check(got.key, got.body, route, names())
-        got.entry = names().models[got.model]
+        view = names()
+        got.model = self.check(got.key, got.body, route, view)
+        got.entry = view.models[got.model]
         ex.model = got.model
         ex.stream = got.stream = got.body.get("stream") is True
         return got
@@ -187,13 +189,18 @@ class Admission:
         caller sticks to). Outside it the answer is the same 403 whether or not the model
         exists."""
         who = names.who(asked, key.name if key else None, (body or {}).get("user"))
-        within = self.allowed_models(key, names.expand)
+        allowed = self.allowed_models(key, names.expand)
         try:
-            resolved: str | None = names.resolve(asked, who, within)
-        except (ModelNotFound, BadRequest):
-            resolved = None
-        self.check_scope(key, asked if isinstance(asked, str) else "", resolved, names.expand)
-        return names.resolve(asked, who, within)
+            resolved: str | None = names.resolve(asked, who, allowed)
+            unknown: SswError | None = None
+        except (ModelNotFound, BadRequest) as exc:
+            resolved, unknown = None, exc
+        # Outside the scope, the same 403 whether or not the model exists.
+        self._check_scope(key, asked if isinstance(asked, str) else "", resolved, allowed)
+        if unknown is not None:
+            raise unknown
+        assert resolved is not None
+        return resolved
 
     def hop_caller(self, scope: dict[str, Any]) -> tuple[hops.Claim, ApiKey | None]:
         """A peer's signed claim (on the fleet listener only) and the key it names, looked

@@ -13,11 +13,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ssw.common import tasks
 from ssw.common.contract import ModelView, Snapshot, WorkerView
 from ssw.common.states import Failure, LoadState, WorkerState
+from ssw.common.tasks import TaskSet
 from ssw.config import Config
 from ssw.errors import (
     ClientLeft,
@@ -91,7 +91,7 @@ class Availability:
         # model -> (epoch, seq) of the snapshot that reflects its load request
         self._asked: dict[str, tuple[str, int]] = {}
         self._asking: set[str] = set()  # models whose load is being asked for again
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet()
         # model -> the host its waiters wait on (a load placed on another host)
         self._placed: dict[str, Placed] = {}
         loader.on_snapshot(self.on_snapshot)
@@ -123,11 +123,6 @@ class Availability:
         if rec.state is LoadState.LOADING and entry.load_seconds:
             return max(load_s - (now - rec.since), 0.0)
         return load_s
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def on_snapshot(self, snap: Snapshot, restarted: bool) -> None:
         """Release or fail waiters as soon as the loader's news arrives; after a loader
@@ -188,7 +183,7 @@ class Availability:
     def _ask_again_soon(self, model: str) -> None:
         if model not in self._asking:
             self._asking.add(model)
-            self._spawn(self._ask_again(model))
+            self._tasks.spawn(self._ask_again(model))
 
     async def _ask_again(self, model: str) -> None:
         """Ask the loader for the load its waiters need; while it cannot be reached (it
@@ -406,7 +401,7 @@ class Availability:
             why = "is gone" if record is None else "cannot be reached from here"
             log.warning("%s: host %s, which was loading it, %s; placing it again", model, host, why)
             del self._placed[model]
-            self._spawn(self._place_again(model, placed))
+            self._tasks.spawn(self._place_again(model, placed))
             return True
         entry = record.models.get(model)
         if entry is None:

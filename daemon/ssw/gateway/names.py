@@ -103,7 +103,7 @@ class Names:
     def expand(self, name: str) -> set[str]:
         """Every model a name may mean: one, or a split's all."""
         split = self.splits.get(name)
-        if split is not None and valid_name(name):
+        if split is not None:
             return {m for m in split.shares if m in self.models}
         return {self.resolve(name)}
 

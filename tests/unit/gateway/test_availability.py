@@ -6,49 +6,25 @@ is served."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from ssw.common.contract import LoadView, ModelView, WorkerView
-from ssw.common.states import LoadState, WorkerState
+from ssw.common.contract import ModelView, WorkerView
+from ssw.common.states import WorkerState
 from ssw.config import Config
 from ssw.errors import DeadlineUnmet
 from ssw.gateway.availability import Deadline
 from ssw.gateway.handler import Gateway
 from ssw.gateway.relay import Reply
-from tests.unit.gateway.test_loader_client import StubLoader, client, serve, until
-
-
-class MeasuredLoader(StubLoader):
-    """A loader that knows how long each model takes to load (its measured median)."""
-
-    async def load(self, request: web.Request) -> web.Response:
-        model = (await request.json())["model"]
-        measured = self.models[model].load_seconds
-        self.loads.append(model)
-        self.models[model] = ModelView(
-            load=LoadView(state=LoadState.LOADING, reason="requested"), load_seconds=measured
-        )
-        await self.publish()
-        view = self.models[model].load.model_dump(mode="json")
-        return web.json_response({"model": model, "load": view, "epoch": self.epoch, "seq": self.seq}, status=202)
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[tuple[MeasuredLoader, str]]:
-    loader = MeasuredLoader()
-    async with serve(loader) as url:
-        yield loader, url
+from tests.unit.gateway.test_loader_client import StubLoader, client, until
 
 
 async def nothing_sent(message: Any) -> None:
     raise AssertionError("nothing is sent while a plain request waits")
 
 
-async def test_a_load_longer_than_the_deadline_fails_at_once_and_goes_on(stub: tuple[MeasuredLoader, str]) -> None:
+async def test_a_load_longer_than_the_deadline_fails_at_once_and_goes_on(stub: tuple[StubLoader, str]) -> None:
     loader, url = stub
     loader.models = {"m": ModelView(load_seconds=30.0)}
     await loader.publish()
@@ -68,7 +44,7 @@ async def test_a_load_longer_than_the_deadline_fails_at_once_and_goes_on(stub: t
         await gw.close()
 
 
-async def test_a_held_request_fails_at_its_deadline_not_at_the_wait_timeout(stub: tuple[MeasuredLoader, str]) -> None:
+async def test_a_held_request_fails_at_its_deadline_not_at_the_wait_timeout(stub: tuple[StubLoader, str]) -> None:
     loader, url = stub
     loader.models = {"m": ModelView(load_seconds=0.2)}
     await loader.publish()
@@ -86,7 +62,7 @@ async def test_a_held_request_fails_at_its_deadline_not_at_the_wait_timeout(stub
         await gw.close()
 
 
-async def test_a_model_ready_within_the_deadline_is_served(stub: tuple[MeasuredLoader, str]) -> None:
+async def test_a_model_ready_within_the_deadline_is_served(stub: tuple[StubLoader, str]) -> None:
     loader, url = stub
     loader.models = {"m": ModelView(load_seconds=0.2)}
     await loader.publish()

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 
 from ssw.common.contract import LoadView, ModelView, Snapshot, WorkerView
@@ -71,7 +70,10 @@ class StubLoader:
     async def load(self, request: web.Request) -> web.Response:
         model = (await request.json())["model"]
         self.loads.append(model)
-        self.models[model] = ModelView(load=LoadView(state=LoadState.LOADING, reason="requested"))
+        # What it measured of the model (its load time) stays: only the load record changes.
+        self.models[model] = self.models.get(model, ModelView()).model_copy(
+            update={"load": LoadView(state=LoadState.LOADING, reason="requested")}
+        )
         await self.publish()
         view = self.models[model].load.model_dump(mode="json")
         return web.json_response({"model": model, "load": view, "epoch": self.epoch, "seq": self.seq}, status=202)
@@ -97,13 +99,6 @@ async def serve(loader: StubLoader) -> AsyncIterator[str]:
     finally:
         await loader.end_streams()
         await runner.cleanup()
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[tuple[StubLoader, str]]:
-    loader = StubLoader()
-    async with serve(loader) as url:
-        yield loader, url
 
 
 @contextlib.asynccontextmanager

@@ -246,8 +246,6 @@ class Starter(Piece):
 
     async def _record_known_answer(self, worker: Worker, spec: ModelSpec) -> None:
         """On a model's first healthy start, its greedy answer to the fixed prompt."""
-        if self.store.known_answer(spec.name, spec.fingerprint) is not None:
-            return
         result, answer, detail = await self.probes.known_answer(worker.socket, worker.model)
         if result is Canary.PASSED and answer is not None:
             await self.store.record_known_answer(spec.name, spec.fingerprint, answer)

@@ -14,19 +14,25 @@ from ssw.loader.workers.supervisor import Supervisor
 from ssw.loader.workers.table import Worker
 
 
+def running_unit(supervisor: Supervisor, model: str, budget: int) -> str:
+    """A worker unit a previous loader left running: its name, with its SSW_* environment."""
+    unit = f"ssw-worker@{model}.service"
+    supervisor.systemd.units = {  # type: ignore[attr-defined]
+        unit: {
+            engine.ENV_MODEL: model,
+            engine.ENV_REPLICA: "1",
+            engine.ENV_SOCKET: f"/nonexistent/{model}/http.sock",
+            engine.ENV_GPU: "0",
+            engine.ENV_BUDGET: str(budget),
+        }
+    }
+    return unit
+
+
 async def test_an_adopted_starting_worker_whose_model_left_the_registry_is_retired(
     supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unit = "ssw-worker@gone.service"
-    supervisor.systemd.units = {  # type: ignore[attr-defined]
-        unit: {
-            engine.ENV_MODEL: "gone",
-            engine.ENV_REPLICA: "1",
-            engine.ENV_SOCKET: "/nonexistent/gone/http.sock",
-            engine.ENV_GPU: "0",
-            engine.ENV_BUDGET: str(10**9),
-        }
-    }
+    unit = running_unit(supervisor, "gone", 10**9)
     stopped: list[str] = []
 
     async def stop_unit(worker: Worker) -> None:
@@ -50,16 +56,7 @@ async def test_an_adopted_starting_worker_whose_model_left_the_registry_is_retir
 async def test_a_healthy_unit_is_adopted_ready_with_what_its_environment_says(
     supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unit = "ssw-worker@a.service"
-    supervisor.systemd.units = {  # type: ignore[attr-defined]
-        unit: {
-            engine.ENV_MODEL: "a",
-            engine.ENV_REPLICA: "1",
-            engine.ENV_SOCKET: "/nonexistent/a/http.sock",
-            engine.ENV_GPU: "0",
-            engine.ENV_BUDGET: str(3 * 10**9),
-        }
-    }
+    unit = running_unit(supervisor, "a", 3 * 10**9)
 
     async def healthy(socket: Path) -> bool:
         return True
