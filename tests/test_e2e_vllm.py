@@ -206,9 +206,14 @@ def test_a_stream_on_a_draining_worker_finishes_and_a_held_request_gets_a_new_wo
         timeout=300,
     )
     wait_for(lambda: vllm_metric(old["socket"], "vllm:num_requests_running") == 1, 30, "the stream to start")
+    ready = gateway_ready(stack)
     unload_at = time.monotonic()
     unloading, _ = http_in_background("POST", stack.admin + "/unload", {"model": "tiny"}, timeout=300)
     wait_for(lambda: tiny_state(stack, old["unit"]) == "draining", 10, "the drain")
+    # The gateway hears of the drain a moment after the loader decides it; a request
+    # in that moment is still served by the draining worker, which is fine but is
+    # not what this test is about: wait until the gateway's view has it too.
+    wait_for(lambda: gateway_ready(stack) == ready - 1, 10, "the gateway to see the drain")
     status, _, body = http(
         "POST",
         stack.public + "/v1/chat/completions",
@@ -231,6 +236,12 @@ def test_a_stream_on_a_draining_worker_finishes_and_a_held_request_gets_a_new_wo
     assert new["unit"] != old["unit"]  # the draining unit's name was not reused while it was loaded
     log = stack.loader.log()
     assert f"{old['unit']}: draining -> stopping (drained)" in log and "UnitExists" not in log
+
+
+def gateway_ready(stack: Stack) -> int:
+    status, _, body = http("GET", stack.public + "/health")
+    assert status == 200, body
+    return int(body["workers_ready"])
 
 
 def tiny_state(stack: Stack, unit: str) -> str | None:
