@@ -125,6 +125,13 @@ class NoCapacity(SswError):
     code = "no_capacity"
 
 
+class SwapDeferred(NoCapacity):
+    """Room exists only by evicting a worker that more urgent requests wait for: the
+    load waits for them (placement.swap_wait_s) instead of swapping under them."""
+
+    code = "swap_deferred"
+
+
 class LoadFailed(SswError):
     status = 503
     type = "load_failed"

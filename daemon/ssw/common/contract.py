@@ -23,6 +23,11 @@ CONTRACT_VERSION: Literal[1] = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
+# A request's priority and its rank (lower is more urgent): the gateway orders its
+# waiters by it, and the loader weighs who waits for a worker it might evict by it.
+PRIORITY_RANK = {"realtime": 0, "interactive": 1, "batch": 2}
+
+
 def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.match(name) is not None and ".." not in name
 

@@ -2,7 +2,8 @@
 
 Every setting has a default and a description; ``ssw config`` prints them and
 ``etc/ssw/config.yaml`` documents them for operators. An invalid file fails with
-the dotted path of the failing key. The sections are in :mod:`ssw.config.sections`.
+the dotted path of the failing key. The sections are in :mod:`ssw.config.sections`,
+the gateway's in :mod:`ssw.config.gateway`.
 """
 
 from __future__ import annotations
@@ -15,20 +16,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from ssw.config.gateway import MAX_DEADLINE_MS, GatewaySettings, NotLoaded
 from ssw.config.sections import (
-    MAX_DEADLINE_MS,
     MAX_SOCKET_PATH,
     SOCKET_DIR_NAME_MAX,
     SOCKET_NAME,
     AuthSettings,
     BatchSettings,
     FleetSettings,
-    GatewaySettings,
     GpuSettings,
     HealthSettings,
     LimitSettings,
     Listen,
-    NotLoaded,
     PlacementSettings,
     PullSettings,
     SimulatedGpu,

@@ -87,6 +87,7 @@ class Gateway:
         )
         self.stored = StoredResponses(cfg, book, self.admission, lambda: self.names, self.fleet)
         self.relay = Relay(cfg, loader.used, self.stored.note)
+        loader.watch(self.relay.inflight)
         # Accepts a request sent with X-SSW-Async (the asynchronous tier, when it is on).
         self.on_async: AsyncAcceptor | None = None
         if self.fleet is not None:
@@ -136,7 +137,7 @@ class Gateway:
         return self.queue.depth(model)
 
     async def request_load(self, model: str, protect_s: float) -> None:
-        await self.loader.request_load(model, protect_s=protect_s)
+        await self.loader.request_load(model, protect_s=protect_s, priority="batch")
 
     # --- the proxy routes --------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +26,12 @@ from ssw.common import tasks
 from ssw.common.auth import read_token
 from ssw.common.contract import CONTRACT_VERSION, LoadAccepted, Snapshot
 from ssw.errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError, WouldEvict
+from ssw.gateway.inflight import InFlight
 
 log = logging.getLogger(__name__)
 USAGE_REPORT_INTERVAL_S = 2.0
+# A change in the requests in flight is told within this (a burst of changes, once).
+DEMAND_REPORT_DELAY_S = 0.1
 MAX_FRAME_BYTES = 256 * 2**20  # a runaway stream is cut, not buffered forever
 SILENCE_TIMEOUT_S = 60.0  # the loader sends a keep-alive every 15 s
 
@@ -49,6 +53,12 @@ class LoaderClient:
         self._adapters_used: dict[str, dict[str, float]] = {}
         self._interactive: dict[str, float] = {}  # unit -> its last request that was not batch work
         self._unsent: set[str] = set()
+        # What this process has in flight on each worker (set by the gateway: the relay's
+        # counts), told to the loader as the workers' demand; each process is one reporter.
+        self.demand: InFlight | None = None
+        self._reporter = str(os.getpid())
+        self._demand_changed = asyncio.Event()
+        self._demand_told = False  # whether the loader last heard of something in flight
         # Called with each new snapshot, and whether it comes from a loader that
         # was not the one before (a restart: its epoch differs).
         self._listeners: list[Callable[[Snapshot, bool], None]] = []
@@ -70,6 +80,10 @@ class LoaderClient:
 
     # --- usage: when each worker last served, for the loader's LRU eviction ------
 
+    def watch(self, demand: InFlight) -> None:
+        self.demand = demand
+        demand.on_change = self._demand_changed.set
+
     def used(self, unit: str, adapter: str | None = None, interactive: bool = True) -> None:
         now = time.time()
         self._last_used[unit] = now
@@ -80,26 +94,35 @@ class LoaderClient:
             self._adapters_used.setdefault(unit, {})[adapter] = now
 
     async def flush_usage(self) -> None:
-        if not self._unsent:
+        in_flight = self.demand.demand() if self.demand is not None else {}
+        # Demand goes out while anything is in flight (the loader forgets a silent
+        # reporter) and once more when it has all ended.
+        tell = bool(in_flight) or self._demand_told
+        if not self._unsent and not tell:
             return
         batch = {u: self._last_used[u] for u in self._unsent if u in self._last_used}
         adapters = {u: self._adapters_used[u] for u in batch if u in self._adapters_used}
         interactive = {u: self._interactive[u] for u in batch if u in self._interactive}
+        report: dict[str, object] = {"last_used": batch, "adapters": adapters, "interactive": interactive}
+        if self.demand is not None:
+            report |= {"reporter": self._reporter, "in_flight": in_flight, "served": self.demand.served}
         self._unsent.clear()
         try:
             async with self._session.post(
-                self.url + "/usage",
-                json={"last_used": batch, "adapters": adapters, "interactive": interactive},
-                headers=self._auth(),
-                timeout=aiohttp.ClientTimeout(total=5),
+                self.url + "/usage", json=report, headers=self._auth(), timeout=aiohttp.ClientTimeout(total=5)
             ) as resp:
                 resp.raise_for_status()
+            self._demand_told = bool(in_flight)
         except (aiohttp.ClientError, OSError, TimeoutError):
             self._unsent.update(batch)  # sent again with the next batch
 
     async def _report_usage(self) -> None:
         while True:
-            await asyncio.sleep(USAGE_REPORT_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._demand_changed.wait(), USAGE_REPORT_INTERVAL_S)
+            if self._demand_changed.is_set():
+                await asyncio.sleep(DEMAND_REPORT_DELAY_S)
+                self._demand_changed.clear()
             await self.flush_usage()
 
     # --- the snapshot stream -------------------------------------------------------
@@ -211,7 +234,7 @@ class LoaderClient:
                 raise WouldEvict(message)
             if resp.status >= 500:
                 retry = resp.headers.get("Retry-After", "")
-                if err.get("code") == "no_capacity":
+                if err.get("code") in ("no_capacity", "swap_deferred"):
                     raise NoCapacity(message)
                 raise LoadFailed(message, int(retry) if retry.isdigit() else None)
             raise SswError(message)

@@ -29,6 +29,7 @@ from ssw.common.upstream import ConnectFailed, Limits, NoAnswer, Pool, Response,
 from ssw.config import Config
 from ssw.errors import SswError, UpstreamError
 from ssw.gateway.accounting import Exchange
+from ssw.gateway.inflight import InFlight
 from ssw.gateway.routing import RoundRobin, least_outstanding
 
 log = logging.getLogger(__name__)
@@ -189,11 +190,11 @@ class Relay:
         # Told the id of each stored Response it relays, before the client sees it.
         self.on_response = on_response
         self.rr = RoundRobin()
-        self.outstanding: dict[str, int] = {}  # worker unit -> requests in flight
+        self.inflight = InFlight(gw.non_realtime_cap_per_worker, gw.realtime_window_s)
         self._suspect_until: dict[str, float] = {}
 
     def in_flight(self) -> int:
-        return sum(self.outstanding.values())
+        return self.inflight.total()
 
     def healthy_first(self, workers: list[WorkerView]) -> list[WorkerView]:
         """Workers whose socket refused a connection lately go last (they may be restarting)."""
@@ -206,7 +207,7 @@ class Relay:
         with the fewest requests in flight first: they must not queue behind a busy one."""
         workers = self.healthy_first(workers)
         if self.routing == "least_outstanding" or priority == "realtime":
-            return least_outstanding(workers, lambda w: self.outstanding.get(w.unit, 0), self.rr, model)
+            return least_outstanding(workers, lambda w: self.inflight.count(w.unit), self.rr, model)
         return self.rr.order(model, workers)
 
     async def forward(
@@ -230,11 +231,11 @@ class Relay:
         for attempt in range(1 if remote else MAX_FAILOVER_ATTEMPTS):
             worker = order[attempt % len(order)]
             unit = worker.unit
-            self.outstanding[unit] = self.outstanding.get(unit, 0) + 1
+            await self.inflight.enter(unit, model, ex.priority)
             try:
                 resp = await self.pool.request(worker.socket, head, payload)
             except (ConnectFailed, NoAnswer) as exc:
-                self.outstanding[unit] -= 1
+                self.inflight.leave(unit, ex.priority, answered=False)
                 # Nothing came back (the worker died, or never took the connection):
                 # no byte of an answer can have reached anyone, so the next worker
                 # may serve it. Inference has no side effect to repeat.
@@ -243,11 +244,11 @@ class Relay:
                 last_error = exc
                 continue
             except ResponseFailed as exc:
-                self.outstanding[unit] -= 1
+                self.inflight.leave(unit, ex.priority, answered=False)
                 log.warning("%s: %s", unit, exc)
                 raise UpstreamError(f"{unit} failed before it answered: {exc}") from None
             except BaseException:
-                self.outstanding[unit] -= 1
+                self.inflight.leave(unit, ex.priority, answered=False)
                 raise
             # (the adapter it served, when the model asked for is one on a base's worker)
             # Batch work is use too, but only other use protects a model from batch loads.
@@ -256,7 +257,7 @@ class Relay:
             try:
                 await self._answer(resp, ex, reply, receive)
             finally:
-                self.outstanding[unit] -= 1
+                self.inflight.leave(unit, ex.priority, answered=True)
             return
         raise Unreached(f"no worker of '{model}' could be reached: {last_error}")
 

@@ -9,9 +9,9 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ssw.common.contract import PRIORITY_RANK as PRIORITIES
 from ssw.errors import BadRequest, SswError
 
-PRIORITIES = {"realtime": 0, "interactive": 1, "batch": 2}
 DEFAULT_PRIORITY = "interactive"
 # vLLM's priority scheduling serves lower values first.
 VLLM_PRIORITY = {"realtime": -10, "interactive": 0, "batch": 10}

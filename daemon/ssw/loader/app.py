@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from ssw import __version__
 from ssw.common import auth, http_errors, redis_sink
 from ssw.common.contract import (
+    PRIORITY_RANK,
     LoadAccepted,
     Status,
 )
@@ -47,8 +48,9 @@ class LoadRequest(BaseModel):
     )
     priority: Literal["realtime", "interactive", "batch"] | None = Field(
         default=None,
-        description="The priority of the request the load is for: a realtime one may evict a worker within "
-        "placement.min_residency_s of becoming ready.",
+        description="The priority of the request the load is for (default interactive): a realtime one may "
+        "evict a worker within placement.min_residency_s of becoming ready; none evicts a worker that more "
+        "urgent requests are in flight on.",
     )
 
 
@@ -79,6 +81,15 @@ class UsageReport(BaseModel):
     )
     interactive: dict[str, float] = Field(
         default_factory=dict, description="Worker unit -> wall time of its last request that was not batch work."
+    )
+    reporter: str | None = Field(
+        default=None, max_length=64, description="The gateway process reporting (its demand is kept apart)."
+    )
+    in_flight: dict[str, dict[Literal["realtime", "interactive", "batch"], int]] | None = Field(
+        default=None, description="Worker unit -> priority -> requests this gateway process has in flight on it."
+    )
+    served: dict[str, int] = Field(
+        default_factory=dict, description="Worker unit -> requests this gateway process has had answered by it."
     )
 
 
@@ -170,7 +181,8 @@ def admin_app(loader: Loader) -> FastAPI:
             why = await loader.manager.warm.evicts_protected(placed, protect_since)
             if why is not None:
                 raise WouldEvict(f"loading {spec.name} for batch work would evict {why}")
-        task = loader.manager.load(spec, req.gpu, protect_since=protect_since, urgent=req.priority == "realtime")
+        rank = PRIORITY_RANK[req.priority or "interactive"]
+        task = loader.manager.load(spec, req.gpu, protect_since=protect_since, rank=rank)
         if not req.wait:
             accepted = LoadAccepted(
                 model=spec.name,
@@ -233,6 +245,9 @@ def admin_app(loader: Loader) -> FastAPI:
             loader.manager.touch(unit, when, report.interactive.get(unit))
         for unit, used in report.adapters.items():
             loader.manager.touch_adapters(unit, used)
+        if report.reporter is not None and report.in_flight is not None:
+            in_flight = {u: {str(p): n for p, n in by.items()} for u, by in report.in_flight.items()}
+            loader.manager.demand.report(report.reporter, in_flight, report.served)
 
     @app.post("/known-answer/clear")
     async def clear_known_answer(req: ModelRequest) -> dict[str, Any]:

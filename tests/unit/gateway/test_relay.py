@@ -118,7 +118,9 @@ async def test_realtime_requests_go_to_the_least_busy_replica_whatever_the_routi
         )
         for i in (1, 2, 3)
     ]
-    relay.outstanding = {workers[0].unit: 5, workers[1].unit: 0, workers[2].unit: 9}
+    for unit, priority, n in ((workers[0].unit, "interactive", 5), (workers[2].unit, "batch", 9)):
+        for _ in range(n):
+            await relay.inflight.enter(unit, "m", priority)
     for _ in range(3):  # the rotation moves on; the least busy stays first
         assert relay.order("m", workers, "realtime")[0] is workers[1]
     firsts = {relay.order("m", workers, "interactive")[0].unit for _ in range(3)}

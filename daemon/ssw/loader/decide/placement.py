@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ssw.errors import NoCapacity
+from ssw.errors import NoCapacity, SwapDeferred
 from ssw.loader.decide.vram import GB, VramNeed
 
 Policy = Literal["spread", "pack"]
@@ -19,6 +19,10 @@ RELOAD_COST_STEP_S = 10.0
 # Up to this many candidates on one GPU, every subset is weighed (4,096 at most); beyond,
 # least recently used first until there is room.
 MAX_EXACT_EVICTION = 12
+# Ranks of the requests that wait: 0 realtime, 1 interactive, 2 batch (PRIORITY_RANK).
+REALTIME = 0
+INTERACTIVE = 1
+RANKS = 3
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,27 @@ class Resident:
     # Ready for less than placement.min_residency_s: evicted only for an urgent load, and only
     # when nothing else makes room (two models taking turns on one GPU must not thrash).
     young: bool = False
+    # Requests in flight on it (running or queued in the engine), as the gateways report,
+    # and the rank of the most urgent of them (None: nobody waits for it).
+    waiters: int = 0
+    waiter_rank: int | None = None
 
     @property
     def frees(self) -> int:
         return max(self.held - self.keeps, 0)
+
+    @property
+    def disturbs(self) -> tuple[int, int]:
+        """What evicting it costs the requests that wait for it: how urgent the most urgent
+        of them is (0: nobody waits), then how many they are."""
+        if not self.waiters or self.waiter_rank is None:
+            return (0, 0)
+        return (RANKS - self.waiter_rank, self.waiters)
+
+
+def disturbance(victims: Sequence[Resident]) -> tuple[int, int]:
+    """A set of victims' cost to their waiters: the most urgent waiter, then all waiters."""
+    return (max((v.disturbs[0] for v in victims), default=0), sum(v.disturbs[1] for v in victims))
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,9 @@ class Placement:
     gpus: tuple[int, ...]
     evict: tuple[str, ...] = ()
     per_gpu_bytes: int = 0
+    # Victims that requests as urgent as this load's wait for: with
+    # placement.drain_queue_before_swap they serve those first (fewer swaps).
+    drain: tuple[str, ...] = ()
 
     @property
     def tensor_parallel(self) -> int:
@@ -88,13 +112,15 @@ def _cost_step(victims: Sequence[Resident]) -> int:
 
 
 def _eviction_on(device: DeviceView, need: int, residents: Sequence[Resident]) -> tuple[list[Resident], bool]:
-    """The fewest evictable workers on this device that make room, counting what each
-    gives back (a worker put to sleep keeps its context); among as few, the cheapest to
-    bring back, then the longest unused; sleepers last (they hold little, and stopping
-    one loses a warm model). Returned least recently used first."""
+    """The evictable workers on this device that make room, counting what each gives back
+    (a worker put to sleep keeps its context): first those that the fewest and least
+    urgent requests wait for, then the fewest workers, then the cheapest to bring back,
+    then the longest unused; sleepers last (they hold little, and stopping one loses a
+    warm model). Returned least recently used first."""
     free = device.free_after_release
     candidates = sorted(
-        (r for r in residents if r.evictable and device.index in r.gpus), key=lambda r: (r.asleep, r.last_used)
+        (r for r in residents if r.evictable and device.index in r.gpus),
+        key=lambda r: (r.disturbs, r.asleep, r.last_used),
     )
     if free + sum(r.frees for r in candidates) < need:
         return candidates, False
@@ -106,12 +132,19 @@ def _eviction_on(device: DeviceView, need: int, residents: Sequence[Resident]) -
             chosen.append(r)
             free += r.frees
         return chosen, True
-    for k in range(1, len(candidates) + 1):
-        enough = [c for c in itertools.combinations(candidates, k) if free + sum(r.frees for r in c) >= need]
-        if enough:
-            best = min(enough, key=lambda c: (sum(r.asleep for r in c), _cost_step(c), max(r.last_used for r in c)))
-            return list(best), True
-    return [], free >= need
+    if free >= need:
+        return [], True
+    enough = [
+        c
+        for k in range(1, len(candidates) + 1)
+        for c in itertools.combinations(candidates, k)
+        if free + sum(r.frees for r in c) >= need
+    ]
+    best = min(
+        enough,
+        key=lambda c: (disturbance(c), len(c), sum(r.asleep for r in c), _cost_step(c), max(r.last_used for r in c)),
+    )
+    return list(best), True
 
 
 def place(
@@ -121,11 +154,34 @@ def place(
     policy: Policy = "spread",
     allowed: Sequence[int] | None = None,
     tensor_parallel: bool = False,
-    urgent: bool = False,
+    rank: int = INTERACTIVE,
 ) -> Placement:
-    """A placement for one worker; NoCapacity (with the numbers) when none exists. Workers
-    that became ready a short while ago (``young``) are left alone; an ``urgent`` load may
-    evict them when nothing else makes room."""
+    """A placement for one worker, for a request of priority ``rank``; NoCapacity (with
+    the numbers) when none exists. Workers that became ready a short while ago
+    (``young``) are left alone; a realtime load may evict them when nothing else makes
+    room. SwapDeferred when the only room is a worker that more urgent requests than
+    this one wait for: the load waits for them rather than swapping under them."""
+    placed = _place_settled(need, devices, residents, policy, allowed, tensor_parallel, rank)
+    victims = [r for r in residents if r.unit in placed.evict]
+    busy = [v for v in victims if v.waiters and v.waiter_rank is not None]
+    urgent = [v for v in busy if v.waiter_rank is not None and v.waiter_rank < rank]
+    if urgent:
+        raise SwapDeferred(
+            "the room is held by "
+            + ", ".join(f"{v.unit} ({v.waiters} request(s) in flight, some more urgent)" for v in urgent)
+        )
+    return dataclasses.replace(placed, drain=tuple(v.unit for v in busy if v.waiter_rank == rank))
+
+
+def _place_settled(
+    need: VramNeed,
+    devices: Sequence[DeviceView],
+    residents: Sequence[Resident],
+    policy: Policy,
+    allowed: Sequence[int] | None,
+    tensor_parallel: bool,
+    rank: int,
+) -> Placement:
     settled = [dataclasses.replace(r, evictable=False) if r.young and r.evictable else r for r in residents]
     try:
         return _place(need, devices, settled, policy, allowed, tensor_parallel)
@@ -133,7 +189,7 @@ def place(
         young = [r for r in residents if r.young and r.evictable]
         if not young:
             raise
-        if urgent:
+        if rank == REALTIME:
             return _place(need, devices, residents, policy, allowed, tensor_parallel)
         exc.message += (
             f"; {len(young)} worker(s) that would make room became ready less than placement.min_residency_s "
@@ -164,15 +220,16 @@ def _place(
     if fitting:
         return Placement((_pick(fitting, single, policy, after_release=True).index,), (), single)
 
-    # Evict on one GPU: the fewest workers, then the cheapest to bring back,
-    # then the longest unused.
+    # Evict on one GPU: the fewest and least urgent waiters disturbed, then the fewest
+    # workers, then the cheapest to bring back, then the longest unused.
     options = []
     for d in candidates:
         victims, enough = _eviction_on(d, single, residents)
-        if enough:
-            options.append((len(victims), _cost_step(victims), max(v.last_used for v in victims), d.index, victims))
+        if enough and victims:
+            key = (disturbance(victims), len(victims), _cost_step(victims), max(v.last_used for v in victims), d.index)
+            options.append((key, d.index, victims))
     if options:
-        _, _, _, index, victims = min(options, key=lambda o: o[:4])
+        _, index, victims = min(options, key=lambda o: o[0])
         return Placement((index,), tuple(v.unit for v in victims), single)
 
     if tensor_parallel:

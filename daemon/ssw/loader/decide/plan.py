@@ -10,7 +10,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from ssw.errors import NoCapacity, SswError
-from ssw.loader.decide.placement import DeviceView, Placement, Policy, Resident, place
+from ssw.loader.decide.placement import INTERACTIVE, DeviceView, Placement, Policy, Resident, place
 from ssw.loader.decide.vram import GB, VramNeed
 from ssw.loader.systemd.units import instance_for, unit_name
 
@@ -21,6 +21,7 @@ class StartPlan:
     gpus: tuple[int, ...]
     evict: tuple[str, ...]  # units that give way first
     per_gpu_bytes: int  # the worker's budget on each of its GPUs
+    drain: tuple[str, ...] = ()  # of those, the ones that may serve their queue first
 
 
 def plan_start(
@@ -34,17 +35,17 @@ def plan_start(
     allowed: Sequence[int] | None,
     tensor_parallel: bool,
     taken: Collection[str],
-    urgent: bool = False,
+    rank: int = INTERACTIVE,
 ) -> StartPlan:
     """Where replica ``replica`` of ``model`` starts; NoCapacity (naming the model and
     the numbers) when it fits nowhere, even after evictions."""
     try:
-        placed = place(need, devices, residents, policy, allowed, tensor_parallel, urgent)
+        placed = place(need, devices, residents, policy, allowed, tensor_parallel, rank)
     except SswError as exc:
         exc.message = f"{model}: {exc.message}"
         raise
     unit = unit_name(model, instance_for(model, replica, replicas, taken))
-    return StartPlan(unit, placed.gpus, placed.evict, placed.per_gpu_bytes)
+    return StartPlan(unit, placed.gpus, placed.evict, placed.per_gpu_bytes, placed.drain)
 
 
 def plan_wake(
@@ -53,7 +54,7 @@ def plan_wake(
     devices: Sequence[DeviceView],
     residents: Sequence[Resident],
     policy: Policy,
-    urgent: bool = False,
+    rank: int = INTERACTIVE,
 ) -> Placement:
     """Who gives way for a sleeper to wake on its own GPUs, needing ``need`` more bytes on
     each. A tensor-parallel sleeper wakes only where every GPU but the first has room
@@ -62,6 +63,4 @@ def plan_wake(
         view = next(d for d in devices if d.index == g)
         if view.free_after_release < need:
             raise NoCapacity(f"GPU {g} has {view.free_after_release / GB:.1f} GB free")
-    return place(
-        VramNeed(need, 0, None, "its size before it slept"), devices, residents, policy, gpus[:1], False, urgent
-    )
+    return place(VramNeed(need, 0, None, "its size before it slept"), devices, residents, policy, gpus[:1], False, rank)

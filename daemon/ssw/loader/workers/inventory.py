@@ -110,7 +110,10 @@ class Inventory(Piece):
             # Since it became ready (started or woken): a health blip does not make it young again.
             ready_for = time.time() - w.marks.get("healthy", 0.0)
             young = w.state is WorkerState.READY and ready_for < self.cfg.placement.min_residency_s
-            out.append(Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps, young))
+            waiters, rank = self.demand.waiting(w.unit)
+            out.append(
+                Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps, young, waiters, rank)
+            )
         return out
 
     def update_held(self, gpus: list[GpuInfo]) -> None:

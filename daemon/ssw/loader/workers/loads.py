@@ -34,8 +34,10 @@ class LoadRecord:
     died_during_load: int = 0
     # For batch work: workers used interactively since this wall time are not evicted for it.
     protect_since: float | None = None
-    # For a realtime request: it may evict workers that became ready a short while ago.
-    urgent: bool = False
+    # The rank of the most urgent request this load is for (0 realtime, 1 interactive,
+    # 2 batch): a realtime one may evict workers that became ready a short while ago, and
+    # none evicts a worker that more urgent requests wait for.
+    rank: int = 1
 
     def seconds_left(self) -> float:
         return max(self.deadline - time.time(), 0.0) if self.deadline is not None else 0.0

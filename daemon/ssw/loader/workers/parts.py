@@ -1,7 +1,7 @@
 """What every piece of the loader's machinery uses, built once by the loader and
 handed to each piece: the config, systemd, the GPUs, the registry (through its
 catalog), the facts store, the worker table, the load book, the probes, the feed
-of changes and the task set. One record instead of a constructor repeated in
+of changes, the task set and the gateways' demand. One record instead of a constructor repeated in
 every piece."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ssw.loader.gpus import GpuSource
 from ssw.loader.models.catalog import Catalog
 from ssw.loader.store import FactStore, Retiring
 from ssw.loader.systemd.bus import Systemd
+from ssw.loader.workers.demand import Demand
 from ssw.loader.workers.feed import Feed
 from ssw.loader.workers.loads import LoadBook
 from ssw.loader.workers.table import WorkerTable
@@ -33,6 +34,7 @@ class Parts:
     probes: Probes
     feed: Feed
     tasks: TaskSet
+    demand: Demand
 
     @classmethod
     def build(
@@ -56,6 +58,7 @@ class Parts:
             ),
             feed,
             TaskSet(),
+            Demand(),
         )
 
 
@@ -75,3 +78,4 @@ class Piece:
         self.probes = parts.probes
         self.feed = parts.feed
         self.tasks = parts.tasks
+        self.demand = parts.demand

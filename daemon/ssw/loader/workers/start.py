@@ -14,8 +14,8 @@ from collections.abc import Callable
 from ssw.common.probes import Canary
 from ssw.common.routes import inference_paths
 from ssw.common.states import ASLEEP, WorkerState
-from ssw.errors import LoadFailed, SswError
-from ssw.loader.decide.plan import plan_start, plan_wake
+from ssw.errors import LoadFailed, SswError, SwapDeferred
+from ssw.loader.decide.plan import StartPlan, plan_start, plan_wake
 from ssw.loader.decide.vram import GB, vram_need
 from ssw.loader.models.registry import ModelSpec
 from ssw.loader.systemd import engine, journal
@@ -25,6 +25,7 @@ from ssw.loader.workers.parts import Parts, Piece
 from ssw.loader.workers.retire import Retirer
 from ssw.loader.workers.sockets import Sockets
 from ssw.loader.workers.table import Worker, describe_phases
+from ssw.loader.workers.turns import Turn
 from ssw.loader.workers.warm import Warm
 
 log = logging.getLogger(__name__)
@@ -58,46 +59,42 @@ class Starter(Piece):
     async def start_replica(self, spec: ModelSpec, replica: int, gpu: int | None = None, evict: bool = True) -> Worker:
         need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
         allowed = (gpu,) if gpu is not None else (spec.gpus[(replica - 1) % len(spec.gpus)],) if spec.gpus else None
-        requested = self.loads.get(spec.name).since
-        async with self.inventory.place_lock:
-            # Read, decide and do under one lock, from the snapshot to the reservation:
-            # two loads can never both count the same free memory.
-            gpus = await self.inventory.gpu_snapshot()
-            protect = self.loads.get(spec.name).protect_since
-            urgent = self.loads.get(spec.name).urgent
-            plan = plan_start(
-                spec.name,
-                replica,
-                spec.replicas,
-                need,
-                self.inventory.device_views(gpus),
-                self.inventory.residents(gpus, protect) if evict else [],
-                self.cfg.placement.policy,
-                allowed,
-                self.cfg.placement.tensor_parallel,
-                self.table.units() | await self._loaded_units(spec.name),
-                urgent,
-            )
-            await self.warm.evict(plan.evict, spec.name, plan.gpus[0])
-            name = plan.unit
-            worker = Worker(
-                model=spec.name,
-                replica=replica,
-                unit=name,
-                socket=socket_path(self.cfg.workers.socket_dir, name),
-                gpus=plan.gpus,
-                budget_bytes=plan.per_gpu_bytes,
-                state=WorkerState.STARTING,
-                state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
-                pinned=spec.pinned,
-                # Not a model whose answer was wrong after a wake, until an operator clears it.
-                sleep_mode=engine.sleep_enabled(spec, self.gpus.kind) and not self.store.sleep_blocked(spec.name),
-                # A cold-start trial runs a changed copy of the model's spec.
-                trial=spec != self.catalog.models.get(spec.name),
-            )
-            worker.marks["requested"] = requested
-            worker.marks["placed"] = time.time()
-            self.table.add(worker, "placed")
+        turn = Turn(self.parts, spec.name)
+        while True:
+            deferred: SwapDeferred | None = None
+            drain: list[str] = []
+            async with self.inventory.place_lock:
+                # Read, decide and do under one lock, from the snapshot to the reservation:
+                # two loads can never both count the same free memory.
+                gpus = await self.inventory.gpu_snapshot()
+                rec = self.loads.get(spec.name)
+                try:
+                    plan = plan_start(
+                        spec.name,
+                        replica,
+                        spec.replicas,
+                        need,
+                        self.inventory.device_views(gpus),
+                        self.inventory.residents(gpus, rec.protect_since) if evict else [],
+                        self.cfg.placement.policy,
+                        allowed,
+                        self.cfg.placement.tensor_parallel,
+                        self.table.units() | await self._loaded_units(spec.name),
+                        rec.rank,
+                    )
+                except SwapDeferred as exc:
+                    deferred = exc
+                else:
+                    drain = turn.to_drain(plan.drain)
+                    if not drain:
+                        worker = await self._reserve(spec, replica, plan, rec.since)
+                        break
+            # Outside the lock: the victims serve on, and other loads may place meanwhile.
+            if deferred is not None:
+                await turn.defer(deferred)
+            else:
+                await turn.let_serve(drain)
+        name = plan.unit
         try:
             totals = {g.index: g.memory_total for g in gpus}
             nodes = tuple(g.device_node for g in gpus if g.index in plan.gpus and g.device_node)
@@ -151,6 +148,30 @@ class Starter(Piece):
             await self.abandon(worker, exc)
             raise
         self.tasks.spawn(self._measure(worker))
+        return worker
+
+    async def _reserve(self, spec: ModelSpec, replica: int, plan: StartPlan, requested: float) -> Worker:
+        """Evict the plan's victims and enter the new worker in the table (under the place lock)."""
+        await self.warm.evict(plan.evict, spec.name, plan.gpus[0])
+        name = plan.unit
+        worker = Worker(
+            model=spec.name,
+            replica=replica,
+            unit=name,
+            socket=socket_path(self.cfg.workers.socket_dir, name),
+            gpus=plan.gpus,
+            budget_bytes=plan.per_gpu_bytes,
+            state=WorkerState.STARTING,
+            state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
+            pinned=spec.pinned,
+            # Not a model whose answer was wrong after a wake, until an operator clears it.
+            sleep_mode=engine.sleep_enabled(spec, self.gpus.kind) and not self.store.sleep_blocked(spec.name),
+            # A cold-start trial runs a changed copy of the model's spec.
+            trial=spec != self.catalog.models.get(spec.name),
+        )
+        worker.marks["requested"] = requested
+        worker.marks["placed"] = time.time()
+        self.table.add(worker, "placed")
         return worker
 
     async def _loaded_units(self, model: str) -> set[str]:
@@ -288,25 +309,41 @@ class Starter(Piece):
         it once a 1-token canary passed; when that cannot be done, stop it and load cold."""
         worker.marks = {"requested": self.loads.get(spec.name).since}
         why: str | None = None
-        async with self.inventory.place_lock:
-            # Stopped (unloaded, over the sleepers' budget) while this wake waited for the
-            # lock: there is nothing to wake, and no failure of the model's either.
-            stopped = self.table.get(worker.unit) is not worker or worker.state not in ASLEEP or bool(worker.retirement)
-            if not stopped:
+        turn = Turn(self.parts, spec.name)
+        while True:
+            deferred: SwapDeferred | None = None
+            drain: list[str] = []
+            async with self.inventory.place_lock:
+                # Stopped (unloaded, over the sleepers' budget) while this wake waited for the
+                # lock: there is nothing to wake, and no failure of the model's either.
+                stopped = (
+                    self.table.get(worker.unit) is not worker or worker.state not in ASLEEP or bool(worker.retirement)
+                )
+                if stopped:
+                    break
                 gpus = await self.inventory.gpu_snapshot()
                 need = max(worker.budget_bytes - self.inventory.held(worker, gpus), 0)
-                protect = self.loads.get(spec.name).protect_since
-                residents = [r for r in self.inventory.residents(gpus, protect) if r.unit != worker.unit]
+                rec = self.loads.get(spec.name)
+                residents = [r for r in self.inventory.residents(gpus, rec.protect_since) if r.unit != worker.unit]
                 try:
                     views = self.inventory.device_views(gpus)
-                    urgent = self.loads.get(spec.name).urgent
-                    plan = plan_wake(need, worker.gpus, views, residents, self.cfg.placement.policy, urgent)
+                    plan = plan_wake(need, worker.gpus, views, residents, self.cfg.placement.policy, rec.rank)
+                except SwapDeferred as exc:
+                    deferred = exc
                 except SswError as exc:
                     why = exc.message
-                if why is None:
-                    await self.warm.evict(plan.evict, spec.name, worker.gpus[0])
-                    worker.marks["placed"] = time.time()
-                    self.table.move(worker, WorkerState.WAKING, f"woken for {spec.name}'s requests")
+                    break
+                else:
+                    drain = turn.to_drain(plan.drain)
+                    if not drain:
+                        await self.warm.evict(plan.evict, spec.name, worker.gpus[0])
+                        worker.marks["placed"] = time.time()
+                        self.table.move(worker, WorkerState.WAKING, f"woken for {spec.name}'s requests")
+                        break
+            if deferred is not None:
+                await turn.defer(deferred)  # past swap_wait_s the load fails; the sleeper sleeps on
+            else:
+                await turn.let_serve(drain)
         if stopped:
             log.info("%s: stopped while its wake waited; %s loads cold once it is gone", worker.unit, spec.name)
             await self.retirer.wait_gone([worker])

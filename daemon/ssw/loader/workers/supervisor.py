@@ -78,16 +78,17 @@ class Supervisor(Piece):
         reason: str = "requested",
         evict: bool = True,
         protect_since: float | None = None,
-        urgent: bool = False,
+        rank: int = 1,
     ) -> asyncio.Future[list[Worker]]:
         """Bring the model's replicas up: one load per model however often it is asked
         (single flight), never before a backoff ends, never during a cooldown; with
         ``evict`` off, only where free memory holds it; with ``protect_since``, never
-        evicting a worker used interactively since then; ``urgent`` (a realtime request),
-        evicting a worker within placement.min_residency_s of becoming ready if it must."""
+        evicting a worker used interactively since then; ``rank``, the priority of the
+        request it is for (a realtime one evicts a worker within placement.min_residency_s
+        of becoming ready if it must)."""
         rec = self.loads.get(spec.name)
-        if urgent:
-            rec.urgent = True  # a start still to be placed, of this load, may use it
+        if rank < rec.rank:
+            rec.rank = rank  # a start still to be placed, of this load, may use it
         if rec.state in (LoadState.LOADING, LoadState.BACKING_OFF) and rec.task is not None:
             return rec.task
         live = self.table.live(spec.name)
@@ -98,7 +99,7 @@ class Supervisor(Piece):
         if rec.state is LoadState.COOLING_DOWN:
             raise LoadFailed.cooling_down(spec.name, rec.seconds_left(), rec.last_error or rec.reason)
         self.loads.move(rec, LoadState.LOADING, reason)
-        rec.urgent = urgent
+        rec.rank = rank
         rec.protect_since = protect_since
         rec.task = self.tasks.spawn(self._load(spec, gpu, evict))
         return rec.task

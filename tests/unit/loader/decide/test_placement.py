@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssw.errors import NoCapacity
+from ssw.errors import NoCapacity, SwapDeferred
 from ssw.loader.decide.placement import DeviceView, Policy, Resident, place
 from ssw.loader.decide.vram import VramNeed
 
@@ -171,21 +171,21 @@ def young(unit: str, gpu: int, held: float, last_used: float) -> Resident:
 
 
 @pytest.mark.parametrize(
-    ("residents", "urgent", "evicted"),
+    ("residents", "rank", "evicted"),
     [
         # Two models taking turns on one GPU: the one just loaded stays, the older one goes,
         # least recently used or not.
-        ([young("just-ready", 0, 8, last_used=1.0), res("settled", 0, 8, last_used=5.0)], False, ("settled",)),
+        ([young("just-ready", 0, 8, last_used=1.0), res("settled", 0, 8, last_used=5.0)], 1, ("settled",)),
         # Only a young worker could make room: a realtime request may have it.
-        ([young("just-ready", 0, 8, last_used=1.0)], True, ("just-ready",)),
+        ([young("just-ready", 0, 8, last_used=1.0)], 0, ("just-ready",)),
         # Even then, an older one goes first.
-        ([young("just-ready", 0, 8, last_used=1.0), res("settled", 0, 8, last_used=5.0)], True, ("settled",)),
+        ([young("just-ready", 0, 8, last_used=1.0), res("settled", 0, 8, last_used=5.0)], 0, ("settled",)),
     ],
 )
 def test_workers_within_their_minimum_residency_give_way_only_to_urgent_loads(
-    residents: list[Resident], urgent: bool, evicted: tuple[str, ...]
+    residents: list[Resident], rank: int, evicted: tuple[str, ...]
 ) -> None:
-    plan = place(need(6), [dev(0, 20, used=16)], residents, urgent=urgent)
+    plan = place(need(6), [dev(0, 20, used=16)], residents, rank=rank)
     assert plan.evict == evicted
 
 
@@ -193,3 +193,61 @@ def test_a_young_worker_is_not_evicted_for_a_load_that_is_not_urgent_and_the_ref
     with pytest.raises(NoCapacity) as raised:
         place(need(6), [dev(0, 10, used=8)], [young("just-ready", 0, 8, last_used=1.0)])
     assert "became ready less than placement.min_residency_s ago" in raised.value.message
+
+
+REALTIME, INTERACTIVE, BATCH = 0, 1, 2
+
+
+def busy(unit: str, gpu: int, held: float, last_used: float, waiters: int, rank: int | None) -> Resident:
+    """A worker that ``waiters`` requests are in flight on, the most urgent of rank ``rank``."""
+    return Resident(unit, (gpu,), int(held * GB), last_used, True, 30, waiters=waiters, waiter_rank=rank)
+
+
+@pytest.mark.parametrize(
+    ("residents", "rank", "evicted", "drained"),
+    [
+        # Nobody waits for the older one: it goes, however recently the busy one was used.
+        ([busy("busy", 0, 8, 1.0, 3, INTERACTIVE), res("idle", 0, 8, last_used=5.0)], INTERACTIVE, ("idle",), ()),
+        # Both busy: the one whose waiters are less urgent goes...
+        (
+            [busy("batchy", 0, 8, 9.0, 20, BATCH), busy("chatty", 0, 8, 1.0, 1, INTERACTIVE)],
+            INTERACTIVE,
+            ("batchy",),
+            (),
+        ),
+        # ...and among as urgent, the one fewer wait for; it serves them first.
+        (
+            [busy("many", 0, 8, 1.0, 9, INTERACTIVE), busy("few", 0, 8, 9.0, 2, INTERACTIVE)],
+            INTERACTIVE,
+            ("few",),
+            ("few",),
+        ),
+        # Two idle workers give way rather than one that realtime requests wait for.
+        (
+            [busy("npc", 0, 8, 1.0, 1, REALTIME), res("a", 0, 4, last_used=5.0), res("b", 0, 4, last_used=6.0)],
+            REALTIME,
+            ("a", "b"),
+            (),
+        ),
+        # A realtime load does not wait for interactive requests: it swaps now.
+        ([busy("chatty", 0, 8, 1.0, 4, INTERACTIVE)], REALTIME, ("chatty",), ()),
+        # A batch victim of an interactive load: no queue served first.
+        ([busy("batchy", 0, 8, 1.0, 4, BATCH)], INTERACTIVE, ("batchy",), ()),
+    ],
+)
+def test_eviction_weighs_who_waits_for_each_candidate(
+    residents: list[Resident], rank: int, evicted: tuple[str, ...], drained: tuple[str, ...]
+) -> None:
+    plan = place(need(8), [dev(0, 16, used=16)], residents, rank=rank)
+    assert set(plan.evict) == set(evicted) and plan.drain == drained
+
+
+@pytest.mark.parametrize(
+    ("victim_rank", "rank"),
+    [(REALTIME, INTERACTIVE), (REALTIME, BATCH), (INTERACTIVE, BATCH)],
+)
+def test_a_swap_under_more_urgent_requests_than_its_own_waits(victim_rank: int, rank: int) -> None:
+    with pytest.raises(SwapDeferred) as raised:
+        place(need(8), [dev(0, 16, used=16)], [busy("npc", 0, 16, 1.0, 2, victim_rank)], rank=rank)
+    assert "npc (2 request(s) in flight, some more urgent)" in raised.value.message
+    assert raised.value.status == 503
