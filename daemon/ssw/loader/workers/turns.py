@@ -38,13 +38,8 @@ class Turn(Piece):
     async def let_serve(self, units: list[str]) -> None:
         bound = self.cfg.placement.drain_queue_before_swap
         base = {u: self.demand.served(u) for u in units}
-        log.info(
-            "%s: %s serve%s their queue first (up to %d more requests each) before the swap",
-            self.model,
-            ", ".join(units),
-            "" if len(units) > 1 else "s",
-            bound,
-        )
+        verb = "serve their queues" if len(units) > 1 else "serves its queue"
+        log.info("%s: %s %s first (up to %d more requests) before the swap", self.model, ", ".join(units), verb, bound)
         while (left := self.deadline - time.monotonic()) > 0:
             busy = [u for u in units if self._serving(u) and self.demand.served(u) - base[u] < bound]
             if not busy:
