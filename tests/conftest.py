@@ -51,7 +51,7 @@ def make_model_dir(
 
 
 @pytest.fixture(scope="session")
-def models_root() -> Path:
+def models_root() -> Iterator[Path]:
     root = WORK_ROOT / f"models-{os.getpid()}"
     root.mkdir(parents=True, exist_ok=True)
     make_model_dir(root / "fake-a", QWEN2_CONFIG)

@@ -391,3 +391,30 @@ def test_fleet_bench_measures_the_hop_and_single_flight(models_root: Path, tmp_p
     assert figures["claim"]["make_us"] > 0 and figures["claim"]["check_us"] > 0
     assert figures["single_flight"]["units_started"] == 1 and figures["single_flight"]["workers_after"] == 1
     assert "the hop adds" in stdout and "over TLS" in stdout
+
+
+def test_scheduling_bench_runs_today_and_the_policy_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "scheduling.json"
+    stdout = bench(
+        "scheduling.py",
+        "--seconds",
+        "8",
+        "--isolation-seconds",
+        "2",
+        "--deadline-rounds",
+        "1",
+        "--load-delay",
+        "1",
+        "--json",
+        str(out),
+        timeout=600,
+    )
+    figures = json.loads(out.read_text())
+    for name in ("today", "policy"):
+        thrash = figures[name]["thrash"]
+        assert thrash["completed"] > 0 and thrash["p50_ms"] > 0 and set(thrash["per_model"]) == {"swap-a", "swap-b"}
+        assert {"alone", "beside_interactive", "beside_batch"} <= set(figures[name]["isolation"])
+        assert figures[name]["isolation"]["alone"]["n"] > 0
+    deadline = figures["policy"]["deadline"]
+    assert deadline["with_deadline"]["n"] == 1 and deadline["served_by_fallback"] == 1
+    assert "the policy completes" in stdout and "time to first token" in stdout

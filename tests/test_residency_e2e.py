@@ -1,7 +1,8 @@
 """No thrashing, on real systemd with the fake engine: with placement.min_residency_s,
 a model that just became ready is not evicted for another model's interactive
-request (that request gets a 503 saying why, and the resident keeps serving); a
-realtime request may have the room when nothing else can make it."""
+request (the load waits for the residency to end, placement.swap_wait_s at most:
+here less, so the request gets a 503 saying why, and the resident keeps serving);
+a realtime request may have the room when nothing else can make it."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def stack(sysbox: SysBox) -> Iterator[Stack]:
     make_model_dir(models_dir / "m", QWEN2_CONFIG)
     extra = {
         "gpus": {"source": "simulated", "simulated": [{"memory_gb": 10}]},
-        "placement": {"runtime_overhead_gb": 0, "min_residency_s": 600},
+        "placement": {"runtime_overhead_gb": 0, "min_residency_s": 600, "swap_wait_s": 2},
     }
     s = start_stack(sysbox, WORK_ROOT / f"residency-{id(sysbox)}", models_dir, MODELS, "fake", extra)
     yield s

@@ -3,6 +3,7 @@ snapshot of GPUs and resident workers, tested by tables)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -62,6 +63,8 @@ class Resident:
     # and the rank of the most urgent of them (None: nobody waits for it).
     waiters: int = 0
     waiter_rank: int | None = None
+    # Starting or waking (not evictable): once ready, it may make room; a load waits for it.
+    starting: bool = False
 
     @property
     def frees(self) -> int:
@@ -159,7 +162,8 @@ def place(
     """A placement for one worker, for a request of priority ``rank``; NoCapacity (with
     the numbers) when none exists. Workers that became ready a short while ago
     (``young``) are left alone; a realtime load may evict them when nothing else makes
-    room. SwapDeferred when the only room is a worker that more urgent requests than
+    room; for another, SwapDeferred (the load waits for their residency to end).
+    SwapDeferred too when the only room is a worker that more urgent requests than
     this one wait for: the load waits for them rather than swapping under them."""
     placed = _place_settled(need, devices, residents, policy, allowed, tensor_parallel, rank)
     victims = [r for r in residents if r.unit in placed.evict]
@@ -187,15 +191,27 @@ def _place_settled(
         return _place(need, devices, settled, policy, allowed, tensor_parallel)
     except NoCapacity as exc:
         young = [r for r in residents if r.young and r.evictable]
-        if not young:
+        starting = [r for r in residents if r.starting]
+        if rank == REALTIME and young:
+            with contextlib.suppress(NoCapacity):
+                return _place(need, devices, residents, policy, allowed, tensor_parallel)
+        if not young and not starting:
             raise
-        if rank == REALTIME:
-            return _place(need, devices, residents, policy, allowed, tensor_parallel)
-        exc.message += (
-            f"; {len(young)} worker(s) that would make room became ready less than placement.min_residency_s "
-            "ago: they give way to a realtime request only"
-        )
-        raise
+        # Would there be room once they have settled (ready, and past their residency)?
+        # Otherwise nobody need wait for them.
+        later = [dataclasses.replace(r, evictable=True) if r.starting else r for r in residents]
+        try:
+            _place(need, devices, later, policy, allowed, tensor_parallel)
+        except NoCapacity:
+            raise exc from None
+        why = [f"{r.unit} is still starting" for r in starting]
+        if young:
+            why.append(
+                f"{len(young)} worker(s) that would make room became ready less than "
+                "placement.min_residency_s ago: they give way to a realtime request only"
+            )
+        # The load waits for them (placement.swap_wait_s at most).
+        raise SwapDeferred(f"{exc.message}; {'; '.join(why)}") from None
 
 
 def _place(

@@ -111,8 +111,11 @@ class Inventory(Piece):
             ready_for = time.time() - w.marks.get("healthy", 0.0)
             young = w.state is WorkerState.READY and ready_for < self.cfg.placement.min_residency_s
             waiters, rank = self.demand.waiting(w.unit)
+            starting = w.state in (WorkerState.STARTING, WorkerState.WAKING) and not w.pinned
             out.append(
-                Resident(w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps, young, waiters, rank)
+                Resident(
+                    w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps, young, waiters, rank, starting
+                )
             )
         return out
 

@@ -189,10 +189,16 @@ def test_workers_within_their_minimum_residency_give_way_only_to_urgent_loads(
     assert plan.evict == evicted
 
 
-def test_a_young_worker_is_not_evicted_for_a_load_that_is_not_urgent_and_the_refusal_says_so() -> None:
-    with pytest.raises(NoCapacity) as raised:
+def test_a_load_that_is_not_urgent_waits_for_a_young_workers_residency_and_says_so() -> None:
+    with pytest.raises(SwapDeferred) as raised:
         place(need(6), [dev(0, 10, used=8)], [young("just-ready", 0, 8, last_used=1.0)])
     assert "became ready less than placement.min_residency_s ago" in raised.value.message
+
+
+def test_nobody_waits_for_a_young_worker_whose_room_would_not_be_enough_anyway() -> None:
+    with pytest.raises(NoCapacity) as raised:
+        place(need(16), [dev(0, 10, used=8)], [young("just-ready", 0, 8, last_used=1.0)])
+    assert not isinstance(raised.value, SwapDeferred)
 
 
 REALTIME, INTERACTIVE, BATCH = 0, 1, 2
@@ -251,3 +257,14 @@ def test_a_swap_under_more_urgent_requests_than_its_own_waits(victim_rank: int, 
         place(need(8), [dev(0, 16, used=16)], [busy("npc", 0, 16, 1.0, 2, victim_rank)], rank=rank)
     assert "npc (2 request(s) in flight, some more urgent)" in raised.value.message
     assert raised.value.status == 503
+
+
+def test_a_load_waits_for_a_worker_still_starting_where_it_would_make_room_once_ready() -> None:
+    coming = Resident("coming", (0,), 8 * GB, 1.0, False, 30, starting=True)
+    with pytest.raises(SwapDeferred) as raised:
+        place(need(6), [dev(0, 10, used=8)], [coming])
+    assert "coming is still starting" in raised.value.message
+    # Where even its room would not be enough, the answer is no capacity at once.
+    with pytest.raises(NoCapacity) as raised:
+        place(need(16), [dev(0, 10, used=8)], [coming])
+    assert not isinstance(raised.value, SwapDeferred)
