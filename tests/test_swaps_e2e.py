@@ -4,6 +4,8 @@ engine (paced like a GPU):
 - with placement.drain_queue_before_swap, a model that clients keep busy serves
   that many more of their requests before it gives way to another model's load,
   so alternating demand is batched into fewer swaps;
+- realtime requests go to the replica with the fewest requests in flight, even
+  where the others are routed round-robin;
 - with gateway.non_realtime_cap_per_worker, interactive requests on a worker that
   has realtime traffic are held in the gateway beyond the cap, so a realtime
   request finds a free slot in the engine's running batch instead of queueing
@@ -40,6 +42,8 @@ MODELS = {
         "scheduling_policy": "priority",
         "env": {"SSW_FAKE_TPS": "10", "SSW_FAKE_MAX_SEQS": "2"},
     },
+    # Two replicas, routed round-robin (gateway.routing's default).
+    "duo": {"path": "m", "vram_gb": 1, "gpus": [1], "replicas": 2, "env": {"SSW_FAKE_TPS": "10"}},
 }
 
 
@@ -113,6 +117,28 @@ def test_interactive_work_is_capped_on_a_worker_with_realtime_traffic_so_realtim
         assert status == 200 and body["model"] == "npc", body
         assert not any(f.done() for f in slow)
         assert [f.result(timeout=120)[0] for f in slow] == [200] * 4
+
+
+def test_realtime_requests_go_to_the_idle_replica_while_the_other_is_busy(stack: Stack) -> None:
+    stack.load("duo")
+    sockets = {w["unit"]: w["socket"] for w in stack.status()["workers"] if w["model"] == "duo"}
+    assert len(sockets) == 2
+
+    def generations() -> dict[str, int]:
+        return {u: worker_http(s, "GET", "/ssw-fake/stats")[1]["generations"] for u, s in sockets.items()}
+
+    before = generations()
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(chat, stack, "duo", 40)  # about 4 s on one replica
+        wait_for(lambda: sum(running(s) for s in sockets.values()) == 1, 30, "the long request to start")
+        busy = next(u for u, s in sockets.items() if running(s) == 1)
+        for _ in range(4):  # round-robin would send every other one to the busy replica
+            assert chat(stack, "duo", 1, "realtime")[0] == 200
+        assert not long.done()
+        assert long.result(timeout=60)[0] == 200
+    served = {u: n - before[u] for u, n in generations().items()}
+    idle = next(u for u in sockets if u != busy)
+    assert served == {busy: 1, idle: 4}, served
 
 
 def _metric(socket: str, name: str) -> float:
