@@ -199,10 +199,11 @@ def gateway(
     sys.path.insert(0, str(REPO / "daemon"))
     from ssw.config import load_config
 
-    cfg = load_config(config).model_dump(mode="json")
+    # What the file sets, not every default: a --baseline checkout may not know the newest keys.
+    cfg = load_config(config).model_dump(mode="json", exclude_unset=True)
     port = free_port()
     cfg["public"] = {"host": "127.0.0.1", "port": port}
-    cfg["gateway"] = {**cfg["gateway"], "processes": processes, "metrics_listen": None}
+    cfg["gateway"] = {**cfg.get("gateway", {}), "processes": processes, "metrics_listen": None}
     inside = f"/tmp/ssw-bench-gateway-{port}.yaml"
     host.path(inside).write_text(yaml.safe_dump(cfg))
     argv = [*host.prefix(), str(REPO / ".venvs/ssw/bin/ssw"), "--config", inside, "gateway"]

@@ -50,11 +50,13 @@ class InFlight:
         )
         return realtime_about and self.count(unit) - by.get(REALTIME, 0) >= self.cap
 
-    async def enter(self, unit: str, model: str, priority: str) -> None:
-        """Count a request in; a capped one waits for a slot on the worker first."""
+    async def enter(self, unit: str, model: str, priority: str, cap: bool = True) -> None:
+        """Count a request in; a capped one waits for a slot on the worker first. Without
+        ``cap`` (a request relayed to another host, whose gateway caps its own workers),
+        it is only counted."""
         if priority == REALTIME:
             self._realtime_at[model] = time.monotonic()
-        while self.capped(unit, model, priority):
+        while cap and self.capped(unit, model, priority):
             event = self._freed.setdefault(unit, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), RECHECK_S)

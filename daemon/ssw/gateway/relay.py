@@ -231,7 +231,7 @@ class Relay:
         for attempt in range(1 if remote else MAX_FAILOVER_ATTEMPTS):
             worker = order[attempt % len(order)]
             unit = worker.unit
-            await self.inflight.enter(unit, model, ex.priority)
+            await self.inflight.enter(unit, model, ex.priority, cap=not remote)
             try:
                 resp = await self.pool.request(worker.socket, head, payload)
             except (ConnectFailed, NoAnswer) as exc:

@@ -66,3 +66,11 @@ async def test_the_cap_lifts_once_the_realtime_window_has_passed() -> None:
     assert f.capped("w1", "m", "batch")
     await asyncio.sleep(0.25)
     assert not f.capped("w1", "m", "batch")
+
+
+async def test_a_request_relayed_to_another_host_is_counted_but_never_capped_here() -> None:
+    f = InFlight(cap=1, realtime_window_s=30)
+    await f.enter("host-b", "m", "realtime")
+    await f.enter("host-b", "m", "batch")
+    await asyncio.wait_for(f.enter("host-b", "m", "batch", cap=False), 1)
+    assert f.count("host-b") == 3
