@@ -90,6 +90,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def chat_extras(body: dict) -> tuple[str | None, str | None, list[dict] | None]:
+    """What vLLM's parsers would make of a chat request, faked: a tool call to the first
+    tool when tools are offered, a JSON object naming the requested format and schema, and
+    a reasoning text when the template's thinking is on. (content, reasoning, tool calls)"""
+    content = reasoning = None
+    calls = None
+    tools = body.get("tools") or []
+    if tools and body.get("tool_choice") != "none":
+        name = tools[0].get("function", {}).get("name", "tool")
+        calls = [{"id": "call_0", "type": "function", "function": {"name": name, "arguments": '{"ssw_fake": true}'}}]
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict):
+        content = json.dumps({"format": fmt.get("type"), "schema": (fmt.get("json_schema") or {}).get("schema")})
+    if (body.get("chat_template_kwargs") or {}).get("enable_thinking"):
+        reasoning = "fake thoughts"
+    return content, reasoning, calls
+
+
 def make_app(args: argparse.Namespace) -> web.Application:
     names = args.served_model_name or [args.model]
     ready_at = time.monotonic() + args.load_delay
@@ -286,6 +304,15 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 if chat
                 else {"index": 0, "text": text, "finish_reason": "length"}
             )
+            if chat:
+                content, reasoning, calls = chat_extras(body)
+                message = {"role": "assistant", "content": text if content is None else content}
+                if reasoning:
+                    message["reasoning_content"] = reasoning
+                if calls:
+                    message |= {"content": "", "tool_calls": calls}
+                    choice["finish_reason"] = "tool_calls"
+                choice["message"] = message
             if not chat and body.get("logprobs"):
                 tokens = text.split(" ")
                 choice["logprobs"] = {"tokens": tokens, "token_logprobs": [-0.25 * (i + 1) for i in range(len(tokens))]}
@@ -324,10 +351,20 @@ def make_app(args: argparse.Namespace) -> web.Application:
         served: str,
     ) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
-        for i in range(n_tokens):
+        content, reasoning, calls = chat_extras(body) if chat else (None, None, None)
+        pieces = [{"delta": {"content": f"t{i} "}} if chat else {"text": f"t{i} "} for i in range(n_tokens)]
+        if content is not None:
+            pieces = [{"delta": {"content": content}}]
+        if calls:
+            call = calls[0]
+            head = {"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"]}}
+            args_part = {"index": 0, "function": {"arguments": call["function"]["arguments"]}}
+            pieces = [{"delta": {"tool_calls": [head]}}, {"delta": {"tool_calls": [args_part]}}]
+        if reasoning:
+            pieces.insert(0, {"delta": {"reasoning_content": reasoning}})
+        for piece in pieces:
             if delay:
                 await asyncio.sleep(delay)
-            piece = {"delta": {"content": f"t{i} "}} if chat else {"text": f"t{i} "}
             chunk = {
                 "id": rid,
                 "object": obj,
@@ -341,7 +378,13 @@ def make_app(args: argparse.Namespace) -> web.Application:
             "object": obj,
             "created": created,
             "model": served,
-            "choices": [{"index": 0, **({"delta": {}} if chat else {"text": ""}), "finish_reason": "length"}],
+            "choices": [
+                {
+                    "index": 0,
+                    **({"delta": {}} if chat else {"text": ""}),
+                    "finish_reason": "tool_calls" if calls else "length",
+                }
+            ],
         }
         await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):

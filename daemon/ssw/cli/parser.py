@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("wait", "accept", "unavailable"),
         help="what this key's requests get while their model is not ready (default: gateway.not_loaded)",
     )
+    k_add.add_argument("--pull", action="store_true", help="it may pull models from the hub (Ollama's /api/pull)")
+    k_add.add_argument(
+        "--no-keep-alive", action="store_true", help="it may not set a model's keep_alive (Ollama's) nor unload it"
+    )
     keys_sub.add_parser("revoke", help="delete a key").add_argument("name")
     keys_sub.add_parser("list", help="key names and scopes (never the keys)")
     return parser

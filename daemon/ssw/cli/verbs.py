@@ -202,6 +202,10 @@ def keys(cfg: Config, args: argparse.Namespace) -> int:
             entry["max_in_flight"] = args.max_in_flight
         if args.not_loaded:
             entry["not_loaded"] = args.not_loaded
+        if args.pull:
+            entry["pull"] = True
+        if args.no_keep_alive:
+            entry["keep_alive"] = False
         entries[args.name] = entry
         auth.write_keys(path, entries, cfg.auth.gateway_group)
         print(secret)

@@ -50,6 +50,8 @@ class ApiKey:
     models: tuple[str, ...] | None  # None: every model
     max_in_flight: int | None = None
     not_loaded: str | None = None  # None: gateway.not_loaded
+    pull: bool = False  # may start pulls from the hub (Ollama's /api/pull)
+    keep_alive: bool = True  # may set a model's keep_alive (Ollama's), 0 (unload) included
 
 
 def digest(secret: str) -> str:
@@ -91,12 +93,18 @@ def read_keys(path: Path) -> dict[str, ApiKey]:
         not_loaded = entry.get("not_loaded")
         if not_loaded is not None and not_loaded not in NOT_LOADED_MODES:
             raise ConfigError(f"{path}: keys.{name}.not_loaded: must be one of {', '.join(NOT_LOADED_MODES)}")
+        flags = {flag: entry.get(flag, default) for flag, default in (("pull", False), ("keep_alive", True))}
+        for flag, value in flags.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: keys.{name}.{flag}: must be true or false")
         out[entry["sha256"]] = ApiKey(
             name,
             entry["sha256"],
             tuple(models) if models is not None else None,
             limit if isinstance(limit, int) and limit > 0 else None,
             not_loaded,
+            flags["pull"],
+            flags["keep_alive"],
         )
     return out
 

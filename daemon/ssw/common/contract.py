@@ -21,6 +21,9 @@ CONTRACT_VERSION: Literal[1] = 1
 # the readable part of unit names; anything else a client sends is refused
 # before it gets near the file system or systemd.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+# An alias may carry a tag as Ollama users type names (deepseek-coder:33b): an alias
+# only ever resolves to a model's name, never reaches a path or a unit itself.
+ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[A-Za-z0-9][A-Za-z0-9._-]{0,63})?\Z")
 
 
 # A request's priority and its rank (lower is more urgent): the gateway orders its
@@ -30,6 +33,10 @@ PRIORITY_RANK = {"realtime": 0, "interactive": 1, "batch": 2}
 
 def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.match(name) is not None and ".." not in name
+
+
+def valid_alias(name: object) -> bool:
+    return isinstance(name, str) and ALIAS_RE.match(name) is not None and ".." not in name
 
 
 class _View(BaseModel):
@@ -72,6 +79,21 @@ class LoadView(_View):
     recent_failures: int = 0  # within the crash window
 
 
+class ModelDetails(_View):
+    """What the registry read from a model's files (for clients that list models, such as
+    Ollama's /api/tags and /api/show)."""
+
+    family: str | None = None  # config.json's model_type
+    architectures: list[str] = Field(default_factory=list)
+    dtype: str | None = None
+    quantization: str | None = None
+    weight_bytes: int = 0
+    parameters: int | None = None  # estimated from the weights' size and dtype
+    context_length: int | None = None  # max_model_len, else the model's max_position_embeddings
+    modified_at: float | None = None  # config.json's mtime
+    chat_template: str | None = None  # tokenizer_config.json's, when it is a string of a sane size
+
+
 class ModelView(_View):
     aliases: list[str] = Field(default_factory=list)
     pinned: bool = False
@@ -87,6 +109,10 @@ class ModelView(_View):
     # What it can serve (routes.Family values): measured from a worker that ran, else predicted.
     capabilities: list[str] = Field(default_factory=list)
     capabilities_measured: bool = False
+    details: ModelDetails = Field(default_factory=ModelDetails)
+    # How long its workers may stay idle (keep_alive as a client last set it, else idle_ttl_s);
+    # None or negative: until evicted or unloaded.
+    idle_ttl_s: float | None = None
 
 
 class SplitView(_View):

@@ -45,6 +45,7 @@ class Exchange:
     status: int = 0
     error: str = ""
     ttft_s: float | None = None
+    waited_s: float = 0.0  # held for its model's load or wake
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     strip_usage: bool = False  # ssw asked vLLM for the usage chunk, the client did not

@@ -26,6 +26,7 @@ from ssw.gateway.admission import FLEET_LISTENER, body_chunks
 from ssw.gateway.fleet import LOAD_PATH
 from ssw.gateway.handler import SOURCE, Gateway
 from ssw.gateway.metrics import pool_registry
+from ssw.gateway.ollama.app import OllamaApp
 from ssw.gateway.openapi import openapi_extra
 from ssw.gateway.pool import GatewayPool
 from ssw.gateway.relay import Receive, Reply, Send
@@ -44,12 +45,16 @@ class GatewayApp:
     def __init__(self, gw: Gateway, api: FastAPI) -> None:
         self.gw = gw
         self.api = api
+        self.ollama = OllamaApp(gw)
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             found = match(scope["method"], scope["path"])
             if found is not None:
                 await self.gw.proxy(scope, receive, send, *found)
+                return
+            if OllamaApp.serves(scope["path"]):
+                await self.ollama(scope, receive, send)
                 return
             try:
                 receive = self._guard(scope, receive)

@@ -57,6 +57,7 @@ DEADLINE_HEADER = b"x-ssw-deadline-ms"
 FALLBACK_HEADER = b"x-ssw-fallback"
 FALLBACK_FROM_HEADER = b"x-ssw-fallback-from"
 ASYNC_HEADER = b"x-ssw-async"
+EXCHANGE_SCOPE_KEY = "ssw.exchange"
 FORWARD_HEADERS = (b"accept", b"x-request-id")
 SOURCE = "ssw-gateway"
 # Query parameters of a retrieve that reach the worker (re-encoded, never passed raw).
@@ -221,6 +222,8 @@ class Gateway:
         self, scope: dict[str, Any], receive: Receive, send: Send, route: Route, response_id: str | None
     ) -> None:
         ex = Exchange(route=route.path)
+        # A front end that translates another API (Ollama's) reads what the request did here.
+        scope[EXCHANGE_SCOPE_KEY] = ex
         reply = Reply(send, receive)
         reply.dialect = route.dialect
         try:
@@ -338,10 +341,12 @@ class Gateway:
         deadline = None if got.internal or claim is not None else self._deadline(headers, ex)
         # Each host that cannot be reached is passed over, then the next, then a load here.
         for _ in range(MAX_HOSTS_TRIED):
+            asked_at = time.perf_counter()
             try:
                 served, workers, stands_in_for = await self._serve_or_fallback(
                     key, model, body, route, mode, ex.priority, fallback, reply, stream, claim is not None, deadline
                 )
+                ex.waited_s += time.perf_counter() - asked_at
             except ModelLoading as exc:
                 if mode == "accept" and not reply.started:
                     exc.accepted = {

@@ -63,6 +63,13 @@ class LoaderClient:
         # was not the one before (a restart: its epoch differs).
         self._listeners: list[Callable[[Snapshot, bool], None]] = []
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self._session
+
+    def auth_headers(self) -> dict[str, str]:
+        return self._auth()
+
     def _auth(self) -> dict[str, str]:
         # Read lazily: the loader creates the token at its first start.
         if self._token is None and self._token_file is not None:
@@ -205,6 +212,26 @@ class LoaderClient:
             event.set()
 
     # --- loads -------------------------------------------------------------------
+
+    def last_used(self, unit: str) -> float | None:
+        """When this gateway process last sent the worker a request (wall time)."""
+        return self._last_used.get(unit)
+
+    async def keep_alive(self, model: str, seconds: float) -> None:
+        """A client's keep_alive for the model (Ollama's): how long it may stay idle; 0
+        sleeps or stops it now, -1 keeps it until evicted."""
+        try:
+            async with self._session.post(
+                self.url + "/keep-alive",
+                json={"model": model, "seconds": seconds},
+                headers=self._auth(),
+                timeout=aiohttp.ClientTimeout(total=30),
+            ) as resp:
+                if resp.status == 404:
+                    raise ModelNotFound(model, [])
+                resp.raise_for_status()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise LoaderUnavailable(f"the loader cannot be reached to set keep_alive of '{model}': {exc}") from exc
 
     async def request_load(
         self, model: str, protect_s: float | None = None, priority: str | None = None

@@ -9,7 +9,7 @@ import random
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
-from ssw.common.contract import ModelView, Snapshot, SplitView, WorkerView, valid_name
+from ssw.common.contract import ModelView, Snapshot, SplitView, WorkerView, valid_alias
 from ssw.common.states import ASLEEP, LIVE, LoadState, WorkerState
 from ssw.errors import BadRequest, ModelNotFound
 
@@ -84,7 +84,7 @@ class Names:
         if not isinstance(name, str):
             raise BadRequest("'model' must be a string naming a model or alias")
         models = self.models
-        if valid_name(name):
+        if valid_alias(name):
             if name in models:
                 return name
             target = self.aliases.get(name)

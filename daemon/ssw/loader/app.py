@@ -93,6 +93,17 @@ class UsageReport(BaseModel):
     )
 
 
+class KeepAliveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(max_length=256)
+    seconds: float = Field(
+        ge=-1,
+        le=365 * 86400,
+        description="How long the model's workers may stay idle, in place of its idle_ttl_s (Ollama's "
+        "keep_alive); 0: sleep or stop them now, once their requests end; -1: until evicted or unloaded.",
+    )
+
+
 class ModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(max_length=256, description="Model name or alias.")
@@ -119,7 +130,13 @@ class UnloadRequest(BaseModel):
 JOB_ID = re.compile(r"^pull-[0-9a-f]{12}\Z")
 
 # What the gateway's own token may do; everything else needs the admin token.
-GATEWAY_PATHS = frozenset({"/events", "/load", "/usage"})
+GATEWAY_PATHS = frozenset({"/events", "/load", "/usage", "/keep-alive", "/pull"})
+
+
+def gateway_may(method: str, path: str) -> bool:
+    """The gateway's own token: its paths, and following a pull it started (for a key
+    allowed to pull, on Ollama's /api/pull)."""
+    return path in GATEWAY_PATHS or (method == "GET" and path.startswith("/jobs/"))
 
 
 class AdminGuard:
@@ -138,7 +155,7 @@ class AdminGuard:
             return
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         if auth.token_matches(header, self.admin) or (
-            scope["path"] in GATEWAY_PATHS and auth.token_matches(header, self.gateway)
+            gateway_may(scope["method"], scope["path"]) and auth.token_matches(header, self.gateway)
         ):
             await self.app(scope, receive, send)
             return
@@ -248,6 +265,13 @@ def admin_app(loader: Loader) -> FastAPI:
         if report.reporter is not None and report.in_flight is not None:
             in_flight = {u: {str(p): n for p, n in by.items()} for u, by in report.in_flight.items()}
             loader.manager.demand.report(report.reporter, in_flight, report.served)
+
+    @app.post("/keep-alive")
+    async def keep_alive(req: KeepAliveRequest) -> dict[str, Any]:
+        spec = await loader.resolve(req.model)
+        seconds = -1.0 if req.seconds < 0 else req.seconds
+        retired = await loader.manager.warm.set_keep_alive(spec.name, seconds)
+        return {"model": spec.name, "seconds": seconds, "pinned": spec.pinned, "retired": retired}
 
     @app.post("/known-answer/clear")
     async def clear_known_answer(req: ModelRequest) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ssw.common import redis_sink
 from ssw.common.contract import (
     GpuView,
     HostRecord,
+    ModelDetails,
     ModelStatus,
     ModelView,
     Preview,
@@ -260,6 +261,8 @@ class Loader:
             fallback_default=spec.fallback_default,
             scheduling_policy=spec.scheduling_policy,
             max_tokens=spec.max_tokens,
+            details=_details(spec),
+            idle_ttl_s=self.manager.warm.idle_ttl(spec.name)[0],
         )
 
     def snapshot(self) -> Snapshot:
@@ -360,3 +363,24 @@ class Loader:
             missing={name: str(path) for name, path in sorted(self.registry.missing.items())},
             workers=[w.view(now) for w in sorted(self.manager.table, key=lambda w: w.unit)],
         )
+
+
+# Bytes per parameter by dtype, to estimate a model's parameters from its weights' size.
+BYTES_PER_PARAMETER = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "float8": 1.0, "int8": 1.0}
+QUANTIZED_BYTES_PER_PARAMETER = {"awq": 0.5, "gptq": 0.5, "bitsandbytes": 0.5, "fp8": 1.0}
+
+
+def _details(spec: ModelSpec) -> ModelDetails:
+    f = spec.facts
+    per = QUANTIZED_BYTES_PER_PARAMETER.get(f.quantization or "") or BYTES_PER_PARAMETER.get(f.dtype or "", 2.0)
+    return ModelDetails(
+        family=f.model_type,
+        architectures=list(f.architectures),
+        dtype=f.dtype,
+        quantization=f.quantization,
+        weight_bytes=f.weight_bytes,
+        parameters=int(f.weight_bytes / per) if f.weight_bytes else None,
+        context_length=spec.max_model_len or f.max_position_embeddings,
+        modified_at=f.modified_at,
+        chat_template=f.chat_template,
+    )

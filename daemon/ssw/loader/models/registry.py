@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ssw.common.contract import NAME_RE, valid_name
+from ssw.common.contract import ALIAS_RE, NAME_RE, valid_alias, valid_name
 from ssw.errors import ConfigError, ModelNotFound
 from ssw.loader.models.capabilities import Shape
 from ssw.loader.models.splits import check_splits
@@ -120,8 +120,8 @@ class ModelOverride(BaseModel):
     @classmethod
     def _aliases_are_names(cls, value: list[str]) -> list[str]:
         for alias in value:
-            if not valid_name(alias):
-                raise ValueError(f"alias {alias!r} is not a valid name ({NAME_RE.pattern})")
+            if not valid_alias(alias):
+                raise ValueError(f"alias {alias!r} is not a valid name ({ALIAS_RE.pattern})")
         return value
 
     @field_validator("path")
@@ -176,6 +176,8 @@ class ModelFacts:
     weight_bytes: int = 0
     num_labels: int | None = None  # a classifier's outputs (1: a cross-encoder that scores)
     sentence_transformers: bool = False  # modules.json: vLLM pools such a directory
+    modified_at: float | None = None  # config.json's mtime
+    chat_template: str | None = None  # tokenizer_config.json's (a string of at most MAX_TEMPLATE_CHARS)
 
 
 @dataclass(frozen=True)
@@ -291,6 +293,20 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+MAX_TEMPLATE_CHARS = 64 * 1024  # it travels in every snapshot: a bigger one is left out
+
+
+def _chat_template(model_dir: Path) -> str | None:
+    path = model_dir / "tokenizer_config.json"
+    try:
+        if path.stat().st_size > 16 * MAX_TEMPLATE_CHARS:
+            return None
+        template = json.loads(path.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and len(template) <= MAX_TEMPLATE_CHARS else None
+
+
 def read_facts(model_dir: Path) -> ModelFacts:
     cfg = json.loads((model_dir / "config.json").read_text())
     if not isinstance(cfg, dict):
@@ -319,6 +335,8 @@ def read_facts(model_dir: Path) -> ModelFacts:
         weight_bytes=weight_bytes(model_dir),
         num_labels=num_labels,
         sentence_transformers=(model_dir / "modules.json").is_file(),
+        modified_at=(model_dir / "config.json").stat().st_mtime,
+        chat_template=_chat_template(model_dir),
     )
 
 

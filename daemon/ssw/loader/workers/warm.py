@@ -28,6 +28,9 @@ class Warm(Piece):
         self.inventory = inventory
         self.retirer = retirer
         self.evictions = 0
+        # model -> seconds a worker of it may stay idle, as a client last asked (Ollama's
+        # keep_alive): in place of its idle_ttl_s; negative: until evicted or unloaded.
+        self.keep_alive: dict[str, float] = {}
 
     async def evict(self, units: tuple[str, ...], for_model: str, gpu: int) -> None:
         """Make the placement's victims give back their GPU memory: each sleeps or
@@ -60,6 +63,32 @@ class Warm(Piece):
         )
         return tiers.choose(victim, self.retirer.ram_budget())
 
+    def idle_ttl(self, model: str) -> tuple[float | None, str]:
+        """How long the model's workers may stay idle (None: for ever), and which setting says so."""
+        if model in self.keep_alive:
+            return self.keep_alive[model], "keep_alive"
+        spec = self.catalog.models.get(model)
+        return (spec.idle_ttl_s if spec is not None else None), "idle_ttl_s"
+
+    async def set_keep_alive(self, model: str, seconds: float) -> list[str]:
+        """A client's keep_alive for the model; 0 puts its ready workers to sleep or stops
+        them now (each drains first: requests in flight finish). Pinned models keep their
+        own settings. Returns the workers retired."""
+        spec = self.catalog.models.get(model)
+        if spec is None or spec.pinned:
+            return []
+        self.keep_alive[model] = seconds
+        self.feed.changed()
+        if seconds != 0:
+            return []
+        retired = []
+        for worker in self.table.of_model(model):
+            if worker.state is WorkerState.READY and worker.retirement is None:
+                choice = await self.tier_for(worker)
+                self.retirer.retire(worker, f"keep_alive 0; {_tier_text(choice)}", choice.level)
+                retired.append(worker.unit)
+        return retired
+
     async def idle_loop(self) -> None:
         """Workers of models with idle_ttl_s sleep (or stop) once idle that long."""
         while True:
@@ -67,15 +96,16 @@ class Warm(Piece):
             now = time.time()
             for worker in self.table:
                 spec = self.catalog.models.get(worker.model)
-                if spec is None or spec.idle_ttl_s is None or worker.state is not WorkerState.READY:
+                ttl, why = self.idle_ttl(worker.model)
+                if spec is None or ttl is None or ttl < 0 or worker.state is not WorkerState.READY:
                     continue
                 idle_since = max(worker.last_used, worker.state_since)
-                if worker.retirement is not None or now - idle_since < spec.idle_ttl_s:
+                if worker.retirement is not None or now - idle_since < ttl:
                     continue
                 if spec.pinned and not worker.sleep_mode:
                     continue  # pinned models stay up; they may only sleep when models.yaml says so
                 choice = await self.tier_for(worker)
-                idle = f"idle {now - idle_since:.0f} s (idle_ttl_s {spec.idle_ttl_s:g})"
+                idle = f"idle {now - idle_since:.0f} s ({why} {ttl:g})"
                 self.retirer.retire(worker, f"{idle}; {_tier_text(choice)}", choice.level)
 
     async def evicts_protected(self, spec: ModelSpec, protect_since: float) -> str | None:
