@@ -26,6 +26,8 @@ MODELS = {
     # A cold start of 2 s: a held request's load_duration is measured against it.
     "slowload": {"path": "fake-a", "vram_gb": 1, "gpus": [0], "env": {"SSW_FAKE_LOAD_DELAY": "2"}},
 }
+# A small body limit, so an oversized body is quick to send.
+EXTRA = {"auth": {"enabled": True}, "limits": {"max_body_bytes": 65536}}
 WEATHER = {
     "type": "function",
     "function": {
@@ -38,9 +40,7 @@ WEATHER = {
 
 @pytest.fixture(scope="module")
 def stack(sysbox, models_root: Path) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
-    s = start_stack(
-        sysbox, WORK_ROOT / f"ollama-{id(sysbox)}", models_root, MODELS, "fake", {"auth": {"enabled": True}}
-    )
+    s = start_stack(sysbox, WORK_ROOT / f"ollama-{id(sysbox)}", models_root, MODELS, "fake", EXTRA)
     yield s
     stop_stack(s)
 
@@ -51,11 +51,12 @@ def key(stack: Stack) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(stack: Stack, key: str) -> ollama.Client:
+def client(stack: Stack, key: str) -> Iterator[ollama.Client]:
     client = ollama.Client(host=stack.public, headers={"Authorization": f"Bearer {key}"})
     # The gateway reads the key file when it changes: wait until the new key works.
     wait_for(lambda: _works(client), 30, "the new key to be accepted")
-    return client
+    yield client
+    client._client.close()
 
 
 def _works(client: ollama.Client) -> bool:
@@ -78,8 +79,10 @@ def test_version_and_the_root_answer_as_ollama_does(stack: Stack) -> None:
 
 
 def test_without_a_key_every_route_is_401_in_ollamas_shape(stack: Stack) -> None:
+    anonymous = ollama.Client(host=stack.public)
     with pytest.raises(ollama.ResponseError) as raised:
-        ollama.Client(host=stack.public).list()
+        anonymous.list()
+    anonymous._client.close()
     assert raised.value.status_code == 401
 
 
@@ -216,9 +219,9 @@ def test_bad_requests_get_4xx_in_ollamas_shape_and_load_nothing(
 
 
 def test_an_oversized_body_is_413_in_ollamas_shape(stack: Stack, key: str, client: ollama.Client) -> None:
-    big = {"model": "chatty", "messages": [{"role": "user", "content": "x" * (20 * 2**20)}]}
+    big = {"model": "chatty", "messages": [{"role": "user", "content": "x" * 70_000}]}
     got, _, answer = http("POST", stack.public + "/api/chat", big, {"Authorization": f"Bearer {key}"})
-    assert got == 413 and "exceeds" in answer["error"]
+    assert got == 413 and "exceeds" in answer["error"], (got, answer)
 
 
 def test_ignored_options_are_named_in_a_header(stack: Stack, key: str, client: ollama.Client) -> None:

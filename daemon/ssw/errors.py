@@ -78,6 +78,7 @@ class ModelNotFound(SswError):
     def __init__(self, name: str, known: list[str]) -> None:
         shown = ", ".join(known) if known else "none"
         super().__init__(f"The model '{clip(name)}' does not exist. Available models and aliases: {shown}.")
+        self.name = clip(name)
         self.known = known
 
 

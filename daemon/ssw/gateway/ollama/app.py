@@ -99,14 +99,15 @@ class OllamaApp:
         name = body.get("model", body.get("name"))
         if not isinstance(name, str) or not name or len(name) > MAX_NAME:
             raise BadRequest("model must name a model")
-        body["model"] = catalog.untagged(name)
+        # ssw's name for the request; answers give back the name as the client typed it.
+        body["model"], body["ssw_asked"] = catalog.untagged(name), name
         return body
 
     def _view(self, key: ApiKey | None, asked: str) -> tuple[str, ModelView]:
         """The model a name means within the key's scope (404 naming what exists, 403
         outside the scope, as on /v1)."""
         names = self.gw.names
-        model = self.gw.admission.resolve_in_scope(key, asked, names)
+        model = self.gw.admission.resolve_in_scope(key, catalog.untagged(asked), names)
         view = names.models.get(model)
         if view is None:
             raise ModelNotFound(asked, sorted(names.models))
@@ -118,27 +119,28 @@ class OllamaApp:
         body = await self._body(scope, receive)
         model, view = self._view(scope["ssw.key"], body["model"])
         t = translate.chat(body, view.details.context_length, False, view.chat_template_kwargs)
-        await self._generate(scope, receive, send, t, model)
+        await self._generate(scope, receive, send, t, model, body["ssw_asked"])
 
     async def generate(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         body = await self._body(scope, receive)
         model, view = self._view(scope["ssw.key"], body["model"])
         t = translate.generate(body, view.details.context_length, False, view.chat_template_kwargs)
-        await self._generate(scope, receive, send, t, model)
+        await self._generate(scope, receive, send, t, model, body["ssw_asked"])
 
     async def embed(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         body = await self._body(scope, receive)
         model, _ = self._view(scope["ssw.key"], body["model"])
-        await self._generate(scope, receive, send, translate.embed(body, legacy=False), model)
+        await self._generate(scope, receive, send, translate.embed(body, legacy=False), model, body["ssw_asked"])
 
     async def embeddings(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         body = await self._body(scope, receive)
         model, _ = self._view(scope["ssw.key"], body["model"])
-        await self._generate(scope, receive, send, translate.embed(body, legacy=True), model)
+        await self._generate(scope, receive, send, translate.embed(body, legacy=True), model, body["ssw_asked"])
 
     async def _generate(
-        self, scope: dict[str, Any], receive: Receive, send: Send, t: translate.Translated, model: str
+        self, scope: dict[str, Any], receive: Receive, send: Send, t: translate.Translated, model: str, asked: str
     ) -> None:
+        t.model = asked
         key: ApiKey | None = scope["ssw.key"]
         if t.keep_alive_s is not None and key is not None and not key.keep_alive:
             raise Refused(f"key '{key.name}' may not set keep_alive")
@@ -305,6 +307,8 @@ class Translation:
         if self.status != 200 or not isinstance(answer_, dict):
             err = answer_.get("error") if isinstance(answer_, dict) else None
             text = err.get("message") if isinstance(err, dict) else err
+            if isinstance(err, dict) and err.get("code") == ModelNotFound.code and isinstance(text, str):
+                text = not_found(text)
             body = orjson.dumps({"error": str(text or f"the request failed ({self.status})")})
             await self._whole(self.status if self.status >= 400 else 502, body)
             return
@@ -339,7 +343,14 @@ async def answer(
     await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
 
+def not_found(message: str) -> str:
+    """Ollama's words for a model that does not exist (clients offer to pull on them)."""
+    return message.replace("The model ", "model ", 1).replace(" does not exist.", " not found.", 1)
+
+
 async def error(send: Send, exc: SswError) -> None:
+    if isinstance(exc, ModelNotFound):
+        exc.message = not_found(exc.message)
     headers = []
     retry = getattr(exc, "retry_after_s", None)
     if isinstance(retry, int | float) and retry:

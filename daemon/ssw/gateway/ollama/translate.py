@@ -208,6 +208,11 @@ def _tools(raw: Any) -> dict[str, Any]:
     return {"tools": [t if "type" in t else {"type": "function", "function": t} for t in raw]}
 
 
+def _usage(stream: bool) -> dict[str, Any]:
+    # Ollama's last line carries the token counts: a stream must end with vLLM's usage.
+    return {"stream_options": {"include_usage": True}} if stream else {}
+
+
 def _stream(body: dict[str, Any]) -> bool:
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
@@ -226,6 +231,7 @@ def chat(body: dict[str, Any], context_length: int | None, vision: bool, thinkin
         "model": body["model"],
         "messages": messages,
         "stream": stream,
+        **_usage(stream),
         **options,
         **_format(body.get("format")),
         **_think(body.get("think"), thinking),
@@ -257,7 +263,7 @@ def generate(body: dict[str, Any], context_length: int | None, vision: bool, thi
     options, ignored = _options(body.get("options"), context_length)
     stream = _stream(body)
     keep = keep_alive_seconds(body.get("keep_alive"))
-    common = {"model": body["model"], "stream": stream, **options, **_format(body.get("format"))}
+    common = {"model": body["model"], "stream": stream, **_usage(stream), **options, **_format(body.get("format"))}
     if body.get("raw"):
         if body.get("images"):
             raise BadRequest("images need the chat template: they cannot go with raw")
