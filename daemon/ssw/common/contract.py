@@ -91,6 +91,7 @@ class ModelDetails(_View):
     parameters: int | None = None  # estimated from the weights' size and dtype
     context_length: int | None = None  # max_model_len, else the model's max_position_embeddings
     modified_at: float | None = None  # config.json's mtime
+    vision: bool = False  # it takes images (config.json has a vision_config)
     chat_template: str | None = None  # tokenizer_config.json's, when it is a string of a sane size
 
 

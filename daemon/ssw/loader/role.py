@@ -382,5 +382,6 @@ def _details(spec: ModelSpec) -> ModelDetails:
         parameters=int(f.weight_bytes / per) if f.weight_bytes else None,
         context_length=spec.max_model_len or f.max_position_embeddings,
         modified_at=f.modified_at,
+        vision=f.vision,
         chat_template=f.chat_template,
     )

@@ -118,13 +118,13 @@ class OllamaApp:
     async def chat(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         body = await self._body(scope, receive)
         model, view = self._view(scope["ssw.key"], body["model"])
-        t = translate.chat(body, view.details.context_length, False, view.chat_template_kwargs)
+        t = translate.chat(body, view.details.context_length, view.details.vision, view.chat_template_kwargs)
         await self._generate(scope, receive, send, t, model, body["ssw_asked"])
 
     async def generate(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         body = await self._body(scope, receive)
         model, view = self._view(scope["ssw.key"], body["model"])
-        t = translate.generate(body, view.details.context_length, False, view.chat_template_kwargs)
+        t = translate.generate(body, view.details.context_length, view.details.vision, view.chat_template_kwargs)
         await self._generate(scope, receive, send, t, model, body["ssw_asked"])
 
     async def embed(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:

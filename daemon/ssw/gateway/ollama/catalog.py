@@ -71,6 +71,8 @@ def capabilities(view: ModelView) -> list[str]:
             out.append("thinking")
     if Family.EMBEDDINGS.value in families:
         out.append("embedding")
+    if view.details.vision:
+        out.append("vision")
     return out
 
 

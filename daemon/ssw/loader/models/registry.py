@@ -177,6 +177,7 @@ class ModelFacts:
     num_labels: int | None = None  # a classifier's outputs (1: a cross-encoder that scores)
     sentence_transformers: bool = False  # modules.json: vLLM pools such a directory
     modified_at: float | None = None  # config.json's mtime
+    vision: bool = False  # config.json has a vision_config: the model takes images
     chat_template: str | None = None  # tokenizer_config.json's (a string of at most MAX_TEMPLATE_CHARS)
 
 
@@ -336,6 +337,7 @@ def read_facts(model_dir: Path) -> ModelFacts:
         num_labels=num_labels,
         sentence_transformers=(model_dir / "modules.json").is_file(),
         modified_at=(model_dir / "config.json").stat().st_mtime,
+        vision=isinstance(cfg.get("vision_config"), dict),
         chat_template=_chat_template(model_dir),
     )
 

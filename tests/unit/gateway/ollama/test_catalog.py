@@ -73,3 +73,8 @@ def test_show_gives_details_capabilities_context_and_template() -> None:
     }
     embedder = ModelView(capabilities=["embeddings"], details=DETAILS)
     assert show("e", embedder)["capabilities"] == ["embedding"]
+
+
+def test_a_model_with_a_vision_config_shows_vision() -> None:
+    seeing = ModelView(capabilities=["chat"], details=DETAILS.model_copy(update={"vision": True}))
+    assert show("v", seeing)["capabilities"] == ["completion", "tools", "vision"]
