@@ -222,6 +222,10 @@ def test_a_request_for_an_unloaded_model_is_held_and_says_how_long_the_load_took
     [
         ({"model": "../../etc/passwd", "messages": []}, 404, "not found"),
         ({"model": "nope:7b", "messages": [{"role": "user", "content": "x"}]}, 404, "not found"),
+        ({"model": "$(reboot)", "messages": [{"role": "user", "content": "x"}]}, 404, "not found"),
+        ({"model": "ssw-worker@chatty.service", "messages": []}, 404, "not found"),
+        ({"model": "chatty:" + "x" * 300, "messages": []}, 400, "model must name a model"),
+        ({"model": 7, "messages": []}, 400, "model must name a model"),
         ({"model": "chatty", "messages": "hi"}, 400, "messages must be a list"),
         ({"model": "chatty", "messages": [], "options": {"temperature": "hot"}}, 400, "options.temperature"),
         ({"model": "chatty", "messages": [], "options": {"warp": 9}}, 400, "options.warp"),
@@ -306,3 +310,20 @@ def test_the_official_javascript_library_works_unmodified(stack: Stack) -> None:
     assert out["pull"]["statuses"][0] == "pulling manifest" and out["pull"]["statuses"][-1] == "success"
     assert out["pull"]["completed"] >= 2_000_000
     assert out["missing"]["status"] == 404 and "not found" in out["missing"]["error"]
+
+
+def test_a_key_barred_from_keep_alive_cannot_unload(stack: Stack, client: ollama.Client) -> None:
+    client.chat(model="chatty", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 1})
+    barred = ollama.Client(
+        host=stack.public, headers={"Authorization": f"Bearer {stack.add_key('no-keep', '--no-keep-alive')}"}
+    )
+    wait_for(lambda: _works(barred), 30, "the barred key to be accepted")
+    try:
+        with pytest.raises(ollama.ResponseError) as raised:
+            barred.chat(model="chatty", messages=[], keep_alive=0)
+        # Without keep_alive it is served as any key is.
+        assert barred.chat(model="chatty", messages=[{"role": "user", "content": "hi"}]).done
+    finally:
+        barred._client.close()
+    assert raised.value.status_code == 403 and "may not set keep_alive" in raised.value.error
+    assert "chatty" in loaded(stack)
