@@ -198,6 +198,17 @@ def test_unload_stops_the_real_worker_and_removes_its_socket(stack: Stack) -> No
 
 def test_a_stream_on_a_draining_worker_finishes_and_a_held_request_gets_a_new_worker(stack: Stack) -> None:
     old = tiny(stack)
+    # A first request warms the worker up (its first forward pass is slow), so that the
+    # stream below is running, not still waiting for it, when the unload comes.
+    assert (
+        http(
+            "POST",
+            stack.public + "/v1/chat/completions",
+            {"model": "tiny", "messages": CHAT, "max_tokens": 1},
+            timeout=300,
+        )[0]
+        == 200
+    )
     tokens = 300  # several seconds on 2 CPU cores
     reader, stream = http_in_background(
         "POST",
@@ -205,7 +216,7 @@ def test_a_stream_on_a_draining_worker_finishes_and_a_held_request_gets_a_new_wo
         {"model": "tiny", "messages": CHAT, "max_tokens": tokens, "stream": True, "ignore_eos": True},
         timeout=300,
     )
-    wait_for(lambda: vllm_metric(old["socket"], "vllm:num_requests_running") == 1, 30, "the stream to start")
+    wait_for(lambda: vllm_metric(old["socket"], "vllm:num_requests_running") == 1, 120, "the stream to start")
     ready = gateway_ready(stack)
     unload_at = time.monotonic()
     unloading, _ = http_in_background("POST", stack.admin + "/unload", {"model": "tiny"}, timeout=300)
