@@ -68,6 +68,36 @@ class WorkerView(_View):
     ram_bytes: int | None = None  # host memory of its unit (cgroup MemoryCurrent) when last read
 
 
+class LoadProgress(_View):
+    """A load or wake in progress: which phase it is in, since when, and how long such
+    a one took here before (the median), from which a client reckons its ETA."""
+
+    kind: Literal["load", "wake"]
+    phase: str  # placement, eviction, unit_start, process_up, engine_ready; waking, canary for a wake
+    started: float  # wall time it was asked for
+    expected_s: float | None = None  # the median measured here; None: never measured
+
+    def elapsed_s(self, now: float) -> float:
+        return max(now - self.started, 0.0)
+
+    def eta_s(self, now: float) -> float | None:
+        """Seconds left by the measured median (0 once past it: it is late, not done)."""
+        if self.expected_s is None:
+            return None
+        return max(self.expected_s - self.elapsed_s(now), 0.0)
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """What /v1/models, /status and a held stream's keep-alives show."""
+        eta = self.eta_s(now)
+        return {
+            "kind": self.kind,
+            "phase": self.phase,
+            "elapsed_s": round(self.elapsed_s(now), 1),
+            "expected_s": None if self.expected_s is None else round(self.expected_s, 1),
+            "eta_s": None if eta is None else round(eta, 1),
+        }
+
+
 class LoadView(_View):
     """A model's load record."""
 
@@ -77,6 +107,7 @@ class LoadView(_View):
     deadline: float | None = None  # wall time a backoff or cooldown ends
     last_error: str | None = None
     recent_failures: int = 0  # within the crash window
+    progress: LoadProgress | None = None  # a load or wake of it in progress on this host
 
 
 class ModelDetails(_View):
@@ -150,6 +181,16 @@ class GpuView(_View):
     workers: list[str]
 
 
+class EventView(_View):
+    """One change in the lifecycle of a worker or a load, as the status page's log shows it."""
+
+    at: float  # wall time
+    kind: str  # the state reached (ready, draining, sleeping, failed, cooling_down, ...)
+    model: str
+    unit: str | None = None  # None: a load record's change
+    text: str
+
+
 class ModelStatus(ModelView):
     path: str
     weight_bytes: int
@@ -180,6 +221,7 @@ class Status(_View):
     aliases: dict[str, str]
     missing: dict[str, str]
     workers: list[WorkerView]
+    events: list[EventView] = Field(default_factory=list)  # the latest changes, oldest first
 
 
 class LoadAccepted(_View):

@@ -123,9 +123,11 @@ class Accounting:
         completion: Counter[str] = Counter()
         for ex in batch:
             answered[(ex.model, str(ex.status), ex.route)] += 1
-            m.duration.labels(ex.model).observe(ex.latency_s)
+            m.duration.labels(ex.model, ex.priority).observe(ex.latency_s)
             if ex.ttft_s is not None:
-                m.ttft.labels(ex.model).observe(ex.ttft_s)
+                m.ttft.labels(ex.model, ex.priority).observe(ex.ttft_s)
+            if ex.waited_s > 0:
+                m.load_wait.labels(ex.model, ex.priority).observe(ex.waited_s)
             if ex.prompt_tokens:
                 prompt[ex.model] += ex.prompt_tokens
             if ex.completion_tokens:

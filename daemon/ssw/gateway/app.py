@@ -187,6 +187,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
         key = gw.admission.authenticate(request.headers.raw)
         names = gw.names
         allowed = gw.admission.allowed_models(key, names.expand)
+        now = time.time()
         data = []
         for name, entry in names.models.items():
             if allowed is not None and name not in allowed:
@@ -199,6 +200,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
                     "owned_by": "ssw",
                     "ssw": {
                         "state": names.state(name),
+                        **({"progress": p.describe(now)} if (p := names.progress(name)) is not None else {}),
                         "aliases": entry.aliases,
                         "pinned": entry.pinned,
                         "capabilities": entry.capabilities,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ssw.common import tasks
-from ssw.common.contract import ModelView, Snapshot, WorkerView
+from ssw.common.contract import LoadProgress, ModelView, Snapshot, WorkerView
 from ssw.common.states import Failure, LoadState, WorkerState
 from ssw.common.tasks import TaskSet
 from ssw.config import Config
@@ -291,7 +291,7 @@ class Availability:
         if then is not None:
             then(model)
         self.check_waiters()  # it may have become ready (or failed) meanwhile
-        keepalive = self._spawn_keepalive(reply) if stream else None
+        keepalive = self._spawn_keepalive(reply, model) if stream else None
         # A client that leaves while held is dropped: its place in the queue too.
         left = asyncio.ensure_future(reply.client_left())
         limit = self.cfg.gateway.wait_timeout_s
@@ -438,7 +438,7 @@ class Availability:
         except SswError as exc:
             self.queue.fail(model, exc)
 
-    def _spawn_keepalive(self, reply: Reply) -> asyncio.Task[None]:
+    def _spawn_keepalive(self, reply: Reply, model: str) -> asyncio.Task[None]:
         async def beat() -> None:
             interval = self.cfg.gateway.keepalive_s
             await asyncio.sleep(interval)
@@ -446,7 +446,19 @@ class Availability:
             if not reply.started:
                 await reply.start_sse()
             while True:
-                await reply.body(b": ssw: waiting for the model to load\n\n")
+                await reply.body(keepalive_comment(model, self.names.progress(model), time.time()))
                 await asyncio.sleep(interval)
 
         return asyncio.ensure_future(beat())
+
+
+def keepalive_comment(model: str, progress: LoadProgress | None, now: float) -> bytes:
+    """A held stream's keep-alive: an SSE comment (clients ignore it) that says where the
+    load stands, e.g. ``: ssw: waiting for tiny: load, engine_ready, 12.3 s of ~20.0 s (ETA 7.7 s)``."""
+    text = f"waiting for {model}"
+    if progress is not None:
+        p = progress.describe(now)
+        text += f": {p['kind']}, {p['phase']}, {p['elapsed_s']} s"
+        if p["expected_s"] is not None:
+            text += f" of ~{p['expected_s']} s (ETA {p['eta_s']} s)"
+    return b": ssw: " + text.encode() + b"\n\n"

@@ -70,7 +70,8 @@ class Gateway:
         self.loader = loader
         self.metrics = GatewayMetrics()
         self.queue = WaitQueue(
-            cfg.gateway.max_waiters_per_model, lambda model, depth: self.metrics.waiting.labels(model).set(depth)
+            cfg.gateway.max_waiters_per_model,
+            lambda model, priority, depth: self.metrics.waiting.labels(model, priority).set(depth),
         )
         self.keys = KeyRing(cfg.auth.keys_file)
         self.keys.reload()

@@ -26,14 +26,21 @@ class GatewayMetrics:
         self.duration = Histogram(
             "ssw_request_duration_seconds",
             "End-to-end request latency.",
-            ["model"],
+            ["model", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "ssw_time_to_first_token_seconds",
             "Time to the first streamed token.",
-            ["model"],
+            ["model", "priority"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.load_wait = Histogram(
+            "ssw_load_wait_seconds",
+            "Time a request was held waiting for its model to load or wake (requests that waited).",
+            ["model", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -45,7 +52,7 @@ class GatewayMetrics:
         self.waiting = Gauge(
             "ssw_waiting_requests",
             "Requests waiting for their model to load.",
-            ["model"],
+            ["model", "priority"],
             registry=r,
             multiprocess_mode="livesum",
         )

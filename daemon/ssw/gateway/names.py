@@ -9,7 +9,7 @@ import random
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
-from ssw.common.contract import ModelView, Snapshot, SplitView, WorkerView, valid_alias
+from ssw.common.contract import LoadProgress, ModelView, Snapshot, SplitView, WorkerView, valid_alias
 from ssw.common.states import ASLEEP, LIVE, LoadState, WorkerState
 from ssw.errors import BadRequest, ModelNotFound
 
@@ -116,6 +116,11 @@ class Names:
         if split.sticky == "user" and isinstance(user, str) and user:
             return "user:" + user[:256]
         return "key:" + key if key else None
+
+    def progress(self, model: str) -> LoadProgress | None:
+        """This host's load or wake of the model in progress, if any."""
+        entry = self.snap.models.get(model)
+        return entry.load.progress if entry is not None else None
 
     def state(self, model: str) -> str:
         """ready, loading, sleeping or unloaded, as /v1/models says."""

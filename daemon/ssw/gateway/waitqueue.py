@@ -47,18 +47,26 @@ class Waiter:
 
 
 class WaitQueue:
-    def __init__(self, limit: int, on_depth: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, limit: int, on_depth: Callable[[str, str, int], None] | None = None) -> None:
         self.limit = limit
         self._waiting: dict[str, list[Waiter]] = {}
         self._counter = itertools.count()
-        self._on_depth = on_depth  # told a model's new depth after every change
+        self._on_depth = on_depth  # told a model's new depth per priority after every change
 
     def _changed(self, model: str) -> None:
         if self._on_depth is not None:
-            self._on_depth(model, self.depth(model))
+            for priority, n in self.depth_by_priority(model).items():
+                self._on_depth(model, priority, n)
 
     def depth(self, model: str) -> int:
         return len(self._waiting.get(model, ()))
+
+    def depth_by_priority(self, model: str) -> dict[str, int]:
+        """Every priority, waiting or not (a gauge drops back to 0)."""
+        out = dict.fromkeys(PRIORITIES, 0)
+        for w in self._waiting.get(model, ()):
+            out[w.priority] += 1
+        return out
 
     def models(self) -> list[str]:
         return [m for m, ws in self._waiting.items() if ws]

@@ -29,7 +29,7 @@ from ssw.common.contract import (
     valid_name,
 )
 from ssw.common.routes import families_of_paths
-from ssw.common.states import WorkerState
+from ssw.common.states import LoadState, WorkerState
 from ssw.config import Config
 from ssw.errors import ModelNotFound, SswError
 from ssw.loader.decide import tiers
@@ -45,6 +45,7 @@ from ssw.loader.store import FactStore, Retiring
 from ssw.loader.systemd.bus import Systemd
 from ssw.loader.systemd.units import unit_name
 from ssw.loader.workers.parts import Parts
+from ssw.loader.workers.progress import progress
 from ssw.loader.workers.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ class Loader:
             gpus=lambda: self.latest_gpus,
             reserved=lambda: {v.index: v.pending for v in self.manager.inventory.device_views(self.latest_gpus)},
         )
+        parts.lifecycle.listeners.append(self.metrics.observe)
+        parts.lifecycle.check_listeners.append(self.metrics.check_failed)
         if cfg.fleet.enabled:
             self.metrics.host = cfg.fleet.host_name()
         self._sampler: asyncio.Task[None] | None = None
@@ -247,12 +250,22 @@ class Loader:
     def _model_view(self, spec: ModelSpec) -> ModelView:
         measured = self.store.routes(spec.name, spec.fingerprint)
         families = families_of_paths(measured) if measured is not None else predict(spec.shape)
+        load = self.manager.loads.view(spec.name)
+        rec_since = load.since if load.state is LoadState.LOADING else None
+        moving = progress(
+            self.manager.table.of_model(spec.name),
+            rec_since,
+            self.store.load_seconds(spec.name),
+            lambda level: self.store.wake_seconds(spec.name, level or None),
+        )
+        if moving is not None:
+            load = load.model_copy(update={"progress": moving})
         return ModelView(
             capabilities=sorted(families),
             capabilities_measured=measured is not None,
             aliases=list(spec.aliases),
             pinned=spec.pinned,
-            load=self.manager.loads.view(spec.name),
+            load=load,
             load_seconds=self.store.load_seconds(spec.name),
             wake_seconds=self.store.wake_seconds(spec.name),
             base=spec.base,
@@ -362,6 +375,7 @@ class Loader:
             aliases=dict(sorted(self.registry.aliases.items())),
             missing={name: str(path) for name, path in sorted(self.registry.missing.items())},
             workers=[w.view(now) for w in sorted(self.manager.table, key=lambda w: w.unit)],
+            events=self.manager.parts.lifecycle.events(),
         )
 
 

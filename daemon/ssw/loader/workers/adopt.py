@@ -85,7 +85,9 @@ class Adopter(Piece):
             elif asleep:
                 if self.retiring.reason(worker.unit) is not None:
                     self.retirer.retire(
-                        worker, (self.retiring.reason(worker.unit) or "") + " (resumed after a loader restart)"
+                        worker,
+                        (self.retiring.reason(worker.unit) or "") + " (resumed after a loader restart)",
+                        cause="resumed",
                     )
             elif await self.probes.healthy(socket):
                 self.table.move(worker, WorkerState.READY, "adopted, healthy")
@@ -94,9 +96,9 @@ class Adopter(Piece):
                     now = time.time()
                     worker.adapters = {a: now for a in await self.probes.adapters(socket) or set()}
                 if (reason := self.retiring.reason(worker.unit)) is not None:
-                    self.retirer.retire(worker, reason + " (resumed after a loader restart)")
+                    self.retirer.retire(worker, reason + " (resumed after a loader restart)", cause="resumed")
             elif self.retiring.reason(worker.unit) is not None:
-                self.retirer.retire(worker, self.retiring.reason(worker.unit) or "")
+                self.retirer.retire(worker, self.retiring.reason(worker.unit) or "", cause="resumed")
             else:
                 starting.add(model)
         await self.retiring.keep_only(self.table.units())

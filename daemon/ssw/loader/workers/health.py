@@ -62,6 +62,7 @@ class Health(Piece):
             if not worker.check_failures:
                 self.table.move(worker, WorkerState.READY, f"{kind} check passed")
             return
+        self.parts.lifecycle.check_failed(worker.model, kind)
         count = worker.check_failures[kind] = worker.check_failures.get(kind, 0) + 1
         limit = self.cfg.health.failures_to_replace
         self.table.move(worker, WorkerState.UNHEALTHY, f"{failure} ({count} of {limit})")

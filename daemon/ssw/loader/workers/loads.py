@@ -15,6 +15,7 @@ from typing import Any
 from ssw.common.contract import LoadView
 from ssw.common.states import IllegalTransition, LoadState, check_load_move
 from ssw.loader.decide.recovery import recent
+from ssw.loader.workers.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,10 @@ class LoadRecord:
 
 
 class LoadBook:
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    def __init__(self, on_change: Callable[[], None], lifecycle: Lifecycle | None = None) -> None:
         self._records: dict[str, LoadRecord] = {}
         self._on_change = on_change
+        self._lifecycle = lifecycle
 
     def get(self, model: str) -> LoadRecord:
         rec = self._records.get(model)
@@ -85,8 +87,11 @@ class LoadBook:
         until = f", until {time.strftime('%H:%M:%S', time.localtime(deadline))}" if deadline else ""
         level = logging.WARNING if state in (LoadState.BACKING_OFF, LoadState.COOLING_DOWN) else logging.INFO
         log.log(level, "model %s: load %s -> %s (%s%s)", rec.model, rec.state.value, state.value, reason, until)
+        now = time.time()
+        if self._lifecycle is not None:
+            self._lifecycle.load_moved(rec.model, rec.state.value, state.value, reason + until, now - rec.since)
         rec.state = state
         rec.reason = reason
-        rec.since = time.time()
+        rec.since = now
         rec.deadline = deadline
         self._on_change()

@@ -1,7 +1,7 @@
 """What every piece of the loader's machinery uses, built once by the loader and
 handed to each piece: the config, systemd, the GPUs, the registry (through its
 catalog), the facts store, the worker table, the load book, the probes, the feed
-of changes, the task set and the gateways' demand. One record instead of a constructor repeated in
+of changes, the task set, the gateways' demand and the lifecycle's log. One record instead of a constructor repeated in
 every piece."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ssw.loader.store import FactStore, Retiring
 from ssw.loader.systemd.bus import Systemd
 from ssw.loader.workers.demand import Demand
 from ssw.loader.workers.feed import Feed
+from ssw.loader.workers.lifecycle import Lifecycle
 from ssw.loader.workers.loads import LoadBook
 from ssw.loader.workers.table import WorkerTable
 
@@ -35,12 +36,14 @@ class Parts:
     feed: Feed
     tasks: TaskSet
     demand: Demand
+    lifecycle: Lifecycle
 
     @classmethod
     def build(
         cls, cfg: Config, systemd: Systemd, gpus: GpuSource, catalog: Catalog, store: FactStore, retiring: Retiring
     ) -> Parts:
         feed = Feed()
+        lifecycle = Lifecycle()
         return cls(
             cfg,
             systemd,
@@ -48,8 +51,8 @@ class Parts:
             catalog,
             store,
             retiring,
-            WorkerTable(feed.changed),
-            LoadBook(feed.changed),
+            WorkerTable(feed.changed, lifecycle),
+            LoadBook(feed.changed, lifecycle),
             Probes(
                 cfg.health.probe_timeout_s,
                 cfg.health.canary_timeout_s,
@@ -59,6 +62,7 @@ class Parts:
             feed,
             TaskSet(),
             Demand(),
+            lifecycle,
         )
 
 

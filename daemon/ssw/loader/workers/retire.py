@@ -37,12 +37,14 @@ class Retirer(Piece):
         self.inventory = inventory
         self.host_memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
-    def retire(self, worker: Worker, reason: str, sleep_level: int = 0) -> asyncio.Task[None]:
+    def retire(self, worker: Worker, reason: str, sleep_level: int = 0, cause: str = "other") -> asyncio.Task[None]:
         """Stop routing to the worker at once, let its in-flight requests finish (up to
         workers.drain_timeout_s), then put it to sleep at ``sleep_level`` (1 or 2) or
-        stop its unit (0). Returns the task that does it."""
+        stop its unit (0). ``cause`` is why, in one word (lifecycle.CAUSES: a metric's
+        label). Returns the task that does it."""
         if worker.retirement is not None:
             return worker.retirement
+        worker.retire_cause = cause
         if worker.state in (WorkerState.READY, WorkerState.UNHEALTHY):
             worker.sleep_level = sleep_level if worker.sleep_mode else 0
             self.table.move(worker, WorkerState.DRAINING, reason)
@@ -187,7 +189,8 @@ class Retirer(Piece):
             if worker is not None and worker.state in ASLEEP:
                 self.retire(
                     worker,
-                    f"stopped: sleepers hold {total / GB:.2f} GB of host memory, over the budget of "
+                    cause="ram_budget",
+                    reason=f"stopped: sleepers hold {total / GB:.2f} GB of host memory, over the budget of "
                     f"{budget / GB:.2f} GB (placement.sleep_ram_gb); least recently used",
                 )
         self.feed.changed()

@@ -112,7 +112,7 @@ class Starter(Piece):
                     plan.per_gpu_bytes / GB,
                     need.source,
                 )
-                worker.marks["evicted"] = time.time()
+                self.table.mark(worker, "evicted")
                 self.inventory.check_room(worker, totals)
                 # A few metadata calls on /run, done inline: in a thread, a cancelled
                 # start would leave them running behind the next worker's back.
@@ -141,7 +141,7 @@ class Starter(Piece):
                     with contextlib.suppress(Exception):
                         await starting
                     raise
-                worker.marks["unit_started"] = time.time()
+                self.table.mark(worker, "unit_started")
                 worker.unit_seen_active = True
                 await self._await_healthy(worker)
         except BaseException as exc:
@@ -170,7 +170,7 @@ class Starter(Piece):
             trial=spec != self.catalog.models.get(spec.name),
         )
         worker.marks["requested"] = requested
-        worker.marks["placed"] = time.time()
+        self.table.mark(worker, "placed")
         self.table.add(worker, "placed")
         return worker
 
@@ -210,7 +210,7 @@ class Starter(Piece):
             if worker.done.done():
                 raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
             if "bound" not in worker.marks and "requested" in worker.marks and worker.socket.exists():
-                worker.marks["bound"] = time.time()
+                self.table.mark(worker, "bound")
             if await self.probes.healthy(worker.socket):
                 # A model's first start records its answer to the fixed prompt; a later one
                 # must repeat it, or it is not routed to. (Before it is ready: nothing else
@@ -218,11 +218,14 @@ class Starter(Piece):
                 wrong = await self._compare_known_answer(worker, "after a start", block_sleep=False, record=True)
                 if wrong is not None:
                     raise LoadFailed(wrong)
-                worker.marks["healthy"] = time.time()
+                self.table.mark(worker, "healthy")
                 took = worker.marks["healthy"] - worker.started_at
                 phases = describe_phases(worker.marks)
+                # What its ETA said (the median before this load): its error is measured.
+                expected = self.store.load_seconds(worker.model)
+                said = f" (expected {expected:.1f} s)" if expected is not None and not worker.trial else ""
                 self.table.move(
-                    worker, WorkerState.READY, f"healthy after {took:.1f} s" + (f": {phases}" if phases else "")
+                    worker, WorkerState.READY, f"healthy after {took:.1f} s{said}" + (f": {phases}" if phases else "")
                 )
                 if self.on_load_result is not None:
                     self.on_load_result(worker.model, "ready", took)
@@ -337,7 +340,7 @@ class Starter(Piece):
                     drain = turn.to_drain(plan.drain)
                     if not drain:
                         await self.warm.evict(plan.evict, spec.name, worker.gpus[0])
-                        worker.marks["placed"] = time.time()
+                        self.table.mark(worker, "placed")
                         self.table.move(worker, WorkerState.WAKING, f"woken for {spec.name}'s requests")
                         break
             if deferred is not None:
@@ -350,7 +353,7 @@ class Starter(Piece):
             return await self.start_replica(spec, worker.replica, gpu)
         if why is not None:
             log.warning("%s: cannot wake where it sleeps (%s): stopping it; %s loads cold", worker.unit, why, spec.name)
-            await self.retirer.retire(worker, f"no room to wake on GPU {worker.gpus[0]}: {why}")
+            await self.retirer.retire(worker, f"no room to wake on GPU {worker.gpus[0]}: {why}", cause="no_room")
             return await self.start_replica(spec, worker.replica, gpu)
         level = worker.sleep_level
         try:
@@ -358,7 +361,7 @@ class Starter(Piece):
             async with contextlib.AsyncExitStack() as stack:
                 for g in sorted(worker.gpus):
                     await stack.enter_async_context(self.inventory.device_locks.setdefault(g, asyncio.Lock()))
-                worker.marks["evicted"] = time.time()
+                self.table.mark(worker, "evicted")
                 started = time.monotonic()
                 failure = await self.probes.wake(worker.socket, self.cfg.workers.wake_timeout_s)
                 if failure is None and worker.canary:
@@ -381,14 +384,14 @@ class Starter(Piece):
         except BaseException as exc:
             await self.abandon(worker, exc)
             raise
-        worker.marks["healthy"] = time.time()
-        worker.sleep_level = 0
+        self.table.mark(worker, "healthy")
         worker.check_failures.clear()
         self.table.move(
             worker,
             WorkerState.READY,
             f"awake after {took:.2f} s from sleep level {level or '?'}" + (", canary passed" if worker.canary else ""),
         )
+        worker.sleep_level = 0  # after the move: the lifecycle's wake is counted by its level
         self.tasks.spawn(self.retirer.describe(worker, "awake"))
         worker.last_used = time.time()  # just asked for: not the next victim, not idle
         if level:

@@ -198,6 +198,7 @@ class Supervisor(Piece):
     async def _replace(self, worker: Worker, why: str) -> None:
         """Kill a worker that hung (a frozen process answers no SIGTERM) and bring its model back."""
         worker.failure = f"hung: {why}"
+        worker.retire_cause = "replaced"
         self.table.move(worker, WorkerState.STOPPING, f"replacing it: {why}")
         with contextlib.suppress(SystemdError):
             await self.systemd.kill(worker.unit, signal.SIGKILL)
@@ -292,7 +293,7 @@ class Supervisor(Piece):
         if worker is None:
             raise WorkerNotFound(f"no worker unit '{unit}'")
         if worker.state in LIVE or worker.state in ASLEEP:
-            self.retirer.retire(worker, "unload requested")
+            self.retirer.retire(worker, "unload requested", cause="unload")
         await self.retirer.wait_gone([worker])
         return [worker.unit]
 
@@ -316,7 +317,7 @@ class Supervisor(Piece):
             raise WorkerNotFound(f"model '{model}' is not loaded")
         for worker in workers:
             if worker.state in LIVE or worker.state in ASLEEP:
-                self.retirer.retire(worker, "unload requested")
+                self.retirer.retire(worker, "unload requested", cause="unload")
             elif worker.state is WorkerState.DRAINING and worker.sleep_level:
                 worker.sleep_level = 0  # unloaded while draining to sleep: stopped instead
         await self.retirer.wait_gone(workers)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ssw.common.contract import WorkerView
 from ssw.common.states import ASLEEP, LEAVING, LIVE, TERMINAL, IllegalTransition, WorkerState, check_worker_move
+from ssw.loader.workers.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Worker:
     sleep_level: int = 0  # the level it sleeps at (or is going to sleep at, while draining); 0: none
     slept_at: float = 0.0  # wall time it fell asleep
     ram_bytes: int | None = None  # its unit's MemoryCurrent, read while it sleeps
+    retire_cause: str = "other"  # why it is being taken down (lifecycle.CAUSES), once it is
 
     @property
     def live(self) -> bool:
@@ -130,9 +132,10 @@ def describe_phases(marks: dict[str, float]) -> str:
 
 
 class WorkerTable:
-    def __init__(self, on_change: Callable[[], None]) -> None:
+    def __init__(self, on_change: Callable[[], None], lifecycle: Lifecycle | None = None) -> None:
         self._workers: dict[str, Worker] = {}
         self._on_change = on_change
+        self._lifecycle = lifecycle
         self.on_leave: Callable[[Worker, WorkerState, WorkerState], None] | None = None
 
     def __iter__(self) -> Iterator[Worker]:
@@ -168,6 +171,12 @@ class WorkerTable:
             out[w.state.value] += 1
         return out
 
+    def mark(self, worker: Worker, step: str, at: float | None = None) -> None:
+        """A step of its load is done (PHASES): its phase shows in the snapshot at once."""
+        worker.marks[step] = time.time() if at is None else at
+        if self._workers.get(worker.unit) is worker:
+            self._on_change()
+
     def add(self, worker: Worker, how: str) -> None:
         if worker.unit in self._workers:
             raise IllegalTransition(f"{worker.unit} is already in the worker table")
@@ -189,8 +198,21 @@ class WorkerTable:
         previous = worker.state
         level = logging.WARNING if state in (WorkerState.FAILED, WorkerState.UNHEALTHY) else logging.INFO
         log.log(level, "%s: %s -> %s%s", worker.unit, previous.value, state.value, f" ({reason})" if reason else "")
+        now = time.time()
+        if self._lifecycle is not None:
+            self._lifecycle.worker_moved(
+                worker.model,
+                worker.unit,
+                previous,
+                state,
+                reason,
+                now - worker.state_since,
+                worker.retire_cause,
+                worker.sleep_level,
+                load_phases(worker.marks),
+            )
         worker.state = state
-        worker.state_since = time.time()
+        worker.state_since = now
         worker.state_reason = reason
         if state in TERMINAL or (previous in LEAVING and state not in LEAVING):
             worker.released.set()

@@ -43,10 +43,10 @@ class Warm(Piece):
             idle = time.time() - victim.last_used
             reason = f"evicted to make room for {for_model} on GPU {gpu}: least recently used, idle {idle:.0f} s"
             if victim.state in ASLEEP:
-                self.retirer.retire(victim, reason)
+                self.retirer.retire(victim, reason, cause="evicted")
                 continue
             choice = await self.tier_for(victim)
-            self.retirer.retire(victim, f"{reason}; {_tier_text(choice)}", choice.level)
+            self.retirer.retire(victim, f"{reason}; {_tier_text(choice)}", choice.level, cause="evicted")
 
     async def tier_for(self, worker: Worker) -> tiers.Choice:
         if not worker.sleep_mode:
@@ -85,7 +85,7 @@ class Warm(Piece):
         for worker in self.table.of_model(model):
             if worker.state is WorkerState.READY and worker.retirement is None:
                 choice = await self.tier_for(worker)
-                self.retirer.retire(worker, f"keep_alive 0; {_tier_text(choice)}", choice.level)
+                self.retirer.retire(worker, f"keep_alive 0; {_tier_text(choice)}", choice.level, cause="keep_alive")
                 retired.append(worker.unit)
         return retired
 
@@ -106,7 +106,7 @@ class Warm(Piece):
                     continue  # pinned models stay up; they may only sleep when models.yaml says so
                 choice = await self.tier_for(worker)
                 idle = f"idle {now - idle_since:.0f} s ({why} {ttl:g})"
-                self.retirer.retire(worker, f"{idle}; {_tier_text(choice)}", choice.level)
+                self.retirer.retire(worker, f"{idle}; {_tier_text(choice)}", choice.level, cause="idle")
 
     async def evicts_protected(self, spec: ModelSpec, protect_since: float) -> str | None:
         """Which workers used interactively since ``protect_since`` loading this model
