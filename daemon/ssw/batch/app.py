@@ -43,6 +43,7 @@ WINDOW = re.compile(r"^(\d{1,6})([smhd])\Z")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 FILE_PURPOSES = ("batch",)
 MAX_METADATA = 16
+BOARD_ITEMS = 50  # batches and jobs the status page shows, each
 
 
 class NotFound(SswError):
@@ -90,6 +91,22 @@ class AsyncTier:
     async def close(self) -> None:
         await self.runner.close()
         await self.store.close()
+
+    async def board_summary(self) -> dict[str, Any]:
+        """What the status page shows of this tier: the batches and async jobs in progress
+        (the oldest BOARD_ITEMS of each), with their counts; never their contents."""
+        shown = ("id", "model", "status", "total", "completed", "failed", "created_at", "owner", "attempts")
+        batches = []
+        for batch_id in (await self.store.active_batches())[:BOARD_ITEMS]:
+            record = await self.store.batch(batch_id)
+            if record is not None:
+                batches.append({k: record[k] for k in shown if k in record})
+        jobs = []
+        for job_id in (await self.store.active_jobs())[:BOARD_ITEMS]:
+            record = await self.store.job(job_id)
+            if record is not None:
+                jobs.append({k: record[k] for k in shown if k in record})
+        return {"batches": batches, "jobs": jobs}
 
     def _owner(self, request: Request) -> tuple[ApiKey | None, str]:
         key = self.gw.authenticate(request.headers.raw)

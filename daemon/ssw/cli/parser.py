@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     k_add.add_argument(
         "--no-keep-alive", action="store_true", help="it may not set a model's keep_alive (Ollama's) nor unload it"
     )
+    k_add.add_argument(
+        "--operator", action="store_true", help="it may open the live status page (/ui): every model, worker, GPU"
+    )
     keys_sub.add_parser("revoke", help="delete a key").add_argument("name")
     keys_sub.add_parser("list", help="key names and scopes (never the keys)")
     return parser

@@ -206,6 +206,8 @@ def keys(cfg: Config, args: argparse.Namespace) -> int:
             entry["pull"] = True
         if args.no_keep_alive:
             entry["keep_alive"] = False
+        if args.operator:
+            entry["operator"] = True
         entries[args.name] = entry
         auth.write_keys(path, entries, cfg.auth.gateway_group)
         print(secret)

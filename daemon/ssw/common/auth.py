@@ -52,6 +52,7 @@ class ApiKey:
     not_loaded: str | None = None  # None: gateway.not_loaded
     pull: bool = False  # may start pulls from the hub (Ollama's /api/pull)
     keep_alive: bool = True  # may set a model's keep_alive (Ollama's), 0 (unload) included
+    operator: bool = False  # may open the live status page (every model, worker and GPU of the host)
 
 
 def digest(secret: str) -> str:
@@ -93,7 +94,10 @@ def read_keys(path: Path) -> dict[str, ApiKey]:
         not_loaded = entry.get("not_loaded")
         if not_loaded is not None and not_loaded not in NOT_LOADED_MODES:
             raise ConfigError(f"{path}: keys.{name}.not_loaded: must be one of {', '.join(NOT_LOADED_MODES)}")
-        flags = {flag: entry.get(flag, default) for flag, default in (("pull", False), ("keep_alive", True))}
+        flags = {
+            flag: entry.get(flag, default)
+            for flag, default in (("pull", False), ("keep_alive", True), ("operator", False))
+        }
         for flag, value in flags.items():
             if not isinstance(value, bool):
                 raise ConfigError(f"{path}: keys.{name}.{flag}: must be true or false")
@@ -105,6 +109,7 @@ def read_keys(path: Path) -> dict[str, ApiKey]:
             not_loaded,
             flags["pull"],
             flags["keep_alive"],
+            flags["operator"],
         )
     return out
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ssw.common import tasks
 from ssw.common.redis_sink import RedisSink, RequestRecord
 from ssw.config import Config
+from ssw.gateway.board.series import Series
 from ssw.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("ssw.access")
@@ -76,6 +77,7 @@ class Accounting:
         self._task: asyncio.Task[None] | None = None
         # journald stamps its lines itself; elsewhere each line carries its time.
         self._journal = bool(os.environ.get("JOURNAL_STREAM"))
+        self.series: Series | None = None  # the status page's charts, when the app has the page
         metrics.before_scrape = self.flush
 
     def start(self) -> None:
@@ -121,8 +123,11 @@ class Accounting:
         answered: Counter[tuple[str, str, str]] = Counter()
         prompt: Counter[str] = Counter()
         completion: Counter[str] = Counter()
+        now = time.time()
         for ex in batch:
             answered[(ex.model, str(ex.status), ex.route)] += 1
+            if self.series is not None:
+                self.series.add(ex.model, ex.priority, ex.latency_s, ex.status >= 400 or bool(ex.error), now)
             m.duration.labels(ex.model, ex.priority).observe(ex.latency_s)
             if ex.ttft_s is not None:
                 m.ttft.labels(ex.model, ex.priority).observe(ex.ttft_s)

@@ -11,11 +11,12 @@ tier's input lines pass :meth:`Admission.check`, the same rules."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ssw.common.auth import ApiKey, Forbidden, KeyRing, bearer
+from ssw.common.auth import ApiKey, Forbidden, KeyRing, bearer, read_token
 from ssw.common.bodies import parse_body
 from ssw.common.contract import ModelView
 from ssw.common.routes import Body, Route
@@ -95,6 +96,19 @@ class Admission:
         if not self.cfg.auth.enabled:
             return None
         return self.keys.check(secret)
+
+    async def operator(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Whether the caller may open the status page: a key with the operator flag, or
+        the loader's admin token where the gateway can read it; 401 or 403 otherwise.
+        With auth off the page is as open as every other route."""
+        headers = list(headers)
+        secret = next((bearer(v.decode("latin-1")) for k, v in headers if k == b"authorization"), None)
+        admin = await asyncio.to_thread(read_token, self.cfg.auth.admin_token_file) if secret else None
+        if admin and secret and hmac.compare_digest(admin.encode(), secret.encode()):
+            return
+        key = self.authenticate(headers)
+        if key is not None and not key.operator:
+            raise Forbidden("This API key may not open the status page (ssw keys add NAME --operator).")
 
     @staticmethod
     def _check_scope(key: ApiKey | None, asked: str, model: str | None, allowed: set[str] | None) -> None:

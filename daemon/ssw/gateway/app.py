@@ -23,6 +23,8 @@ from ssw.common.states import WorkerState
 from ssw.errors import ModelNotFound, NotServed, PayloadTooLarge, RequestTimeout, SswError
 from ssw.gateway import hops
 from ssw.gateway.admission import FLEET_LISTENER, body_chunks
+from ssw.gateway.board.routes import PAGE_FILES, STREAM_PATH, install_page
+from ssw.gateway.board.stream import Board
 from ssw.gateway.fleet import LOAD_PATH
 from ssw.gateway.handler import SOURCE, Gateway
 from ssw.gateway.metrics import pool_registry
@@ -33,7 +35,8 @@ from ssw.gateway.relay import Receive, Reply, Send
 
 # FastAPI's routes that anyone may call: the rest need a key before their body is read.
 # (The fleet's load route checks its own credential before it reads a byte.)
-OPEN_PATHS = frozenset({"/health", "/openapi.json", "/metrics", LOAD_PATH})
+# The status page's files hold no data; its stream checks its own caller (an operator).
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/metrics", LOAD_PATH, *PAGE_FILES, STREAM_PATH})
 UPLOAD_PATH = "/v1/files"
 FORM_SLACK = 64 * 1024  # the multipart form around an uploaded file
 
@@ -42,10 +45,11 @@ class GatewayApp:
     """The public ASGI app: the proxy routes go straight to the gateway's handler,
     everything else to FastAPI, behind a key check and a bounded body."""
 
-    def __init__(self, gw: Gateway, api: FastAPI) -> None:
+    def __init__(self, gw: Gateway, api: FastAPI, board: Board) -> None:
         self.gw = gw
         self.api = api
         self.ollama = OllamaApp(gw)
+        self.board = board
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -179,6 +183,10 @@ def gateway_app(gw: Gateway) -> GatewayApp:
         assert gw.fleet is not None
         return {"model": model, "host": gw.fleet.host, "load": accepted.load.model_dump(mode="json")}
 
+    board = Board(gw)
+    gw.accounting.series = board.series
+    install_page(app, gw, board)
+
     if gw.cfg.gateway.public_metrics:
         app.add_api_route("/metrics", metrics_endpoint(gw), methods=["GET"], include_in_schema=False)
 
@@ -236,7 +244,7 @@ def gateway_app(gw: Gateway) -> GatewayApp:
             summary=f"{route.family.value}: relayed to a worker of the model",
         )
 
-    return GatewayApp(gw, app)
+    return GatewayApp(gw, app, board)
 
 
 def metrics_endpoint(gw: Gateway) -> Any:

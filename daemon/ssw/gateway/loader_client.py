@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from ssw.common import tasks
 from ssw.common.auth import read_token
-from ssw.common.contract import CONTRACT_VERSION, LoadAccepted, Snapshot
+from ssw.common.contract import CONTRACT_VERSION, LoadAccepted, Snapshot, Status
 from ssw.errors import LoaderUnavailable, LoadFailed, ModelNotFound, NoCapacity, SswError, WouldEvict
 from ssw.gateway.inflight import InFlight
 
@@ -34,6 +34,8 @@ USAGE_REPORT_INTERVAL_S = 2.0
 DEMAND_REPORT_DELAY_S = 0.1
 MAX_FRAME_BYTES = 256 * 2**20  # a runaway stream is cut, not buffered forever
 SILENCE_TIMEOUT_S = 60.0  # the loader sends a keep-alive every 15 s
+STATUS_TIMEOUT_S = 5.0
+MAX_STATUS_BYTES = 32 * 2**20
 
 
 class LoaderClient:
@@ -232,6 +234,23 @@ class LoaderClient:
                 resp.raise_for_status()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise LoaderUnavailable(f"the loader cannot be reached to set keep_alive of '{model}': {exc}") from exc
+
+    async def status(self) -> Status:
+        """The loader's /status (for the status page): bounded in size and time."""
+        try:
+            async with self._session.get(
+                self.url + "/status", headers=self._auth(), timeout=aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)
+            ) as resp:
+                resp.raise_for_status()
+                body = await resp.content.read(MAX_STATUS_BYTES + 1)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise LoaderUnavailable(f"the loader's status cannot be read: {exc}") from exc
+        if len(body) > MAX_STATUS_BYTES:
+            raise LoaderUnavailable(f"the loader's status exceeds {MAX_STATUS_BYTES} bytes")
+        try:
+            return Status.model_validate_json(body)
+        except ValidationError as exc:
+            raise LoaderUnavailable(f"the loader's status did not match the contract: {exc.errors()[:1]}") from None
 
     async def request_load(
         self, model: str, protect_s: float | None = None, priority: str | None = None

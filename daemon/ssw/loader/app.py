@@ -134,9 +134,10 @@ GATEWAY_PATHS = frozenset({"/events", "/load", "/usage", "/keep-alive", "/pull"}
 
 
 def gateway_may(method: str, path: str) -> bool:
-    """The gateway's own token: its paths, and following a pull it started (for a key
-    allowed to pull, on Ollama's /api/pull)."""
-    return path in GATEWAY_PATHS or (method == "GET" and path.startswith("/jobs/"))
+    """The gateway's own token: its paths, following a pull it started (for a key
+    allowed to pull, on Ollama's /api/pull), and reading /status (for an operator's
+    status page)."""
+    return path in GATEWAY_PATHS or (method == "GET" and (path.startswith("/jobs/") or path == "/status"))
 
 
 class AdminGuard:

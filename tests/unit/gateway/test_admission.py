@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ssw.common.auth import KeyRing, Unauthorized, digest, new_secret, write_keys
+from ssw.common.auth import Forbidden, KeyRing, Unauthorized, digest, new_secret, write_keys
 from ssw.common.bodies import parse_body, too_deep
 from ssw.common.routes import ROUTES
 from ssw.config import Config
@@ -37,6 +37,29 @@ def test_bodies_within_the_depth_pass_untouched() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
     assert parse_body(json.dumps(body).encode(), 64) == body
     assert not too_deep({"a": [[[1]]]}, 4) and too_deep({"a": [[[[1]]]]}, 4)
+
+
+async def test_the_status_page_is_for_operator_keys_and_the_admin_token(tmp_path: Path) -> None:
+    keys, token = tmp_path / "keys.yaml", tmp_path / "admin.token"
+    cfg = Config.model_validate({"auth": {"enabled": True, "keys_file": str(keys), "admin_token_file": str(token)}})
+    operator, client = new_secret(), new_secret()
+    write_keys(keys, {"op": {"sha256": digest(operator), "operator": True}, "c": {"sha256": digest(client)}})
+    token.write_text("the-admin-token\n")
+    ring = KeyRing(keys)
+    ring.reload()
+    admission = Admission(cfg, ring)
+
+    def bearer(secret: str) -> list[tuple[bytes, bytes]]:
+        return [(b"authorization", b"Bearer " + secret.encode())]
+
+    await admission.operator(bearer(operator))
+    await admission.operator(bearer("the-admin-token"))
+    with pytest.raises(Forbidden, match="--operator"):
+        await admission.operator(bearer(client))
+    with pytest.raises(Unauthorized):
+        await admission.operator(bearer("the-admin-token-not"))
+    with pytest.raises(Unauthorized):
+        await admission.operator([])
 
 
 ADMISSION = Admission(Config(), KeyRing(Path("/nonexistent/keys.yaml")))

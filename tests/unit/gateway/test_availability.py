@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from ssw.common.contract import ModelView, WorkerView
+from ssw.common.contract import LoadProgress, ModelView, WorkerView
 from ssw.common.states import WorkerState
 from ssw.config import Config
 from ssw.errors import DeadlineUnmet
-from ssw.gateway.availability import Deadline
+from ssw.gateway.availability import Deadline, keepalive_comment
 from ssw.gateway.handler import Gateway
 from ssw.gateway.relay import Reply
 from tests.unit.gateway.test_loader_client import StubLoader, client, until
@@ -83,3 +83,13 @@ async def test_a_model_ready_within_the_deadline_is_served(stub: tuple[StubLoade
         await loader.publish()
         assert [w.unit for w in await asyncio.wait_for(waiting, 5)] == ["ssw-worker@m.service"]
         await gw.close()
+
+
+def test_a_held_streams_keepalive_says_where_the_load_stands() -> None:
+    progress = LoadProgress(kind="load", phase="engine_ready", started=100.0, expected_s=20.0)
+    assert keepalive_comment("tiny", progress, 112.3) == (
+        b": ssw: waiting for tiny: load, engine_ready, 12.3 s of ~20.0 s (ETA 7.7 s)\n\n"
+    )
+    first = LoadProgress(kind="wake", phase="waking", started=100.0)
+    assert keepalive_comment("tiny", first, 101.0) == b": ssw: waiting for tiny: wake, waking, 1.0 s\n\n"
+    assert keepalive_comment("tiny", None, 0.0) == b": ssw: waiting for tiny\n\n"
