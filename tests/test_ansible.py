@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import QWEN2_CONFIG, make_model_dir
 from tests.harness.fake_hub import FakeHub
-from tests.harness.stack import REPO, VLLM_VENV, WORK_ROOT, free_port, http
+from tests.harness.stack import REPO, VLLM_VENV, WORK_ROOT, free_port, http, wait_for
 from tests.harness.sysbox import SysBox
 
 ANSIBLE = REPO / ".venvs/ansible/bin"
@@ -72,6 +72,10 @@ def host(hub: FakeHub, tiny_in_models_dir: None) -> Iterator[tuple[SysBox, dict[
         "ssw_pulls_endpoint": hub.url,
         "ssw_pulls_allow_http": True,
         "models_download": [{"repo": "acme/tiny", "dest": "pulled-tiny", "revision": "main"}],
+        # Prometheus (off by default) with ssw's rules, scraping the host.
+        "ssw_prometheus": True,
+        "prometheus_port": free_port(),
+        "prometheus_scrape_interval": "2s",
     }
     yield box, ports
     box.stop()
@@ -111,6 +115,19 @@ def test_site_yml_converges_idempotently_and_serves(host: tuple[SysBox, dict[str
     assert check.returncode == 0 and recap(check.stdout)["changed"] == 0, check.stdout[-4000:]
 
     assert box.systemctl("is-active", "ssw.target", "ssw-loader", "ssw-gateway").stdout.split() == ["active"] * 3
+    # Prometheus scrapes the gateway and the loader, with ssw's alert rules loaded.
+    prom = f"http://127.0.0.1:{ports['prometheus_port']}"
+
+    def scraped() -> bool:
+        try:
+            targets = http("GET", prom + "/api/v1/targets")[2]["data"]["activeTargets"]
+        except (OSError, KeyError, TypeError):
+            return False
+        return len(targets) == 2 and all(t["health"] == "up" for t in targets)
+
+    wait_for(scraped, 90, "Prometheus to scrape ssw")
+    groups = {g["name"] for g in http("GET", prom + "/api/v1/rules")[2]["data"]["groups"]}
+    assert {"ssw-alerts", "ssw-recording", "ssw-thresholds"} <= groups
     key = box.run("cat", "/etc/ssw/first-api-key").stdout.strip()
     public = f"http://127.0.0.1:{ports['ssw_public_port']}"
     auth = {"Authorization": f"Bearer {key}"}

@@ -37,6 +37,13 @@ class Listen(_Section):
 class SimulatedGpu(_Section):
     name: str = Field(default="Simulated GPU", description="Name shown in /status.")
     memory_gb: float = Field(gt=0, description="Total memory of the simulated device, in GB (10^9 bytes).")
+    utilization_pct: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Utilization the device reports (for dashboards and alerts under test); unset: unknown, "
+        "left out of /metrics as a real GPU's unknown value is.",
+    )
 
 
 class GpuSettings(_Section):

@@ -73,6 +73,7 @@ class Gateway:
             cfg.gateway.max_waiters_per_model,
             lambda model, priority, depth: self.metrics.waiting.labels(model, priority).set(depth),
         )
+        loader.on_connection = lambda up: self.metrics.loader_connected.set(1 if up else 0)
         self.keys = KeyRing(cfg.auth.keys_file)
         self.keys.reload()
         # In a fleet: the other hosts, and where models load fleet-wide.

@@ -48,6 +48,7 @@ class LoaderClient:
         self.snapshot_at = 0.0  # monotonic time the last snapshot arrived
         self.connected = False
         self.last_error: str | None = None
+        self.on_connection: Callable[[bool], None] | None = None  # told each time it connects or is lost
         self._updated = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_used: dict[str, float] = {}
@@ -173,6 +174,8 @@ class LoaderClient:
                 if not self.connected:
                     self.connected = True
                     self.last_error = None
+                    if self.on_connection is not None:
+                        self.on_connection(True)
                     log.info(
                         "connected to the loader at %s (epoch %s)", self.url, self.snapshot and self.snapshot.epoch[:8]
                     )
@@ -208,6 +211,8 @@ class LoaderClient:
             log.warning("lost the loader at %s (%s); serving the last known workers", self.url, why)
         self.connected = False
         self.last_error = why
+        if self.on_connection is not None:
+            self.on_connection(False)
         # Wake waiters so they can notice the loader is gone.
         if self.snapshot is not None:
             event, self._updated = self._updated, asyncio.Event()

@@ -56,6 +56,12 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.loader_connected = Gauge(
+            "ssw_loader_connected",
+            "1 while the gateway follows the loader's snapshot stream (0: it serves the workers it last knew).",
+            registry=r,
+            multiprocess_mode="min",
+        )
         # In a fleet: whether its Redis answers, and how many hosts are in it.
         self.fleet_connected = Gauge(
             "ssw_fleet_connected", "1 while the fleet's Redis answers.", registry=r, multiprocess_mode="max"

@@ -151,7 +151,13 @@ class AdminGuard:
         self.token_file = token_file
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health":
+        # /health and /metrics are open, as the gateway's metrics listener is: read-only,
+        # on loopback, and Prometheus scrapes them without holding a token that could unload.
+        if (
+            scope["type"] != "http"
+            or scope["path"] == "/health"
+            or (scope["path"] == "/metrics" and scope["method"] == "GET")
+        ):
             await self.app(scope, receive, send)
             return
         header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)

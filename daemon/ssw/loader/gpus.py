@@ -88,7 +88,7 @@ class SimulatedGpus:
                 name=dev.name,
                 memory_total=int(dev.memory_gb * GB),
                 memory_used=held.get(i, 0),
-                utilization_pct=None,
+                utilization_pct=dev.utilization_pct,
             )
             for i, dev in enumerate(self._devices)
         ]
