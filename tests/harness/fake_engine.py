@@ -414,15 +414,21 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     seen: list[str] = []  # every path asked for, but the fake's own
+    traceparents: list[str] = []  # the trace context of each request that carried one (ssw's relay sends it)
 
     @web.middleware
     async def note(request: web.Request, handler: fake_apis.Handler) -> web.StreamResponse:
         if not request.path.startswith("/ssw-fake/"):
             seen.append(f"{request.method} {request.path}")
+            if "traceparent" in request.headers:
+                traceparents.append(request.headers["traceparent"])
         return await handler(request)
 
     async def fake_seen(_: web.Request) -> web.Response:
         return web.json_response(seen)
+
+    async def fake_traceparents(_: web.Request) -> web.Response:
+        return web.json_response(traceparents)
 
     # The routes vLLM would mount for this model's task (its architecture, --runner, --convert).
     facts = read_facts(Path(args.model))
@@ -454,6 +460,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/ssw-fake/stats", fake_stats)
     app.router.add_post("/ssw-fake/break", fake_break)
     app.router.add_get("/ssw-fake/seen", fake_seen)
+    app.router.add_get("/ssw-fake/traceparents", fake_traceparents)
     app.router.add_get("/ssw-fake/sleeps", fake_sleeps)
     app.router.add_post("/ssw-fake/fail-wake", fail_wake)
     app.router.add_post("/ssw-fake/break-on-wake", break_on_wake)

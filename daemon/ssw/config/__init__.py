@@ -32,6 +32,7 @@ from ssw.config.sections import (
     PullSettings,
     SimulatedGpu,
     SystemdSettings,
+    TracingSettings,
     VllmSettings,
     WorkerSettings,
     _Section,
@@ -57,6 +58,7 @@ __all__ = [
     "PullSettings",
     "SimulatedGpu",
     "SystemdSettings",
+    "TracingSettings",
     "VllmSettings",
     "WorkerSettings",
     "load_config",
@@ -88,6 +90,7 @@ class Config(_Section):
     pulls: PullSettings = Field(default_factory=PullSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     fleet: FleetSettings = Field(default_factory=FleetSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
     @field_validator("admin")

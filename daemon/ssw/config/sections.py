@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
@@ -511,3 +512,43 @@ class FleetSettings(_Section):
 
     def host_name(self) -> str:
         return self.host or socket.gethostname()
+
+
+class TracingSettings(_Section):
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="Where spans go, as OTLP over HTTP (e.g. http://127.0.0.1:4318/v1/traces); unset: tracing "
+        "is off and costs nothing. Each request (admission, waiting with the load's phases, relay to the first "
+        "token, the stream's end) and each load (placement, eviction, unit start, engine ready) is a span, "
+        "linked by trace context, which goes on to the workers as traceparent.",
+    )
+    sample_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="The share of traces kept (a client's sampled traceparent is kept)."
+    )
+    worker_spans: bool = Field(
+        default=False,
+        description="vLLM exports its own spans too (--otlp-traces-endpoint): its workers then leave their "
+        "private network namespace, with IP traffic allowed to loopback and the endpoint's address only.",
+    )
+    export_timeout_s: float = Field(default=5.0, gt=0, description="How long one export of spans may take.")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
+
+    @model_validator(mode="after")
+    def _workers_reach_an_address(self) -> TracingSettings:
+        # A worker's IP allow-list takes addresses: its endpoint is named by one.
+        host = urllib.parse.urlsplit(self.otlp_endpoint or "").hostname or ""
+        if self.worker_spans and self.otlp_endpoint and host != "localhost":
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(
+                    "tracing.worker_spans needs otlp_endpoint's host as an IP address or localhost "
+                    "(the workers' IP allow-list)"
+                ) from None
+        return self

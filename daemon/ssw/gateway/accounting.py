@@ -18,13 +18,18 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ssw.common import tasks
 from ssw.common.redis_sink import RedisSink, RequestRecord
 from ssw.config import Config
 from ssw.gateway.board.series import Series
 from ssw.gateway.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("ssw.access")
 FLUSH_INTERVAL_S = 0.1
@@ -54,6 +59,14 @@ class Exchange:
     admitted: bool = False  # counted against its key's in-flight limit
     capture_id: bool = False  # a stored Response: its id is noted with its worker
     response_id: str | None = None
+    # For its trace (tracing on): its root span, the context sent on, and when it was
+    # admitted, began to wait, was sent to a worker (perf_counter); the worker's load marks.
+    span: Span | None = None
+    traceparent: bytes | None = None
+    admitted_at: float = 0.0
+    wait_from: float | None = None
+    sent_at: float | None = None
+    load_marks: dict[str, float] | None = None
 
     def usage(self, usage: object) -> None:
         """Token counts as OpenAI's APIs name them, or as the Responses and Anthropic
@@ -78,6 +91,7 @@ class Accounting:
         # journald stamps its lines itself; elsewhere each line carries its time.
         self._journal = bool(os.environ.get("JOURNAL_STREAM"))
         self.series: Series | None = None  # the status page's charts, when the app has the page
+        self.on_traced: Callable[[Exchange], None] | None = None  # writes a traced request's spans
         metrics.before_scrape = self.flush
 
     def start(self) -> None:
@@ -113,6 +127,8 @@ class Accounting:
             self._count(batch)
             for ex in batch:
                 self.sink.record(_record(ex))
+                if ex.span is not None and self.on_traced is not None:
+                    self.on_traced(ex)
             if self.access_log and log.isEnabledFor(logging.INFO):
                 self._write_access_log(batch)
         except Exception:  # accounting must never take the gateway down

@@ -213,13 +213,15 @@ class Availability:
         hop: bool = False,
         key: str = "",
         deadline: Deadline | None = None,
+        trace: bytes | None = None,
     ) -> list[WorkerView]:
         """The model's ready workers: this host's, else (in a fleet) other hosts' gateways
         that have it ready. While it is ready nowhere, start its load where the fleet
         decides (here without a fleet) and hold the request (mode 'wait'), or raise
         ModelLoading for a 202 or 503 answer. A request another host sent here (``hop``)
         is served by this host's workers only. With a ``deadline`` the model cannot meet (its
-        ETA is later, or a held request's deadline passes), DeadlineUnmet: its load goes on."""
+        ETA is later, or a held request's deadline passes), DeadlineUnmet: its load goes on.
+        ``trace``: the request's traceparent, which a load it starts continues."""
         names = self.names
         workers = names.ready.get(model)
         if workers:
@@ -252,7 +254,7 @@ class Availability:
         reask = False
         if rec.state is LoadState.IDLE and model not in names.live:
             try:
-                accepted = await self.loader.request_load(model, priority=priority)
+                accepted = await self.loader.request_load(model, priority=priority, traceparent=trace)
             except LoaderUnavailable:
                 if mode != "wait":
                     raise

@@ -26,6 +26,7 @@ from ssw.common.contract import Snapshot, WorkerView
 from ssw.common.fleet_wire import fleet_redis
 from ssw.common.routes import Body, Family, Route
 from ssw.common.serving import Answer, AsyncAcceptor
+from ssw.common.tracing import TRACEPARENT, Tracing
 from ssw.config import MAX_DEADLINE_MS, Config
 from ssw.errors import (
     BadRequest,
@@ -37,7 +38,7 @@ from ssw.errors import (
     SswError,
     UpstreamError,
 )
-from ssw.gateway import hops
+from ssw.gateway import hops, traces
 from ssw.gateway.accounting import Accounting, Exchange
 from ssw.gateway.admission import INTERNAL, PRIORITY_HEADER, Admission, Internal
 from ssw.gateway.availability import MAX_HOSTS_TRIED, Availability, Deadline
@@ -80,6 +81,8 @@ class Gateway:
         self.fleet = FleetView(cfg.fleet, lambda: self.availability.on_fleet()) if cfg.fleet.enabled else None
         self.admission = Admission(cfg, self.keys, self.fleet)
         self.accounting = Accounting(cfg, self.metrics)
+        self.tracing = Tracing(cfg.tracing, "ssw-gateway", cfg.fleet.host_name() if cfg.fleet.enabled else None)
+        self.accounting.on_traced = lambda ex: traces.finish(self.tracing, ex)
         self._names: Names | None = None
         self.availability = Availability(cfg, loader, self.queue, self.metrics, lambda: self.names, self.fleet)
         # In a fleet, which host holds each stored response is the fleet's to know.
@@ -103,6 +106,7 @@ class Gateway:
             await self.fleet.close()
         await self.relay.pool.close()
         await self.stored.book.close()
+        await asyncio.to_thread(self.tracing.close)
 
     @property
     def names(self) -> Names:
@@ -183,7 +187,7 @@ class Gateway:
         body: dict[str, Any],
         route: Route,
         mode: str,
-        priority: str,
+        ex: Exchange,
         fallback: bool | None,
         reply: Reply,
         stream: bool,
@@ -193,7 +197,9 @@ class Gateway:
         """(model that serves, its workers, the model it stands in for or None)."""
         try:
             key_name = key.name if key else ""
-            ready = await self.availability.workers_for(model, mode, priority, reply, stream, hop, key_name, deadline)
+            ready = await self.availability.workers_for(
+                model, mode, ex.priority, reply, stream, hop, key_name, deadline, ex.traceparent
+            )
             return model, ready, None
         except (LoadFailed, NoCapacity, FleetUnavailable, DeadlineUnmet) as exc:
             names = self.names
@@ -224,6 +230,7 @@ class Gateway:
         self, scope: dict[str, Any], receive: Receive, send: Send, route: Route, response_id: str | None
     ) -> None:
         ex = Exchange(route=route.path)
+        traces.begin(self.tracing, scope, route, ex)
         # A front end that translates another API (Ollama's) reads what the request did here.
         scope[EXCHANGE_SCOPE_KEY] = ex
         reply = Reply(send, receive)
@@ -297,7 +304,7 @@ class Gateway:
     ) -> bytes:
         """The head of a request to ``worker``: a local worker's, or another host's gateway's
         with the claim that carries the client's key name, priority, wait and fallback."""
-        extra: list[tuple[bytes, bytes]] = []
+        extra: list[tuple[bytes, bytes]] = [(TRACEPARENT, ex.traceparent)] if ex.traceparent else []
         host = remote_host(worker)
         if host is not None and self.fleet is not None:
             fallback = _truthy(headers.get(FALLBACK_HEADER))
@@ -309,6 +316,7 @@ class Gateway:
 
     async def _proxy(self, scope: dict[str, Any], receive: Receive, reply: Reply, ex: Exchange, route: Route) -> None:
         got = await self.admission.admit(scope, receive, ex, route, lambda: self.names)
+        ex.admitted_at = time.perf_counter()
         key, headers, raw, body, form, claim = got.key, got.headers, got.raw, got.body, got.form, got.claim
         model, asked, stream, multipart = got.model, got.asked, got.stream, form is not None
         if self.on_async is not None and not got.internal and _truthy(headers.get(ASYNC_HEADER)):
@@ -346,9 +354,11 @@ class Gateway:
             asked_at = time.perf_counter()
             try:
                 served, workers, stands_in_for = await self._serve_or_fallback(
-                    key, model, body, route, mode, ex.priority, fallback, reply, stream, claim is not None, deadline
+                    key, model, body, route, mode, ex, fallback, reply, stream, claim is not None, deadline
                 )
                 ex.waited_s += time.perf_counter() - asked_at
+                ex.wait_from = asked_at if ex.wait_from is None else ex.wait_from
+                ex.load_marks = workers[0].load_marks
             except ModelLoading as exc:
                 if mode == "accept" and not reply.started:
                     exc.accepted = {

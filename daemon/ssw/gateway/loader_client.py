@@ -258,7 +258,7 @@ class LoaderClient:
             raise LoaderUnavailable(f"the loader's status did not match the contract: {exc.errors()[:1]}") from None
 
     async def request_load(
-        self, model: str, protect_s: float | None = None, priority: str | None = None
+        self, model: str, protect_s: float | None = None, priority: str | None = None, traceparent: bytes | None = None
     ) -> LoadAccepted:
         """Ask for a load without waiting for it; the answer says as of which snapshot
         (epoch and seq) the request is reflected. With ``protect_s``, the load may not
@@ -270,7 +270,7 @@ class LoaderClient:
             async with self._session.post(
                 self.url + "/load",
                 json={"model": model, "wait": False, "protect_interactive_s": protect_s, "priority": priority},
-                headers=self._auth(),
+                headers={**self._auth(), **({"traceparent": traceparent.decode()} if traceparent else {})},
                 timeout=timeout,
             ) as resp:
                 body = await resp.json(content_type=None)

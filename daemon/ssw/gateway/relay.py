@@ -224,6 +224,7 @@ class Relay:
         """Send the request to the first worker that takes it and relay the answer.
         ``remote``: the workers are one other host's gateway, tried once (the caller
         passes an unreachable host over and offers the request elsewhere)."""
+        ex.sent_at = time.perf_counter()
         last_error: Exception | None = None
         order = self.order(model, workers, ex.priority)
         # Cycle through the pool: a lone worker gets another try too, on a fresh

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Header, Query
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from redis.exceptions import RedisError
@@ -196,8 +196,9 @@ def admin_app(loader: Loader) -> FastAPI:
         return await loader.status()
 
     @app.post("/load")
-    async def load(req: LoadRequest) -> JSONResponse:
+    async def load(req: LoadRequest, traceparent: str | None = Header(None, max_length=128)) -> JSONResponse:
         spec = await loader.resolve(req.model)
+        loader.traces.asked(spec.name, traceparent)
         protect_since = None
         if req.protect_interactive_s is not None:
             protect_since = time.time() - req.protect_interactive_s

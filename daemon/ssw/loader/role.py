@@ -30,6 +30,7 @@ from ssw.common.contract import (
 )
 from ssw.common.routes import families_of_paths
 from ssw.common.states import LoadState, WorkerState
+from ssw.common.tracing import Tracing
 from ssw.config import Config
 from ssw.errors import ModelNotFound, SswError
 from ssw.loader.decide import tiers
@@ -44,6 +45,7 @@ from ssw.loader.publish import Publisher
 from ssw.loader.store import FactStore, Retiring
 from ssw.loader.systemd.bus import Systemd
 from ssw.loader.systemd.units import unit_name
+from ssw.loader.traces import LoadTraces
 from ssw.loader.workers.parts import Parts
 from ssw.loader.workers.progress import progress
 from ssw.loader.workers.supervisor import Supervisor
@@ -80,6 +82,10 @@ class Loader:
             gpus=lambda: self.latest_gpus,
             reserved=lambda: {v.index: v.pending for v in self.manager.inventory.device_views(self.latest_gpus)},
         )
+        host = cfg.fleet.host_name() if cfg.fleet.enabled else None
+        self.tracing = Tracing(cfg.tracing, "ssw-loader", host)
+        self.traces = LoadTraces(self.tracing)
+        parts.lifecycle.listeners.append(self.traces.observe)
         parts.lifecycle.listeners.append(self.metrics.observe)
         parts.lifecycle.check_listeners.append(self.metrics.check_failed)
         if cfg.fleet.enabled:
@@ -181,6 +187,7 @@ class Loader:
             self._sampler.cancel()
         await self.manager.close()
         await self.redis.aclose()
+        await asyncio.to_thread(self.tracing.close)
 
     def _check_failed(self, model: str, after: str) -> None:
         self.metrics.known_answer_failures.labels(model, after).inc()

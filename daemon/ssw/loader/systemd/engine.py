@@ -6,10 +6,11 @@ Built only from the registry and the config: nothing a client sends reaches it.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from pathlib import Path
 
 from ssw.common.routes import Family
-from ssw.config import Config
+from ssw.config import Config, TracingSettings
 from ssw.loader.models.capabilities import predict
 from ssw.loader.models.registry import ModelSpec
 from ssw.loader.systemd.units import NVIDIA_CONTROL_DEVICES, WorkerUnit, escape, parse_size
@@ -105,6 +106,9 @@ def vllm_argv(
     if spec.chat_template_kwargs:
         # Also the server's default, so clients that reach a worker directly get it.
         argv += ["--default-chat-template-kwargs", json.dumps(spec.chat_template_kwargs)]
+    if cfg.tracing.worker_spans and cfg.tracing.otlp_endpoint:
+        # vLLM's own spans, children of the gateway's (the relay sends traceparent).
+        argv += ["--otlp-traces-endpoint", cfg.tracing.otlp_endpoint]
     argv += list(cfg.vllm.extra_args) + list(spec.extra_args)
     return argv
 
@@ -159,6 +163,7 @@ def worker_unit(
         ENV_BUDGET: str(budget_bytes),
         ENV_SLEEP: "1" if sleep else "0",
         "PYTHONUNBUFFERED": "1",
+        **(WORKER_OTEL_ENV if cfg.tracing.worker_spans and cfg.tracing.otlp_endpoint else {}),
     }
     argv = tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus), sleep))
     return WorkerUnit(
@@ -176,7 +181,21 @@ def worker_unit(
         devices=(*device_nodes, *NVIDIA_CONTROL_DEVICES) if device_nodes else (),
         limit_nofile=cfg.workers.limit_nofile,
         tmp_binds=tuple(sorted({d for arg in argv if (d := _tmp_root(arg))})),
+        reach=worker_reach(cfg.tracing),
     )
+
+
+# vLLM's exporter speaks gRPC unless told otherwise; ssw's endpoint is OTLP over HTTP.
+WORKER_OTEL_ENV = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_SERVICE_NAME": "ssw-worker"}
+
+
+def worker_reach(tracing: TracingSettings) -> tuple[str, ...] | None:
+    """The addresses a worker may reach besides loopback (its OTLP endpoint's), or None:
+    it keeps its private network."""
+    if not (tracing.worker_spans and tracing.otlp_endpoint):
+        return None
+    host = urllib.parse.urlsplit(tracing.otlp_endpoint).hostname or ""
+    return () if host == "localhost" else (host,)
 
 
 def _tmp_root(arg: str) -> str | None:

@@ -15,7 +15,9 @@ systemd still has it.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
+import socket
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +127,9 @@ class WorkerUnit:
     # Directories under /tmp its program or model lives in (a checkout there), bound
     # read-only into its private /tmp, which would hide them.
     tmp_binds: tuple[str, ...] = ()
+    # vLLM's own spans (tracing.worker_spans): the worker leaves its private network, and
+    # IP traffic goes to loopback and these addresses (the OTLP endpoint's) only.
+    reach: tuple[str, ...] | None = None
 
     def properties(self) -> list[tuple[str, tuple[str, object]]]:
         """The a(sv) list for StartTransientUnit."""
@@ -160,7 +165,7 @@ class WorkerUnit:
             # No network but a loopback of its own: vLLM opens internal TCP ports
             # (ZMQ, gloo) that no other process on the host may reach. Clients
             # come in only through the socket in its directory.
-            ("PrivateNetwork", ("b", True)),
+            ("PrivateNetwork", ("b", self.reach is None)),
             ("CacheDirectory", ("as", [self.cache_directory])),
             ("CacheDirectoryMode", ("u", 0o700)),
             ("ReadWritePaths", ("as", [str(self.socket_dir)])),
@@ -193,7 +198,22 @@ class WorkerUnit:
         ]
         if self.memory_max_bytes:
             props.append(("MemoryMax", ("t", self.memory_max_bytes)))
+        if self.reach is not None:
+            allowed = [ipaddress.ip_network(a) for a in ("127.0.0.0/8", "::1/128", *self.reach)]
+            props += [
+                (
+                    "IPAddressDeny",
+                    ("a(iayu)", [_ip(ipaddress.ip_network("0.0.0.0/0")), _ip(ipaddress.ip_network("::/0"))]),
+                ),
+                ("IPAddressAllow", ("a(iayu)", [_ip(n) for n in allowed])),
+            ]
         return props
+
+
+def _ip(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, bytes, int]:
+    """systemd's (family, address, prefix length) for IPAddressAllow= and IPAddressDeny=."""
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return (int(family), net.network_address.packed, net.prefixlen)
 
 
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?\Z", re.IGNORECASE)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from ssw.config import Config
 from ssw.loader.decide.vram import GB
 from ssw.loader.models.registry import ModelFacts, ModelSpec
 from ssw.loader.systemd.engine import vllm_argv, worker_unit
+from ssw.loader.systemd.units import WorkerUnit
 
 SOCKET = Path("/run/ssw/workers/qwen3-8b_2-0123456789/http.sock")
 
@@ -114,3 +118,26 @@ def test_runner_and_convert_reach_vllm_and_generative_workers_keep_responses() -
         "VLLM_ENABLE_RESPONSES_API_STORE"
         not in worker_unit(off, spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None).env
     )
+
+
+def test_tracing_reaches_a_worker_only_with_worker_spans_and_opens_only_the_endpoint() -> None:
+    def props(tracing: dict[str, object]) -> tuple[WorkerUnit, dict[str, object]]:
+        cfg = Config.model_validate({"tracing": tracing})
+        unit = worker_unit(cfg, spec(), "ssw-worker@qwen3-8b.service", 1, SOCKET, (0,), 12 * GB, None)
+        return unit, {name: value[1] for name, value in unit.properties()}
+
+    unit, p = props({"otlp_endpoint": "http://10.0.0.9:4318/v1/traces"})
+    assert "--otlp-traces-endpoint" not in unit.argv and p["PrivateNetwork"] is True and "IPAddressAllow" not in p
+    unit, p = props({"otlp_endpoint": "http://10.0.0.9:4318/v1/traces", "worker_spans": True})
+    i = unit.argv.index("--otlp-traces-endpoint")
+    assert unit.argv[i + 1] == "http://10.0.0.9:4318/v1/traces"
+    assert unit.env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
+    assert p["PrivateNetwork"] is False
+    assert p["IPAddressDeny"] == [(2, bytes(4), 0), (10, bytes(16), 0)]  # everything else
+    assert p["IPAddressAllow"] == [
+        (2, bytes([127, 0, 0, 0]), 8),
+        (10, bytes(15) + b"\x01", 128),
+        (2, bytes([10, 0, 0, 9]), 32),
+    ]
+    with pytest.raises(ValidationError, match="worker_spans needs otlp_endpoint's host as an IP address"):
+        Config.model_validate({"tracing": {"otlp_endpoint": "http://collector:4318/v1/traces", "worker_spans": True}})
