@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import statistics
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -177,11 +179,18 @@ def start_stack(
     return Stack(box, directory, config, public, admin, loader, gateway, f"http://127.0.0.1:{metrics_port}")
 
 
+# Every cold load the tests' loaders reported with the ETA it had (the median of the
+# model's earlier loads): (measured s, expected s). Summed up at the end of the run.
+ETA_LINE = re.compile(r"healthy after (\d+\.\d) s \(expected (\d+\.\d) s\)")
+ETA_SAMPLES: list[tuple[float, float]] = []
+
+
 def stop_stack(stack: Stack) -> None:
     """Stop both roles; a Traceback in either's log fails the test module: the
     roles never log one for anything but a bug."""
     stack.gateway.stop()
     stack.loader.stop()
+    ETA_SAMPLES.extend((float(a), float(b)) for a, b in ETA_LINE.findall(stack.loader.log()))
     broken = []
     for role in (stack.loader, stack.gateway):
         log = role.log()
@@ -202,3 +211,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         by_module.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
     items[:] = [item for module in by_module.values() for item in reversed(module)]
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The ETA's error against the actual load time, over every load the tests made of
+    a model loaded before (issue 27): what a waiting client's ETA is worth."""
+    if not ETA_SAMPLES:
+        return
+    errors = sorted(abs(actual - expected) for actual, expected in ETA_SAMPLES)
+    relative = sorted(abs(actual - expected) / max(actual, 0.1) for actual, expected in ETA_SAMPLES)
+    figures = {
+        "loads": len(errors),
+        "abs_error_s": {
+            "p50": round(statistics.median(errors), 2),
+            "p90": round(errors[int(len(errors) * 0.9)], 2),
+            "max": round(errors[-1], 2),
+        },
+        "relative_error": {
+            "p50": round(statistics.median(relative), 3),
+            "p90": round(relative[int(len(relative) * 0.9)], 3),
+        },
+    }
+    terminalreporter.write_line(f"load ETA against the actual load time: {json.dumps(figures)}")
+    out = REPO / ".cache" / "eta-errors.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({**figures, "samples": ETA_SAMPLES}, indent=1) + "\n")

@@ -66,7 +66,12 @@ def stack(sysbox: SysBox, models_root: Path, redis_server: RedisServer) -> Itera
 
 @pytest.fixture(scope="module")
 def keys(stack: Stack) -> dict[str, str]:
-    return {"operator": stack.add_key("watcher", "--operator"), "plain": stack.add_key("client")}
+    keys = {"operator": stack.add_key("watcher", "--operator"), "plain": stack.add_key("client")}
+    # The gateway picks up new keys within 2 s.
+    for key in keys.values():
+        auth = {"Authorization": f"Bearer {key}"}
+        wait_for(lambda auth=auth: http("GET", stack.public + "/v1/models", headers=auth)[0] == 200, 10, "the keys")
+    return keys
 
 
 @pytest.fixture(scope="module")
