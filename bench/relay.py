@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.server
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -189,13 +191,51 @@ PLAIN_EDGE = (
 BASELINE = "import sys; from ssw.cli import main; sys.exit(main())"
 
 
+class OtlpSink:
+    """An OTLP/HTTP endpoint that takes every export and keeps only counts (the
+    ssw-traced target's collector: what tracing costs the gateway, not a collector)."""
+
+    def __init__(self) -> None:
+        sink = self
+        self.exports = 0
+        self.bytes = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                size = int(self.headers.get("Content-Length", "0"))
+                self.rfile.read(size)
+                sink.exports += 1
+                sink.bytes += size
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @contextlib.contextmanager
 def gateway(
-    host: Host, config: Path, processes: int, work: Path, edge: bool = True, baseline: Path | None = None
+    host: Host,
+    config: Path,
+    processes: int,
+    work: Path,
+    edge: bool = True,
+    baseline: Path | None = None,
+    tracing: str | None = None,
 ) -> Iterator[str]:
     """ssw's gateway with N processes on a port of its own, against the stack's loader
     (``edge=False``: without the public port's protocol limits; ``baseline``: the code of
-    that checkout; both for comparison)."""
+    that checkout; ``tracing``: spans to that OTLP endpoint; all for comparison)."""
     sys.path.insert(0, str(REPO / "daemon"))
     from ssw.config import load_config
 
@@ -204,6 +244,8 @@ def gateway(
     port = free_port()
     cfg["public"] = {"host": "127.0.0.1", "port": port}
     cfg["gateway"] = {**cfg.get("gateway", {}), "processes": processes, "metrics_listen": None}
+    if tracing is not None:
+        cfg["tracing"] = {"otlp_endpoint": tracing}
     inside = f"/tmp/ssw-bench-gateway-{port}.yaml"
     host.path(inside).write_text(yaml.safe_dump(cfg))
     argv = [*host.prefix(), str(REPO / ".venvs/ssw/bin/ssw"), "--config", inside, "gateway"]
@@ -214,7 +256,7 @@ def gateway(
         argv[len(host.prefix()) : len(host.prefix()) + 1] = [str(REPO / ".venvs/ssw/bin/python"), "-c", BASELINE]
         # Before the editable install's path: that checkout's package is the one imported.
         env = {**os.environ, "PYTHONPATH": str(baseline / "daemon")}
-    suffix = "" if edge and baseline is None else "-plain" if not edge else "-baseline"
+    suffix = "-plain" if not edge else "-baseline" if baseline is not None else "-traced" if tracing else ""
     with process(argv, work / f"gateway-{processes}{suffix}.log", env):
         wait_up(f"http://127.0.0.1:{port}/health", 60, f"ssw's gateway ({processes} processes)")
         # Healthy is not yet following the loader: wait for its first snapshot.
@@ -342,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         "--targets",
         default="direct,nginx,ssw,litellm",
         help="direct, nginx, ssw, ssw-plain (1 process, the public port without the edge's limits), "
-        "ssw-baseline (1 process, the gateway of --baseline), litellm",
+        "ssw-baseline (1 process, the gateway of --baseline), ssw-traced (1 process, every request traced "
+        "to an OTLP sink), litellm",
     )
     p.add_argument("--baseline", type=Path, help="another checkout of this repository, for the ssw-baseline target")
     p.add_argument("--processes", default="1,2", help="gateway processes of the ssw targets")
@@ -383,6 +426,14 @@ def main(argv: list[str] | None = None) -> int:
             if "ssw-baseline" in targets and args.baseline is not None
             else None
         )
+        sink = OtlpSink() if "ssw-traced" in targets else None
+        if sink is not None:
+            stack.callback(sink.close)
+        traced_url = (
+            stack.enter_context(gateway(host, Path(args.config), 1, work, tracing=sink.url))
+            if sink is not None
+            else None
+        )
         for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
             model = args.vllm_model if workload == "vllm-stream" else args.model
             if model is None:
@@ -405,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                         plan.append(("ssw-plain-1p", plain_url, [], key))
                     elif target == "ssw-baseline" and baseline_url is not None:
                         plan.append(("ssw-baseline-1p", baseline_url, [], key))
+                    elif target == "ssw-traced" and traced_url is not None:
+                        plan.append(("ssw-traced-1p", traced_url, [], key))
                     elif target == "litellm" and backend:
                         port, master_key = per_workload.enter_context(litellm(pid, model, backend, work))
                         plan.append(("litellm", f"http://127.0.0.1:{port}", netns(pid), master_key))
@@ -423,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                 one: dict[str, Any] = {}
                 if args.latency_duration and workload == "short":
                     for name, url, ns, k in plan:
-                        if name in ("direct", "nginx", "ssw-1p", "ssw-plain-1p", "ssw-baseline-1p"):
+                        if name in ("direct", "nginx", "ssw-1p", "ssw-plain-1p", "ssw-baseline-1p", "ssw-traced-1p"):
                             one[name] = wrk(url, workload, model, k, 1, args.latency_duration, lua, ns)
             summary = {
                 name: {
@@ -440,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
             for entry in summary.values():
                 entry["vs_nginx"] = round(entry["rps_median"] / nginx_rps, 3) if nginx_rps else None
             results["workloads"][workload] = {"model": model, "targets": summary, "one_connection": one}
+        if sink is not None:
+            results["otlp_sink"] = {"exports": sink.exports, "bytes": sink.bytes}
+            print(f"the OTLP sink took {sink.exports} exports, {sink.bytes / 1e6:.1f} MB of spans", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     print()
     for workload, data in results["workloads"].items():

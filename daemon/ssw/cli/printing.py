@@ -68,6 +68,12 @@ def print_status(st: Status) -> None:
         )
         if rec.state != "idle":
             print(f"    load {rec.state.value}{when(rec.deadline)}: {rec.reason}")
+        if rec.progress is not None:
+            p = rec.progress.describe(time.time())
+            eta = (
+                "no ETA yet (first load here)" if p["eta_s"] is None else f"ETA {p['eta_s']} s of ~{p['expected_s']} s"
+            )
+            print(f"    {p['kind']} in progress: {p['phase'].replace('_', ' ')}, {p['elapsed_s']} s, {eta}")
         if rec.last_error:
             print(f"    last error: {rec.last_error}")
     for name, path in st.missing.items():
