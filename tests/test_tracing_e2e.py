@@ -139,9 +139,12 @@ def test_a_request_held_for_a_load_is_one_trace_from_the_client_to_the_worker(st
     load = found["load cold"]
     assert load["service"] == "ssw-loader" and load["parent"] == root["id"] and load["status"] != 2
     phases = receiver.where(trace=CLIENT_TRACE, parent=load["id"])
-    assert {"placement", "eviction", "unit_start", "process_up", "engine_ready"} <= {s["name"] for s in phases}
-    engine = found["engine_ready"]
+    assert {"placement", "eviction", "unit_start", "process_up", "engine_ready", "canary"} <= {
+        s["name"] for s in phases
+    }
+    engine, canary = found["engine_ready"], found["canary"]
     assert engine["end"] - engine["start"] >= 0.9e9  # the fake engine's 1 s load
+    assert engine["start"] <= canary["start"] <= canary["end"] == engine["end"]  # its known-answer check, last
     # The worker was sent the same trace (vLLM continues it with its own spans).
     worker = next(w for w in stack.status()["workers"] if w["model"] == "cold")
     sent = worker_http(worker["socket"], "GET", "/ssw-fake/traceparents")[1]

@@ -2,9 +2,9 @@
 turns to loading, as a child of the request that asked for it (the traceparent the
 gateway sent with POST /load), and ends when the record leaves loading (an error
 with the reason when it failed). A worker's cold start adds its phases as child
-spans (placement, eviction, unit start, process up, engine ready: from the marks
-the load recorded), a wake its own span; a worker that fails to start, an event.
-A listener of :class:`~ssw.loader.workers.lifecycle.Lifecycle`: it reads changes,
+spans (placement, eviction, unit start, process up, engine ready with the canary
+inside it: from the marks the load recorded), a wake its own span; a worker that
+fails to start, an event. A listener of :class:`~ssw.loader.workers.lifecycle.Lifecycle`: it reads changes,
 makes none."""
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from ssw.loader.workers.lifecycle import Change
 from ssw.loader.workers.table import PHASES
 
 MAX_PENDING = 1024  # parents noted for loads that never started (a model the load refused)
+
+
+def ns(wall_s: float) -> int:
+    return int(wall_s * 1e9)
 
 
 class LoadTraces:
@@ -55,16 +59,19 @@ class LoadTraces:
         span = self._spans.get(model)
         if span is None:
             return
-        if change.phases:
-            # Each phase ends where the next begins; the last ends as the worker turns ready.
-            end = at
-            for phase, _mark in reversed(PHASES):
-                seconds = change.phases.get(phase)
-                if seconds is None:
-                    continue
-                start = end - int(seconds * 1e9)
-                self.tracing.span_between(phase, span, start, end, {"ssw.unit": change.unit})
-                end = start
+        if change.marks and change.phases:
+            # Each phase from the mark before it to its own (load_phases' steps).
+            marks = change.marks
+            previous = marks.get("requested")
+            for phase, mark in PHASES:
+                if previous is None or mark not in marks:
+                    break
+                self.tracing.span_between(phase, span, ns(previous), ns(marks[mark]), {"ssw.unit": change.unit})
+                previous = marks[mark]
+            if "answered" in marks and "healthy" in marks:
+                # Inside engine_ready: the engine answered; its answer to the fixed prompt is checked.
+                unit = {"ssw.unit": change.unit}
+                self.tracing.span_between("canary", span, ns(marks["answered"]), ns(marks["healthy"]), unit)
         elif change.previous == "waking" and change.state == "ready":
             attributes = {"ssw.unit": change.unit, "ssw.sleep_level": change.sleep_level}
             self.tracing.span_between("wake", span, at - int(change.held_s * 1e9), at, attributes)

@@ -33,6 +33,7 @@ class Change:
     retired: bool = False  # ssw took it out of service (drained or stopped) with this change
     sleep_level: int = 0
     phases: dict[str, float] | None = None  # a load's phases, on reaching ready from starting
+    marks: dict[str, float] | None = None  # and when each of its steps happened (wall time)
     served_s: float | None = None  # on leaving service: how long it served since it became ready
 
     @property
@@ -76,6 +77,7 @@ class Lifecycle:
         cause: str,
         sleep_level: int,
         phases: dict[str, float] | None,
+        marks: dict[str, float],
     ) -> None:
         now = time.time()
         served: float | None = None
@@ -87,6 +89,7 @@ class Lifecycle:
         if state in TERMINAL:
             self._serving_since.pop(unit, None)
         leaving = previous in LIVE and state not in LIVE
+        cold = previous is WorkerState.STARTING and state is WorkerState.READY
         self.record(
             Change(
                 at=now,
@@ -100,7 +103,8 @@ class Lifecycle:
                 retired=state in (WorkerState.DRAINING, WorkerState.STOPPING)
                 and (leaving or previous is WorkerState.SLEEPING),
                 sleep_level=sleep_level,
-                phases=phases if previous is WorkerState.STARTING and state is WorkerState.READY else None,
+                phases=phases if cold else None,
+                marks=dict(marks) if cold else None,
                 served_s=served,
             )
         )

@@ -212,6 +212,8 @@ class Starter(Piece):
             if "bound" not in worker.marks and "requested" in worker.marks and worker.socket.exists():
                 self.table.mark(worker, "bound")
             if await self.probes.healthy(worker.socket):
+                # Not a phase: the known-answer check's start, for its span in a trace.
+                worker.marks["answered"] = time.time()
                 # A model's first start records its answer to the fixed prompt; a later one
                 # must repeat it, or it is not routed to. (Before it is ready: nothing else
                 # runs on it meanwhile.)

@@ -210,6 +210,7 @@ class WorkerTable:
                 worker.retire_cause,
                 worker.sleep_level,
                 load_phases(worker.marks),
+                worker.marks,
             )
         worker.state = state
         worker.state_since = now
