@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +43,20 @@ def children(stack: Stack) -> list[int]:
     assert stack.gateway.proc is not None
     out = subprocess.run(["pgrep", "-P", str(stack.gateway.proc.pid)], capture_output=True, text=True).stdout
     return sorted(int(pid) for pid in out.split())
+
+
+def listeners(stack: Stack) -> int:
+    """Sockets listening on the public port: one per process that serves (SO_REUSEPORT)."""
+    port = stack.public.rsplit(":", 1)[1]
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return len(out.splitlines())
+
+
+@pytest.fixture(autouse=True)
+def both_serving(stack: Stack) -> None:
+    """Each test starts with two processes serving, whatever the one before killed (a new
+    process binds the port once it has started and follows the loader)."""
+    wait_for(lambda: len(children(stack)) == 2 and listeners(stack) == 2, 30, "two gateway processes serving")
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +121,8 @@ def test_a_gateway_process_that_dies_is_replaced(stack: Stack, key: str) -> None
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: len(children(stack)) == 2 and first not in children(stack), 20, "a new gateway process")
     assert second in children(stack)
-    time.sleep(1)  # the new one binds the port and follows the loader
+    # A new process binds the port only once it follows the loader: then it serves at once.
+    wait_for(lambda: listeners(stack) == 2, 30, "the new process to serve")
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(lambda _: chat(stack, key), range(20))) == [200] * 20
     assert "exited with -9; starting another" in stack.gateway.log()
@@ -143,7 +157,7 @@ def test_one_process_runs_the_async_work_and_another_takes_over(
     assert pid in children(stack)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: len(children(stack)) == 2 and pid not in children(stack), 20, "a new gateway process")
-    time.sleep(1)  # the new one binds the port
+    wait_for(lambda: listeners(stack) == 2, 30, "the new process to serve")
     # The other process (or the one started in its place) takes over at once: the
     # holder's process is gone, on this host.
     async_jobs(stack, key, 4)

@@ -33,6 +33,10 @@ from ssw.notify import Notifier
 log = logging.getLogger(__name__)
 STATUS_EVERY_S = 2.0
 KEYS_POLL_S = 2.0
+# A gateway starts serving once it follows the loader (a restarted or added process turns
+# nobody away for the moment it takes), or after this long with the loader away (then its
+# requests get 503 with "retry shortly" until it answers).
+FIRST_SNAPSHOT_WAIT_S = 10.0
 
 
 class _Server(uvicorn.Server):
@@ -106,6 +110,8 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
                 servers.append((_server(pool_metrics_app(pool), cfg.gateway.metrics_listen, cfg, 1), None))
         elif "gateway" in roles:
             gateway = await _gateway(cfg, cleanups, background)
+            if loader is None and not await gateway.loader.first_snapshot(FIRST_SNAPSHOT_WAIT_S):
+                log.warning("the loader at %s has not answered yet; serving anyway", cfg.gateway.loader_url)
             tier = await AsyncTier.create(cfg, gateway)
             tier.start()
             cleanups.append(tier.close)

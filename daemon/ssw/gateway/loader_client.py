@@ -143,6 +143,20 @@ class LoaderClient:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
+    async def first_snapshot(self, timeout: float) -> bool:
+        """Until the loader's first snapshot is in (True) or ``timeout`` s pass (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            event = self._updated  # taken before the check: a snapshot published meanwhile sets it
+            if self.snapshot is not None:
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
+
     def _publish(self, snapshot: Snapshot) -> None:
         restarted = self.snapshot is not None and self.snapshot.epoch != snapshot.epoch
         if restarted:
