@@ -150,7 +150,10 @@ def test_the_admin_api_needs_its_token(stack: Stack, keys: dict[str, str]) -> No
     api_key = {"Authorization": f"Bearer {keys['full']}"}
     assert http("GET", stack.admin + "/status", headers=api_key)[0] == 401
     gateway_token = {"Authorization": "Bearer " + (stack.dir / "gateway.token").read_text().strip()}
-    assert http("GET", stack.admin + "/status", headers=gateway_token)[0] == 401  # the gateway may not read status
+    # The gateway's token reads /status (the status page) but changes nothing an admin does.
+    assert http("GET", stack.admin + "/status", headers=gateway_token)[0] == 200
+    for method, path, body in (("POST", "/unload", {"model": "beta"}), ("POST", "/rescan", None)):
+        assert http(method, stack.admin + path, body, headers=gateway_token)[0] == 401, path
     assert http("GET", stack.admin + "/health", headers=none)[0] == 200
     assert http("GET", stack.admin + "/status")[0] == 200  # with the admin token
 
@@ -190,6 +193,12 @@ def test_a_fallback_never_widens_a_keys_scope_or_limits(stack: Stack, keys: dict
     flaky = {"Authorization": f"Bearer {keys['full']}", **wait}
     for model in ("alpha", "beta"):  # ready, whatever the tests before this one unloaded
         stack.load(model)
+
+    def ready_at_the_gateway() -> bool:
+        listed = http("GET", stack.public + "/v1/models", headers={"Authorization": f"Bearer {keys['full']}"})[2]
+        return all(m["ssw"].get("state") == "ready" for m in listed["data"] if m["id"] in ("alpha", "beta"))
+
+    wait_for(ready_at_the_gateway, 10, "the gateway to see alpha and beta ready")
     # With a key for every model the first ready fallback, beta, answers.
     status, headers, body = http("POST", url, {"model": "flaky", "messages": CHAT}, headers=flaky, timeout=60)
     assert status == 200 and body["model"] == "beta" and headers["x-ssw-fallback-from"] == "flaky"

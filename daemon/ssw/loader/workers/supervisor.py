@@ -237,6 +237,8 @@ class Supervisor(Piece):
         self.probes.forget(worker.socket)
         self.sockets.remove_dir(worker.socket)  # inline, for the reason in _start_replica
         self.tasks.spawn(self.retiring.discard(worker.unit))
+        if not self.table.of_model(worker.model):
+            self.warm.forget_keep_alive(worker.model)
         if state is WorkerState.FAILED and previous in (WorkerState.READY, WorkerState.UNHEALTHY):
             spec = self.catalog.models.get(worker.model)
             if spec is not None:

@@ -28,8 +28,9 @@ class Warm(Piece):
         self.inventory = inventory
         self.retirer = retirer
         self.evictions = 0
-        # model -> seconds a worker of it may stay idle, as a client last asked (Ollama's
-        # keep_alive): in place of its idle_ttl_s; negative: until evicted or unloaded.
+        # model -> seconds its workers may stay idle, as a client last asked (Ollama's
+        # keep_alive) while they are up: in place of idle_ttl_s until its last worker leaves;
+        # negative: until evicted or unloaded.
         self.keep_alive: dict[str, float] = {}
 
     async def evict(self, units: tuple[str, ...], for_model: str, gpu: int) -> None:
@@ -63,6 +64,11 @@ class Warm(Piece):
         )
         return tiers.choose(victim, self.retirer.ram_budget())
 
+    def forget_keep_alive(self, model: str) -> None:
+        """The model's last worker left: the keep_alive a client set was for that residency."""
+        if self.keep_alive.pop(model, None) is not None:
+            self.feed.changed()
+
     def idle_ttl(self, model: str) -> tuple[float | None, str]:
         """How long the model's workers may stay idle (None: for ever), and which setting says so."""
         if model in self.keep_alive:
@@ -77,10 +83,14 @@ class Warm(Piece):
         spec = self.catalog.models.get(model)
         if spec is None or spec.pinned:
             return []
-        self.keep_alive[model] = seconds
-        self.feed.changed()
         if seconds != 0:
+            self.keep_alive[model] = seconds
+            self.feed.changed()
             return []
+        # 0 unloads what is up now; it does not stick (a later load keeps idle_ttl_s, as an
+        # Ollama server's default keep_alive applies to a request that names none).
+        self.keep_alive.pop(model, None)
+        self.feed.changed()
         retired = []
         for worker in self.table.of_model(model):
             if worker.state is WorkerState.READY and worker.retirement is None:

@@ -42,3 +42,28 @@ async def test_a_batch_load_names_the_interactive_model_it_would_evict(superviso
     assert found is not None and found.startswith("b (used ")
     # Used interactively before the protection window: fair game, nothing named.
     assert await supervisor.warm.evicts_protected(spec("a", vram_gb=6), protect_since=time.time()) is None
+
+
+async def test_a_clients_keep_alive_lasts_while_the_model_is_up_and_zero_does_not_stick(
+    supervisor: Supervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def nothing_in_flight(socket: Path) -> int:
+        return 0
+
+    monkeypatch.setattr(supervisor.probes, "in_flight", nothing_in_flight)
+    model = next(iter(supervisor.catalog.models))
+    up = worker(model, WorkerState.READY, sleep_mode=False)
+    supervisor.table.add(up, "ready")
+    assert await supervisor.warm.set_keep_alive(model, 600) == []
+    assert supervisor.warm.idle_ttl(model) == (600, "keep_alive")
+    # 0 unloads now, and is not remembered: the next load keeps models.yaml's idle_ttl_s.
+    assert await supervisor.warm.set_keep_alive(model, 0) == [up.unit]
+    assert supervisor.warm.idle_ttl(model)[1] == "idle_ttl_s"
+    await asyncio.wait_for(asyncio.shield(up.done), 5)
+    # A keep_alive set while up ends with the model's last worker.
+    again = worker(model, WorkerState.READY, sleep_mode=False)
+    supervisor.table.add(again, "ready")
+    await supervisor.warm.set_keep_alive(model, -1)
+    supervisor.retirer.retire(again, "unload requested", cause="unload")
+    await asyncio.wait_for(asyncio.shield(again.done), 5)
+    assert supervisor.warm.idle_ttl(model)[1] == "idle_ttl_s"
