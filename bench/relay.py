@@ -232,6 +232,7 @@ def gateway(
     edge: bool = True,
     baseline: Path | None = None,
     tracing: str | None = None,
+    trace_ratio: float = 1.0,
 ) -> Iterator[str]:
     """ssw's gateway with N processes on a port of its own, against the stack's loader
     (``edge=False``: without the public port's protocol limits; ``baseline``: the code of
@@ -245,7 +246,7 @@ def gateway(
     cfg["public"] = {"host": "127.0.0.1", "port": port}
     cfg["gateway"] = {**cfg.get("gateway", {}), "processes": processes, "metrics_listen": None}
     if tracing is not None:
-        cfg["tracing"] = {"otlp_endpoint": tracing}
+        cfg["tracing"] = {"otlp_endpoint": tracing, "sample_ratio": trace_ratio}
     inside = f"/tmp/ssw-bench-gateway-{port}.yaml"
     host.path(inside).write_text(yaml.safe_dump(cfg))
     argv = [*host.prefix(), str(REPO / ".venvs/ssw/bin/ssw"), "--config", inside, "gateway"]
@@ -388,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         "to an OTLP sink), litellm",
     )
     p.add_argument("--baseline", type=Path, help="another checkout of this repository, for the ssw-baseline target")
+    p.add_argument("--trace-ratio", type=float, default=1.0, help="tracing.sample_ratio of the ssw-traced target")
     p.add_argument("--processes", default="1,2", help="gateway processes of the ssw targets")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--duration", type=float, default=8.0, help="seconds per round and target")
@@ -430,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         if sink is not None:
             stack.callback(sink.close)
         traced_url = (
-            stack.enter_context(gateway(host, Path(args.config), 1, work, tracing=sink.url))
+            stack.enter_context(
+                gateway(host, Path(args.config), 1, work, tracing=sink.url, trace_ratio=args.trace_ratio)
+            )
             if sink is not None
             else None
         )

@@ -39,6 +39,7 @@ def begin(tracing: Tracing, scope: dict[str, Any], route: Route, ex: Exchange) -
         attributes={"http.request.method": route.method, "http.route": route.path},
     )
     ex.span = span
+    # (an unsampled trace's context goes on too: the next hop then drops it as well)
     ex.traceparent = Tracing.traceparent(span)
 
 
@@ -47,6 +48,8 @@ def finish(tracing: Tracing, ex: Exchange) -> None:
     if span is None:
         return
     ex.span = None
+    if not span.is_recording():
+        return  # not sampled: nothing of it is kept
 
     def at(perf: float) -> int:
         return wall_ns(perf, ex.t0, ex.started)
