@@ -19,6 +19,42 @@ from ssw.gateway.handler import Gateway
 from ssw.gateway.loader_client import LoaderClient
 from ssw.gateway.relay import Reply
 
+# The rest of a /status answer, as a loader with one simulated GPU would give it.
+STATUS_BASE: dict[str, Any] = {
+    "ssw_version": "test",
+    "uptime_s": 1.0,
+    "gpu_source": "simulated",
+    "placement_policy": "pack",
+    "evictions_total": 0,
+    "aliases": {},
+    "missing": {},
+    "gpus": [
+        {
+            "index": 0,
+            "uuid": "SIM-0",
+            "name": "Simulated GPU",
+            "simulated": True,
+            "memory_total_bytes": 48 * 10**9,
+            "memory_used_bytes": 0,
+            "memory_reserved_bytes": 0,
+            "memory_releasing_bytes": 0,
+            "memory_free_bytes": 48 * 10**9,
+            "utilization_pct": None,
+            "temperature_c": None,
+            "power_w": None,
+            "workers": [],
+        }
+    ],
+}
+STATUS_MODEL: dict[str, Any] = {
+    "path": "/m",
+    "weight_bytes": 1,
+    "vram_need_bytes": 2 * 10**9,
+    "vram_need_source": "models.yaml",
+    "measured_vram_bytes": None,
+    "unit": "ssw-worker@m.service",
+}
+
 
 class StubLoader:
     """Publishes its latest snapshot to every connection, as the loader does, and
@@ -34,6 +70,9 @@ class StubLoader:
         self.latest = b""
         self.changed = asyncio.Condition()
         self.ended = 0  # bumped to end every open stream
+        self.status_reads = 0
+        self.status_body: bytes | None = None
+        self.events_log: list[dict[str, Any]] = []
 
     async def publish(self, frame: bytes | None = None) -> None:
         self.seq += 1
@@ -81,6 +120,22 @@ class StubLoader:
     async def usage(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
 
+    async def status(self, request: web.Request) -> web.Response:
+        """What GET /status answers (the status page reads it); ``status_body`` overrides."""
+        self.status_reads += 1
+        if self.status_body is not None:
+            return web.Response(body=self.status_body, content_type="application/json")
+        models = {n: {**m.model_dump(mode="json"), **STATUS_MODEL} for n, m in self.models.items()}
+        body = {
+            **STATUS_BASE,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "models": models,
+            "workers": [w.model_dump(mode="json") for w in self.workers],
+            "events": self.events_log,
+        }
+        return web.json_response(body)
+
 
 @contextlib.asynccontextmanager
 async def serve(loader: StubLoader) -> AsyncIterator[str]:
@@ -89,6 +144,7 @@ async def serve(loader: StubLoader) -> AsyncIterator[str]:
     app.router.add_get("/events", loader.events)
     app.router.add_post("/load", loader.load)
     app.router.add_post("/usage", loader.usage)
+    app.router.add_get("/status", loader.status)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

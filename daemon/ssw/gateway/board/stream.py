@@ -44,6 +44,7 @@ class Board:
         self._viewers: set[asyncio.Queue[bytes]] = set()
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._latest: bytes | None = None  # the last frame, while anyone watches
         self.frames_built = 0
         gw.loader.on_snapshot(self._on_snapshot)
 
@@ -59,7 +60,10 @@ class Board:
         self._viewers.add(queue)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
-        self._changed.set()  # a new viewer gets a frame at once
+        if self._latest is not None:
+            queue.put_nowait(self._latest)  # at most TICK_S old: a page that reconnects costs no build
+        else:
+            self._changed.set()
         try:
             yield b"retry: 2000\n\n"
             while True:
@@ -73,6 +77,12 @@ class Board:
             self._viewers.discard(queue)
 
     async def _run(self) -> None:
+        try:
+            await self._frames()
+        finally:
+            self._latest = None  # nobody watched: the next page starts from a fresh frame
+
+    async def _frames(self) -> None:
         while self._viewers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), TICK_S)
@@ -84,6 +94,7 @@ class Board:
                 await asyncio.sleep(TICK_S)
                 continue
             self.frames_built += 1
+            self._latest = frame
             for queue in list(self._viewers):
                 if queue.full():  # a slow viewer skips to the latest
                     with contextlib.suppress(asyncio.QueueEmpty):

@@ -1,0 +1,110 @@
+"""The status page's frames, against a stub loader: what a frame holds, one frame per
+change however many pages watch, and a frame that says so when the loader is away or
+answers what it should not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from ssw.common.contract import LoadProgress, LoadView, ModelView
+from ssw.common.states import LoadState
+from ssw.config import Config
+from ssw.gateway import loader_client
+from ssw.gateway.board.stream import Board
+from ssw.gateway.handler import Gateway
+from ssw.gateway.loader_client import LoaderClient
+from tests.unit.gateway.test_loader_client import StubLoader, client, until
+
+
+def loading(started: float) -> ModelView:
+    progress = LoadProgress(kind="load", phase="engine_ready", started=started, expected_s=20.0)
+    return ModelView(load=LoadView(state=LoadState.LOADING, reason="requested", progress=progress))
+
+
+async def next_frame(frames: object) -> dict[str, object]:
+    """The next frame of a viewer's stream (skipping its retry line and keep-alives)."""
+    while True:
+        chunk: bytes = await asyncio.wait_for(frames.__anext__(), 5)  # type: ignore[attr-defined]
+        if chunk.startswith(b"event: frame\n"):
+            return orjson.loads(chunk.split(b"data: ", 1)[1])  # type: ignore[no-any-return]
+
+
+async def test_a_frame_holds_the_host_and_a_loads_progress_and_eta(stub: tuple[StubLoader, str]) -> None:
+    loader, url = stub
+    loader.models = {"m": loading(time.time() - 5)}
+    loader.events_log = [{"at": time.time(), "kind": "loading", "model": "m", "unit": None, "text": "model m: load"}]
+    await loader.publish()
+    async with client(url) as c:
+        gw = Gateway(Config(), c)
+        await until(lambda: c.snapshot is not None)
+        frame = await Board(gw).frame()
+        status = frame["status"]
+        assert isinstance(status, dict) and frame["loader"] == {"connected": True, "error": None}
+        progress = status["models"]["m"]["progress"]
+        assert progress["phase"] == "engine_ready" and 4.5 <= progress["elapsed_s"] <= 7
+        assert 13 <= progress["eta_s"] <= 15.5 and progress["expected_s"] == 20.0
+        assert status["events"][0]["kind"] == "loading" and status["gpus"][0]["memory_free_bytes"] == 48 * 10**9
+        assert frame["waiting"] == {} and frame["in_flight"] == {} and "series" in frame["charts"]  # type: ignore[operator]
+        await gw.close()
+
+
+async def test_one_frame_per_change_however_many_viewers(stub: tuple[StubLoader, str]) -> None:
+    loader, url = stub
+    loader.models = {"m": ModelView()}
+    await loader.publish()
+    async with client(url) as c:
+        gw = Gateway(Config(), c)
+        await until(lambda: c.snapshot is not None)
+        board = Board(gw)
+        viewers = [board.stream() for _ in range(5)]
+        firsts = [await next_frame(v) for v in viewers]
+        assert len({f["at"] for f in firsts}) == 1 and board.frames_built == 1  # one build for five pages
+        reads = loader.status_reads
+        loader.models = {"m": loading(time.time())}
+        await loader.publish()
+        changed = [await next_frame(v) for v in viewers]
+        assert all(f["status"]["models"]["m"]["progress"] is not None for f in changed)  # type: ignore[index]
+        assert loader.status_reads - reads <= 2  # the loader is asked per frame, not per page
+        for v in viewers:
+            await v.aclose()  # type: ignore[attr-defined]
+        await board.close()
+        await gw.close()
+
+
+async def test_the_loader_away_or_lying_is_said_not_fatal(stub: tuple[StubLoader, str]) -> None:
+    loader, url = stub
+    await loader.publish()
+    async with client(url) as c:
+        gw = Gateway(Config(), c)
+        await until(lambda: c.snapshot is not None)
+        board = Board(gw)
+        loader.status_body = b'{"not": "a status"}'
+        frame = await board.frame()
+        assert frame["status"] is None and "did not match the contract" in frame["loader"]["error"]  # type: ignore[index]
+        loader.status_body = b"[" * 100  # not JSON at all
+        assert (await board.frame())["status"] is None
+        await gw.close()
+    # Nobody there: the page still gets a frame that says so.
+    async with aiohttp.ClientSession() as session:
+        away = LoaderClient("http://127.0.0.1:9", session)
+        gw = Gateway(Config(), away)
+        frame = await Board(gw).frame()
+        assert frame["status"] is None and "cannot be read" in frame["loader"]["error"]  # type: ignore[index]
+        await gw.close()
+
+
+async def test_a_status_too_large_is_refused(stub: tuple[StubLoader, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    loader, url = stub
+    await loader.publish()
+    monkeypatch.setattr(loader_client, "MAX_STATUS_BYTES", 1000)
+    loader.models = {f"m{i}": ModelView() for i in range(20)}
+    async with client(url) as c:
+        gw = Gateway(Config(), c)
+        frame = await Board(gw).frame()
+        assert frame["status"] is None and "exceeds 1000 bytes" in frame["loader"]["error"]  # type: ignore[index]
+        await gw.close()
