@@ -20,6 +20,7 @@ from ssw.batch.app import AsyncTier
 from ssw.common.auth import KeyRing
 from ssw.config import Config, Listen
 from ssw.gateway.app import FleetApp, gateway_app, metrics_app, pool_metrics_app
+from ssw.gateway.board.stream import Board
 from ssw.gateway.edge import edge_protocol
 from ssw.gateway.handler import Gateway
 from ssw.gateway.loader_client import LoaderClient
@@ -89,6 +90,7 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
     gateway: Gateway | None = None
     pool: GatewayPool | None = None
     slot = child_slot()  # set when this process is one of several gateway processes
+    boards: list[Board] = []  # the status page's streams, ended first on shutdown
     try:
         if "loader" in roles:
             systemd = await Systemd.connect(cfg.systemd.bus_address)
@@ -117,6 +119,7 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
             cleanups.append(tier.close)
             graceful = cfg.gateway.shutdown_timeout_s
             app = _public_app(gateway, tier)
+            boards.append(app.board)
             listeners: list[tuple[Any, Listen, dict[str, Any] | None]] = [(app, cfg.public, None)]
             if cfg.fleet.enabled and cfg.fleet.listen is not None:
                 listeners.append((FleetApp(app), cfg.fleet.listen, _fleet_tls(cfg)))
@@ -152,6 +155,8 @@ async def run(cfg: Config, roles: set[str], config_path: str | None = None) -> i
         notifier.stopping()
         if loader is not None:
             loader.closing.set()
+        for board in boards:
+            board.closing.set()
         for server, _ in servers:
             server.should_exit = True
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -43,6 +43,9 @@ class Board:
         self.sources: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._viewers: set[asyncio.Queue[bytes]] = set()
         self._changed = asyncio.Event()
+        # Set when the gateway stops: open pages end their streams (and reconnect to the
+        # next gateway) instead of holding its shutdown for its grace period.
+        self.closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._latest: bytes | None = None  # the last frame, while anyone watches
         self.frames_built = 0
@@ -64,16 +67,22 @@ class Board:
             queue.put_nowait(self._latest)  # at most TICK_S old: a page that reconnects costs no build
         else:
             self._changed.set()
+        closing = asyncio.ensure_future(self.closing.wait())
         try:
             yield b"retry: 2000\n\n"
-            while True:
-                try:
-                    frame = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
-                except TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
-                yield b"event: frame\ndata: " + frame + b"\n\n"
+            while not self.closing.is_set():
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait(
+                    {getter, closing}, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    yield b"event: frame\ndata: " + getter.result() + b"\n\n"
+                else:
+                    getter.cancel()
+                    if not done:
+                        yield b": keep-alive\n\n"
         finally:
+            closing.cancel()
             self._viewers.discard(queue)
 
     async def _run(self) -> None:

@@ -108,3 +108,20 @@ async def test_a_status_too_large_is_refused(stub: tuple[StubLoader, str], monke
         frame = await Board(gw).frame()
         assert frame["status"] is None and "exceeds 1000 bytes" in frame["loader"]["error"]  # type: ignore[index]
         await gw.close()
+
+
+async def test_open_pages_end_their_streams_when_the_gateway_stops(stub: tuple[StubLoader, str]) -> None:
+    loader, url = stub
+    await loader.publish()
+    async with client(url) as c:
+        gw = Gateway(Config(), c)
+        await until(lambda: c.snapshot is not None)
+        board = Board(gw)
+        page = board.stream()
+        await next_frame(page)
+        board.closing.set()
+        with pytest.raises(StopAsyncIteration):
+            while True:  # what is left, then the end: no grace period held by an open page
+                await asyncio.wait_for(page.__anext__(), 2)
+        await board.close()
+        await gw.close()
