@@ -11,14 +11,14 @@ import aiohttp
 import orjson
 import pytest
 
-from ssw.common.contract import LoadProgress, LoadView, ModelView
-from ssw.common.states import LoadState
+from ssw.common.contract import GpuView, HostRecord, LoadProgress, LoadView, ModelView, WorkerView
+from ssw.common.states import LoadState, WorkerState
 from ssw.config import Config
 from ssw.gateway import loader_client
 from ssw.gateway.board.stream import Board
 from ssw.gateway.handler import Gateway
 from ssw.gateway.loader_client import LoaderClient
-from tests.unit.gateway.test_loader_client import StubLoader, client, until
+from tests.unit.gateway.test_loader_client import STATUS_BASE, StubLoader, client, until
 
 
 def loading(started: float) -> ModelView:
@@ -124,4 +124,37 @@ async def test_open_pages_end_their_streams_when_the_gateway_stops(stub: tuple[S
             while True:  # what is left, then the end: no grace period held by an open page
                 await asyncio.wait_for(page.__anext__(), 2)
         await board.close()
+        await gw.close()
+
+
+class FleetStub:
+    """What the frame reads of a fleet: this host, its peers' records, who answers."""
+
+    def __init__(self, hosts: dict[str, HostRecord], unreachable: set[str]) -> None:
+        self.host, self.connected, self.hosts, self._down = "a", True, hosts, unreachable
+
+    def reachable(self, host: str) -> bool:
+        return host not in self._down
+
+
+async def test_in_a_fleet_the_frame_lists_every_host_and_who_answers(stub: tuple[StubLoader, str]) -> None:
+    loader, url = stub
+    await loader.publish()
+    gpu = GpuView.model_validate(STATUS_BASE["gpus"][0])
+    ready = WorkerView(unit="ssw-worker@m.service", model="m", replica=1, state=WorkerState.READY, gpus=[0], socket="")
+
+    def record(name: str, workers: list[WorkerView]) -> HostRecord:
+        return HostRecord(
+            host=name, url="", epoch="e", at=time.time(), gpus=[gpu], models={}, aliases={}, workers=workers
+        )
+
+    async with client(url) as c:
+        gw = Gateway(Config(), c)
+        gw.fleet = FleetStub({"a": record("a", [ready]), "b": record("b", [])}, {"b"})  # type: ignore[assignment]
+        frame = await Board(gw).frame()
+        fleet = frame["fleet"]
+        assert frame["host"] == "a" and isinstance(fleet, dict)
+        assert fleet["hosts"]["a"]["ready"] == ["m"] and fleet["hosts"]["a"]["reachable"] is True
+        assert fleet["hosts"]["b"]["reachable"] is False and fleet["hosts"]["b"]["free_bytes"] == 48 * 10**9
+        gw.fleet = None
         await gw.close()
