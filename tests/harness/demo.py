@@ -43,7 +43,7 @@ def up() -> None:
         print(box.run("journalctl", "-u", "ssw-loader", "-u", "ssw-gateway", "-n", "50", "--no-pager").stdout)
         sys.exit(f"demo: ssw.target failed to start: {started.stderr.strip()}")
     # The first API key, as a provisioned host gets one (only its digest is kept).
-    added = box.run(str(SSW_VENV / "bin/ssw"), "-c", str(CONFIG), "keys", "add", "demo", check=True)
+    added = box.run(str(SSW_VENV / "bin/ssw"), "-c", str(CONFIG), "keys", "add", "demo", "--operator", check=True)
     KEYFILE.write_text(added.stdout.strip() + "\n")
     KEYFILE.chmod(0o600)
     print("demo: ssw is up; waiting for the pinned model 'tiny' (real vLLM on the CPU, about a minute)")
@@ -70,6 +70,7 @@ def up() -> None:
         "-H 'Content-Type: application/json' "
         '-d \'{"model": "light", "messages": [{"role": "user", "content": "hi"}]}\''
     )
+    print("  page: http://localhost:8000/ui (the key in .cache/demo-key)")
     print(f"  host: nsenter -t {box.pid} -m -p systemctl status ssw-worker@tiny")
     print(f"        nsenter -t {box.pid} -m -p journalctl -u ssw-worker@tiny")
     print(f"  cli:  nsenter -t {box.pid} -m -p {SSW_VENV}/bin/ssw -c {CONFIG} status")
