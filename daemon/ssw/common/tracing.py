@@ -12,7 +12,6 @@ gateway → loader for the load a request waits for."""
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -116,7 +115,3 @@ class Tracing:
 def wall_ns(perf: float, perf0: float, wall0: float) -> int:
     """A perf_counter() reading as wall time in ns, given one moment known in both."""
     return int((wall0 + (perf - perf0)) * 1e9)
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -26,6 +26,7 @@ from ssw.common.contract import (
     Status,
 )
 from ssw.common.prom import CONTENT_TYPE
+from ssw.common.sse import until_closed
 from ssw.errors import JobNotFound, MetricsUnavailable, WouldEvict, clip
 from ssw.loader.models import pulls
 from ssw.loader.role import EVENTS_KEEPALIVE_S, Loader
@@ -335,22 +336,11 @@ async def _event_stream(loader: Loader) -> AsyncIterator[bytes]:
         # JSON has no raw newline, so the snapshot is one data line of any length.
         return b"event: snapshot\ndata: " + loader.snapshot().model_dump_json().encode() + b"\n\n"
 
-    closing = asyncio.ensure_future(loader.closing.wait())
     try:
         yield frame()
-        while not loader.closing.is_set():
-            getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait(
-                {getter, closing}, timeout=EVENTS_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            if getter in done:
-                yield frame()
-            else:
-                getter.cancel()
-                if not done:
-                    yield b": keep-alive\n\n"
+        async for chunk in until_closed(queue, lambda _: frame(), loader.closing, EVENTS_KEEPALIVE_S):
+            yield chunk
     finally:
-        closing.cancel()
         loader.manager.feed.unsubscribe(queue)
 
 

@@ -42,7 +42,7 @@ class LoadTraces:
     def observe(self, change: Change) -> None:
         if not self.tracing.enabled:
             return
-        at = int(change.at * 1e9)
+        at = ns(change.at)
         model = change.model
         if change.unit is None:
             if change.state == "loading" and model not in self._spans:

@@ -22,6 +22,7 @@ import orjson
 
 from ssw.common import tasks
 from ssw.common.contract import Snapshot
+from ssw.common.sse import until_closed
 from ssw.errors import LoaderUnavailable
 from ssw.gateway.board.series import Series
 
@@ -67,22 +68,11 @@ class Board:
             queue.put_nowait(self._latest)  # at most TICK_S old: a page that reconnects costs no build
         else:
             self._changed.set()
-        closing = asyncio.ensure_future(self.closing.wait())
         try:
             yield b"retry: 2000\n\n"
-            while not self.closing.is_set():
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait(
-                    {getter, closing}, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
-                    yield b"event: frame\ndata: " + getter.result() + b"\n\n"
-                else:
-                    getter.cancel()
-                    if not done:
-                        yield b": keep-alive\n\n"
+            async for chunk in until_closed(queue, _event, self.closing, KEEPALIVE_S):
+                yield chunk
         finally:
-            closing.cancel()
             self._viewers.discard(queue)
 
     async def _run(self) -> None:
@@ -174,3 +164,7 @@ class Board:
                 },
             }
         return out
+
+
+def _event(frame: bytes) -> bytes:
+    return b"event: frame\ndata: " + frame + b"\n\n"
