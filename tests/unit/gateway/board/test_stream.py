@@ -5,7 +5,9 @@ answers what it should not."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -26,6 +28,18 @@ def loading(started: float) -> ModelView:
     return ModelView(load=LoadView(state=LoadState.LOADING, reason="requested", progress=progress))
 
 
+@contextlib.asynccontextmanager
+async def following(url: str) -> AsyncIterator[Gateway]:
+    """A gateway that follows the stub loader (its first snapshot in), closed after."""
+    async with client(url) as c:
+        gw = Gateway(Config(), c)
+        await until(lambda: c.snapshot is not None)
+        try:
+            yield gw
+        finally:
+            await gw.close()
+
+
 async def next_frame(frames: object) -> dict[str, object]:
     """The next frame of a viewer's stream (skipping its retry line and keep-alives)."""
     while True:
@@ -39,9 +53,7 @@ async def test_a_frame_holds_the_host_and_a_loads_progress_and_eta(stub: tuple[S
     loader.models = {"m": loading(time.time() - 5)}
     loader.events_log = [{"at": time.time(), "kind": "loading", "model": "m", "unit": None, "text": "model m: load"}]
     await loader.publish()
-    async with client(url) as c:
-        gw = Gateway(Config(), c)
-        await until(lambda: c.snapshot is not None)
+    async with following(url) as gw:
         frame = await Board(gw).frame()
         status = frame["status"]
         assert isinstance(status, dict) and frame["loader"] == {"connected": True, "error": None}
@@ -50,16 +62,13 @@ async def test_a_frame_holds_the_host_and_a_loads_progress_and_eta(stub: tuple[S
         assert 13 <= progress["eta_s"] <= 15.5 and progress["expected_s"] == 20.0
         assert status["events"][0]["kind"] == "loading" and status["gpus"][0]["memory_free_bytes"] == 48 * 10**9
         assert frame["waiting"] == {} and frame["in_flight"] == {} and "series" in frame["charts"]  # type: ignore[operator]
-        await gw.close()
 
 
 async def test_one_frame_per_change_however_many_viewers(stub: tuple[StubLoader, str]) -> None:
     loader, url = stub
     loader.models = {"m": ModelView()}
     await loader.publish()
-    async with client(url) as c:
-        gw = Gateway(Config(), c)
-        await until(lambda: c.snapshot is not None)
+    async with following(url) as gw:
         board = Board(gw)
         viewers = [board.stream() for _ in range(5)]
         firsts = [await next_frame(v) for v in viewers]
@@ -73,22 +82,18 @@ async def test_one_frame_per_change_however_many_viewers(stub: tuple[StubLoader,
         for v in viewers:
             await v.aclose()  # type: ignore[attr-defined]
         await board.close()
-        await gw.close()
 
 
 async def test_the_loader_away_or_lying_is_said_not_fatal(stub: tuple[StubLoader, str]) -> None:
     loader, url = stub
     await loader.publish()
-    async with client(url) as c:
-        gw = Gateway(Config(), c)
-        await until(lambda: c.snapshot is not None)
+    async with following(url) as gw:
         board = Board(gw)
         loader.status_body = b'{"not": "a status"}'
         frame = await board.frame()
         assert frame["status"] is None and "did not match the contract" in frame["loader"]["error"]  # type: ignore[index]
         loader.status_body = b"[" * 100  # not JSON at all
         assert (await board.frame())["status"] is None
-        await gw.close()
     # Nobody there: the page still gets a frame that says so.
     async with aiohttp.ClientSession() as session:
         away = LoaderClient("http://127.0.0.1:9", session)
@@ -113,9 +118,7 @@ async def test_a_status_too_large_is_refused(stub: tuple[StubLoader, str], monke
 async def test_open_pages_end_their_streams_when_the_gateway_stops(stub: tuple[StubLoader, str]) -> None:
     loader, url = stub
     await loader.publish()
-    async with client(url) as c:
-        gw = Gateway(Config(), c)
-        await until(lambda: c.snapshot is not None)
+    async with following(url) as gw:
         board = Board(gw)
         page = board.stream()
         await next_frame(page)
@@ -124,7 +127,6 @@ async def test_open_pages_end_their_streams_when_the_gateway_stops(stub: tuple[S
             while True:  # what is left, then the end: no grace period held by an open page
                 await asyncio.wait_for(page.__anext__(), 2)
         await board.close()
-        await gw.close()
 
 
 class FleetStub:
