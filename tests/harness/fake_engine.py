@@ -86,6 +86,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--enable-sleep-mode", action="store_true")
     p.add_argument("--enable-lora", action="store_true")
     p.add_argument("--max-loras", type=int, default=1)
+    # vLLM's multi-node backend (a model across hosts): rank 0 serves once every other
+    # rank has joined it on --master-addr:--master-port, and fails when one leaves.
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--master-port", type=int, default=29500)
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -192,7 +198,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         )
 
     async def health(_: web.Request) -> web.Response:
-        if args.fail == "unhealthy" or time.monotonic() < ready_at:
+        if args.fail == "unhealthy" or time.monotonic() < ready_at or GROUP["joined"] < args.nnodes - 1:
             return web.Response(status=503)
         return web.Response(status=200)
 
@@ -486,6 +492,57 @@ def make_app(args: argparse.Namespace) -> web.Application:
     return app
 
 
+GROUP = {"joined": 0}  # the ranks that joined this head (a model across hosts)
+
+
+async def serve_group(args: argparse.Namespace, failed: asyncio.Event) -> asyncio.Server:
+    """The head's side of the group: every other rank connects and says hello; one that
+    leaves fails the engine, as a dead worker fails vLLM's."""
+
+    async def joined(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = (await reader.readline()).decode().strip()
+        GROUP["joined"] += 1
+        print(f"fake engine: {hello} joined ({GROUP['joined']} of {args.nnodes - 1})", flush=True)
+        await reader.read()  # until it goes
+        print(f"fake engine: {hello} left the group; the engine fails", file=sys.stderr, flush=True)
+        failed.set()
+
+    return await asyncio.start_server(joined, args.master_addr, args.master_port)
+
+
+def run_headless(args: argparse.Namespace) -> None:
+    """A headless rank (vLLM's run_headless): join the head, and end when it does."""
+    where = f"{args.master_addr}:{args.master_port}"
+    print(f"fake engine: rank {args.node_rank} of {args.model} joining {where}", flush=True)
+
+    async def run() -> int:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(args.master_addr, args.master_port)
+                break
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    print(f"fake engine: the head never answered: {exc}", file=sys.stderr, flush=True)
+                    return 1
+                await asyncio.sleep(0.2)
+        writer.write(f"rank {args.node_rank}\n".encode())
+        await writer.drain()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        gone = asyncio.ensure_future(reader.read())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([gone, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            return 0
+        print("fake engine: the head is gone; this rank fails", file=sys.stderr, flush=True)
+        return 1
+
+    sys.exit(asyncio.run(run()))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
     where = args.uds or f"{args.host}:{args.port}"
@@ -521,14 +578,21 @@ async def serve(args: argparse.Namespace) -> None:
             sites.append(web.TCPSite(runner, "127.0.0.1", args.also_port, backlog=args.backlog))
     else:
         sites.append(web.TCPSite(runner, args.host, args.port, backlog=args.backlog))
+    failed = asyncio.Event()
+    group = await serve_group(args, failed) if args.nnodes > 1 else None
     for site in sites:
         await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    ended = asyncio.ensure_future(failed.wait())
+    await asyncio.wait([asyncio.ensure_future(stop.wait()), ended], return_when=asyncio.FIRST_COMPLETED)
+    if group is not None:
+        group.close()
     await runner.cleanup()
+    if failed.is_set():
+        sys.exit(1)
 
 
 if __name__ == "__main__":

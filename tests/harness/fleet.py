@@ -13,6 +13,7 @@ here with openssl, as the Ansible role makes them on its controller.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -200,6 +201,11 @@ class FleetHost:
                     "listen": {"host": address, "port": FLEET_PORT},
                 },
                 **(extra or {}),
+                # The hosts share this machine's cgroup tree: each gets a slice of its
+                # own, or a unit of the same name on two hosts (a model loaded on both,
+                # or a model across both) would be one cgroup, with one IP filter. New
+                # per start: a cgroup a killed host left behind keeps its BPF filters.
+                "workers": {"slice": f"ssw-{name}{secrets.token_hex(3)}.slice", **(extra or {}).get("workers", {})},
             },
         )
         host = cls(
@@ -283,3 +289,23 @@ class FleetHost:
         self.gateway.stop()
         self.loader.stop()
         self.box.stop()
+        self.remove_cgroups()
+
+    def remove_cgroups(self) -> None:
+        """The cgroups its workers' slice left in this machine's tree (a stopped host's
+        systemd does not remove them)."""
+        import yaml
+
+        workers = yaml.safe_load(self.config.read_text()).get("workers", {})
+        slice_name = str(workers.get("slice", ""))
+        if not slice_name.startswith("ssw-"):
+            return
+        for hierarchy in Path("/sys/fs/cgroup").iterdir():
+            top = hierarchy / "ssw.slice" / slice_name
+            if top.is_dir():
+                for directory in sorted(top.rglob("*"), key=lambda p: -len(p.parts)):
+                    if directory.is_dir():
+                        with contextlib.suppress(OSError):
+                            directory.rmdir()
+                with contextlib.suppress(OSError):
+                    top.rmdir()

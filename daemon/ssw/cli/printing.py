@@ -53,6 +53,8 @@ def print_status(st: Status) -> None:
             + (f", host memory {gb(w.ram_bytes)}" if w.state == "sleeping" and w.ram_bytes else "")
             + (f", adapters {', '.join(w.adapters)}" if w.adapters else "")
         )
+        if w.group:
+            print(f"    rank {w.rank} ({'head, serving' if w.rank == 0 else 'headless'}) of group {w.group}")
         if w.state_reason:
             print(f"    {w.state_reason}")
     print("models:")
@@ -105,6 +107,7 @@ def print_fleet(out: dict[str, Any]) -> None:
                 f"{gb(used)}/{gb(g['memory_total_bytes'])}"
             )
         for w in h["workers"]:
-            print(f"  {w['unit']:<40} {w['state']:<10} GPU {','.join(map(str, w['gpus']))}")
+            group = f"  rank {w['rank']} of group {w['group']}" if w.get("group") else ""
+            print(f"  {w['unit']:<40} {w['state']:<10} GPU {','.join(map(str, w['gpus']))}{group}")
         if not h["workers"]:
             print("  (no workers)")

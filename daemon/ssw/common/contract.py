@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress
 
 from ssw.common.states import LoadState, WorkerState
 
@@ -66,6 +66,10 @@ class WorkerView(_View):
     sleep_mode: bool = False  # started with vLLM's sleep mode
     sleep_level: int | None = None  # while sleeping: 1 (weights in host RAM) or 2 (weights dropped)
     ram_bytes: int | None = None  # host memory of its unit (cgroup MemoryCurrent) when last read
+    # A model across hosts: its node rank (0, the head, serves; the others are headless and
+    # never routed to) and its group ("<id>: hosta (head), hostb"); None on one host.
+    rank: int = 0
+    group: str | None = None
 
 
 class LoadProgress(_View):
@@ -254,3 +258,39 @@ class HostRecord(_View):
     workers: list[WorkerView]
     # Models on its disk that no worker serves: what loading each would take (None: it cannot).
     previews: dict[str, Preview | None] = Field(default_factory=dict)
+    # Where the ranks of a model across hosts reach this host (its fleet address); None: nowhere.
+    rank_address: str | None = None
+
+
+# Patterns for pydantic (Rust regexes: "$" is the end of the text).
+GROUP_ID_RE = r"^[0-9a-f]{8,32}$"
+
+
+class GroupMember(_View):
+    host: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    rank: int = Field(ge=0, le=63)  # vLLM's node rank
+    address: IPvAnyAddress  # where its ranks listen, on the fleet's network
+
+
+class GroupRecord(_View):
+    """One start of a model across hosts, in the fleet's Redis (``ssw:fleet:group:<model>``):
+    written by its head's loader, read by every member's, which start, stop and report
+    their ranks by it. A new start is a new ``id`` on a new ``master_port``: a rank of
+    an earlier start never joins it."""
+
+    version: Literal[1] = CONTRACT_VERSION
+    id: str = Field(pattern=GROUP_ID_RE)
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    head: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    master_addr: IPvAnyAddress
+    master_port: int = Field(ge=1024, le=65535)
+    members: list[GroupMember] = Field(min_length=2, max_length=64)
+    state: Literal["starting", "ready", "ending"] = "starting"
+    reason: str = Field(default="", max_length=2000)  # why it is ending
+    at: float  # wall time of its last change
+
+    def member(self, host: str) -> GroupMember | None:
+        return next((m for m in self.members if m.host == host), None)
+
+    def describe(self) -> str:
+        return f"{self.id}: " + ", ".join(m.host + (" (head)" if m.rank == 0 else "") for m in self.members)

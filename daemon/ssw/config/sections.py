@@ -484,11 +484,25 @@ class FleetSettings(_Section):
     load_lease_s: float = Field(
         default=60.0, gt=0, description="How long a fleet-wide decision of where to load a model stands."
     )
+    rank_ports: tuple[int, int] = Field(
+        default=(29500, 29999),
+        description="The ports a model across hosts may take as its master port (vLLM --master-port), a new one "
+        "per start; its ranks reach each other on the fleet listener's address (listen.host).",
+    )
+
+    def rank_address(self) -> str | None:
+        """Where this host's ranks of a model across hosts listen: the fleet listener's address."""
+        if self.listen is None or ipaddress.ip_address(self.listen.host).is_unspecified:
+            return None
+        return self.listen.host
 
     @model_validator(mode="after")
     def _advertised(self) -> FleetSettings:
         if self.ttl_s < 2 * self.heartbeat_s:
             raise ValueError("ttl_s must be at least twice heartbeat_s")
+        low, high = self.rank_ports
+        if not 1024 <= low < high <= 65535:
+            raise ValueError(f"rank_ports: [{low}, {high}] is not a range of ports from 1024 to 65535")
         if not self.redis_url:
             return self
         if not self.advertise_url:

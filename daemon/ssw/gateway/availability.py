@@ -335,7 +335,10 @@ class Availability:
             if (
                 record is not None
                 and entry is not None
-                and (entry.load.state is not LoadState.IDLE or any(w.model == model for w in record.workers))
+                and (
+                    entry.load.state is not LoadState.IDLE
+                    or any(w.model == model and w.rank == 0 for w in record.workers)
+                )
             ):
                 return placed  # its load is under way there
             self._placed.pop(model, None)  # done, failed or never begun: decided again
@@ -415,7 +418,7 @@ class Availability:
         elif (
             rec.state is LoadState.IDLE
             and rec.since > placed.since
-            and not any(w.model == model and w.state is not WorkerState.FAILED for w in record.workers)
+            and not any(w.model == model and w.rank == 0 and w.state is not WorkerState.FAILED for w in record.workers)
         ):
             # Its load there ended, and no worker came of it.
             why = rec.last_error or rec.reason or "no worker came up"

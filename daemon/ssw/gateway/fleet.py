@@ -271,7 +271,7 @@ class FleetView:
             if entry is None:
                 continue
             loading = entry.load.state is LoadState.LOADING or any(
-                w.model == model and w.state is not WorkerState.FAILED for w in record.workers
+                w.model == model and w.rank == 0 and w.state is not WorkerState.FAILED for w in record.workers
             )
             preview = record.previews.get(model)
             if not loading and preview is None:

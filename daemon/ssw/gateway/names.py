@@ -50,11 +50,23 @@ class Names:
                     self.models.setdefault(name, entry)
                 for alias, target in record.aliases.items():
                     self.aliases.setdefault(alias, target)
-                ready = {w.model for w in record.workers if w.state is WorkerState.READY}
-                ready |= {a for w in record.workers if w.state is WorkerState.READY for a in w.adapters}
-                present = {w.model for w in record.workers}
+                # A headless rank of a model across hosts serves nothing where it runs:
+                # its group's head does, and only the head is routed to.
+                serving = [w for w in record.workers if w.rank == 0]
+                ready = {w.model for w in serving if w.state is WorkerState.READY}
+                ready |= {a for w in serving if w.state is WorkerState.READY for a in w.adapters}
+                present = {w.model for w in serving}
+                ranks = {w.model for w in record.workers if w.rank > 0}
                 for name in record.models:
-                    state = "ready" if name in ready else "loading" if name in present else "unloaded"
+                    state = (
+                        "ready"
+                        if name in ready
+                        else "loading"
+                        if name in present
+                        else "rank"
+                        if name in ranks
+                        else "unloaded"
+                    )
                     self.hosts.setdefault(name, {})[host] = state
                     if state == "ready" and host != fleet.host and fleet.reachable(host):
                         self.remote.setdefault(name, []).append(remote_worker(host, name, record.url))
@@ -62,6 +74,8 @@ class Names:
         self.live: dict[str, list[WorkerView]] = {}
         self.asleep: set[str] = set()
         for w in snap.workers:
+            if w.rank > 0:
+                continue  # a headless rank: its group's head (maybe on another host) serves
             if w.state is WorkerState.READY:
                 self.ready.setdefault(w.model, []).append(w)
             if w.state in LIVE:

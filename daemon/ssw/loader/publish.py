@@ -23,8 +23,16 @@ log = logging.getLogger(__name__)
 class Publisher:
     """The loader's side: its host's record, every heartbeat."""
 
-    def __init__(self, settings: FleetSettings, record: Callable[[], Awaitable[HostRecord]]) -> None:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        record: Callable[[], Awaitable[HostRecord]],
+        in_group: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.settings = settings
+        # Whether this host runs a rank of a model across hosts: it then stays listed until
+        # its TTL when its loader stops (a restart adopts the rank; the group lives on).
+        self._in_group = in_group
         self.host = settings.host_name()
         self._record = record
         self._redis = fleet_redis(settings)
@@ -37,6 +45,9 @@ class Publisher:
 
     async def close(self) -> None:
         await tasks.cancel(self._task)
+        if self._in_group():
+            await self._redis.aclose()
+            return
         # Leaving on purpose: the others drop this host now, not after the TTL.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(REDIS_TIMEOUT_S):

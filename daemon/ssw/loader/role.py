@@ -29,7 +29,7 @@ from ssw.common.contract import (
     valid_name,
 )
 from ssw.common.routes import families_of_paths
-from ssw.common.states import LoadState, WorkerState
+from ssw.common.states import LEAVING, LoadState, WorkerState
 from ssw.common.tracing import Tracing
 from ssw.config import Config
 from ssw.errors import ModelNotFound, SswError
@@ -106,7 +106,11 @@ class Loader:
         )
         self._redis_warned = 0.0
         # In a fleet, this host's state goes to the fleet's Redis every heartbeat.
-        self.fleet = Publisher(cfg.fleet, self.host_record) if cfg.fleet.enabled else None
+        self.fleet = (
+            Publisher(cfg.fleet, self.host_record, lambda: any(w.part for w in self.manager.table))
+            if cfg.fleet.enabled
+            else None
+        )
         self._last_scan = time.monotonic()
         # Set on shutdown so the open event streams end and the server can stop.
         self.closing = asyncio.Event()
@@ -307,9 +311,11 @@ class Loader:
         gpus = await self.manager.inventory.gpu_snapshot()
         snap = self.snapshot()
         live = {w.model for w in self.manager.table}
+        staying = {w.model for w in self.manager.table if w.state not in LEAVING}
         previews: dict[str, Preview | None] = {}
         for name, spec in self.registry.models.items():
-            if name in live or spec.is_adapter:
+            # A model across hosts may take a rank here again while an earlier one is leaving.
+            if spec.is_adapter or name in (staying if spec.span else live):
                 continue
             found = self.manager.inventory.preview(spec, gpus)
             previews[name] = Preview(free_after_bytes=found[0], victims=found[1]) if found else None
@@ -324,6 +330,7 @@ class Loader:
             aliases=snap.aliases,
             workers=snap.workers,
             previews=previews,
+            rank_address=fleet.rank_address(),
         )
 
     def _gpu_views(self, gpus: list[GpuInfo]) -> list[GpuView]:

@@ -158,14 +158,19 @@ def place(
     allowed: Sequence[int] | None = None,
     tensor_parallel: bool = False,
     rank: int = INTERACTIVE,
+    width: int = 1,
 ) -> Placement:
-    """A placement for one worker, for a request of priority ``rank``; NoCapacity (with
+    """A placement for one worker (on ``width`` GPUs, each holding ``need``: a rank of a
+    model across hosts), for a request of priority ``rank``; NoCapacity (with
     the numbers) when none exists. Workers that became ready a short while ago
     (``young``) are left alone; a realtime load may evict them when nothing else makes
     room; for another, SwapDeferred (the load waits for their residency to end).
     SwapDeferred too when the only room is a worker that more urgent requests than
     this one wait for: the load waits for them rather than swapping under them."""
-    placed = _place_settled(need, devices, residents, policy, allowed, tensor_parallel, rank)
+    if width > 1:
+        placed = _place_wide(need, devices, residents, width)
+    else:
+        placed = _place_settled(need, devices, residents, policy, allowed, tensor_parallel, rank)
     victims = [r for r in residents if r.unit in placed.evict]
     busy = [v for v in victims if v.waiters and v.waiter_rank is not None]
     urgent = [v for v in busy if v.waiter_rank is not None and v.waiter_rank < rank]
@@ -175,6 +180,27 @@ def place(
             + ", ".join(f"{v.unit} ({v.waiters} request(s) in flight, some more urgent)" for v in urgent)
         )
     return dataclasses.replace(placed, drain=tuple(v.unit for v in busy if v.waiter_rank == rank))
+
+
+def _place_wide(need: VramNeed, devices: Sequence[DeviceView], residents: Sequence[Resident], width: int) -> Placement:
+    """``width`` GPUs holding ``need`` each: those needing the fewest and least disturbing
+    evictions (none where it fits), then the most free memory. Workers that became
+    ready a short while ago are not evicted for it."""
+    per = need.per_gpu(1)
+    settled = [dataclasses.replace(r, evictable=False) if r.young else r for r in residents]
+    options = []
+    for d in devices:
+        victims, enough = _eviction_on(d, per, settled)
+        if enough:
+            options.append(((disturbance(victims), len(victims), -d.free_after_release, d.index), d.index, victims))
+    if len(options) < width:
+        raise NoCapacity(
+            f"a rank needs {width} GPUs with {per / GB:.1f} GB each ({need.source}); only {len(options)} of "
+            f"{len(devices)} can hold it, even after evictions"
+        )
+    chosen = sorted(options, key=lambda o: o[0])[:width]
+    evict = tuple(dict.fromkeys(v.unit for _, _, victims in chosen for v in victims))
+    return Placement(tuple(sorted(index for _, index, _ in chosen)), evict, per)
 
 
 def _place_settled(

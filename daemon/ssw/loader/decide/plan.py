@@ -36,11 +36,12 @@ def plan_start(
     tensor_parallel: bool,
     taken: Collection[str],
     rank: int = INTERACTIVE,
+    width: int = 1,
 ) -> StartPlan:
     """Where replica ``replica`` of ``model`` starts; NoCapacity (naming the model and
     the numbers) when it fits nowhere, even after evictions."""
     try:
-        placed = place(need, devices, residents, policy, allowed, tensor_parallel, rank)
+        placed = place(need, devices, residents, policy, allowed, tensor_parallel, rank, width)
     except SswError as exc:
         exc.message = f"{model}: {exc.message}"
         raise

@@ -20,6 +20,7 @@ from ssw.config import PlacementSettings
 
 if TYPE_CHECKING:
     from ssw.loader.models.registry import ModelSpec
+    from ssw.loader.models.spans import Span
 
 GB = 10**9
 DEFAULT_CONTEXT = 8192  # when neither models.yaml nor config.json says
@@ -68,3 +69,13 @@ def vram_need(spec: ModelSpec, settings: PlacementSettings, measured_bytes: int 
         with_margin = int(measured_bytes * (1 + settings.measured_margin))
         return VramNeed(max(with_margin - overhead, 0), overhead, kv, "measured")
     return VramNeed(weights + (kv or 0), overhead, kv, "estimate")
+
+
+def rank_share(need: VramNeed, span: Span | None) -> VramNeed:
+    """What each GPU of a model across hosts holds: its weights and KV cache divided over
+    the world of ranks, plus each GPU's own overhead; the need itself on one host."""
+    if span is None:
+        return need
+    world = span.world
+    kv = math.ceil(need.kv_bytes / world) if need.kv_bytes else need.kv_bytes
+    return VramNeed(math.ceil(need.model_bytes / world), need.overhead_bytes, kv, need.source)

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from ssw.common.contract import ALIAS_RE, NAME_RE, valid_alias, valid_name
+from ssw.common.contract import NAME_RE, valid_name
 from ssw.errors import ConfigError, ModelNotFound
 from ssw.loader.models.capabilities import Shape
+from ssw.loader.models.overrides import ModelOverride, ModelsFile
+from ssw.loader.models.spans import Span, shape_problem
 from ssw.loader.models.splits import check_splits
 
 log = logging.getLogger(__name__)
@@ -31,136 +33,6 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as
 DEFAULT_MAX_LORAS = 4
 
 
-class ModelOverride(BaseModel):
-    """One entry of models.yaml. Unset fields fall back to facts and family defaults."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str | None = Field(default=None, description="Directory under models_dir (default: the model's name).")
-    aliases: list[str] = Field(default_factory=list, description="Other names clients may use.")
-    pinned: bool = Field(default=False, description="Loaded at start, never evicted, always restarted.")
-    vram_gb: float | None = Field(
-        default=None, gt=0, description="VRAM the worker may use, in GB; wins over estimates."
-    )
-    max_model_len: int | None = Field(default=None, gt=0, description="vLLM --max-model-len.")
-    max_num_seqs: int | None = Field(default=None, gt=0, description="vLLM --max-num-seqs (concurrency).")
-    tool_call_parser: str | None = Field(default=None, description="Tool-call parser; 'none' turns the default off.")
-    reasoning_parser: str | None = Field(default=None, description="Reasoning parser; 'none' turns the default off.")
-    chat_template_kwargs: dict[str, Any] | None = Field(
-        default=None, description="Defaults the gateway adds to chat requests unless the client set them."
-    )
-    extra_args: list[str] = Field(default_factory=list, description="More vLLM arguments for this model.")
-    replicas: int = Field(default=1, ge=1, le=16, description="Workers to run for this model.")
-    max_tokens: int | None = Field(
-        default=None, gt=0, description="The largest max_tokens a request may ask of this model (400 beyond)."
-    )
-    gpus: list[int] | None = Field(
-        default=None, description="GPU of each replica, in order (cycled); default: placement decides."
-    )
-    fallbacks: list[str] = Field(
-        default_factory=list, description="Models or aliases that may serve when this one cannot."
-    )
-    fallback_default: bool = Field(
-        default=False, description="Use the fallbacks without the client asking (X-SSW-Fallback: true)."
-    )
-    runner: Literal["auto", "generate", "pooling"] = Field(
-        default="auto",
-        description="vLLM --runner: 'pooling' serves a generative architecture as an embedding or "
-        "classification model (with convert); auto: as vLLM decides from the architecture.",
-    )
-    convert: Literal["auto", "none", "embed", "classify"] = Field(
-        default="auto", description="vLLM --convert: how a pooling runner adapts the model (embed, classify)."
-    )
-    scheduling_policy: Literal["fcfs", "priority"] | None = Field(
-        default=None, description="vLLM --scheduling-policy; 'priority' passes X-SSW-Priority on to vLLM."
-    )
-    env: dict[str, str] = Field(default_factory=dict, description="Environment for this model's workers.")
-    sleep: Literal["auto"] | bool = Field(
-        default="auto",
-        description="Start workers with vLLM's sleep mode, so that eviction and idle_ttl_s put them to sleep "
-        "instead of stopping them; auto: on GPU hosts (NVML), off on the CPU, where vLLM refuses it. Pinned "
-        "models sleep only when this is true.",
-    )
-    idle_ttl_s: float | None = Field(
-        default=None, gt=0, description="After this long without a request its workers sleep (or stop)."
-    )
-    preload: bool = Field(default=False, description="Loaded when the loader starts; unlike pinned, may be evicted.")
-    enforce_eager: bool | None = Field(
-        default=None, description="vLLM --enforce-eager: no CUDA graphs or torch.compile; starts faster, serves slower."
-    )
-    load_format: str | None = Field(
-        default=None, description="vLLM --load-format (e.g. 'safetensors', 'runai_streamer', 'fastsafetensors')."
-    )
-    compilation_config: dict[str, Any] | None = Field(
-        default=None, description="vLLM --compilation-config (e.g. {level: 0} to skip compilation)."
-    )
-    base: str | None = Field(
-        default=None,
-        description="For a LoRA adapter: the model whose workers serve it (default: from its adapter_config.json).",
-    )
-    max_loras: int | None = Field(
-        default=None,
-        ge=1,
-        le=64,
-        description="For a base model: adapters loaded at once per worker (vLLM --max-loras).",
-    )
-    max_lora_rank: int | None = Field(
-        default=None,
-        ge=1,
-        le=512,
-        description="For a base model: the largest adapter rank (default: from the adapters).",
-    )
-    python: str | None = Field(
-        default=None,
-        description="Python of the vLLM environment this model runs with (default: vllm.python), for a model "
-        "that needs another vLLM version; absolute, or relative to the models file.",
-    )
-
-    @field_validator("aliases")
-    @classmethod
-    def _aliases_are_names(cls, value: list[str]) -> list[str]:
-        for alias in value:
-            if not valid_alias(alias):
-                raise ValueError(f"alias {alias!r} is not a valid name ({ALIAS_RE.pattern})")
-        return value
-
-    @field_validator("path")
-    @classmethod
-    def _relative_path(cls, value: str | None) -> str | None:
-        if value is not None and (value.startswith("/") or ".." in Path(value).parts):
-            raise ValueError("must be a path relative to models_dir without '..'")
-        return value
-
-
-class SplitOverride(BaseModel):
-    """An A/B split in models.yaml: a name whose traffic goes to several models by weight,
-    each client sticking to one."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    models: dict[str, float] = Field(min_length=2, description="model -> its share (any positive numbers)")
-    sticky: Literal["key", "user"] = Field(
-        default="key",
-        description="Who stays on one model: each API key, or each end user (the request's 'user' field, "
-        "else its key).",
-    )
-
-    @field_validator("models")
-    @classmethod
-    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = [m for m, w in value.items() if not w > 0]
-        if bad:
-            raise ValueError(f"every share must be positive: {', '.join(bad)}")
-        return value
-
-
-class ModelsFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    models: dict[str, ModelOverride] = Field(default_factory=dict)
-    splits: dict[str, SplitOverride] = Field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class ModelFacts:
     """What config.json and the weight files say; None where they do not say."""
@@ -170,6 +42,7 @@ class ModelFacts:
     quantization: str | None = None
     dtype: str | None = None
     num_layers: int | None = None
+    num_heads: int | None = None  # attention heads
     num_kv_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int | None = None
@@ -215,6 +88,7 @@ class ModelSpec:
     lora_rank: int | None = None  # an adapter's rank (adapter_config.json's r)
     # A base model with adapters: (max_loras, max_lora_rank) for vLLM; None: LoRA off.
     lora: tuple[int, int] | None = None
+    span: Span | None = None  # across hosts (models.yaml hosts: 2 or more); None: on one host
 
     @property
     def is_adapter(self) -> bool:
@@ -330,6 +204,7 @@ def read_facts(model_dir: Path) -> ModelFacts:
         quantization=quant.get("quant_method") if isinstance(quant, dict) else None,
         dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or text.get("torch_dtype") or "") or None,
         num_layers=_int(text.get("num_hidden_layers")),
+        num_heads=heads,
         num_kv_heads=_int(text.get("num_key_value_heads")) or heads,
         head_dim=head_dim,
         max_position_embeddings=_int(text.get("max_position_embeddings")),
@@ -460,6 +335,7 @@ def _spec(name: str, path: Path, facts: ModelFacts, ov: ModelOverride, base: Pat
         enforce_eager=ov.enforce_eager,
         load_format=ov.load_format,
         compilation_config=ov.compilation_config,
+        span=ov.span,
     )
 
 
@@ -522,6 +398,17 @@ def _add_adapters(
         )
 
 
+def check_span(spec: ModelSpec, models_file: Path) -> None:
+    """A model across hosts whose cut vLLM would refuse for its shape: ConfigError naming the numbers."""
+    if spec.span is None:
+        return
+    f = spec.facts
+    problem = shape_problem(spec.span, f.num_heads, f.num_kv_heads, f.num_layers)
+    if problem is not None:
+        key = "pipeline_parallel_size" if "layers" in problem else "tensor_parallel_size"
+        raise ConfigError(f"{models_file}: models.{spec.name}.{key}: {problem} ({spec.span.describe()})")
+
+
 def scan(models_dir: Path, models_file: Path) -> Registry:
     """Build the registry from disk. Configuration errors raise ConfigError naming the key."""
     models_yaml = load_models_file(models_file)
@@ -550,6 +437,8 @@ def scan(models_dir: Path, models_file: Path) -> Registry:
         except (OSError, ValueError) as exc:
             log.warning("model %s: cannot read %s: %s", name, path / "config.json", exc)
             missing[name] = path
+            continue
+        check_span(models[name], models_file)
     for rel, path in dirs.items():
         if rel in claimed:
             continue

@@ -10,7 +10,8 @@ from ssw.common.contract import NAME_RE, valid_name
 from ssw.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ssw.loader.models.registry import ModelOverride, ModelSpec, SplitOverride
+    from ssw.loader.models.overrides import ModelOverride, SplitOverride
+    from ssw.loader.models.registry import ModelSpec
 
 
 def check_splits(

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 
+from ssw.common.contract import GroupRecord
 from ssw.common.routes import Family
 from ssw.config import Config, TracingSettings
 from ssw.loader.models.capabilities import predict
 from ssw.loader.models.registry import ModelSpec
+from ssw.loader.models.spans import Span
 from ssw.loader.systemd.units import NVIDIA_CONTROL_DEVICES, WorkerUnit, escape, parse_size
 
 ENTRY_POINT = "vllm.entrypoints.openai.api_server"
@@ -25,14 +28,56 @@ ENV_SOCKET = "SSW_SOCKET"
 ENV_GPU = "SSW_GPU"
 ENV_BUDGET = "SSW_VRAM_BYTES"
 ENV_SLEEP = "SSW_SLEEP"  # started with sleep mode
+ENV_RANK = "SSW_RANK"  # a model across hosts: its node rank (0: the head)
+ENV_GROUP = "SSW_GROUP"  # ...and the id of its group's start
+# The program of a headless rank (run by the vLLM environment's Python).
+RANK_PROGRAM = Path(__file__).with_name("vllm_rank.py")
 RESPONSES_STORE = "VLLM_ENABLE_RESPONSES_API_STORE"
 SLEEP_DEV_MODE = "VLLM_SERVER_DEV_MODE"
 RUNTIME_LORA = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 
 
+@dataclass(frozen=True)
+class RankPart:
+    """This host's part in a model across hosts: its node rank in one start of the group."""
+
+    span: Span
+    rank: int
+    group: GroupRecord
+    address: str  # where this host's ranks listen (VLLM_HOST_IP)
+    interface: str | None = None  # the network interface that carries it
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """The other hosts' addresses: the only ones its rank traffic may reach."""
+        return tuple(str(m.address) for m in self.group.members if str(m.address) != self.address)
+
+
+def rank_args(part: RankPart) -> list[str]:
+    """vLLM's multi-node arguments, the same on every host but for the node rank."""
+    return [
+        "--pipeline-parallel-size",
+        str(part.span.pipeline_parallel),
+        "--distributed-executor-backend",
+        "mp",
+        "--nnodes",
+        str(part.span.hosts),
+        "--node-rank",
+        str(part.rank),
+        "--master-addr",
+        str(part.group.master_addr),
+        "--master-port",
+        str(part.group.master_port),
+    ]
+
+
 def sleep_enabled(spec: ModelSpec, gpu_kind: str) -> bool:
     """Whether the model's workers start with sleep mode: as models.yaml says, and by
-    default on GPU hosts only (vLLM on the CPU refuses --enable-sleep-mode)."""
+    default on GPU hosts only (vLLM on the CPU refuses --enable-sleep-mode). Never for
+    a model across hosts: its ranks on the other hosts would keep their memory
+    counted while the head slept."""
+    if spec.span is not None:
+        return False
     if spec.sleep == "auto":
         return gpu_kind == "nvml" and not spec.pinned
     return bool(spec.sleep)
@@ -52,11 +97,12 @@ def vllm_argv(
     kv_bytes: int | None = None,
     tensor_parallel: int = 1,
     sleep: bool = False,
+    part: RankPart | None = None,
 ) -> list[str]:
+    headless = part is not None and part.rank > 0
     argv = [
         str(spec.python or cfg.vllm.python),
-        "-m",
-        ENTRY_POINT,
+        *([str(RANK_PROGRAM)] if headless else ["-m", ENTRY_POINT]),
         "--model",
         str(spec.path),
         "--served-model-name",
@@ -76,8 +122,12 @@ def vllm_argv(
             # A KV cache of the planned size, not whatever the fraction leaves:
             # the measured footprint then tells the truth for later placements.
             argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
+    if part is not None:
+        tensor_parallel = part.span.tensor_parallel
     if tensor_parallel > 1:
         argv += ["--tensor-parallel-size", str(tensor_parallel)]
+    if part is not None:
+        argv += rank_args(part)
     if spec.max_model_len:
         argv += ["--max-model-len", str(spec.max_model_len)]
     if spec.max_num_seqs:
@@ -125,6 +175,7 @@ def worker_unit(
     kv_bytes: int | None = None,
     device_nodes: tuple[str, ...] = (),
     sleep: bool = False,
+    part: RankPart | None = None,
 ) -> WorkerUnit:
     """``budget_bytes`` is per GPU; ``gpu_total_bytes`` is None for simulated GPUs
     (vLLM on the CPU has no device memory to check); ``device_nodes`` are the
@@ -164,11 +215,25 @@ def worker_unit(
         ENV_SLEEP: "1" if sleep else "0",
         "PYTHONUNBUFFERED": "1",
         **(WORKER_OTEL_ENV if cfg.tracing.worker_spans and cfg.tracing.otlp_endpoint else {}),
+        **(rank_env(part) if part is not None else {}),
     }
-    argv = tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus), sleep))
+    argv = tuple(vllm_argv(cfg, spec, socket, budget_bytes, gpu_total_bytes, kv_bytes, len(gpus), sleep, part))
+    reach = worker_reach(cfg.tracing)
+    if part is not None:
+        # Its rank traffic (torch.distributed, vLLM's message queues) goes to the group's
+        # other hosts on ports chosen at run time: those addresses, and no others.
+        reach = (*(reach or ()), *part.peers)
+    if part is None:
+        description = f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices})"
+    else:
+        role = "head, serving" if part.rank == 0 else "headless"
+        description = (
+            f"ssw vLLM rank {part.rank} of {spec.name} across {part.span.hosts} hosts ({role}; group "
+            f"{part.group.describe()}; GPU {devices})"
+        )
     return WorkerUnit(
         name=unit,
-        description=f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices})",
+        description=description,
         argv=argv,
         env=env,
         slice=cfg.workers.slice,
@@ -181,8 +246,21 @@ def worker_unit(
         devices=(*device_nodes, *NVIDIA_CONTROL_DEVICES) if device_nodes else (),
         limit_nofile=cfg.workers.limit_nofile,
         tmp_binds=tuple(sorted({d for arg in argv if (d := _tmp_root(arg))})),
-        reach=worker_reach(cfg.tracing),
+        reach=reach,
     )
+
+
+def rank_env(part: RankPart) -> dict[str, str]:
+    return {
+        # The address this host's ranks announce to the others (vLLM would take the
+        # first non-loopback one, which need not be on the fleet's network).
+        "VLLM_HOST_IP": part.address,
+        ENV_RANK: str(part.rank),
+        ENV_GROUP: part.group.id,
+        # torch.distributed binds to an interface, by default the host name's (often
+        # loopback): gloo's and NCCL's bootstrap are told the fleet address's.
+        **({"GLOO_SOCKET_IFNAME": part.interface, "NCCL_SOCKET_IFNAME": part.interface} if part.interface else {}),
+    }
 
 
 # vLLM's exporter speaks gRPC unless told otherwise; ssw's endpoint is OTLP over HTTP.

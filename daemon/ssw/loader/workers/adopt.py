@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from ssw.common.states import WorkerState
 from ssw.loader.systemd import engine
+from ssw.loader.systemd.engine import RankPart
 from ssw.loader.systemd.units import UNIT_GLOB, parse_unit_name
 from ssw.loader.workers.parts import Parts, Piece
 from ssw.loader.workers.retire import Retirer
@@ -24,11 +25,20 @@ log = logging.getLogger(__name__)
 
 
 class Adopter(Piece):
-    def __init__(self, parts: Parts, retirer: Retirer, sockets: Sockets, load: Callable[..., Any]) -> None:
+    def __init__(
+        self,
+        parts: Parts,
+        retirer: Retirer,
+        sockets: Sockets,
+        load: Callable[..., Any],
+        group_part: Callable[[str, int, str], Awaitable[RankPart | None]] | None = None,
+    ) -> None:
         super().__init__(parts)
         self.retirer = retirer
         self.sockets = sockets
         self.load = load  # the conductor's: an adopted start's load continues
+        # A rank of a model across hosts: its part, if its group's start still stands.
+        self.group_part = group_part
 
     async def adopt(self) -> None:
         """Take over the worker units already running, so a restart never restarts a model,
@@ -52,7 +62,8 @@ class Adopter(Piece):
                 self.systemd.unwatch(status.name)
                 continue
             spec = self.catalog.models.get(model)
-            leaving = status.active_state == "deactivating"
+            part, stale = await self._part(model, env)
+            leaving = status.active_state == "deactivating" or stale
             sleep_mode = env.get(engine.ENV_SLEEP) == "1"
             # vLLM says only that it sleeps, not at which level.
             asleep = sleep_mode and not leaving and await self.probes.is_sleeping(socket) is True
@@ -65,12 +76,15 @@ class Adopter(Piece):
                 gpus=gpus,
                 budget_bytes=budget,
                 state=WorkerState.STOPPING if leaving else WorkerState.SLEEPING if asleep else WorkerState.STARTING,
-                state_reason="its unit was stopping when the loader started"
+                state_reason="its group's start is over"
+                if stale
+                else "its unit was stopping when the loader started"
                 if leaving
                 else "adopted asleep"
                 if asleep
                 else "adopted",
-                pinned=spec.pinned if spec else False,
+                pinned=(spec.pinned if spec else False) or (part is not None and part.rank > 0),
+                part=part,
                 started_at=details.active_enter_us / 1e6 if details.active_enter_us else time.time(),
                 adopted=True,
                 unit_seen_active=True,
@@ -82,6 +96,8 @@ class Adopter(Piece):
             self.table.add(worker, f"adopted (model {model}, GPU {env[engine.ENV_GPU]}, socket {socket})")
             if leaving:
                 self.tasks.spawn(self.retirer.stop_unit(worker))
+            elif worker.headless:
+                pass  # ready once its group is (the group keeper's next turn says)
             elif asleep:
                 if self.retiring.reason(worker.unit) is not None:
                     self.retirer.retire(
@@ -102,6 +118,8 @@ class Adopter(Piece):
             else:
                 starting.add(model)
         await self.retiring.keep_only(self.table.units())
+        # A headless rank adopted while starting is the group keeper's, not a load's.
+        starting -= {w.model for w in self.table if w.headless}
         await asyncio.to_thread(self.sockets.remove_stale)
         for model in sorted(starting):
             spec = self.catalog.models.get(model)
@@ -117,3 +135,15 @@ class Adopter(Piece):
                         worker, f"adopted while starting, but model '{model}' is no longer in the registry"
                     )
         self.feed.changed()
+
+    async def _part(self, model: str, env: dict[str, str]) -> tuple[RankPart | None, bool]:
+        """(its part, stale): a rank unit's part in a start that still stands; stale when its
+        start is over (or cannot be known: nothing is left half-running)."""
+        if engine.ENV_RANK not in env:
+            return None, False
+        try:
+            rank = int(env[engine.ENV_RANK])
+        except ValueError:
+            return None, True
+        part = await self.group_part(model, rank, env.get(engine.ENV_GROUP, "")) if self.group_part else None
+        return part, part is None

@@ -26,7 +26,10 @@ class Health(Piece):
     async def health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.health.check_interval_s)
-            watched = [w for w in self.table if w.state in (WorkerState.READY, WorkerState.UNHEALTHY)]
+            # A headless rank has no API: its group's head answers for it.
+            watched = [
+                w for w in self.table if w.state in (WorkerState.READY, WorkerState.UNHEALTHY) and not w.headless
+            ]
             results = await asyncio.gather(*(self.probes.healthy(w.socket) for w in watched))
             for worker, ok in zip(watched, results, strict=True):
                 self._checked(worker, "health", ok, "/health did not answer 200")
@@ -37,7 +40,11 @@ class Health(Piece):
             await asyncio.sleep(interval)
             now = time.time()
             for worker in self.table:
-                if worker.state not in (WorkerState.READY, WorkerState.UNHEALTHY) or not worker.canary:
+                if (
+                    worker.state not in (WorkerState.READY, WorkerState.UNHEALTHY)
+                    or not worker.canary
+                    or worker.headless
+                ):
                     continue
                 failing = worker.check_failures.get("canary", 0) > 0
                 if not failing and (now - worker.last_used < interval or now - worker.started_at < interval):

@@ -13,7 +13,7 @@ import time
 from ssw.common.states import ASLEEP, LEAVING, WorkerState
 from ssw.errors import NoCapacity, SswError
 from ssw.loader.decide.placement import DeviceView, Resident, place
-from ssw.loader.decide.vram import GB, vram_need
+from ssw.loader.decide.vram import GB, rank_share, vram_need
 from ssw.loader.gpus import GpuInfo
 from ssw.loader.models.registry import ModelSpec
 from ssw.loader.workers.parts import Parts, Piece
@@ -130,7 +130,8 @@ class Inventory(Piece):
     def preview(self, spec: ModelSpec, gpus: list[GpuInfo]) -> tuple[int, int] | None:
         """(bytes free after, workers evicted) if the model were loaded now; None when it
         could not be (the fleet compares hosts with it)."""
-        need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
+        # A model across hosts: what one rank of it takes here.
+        need = rank_share(vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name)), spec.span)
         devices = self.device_views(gpus)
         residents = self.residents(gpus)
         try:
@@ -141,6 +142,7 @@ class Inventory(Piece):
                 self.cfg.placement.policy,
                 spec.gpus or None,
                 self.cfg.placement.tensor_parallel,
+                width=spec.span.gpus_per_host if spec.span else 1,
             )
         except NoCapacity:
             return None

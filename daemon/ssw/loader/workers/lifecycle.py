@@ -16,7 +16,10 @@ from ssw.common.states import LIVE, TERMINAL, WorkerState
 EVENTS_KEPT = 200
 
 # Why a worker was taken down (bounded: a metric's label). Its reason text says more.
-CAUSES = frozenset({"evicted", "idle", "keep_alive", "unload", "ram_budget", "no_room", "resumed", "replaced", "other"})
+# "group": a rank of a model across hosts, stopped because its group ended.
+CAUSES = frozenset(
+    {"evicted", "idle", "keep_alive", "unload", "ram_budget", "no_room", "resumed", "replaced", "group", "other"}
+)
 SERVING = frozenset({WorkerState.READY, WorkerState.UNHEALTHY})
 
 

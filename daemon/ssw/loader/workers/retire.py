@@ -45,10 +45,11 @@ class Retirer(Piece):
         if worker.retirement is not None:
             return worker.retirement
         worker.retire_cause = cause
-        if worker.state in (WorkerState.READY, WorkerState.UNHEALTHY):
+        if worker.state in (WorkerState.READY, WorkerState.UNHEALTHY) and not worker.headless:
             worker.sleep_level = sleep_level if worker.sleep_mode else 0
             self.table.move(worker, WorkerState.DRAINING, reason)
-        elif worker.state in (WorkerState.STARTING, WorkerState.WAKING, *ASLEEP):
+        elif worker.state in (WorkerState.STARTING, WorkerState.WAKING, *ASLEEP) or worker.headless:
+            # (A headless rank has nothing in flight of its own to drain: its head drained.)
             self.table.move(worker, WorkerState.STOPPING, reason)
         worker.retirement = self.tasks.spawn(self._finish_retiring(worker, reason))
         return worker.retirement

@@ -10,15 +10,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from ssw.common.probes import Canary
 from ssw.common.routes import inference_paths
 from ssw.common.states import ASLEEP, WorkerState
 from ssw.errors import LoadFailed, SswError, SwapDeferred
 from ssw.loader.decide.plan import StartPlan, plan_start, plan_wake
-from ssw.loader.decide.vram import GB, vram_need
+from ssw.loader.decide.vram import GB, rank_share, vram_need
 from ssw.loader.models.registry import ModelSpec
 from ssw.loader.systemd import engine, journal
+from ssw.loader.systemd.engine import RankPart
 from ssw.loader.systemd.units import UNIT_GLOB, parse_unit_name, socket_path
 from ssw.loader.workers.inventory import Inventory
 from ssw.loader.workers.parts import Parts, Piece
@@ -33,6 +35,22 @@ log = logging.getLogger(__name__)
 JOURNAL_LINES_ON_FAILURE = 8
 JOURNAL_SEPARATOR = " | last log lines: "
 ROUTES_PROBE_DELAY_S = 5.0
+
+
+class GroupHooks(Protocol):
+    async def form(self, spec: ModelSpec) -> RankPart: ...
+
+    async def ready(self, head: Worker) -> None: ...
+
+
+class NoGroups:
+    """A host outside a fleet: no model can span hosts from it."""
+
+    async def form(self, spec: ModelSpec) -> RankPart:
+        raise LoadFailed(f"{spec.name} spans {spec.span.hosts if spec.span else 1} hosts, but this host is in no fleet")
+
+    async def ready(self, head: Worker) -> None:
+        return None
 
 
 class Starter(Piece):
@@ -55,9 +73,16 @@ class Starter(Piece):
         self.on_load_result = on_load_result
         # (model, "wake" or "start"): a worker's known answer differed
         self.on_check_failed = on_check_failed
+        # Models across hosts: forming a group as its head, and saying it is ready.
+        self.groups: GroupHooks = NoGroups()
 
-    async def start_replica(self, spec: ModelSpec, replica: int, gpu: int | None = None, evict: bool = True) -> Worker:
-        need = vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name))
+    async def start_replica(
+        self, spec: ModelSpec, replica: int, gpu: int | None = None, evict: bool = True, part: RankPart | None = None
+    ) -> Worker:
+        """Start one worker; for a model across hosts, its head (``part`` None: the group is
+        formed here, once this host's place is decided) or a headless rank of a group
+        another host formed (``part``)."""
+        need = rank_share(vram_need(spec, self.cfg.placement, self.store.vram_bytes(spec.name)), spec.span)
         allowed = (gpu,) if gpu is not None else (spec.gpus[(replica - 1) % len(spec.gpus)],) if spec.gpus else None
         turn = Turn(self.parts, spec.name)
         while True:
@@ -81,13 +106,18 @@ class Starter(Piece):
                         self.cfg.placement.tensor_parallel,
                         self.table.units() | await self._loaded_units(spec.name),
                         rec.rank,
+                        spec.span.gpus_per_host if spec.span else 1,
                     )
                 except SwapDeferred as exc:
                     deferred = exc
                 else:
                     drain = turn.to_drain(plan.drain)
                     if not drain:
-                        worker = await self._reserve(spec, replica, plan, rec.since)
+                        if spec.span is not None and part is None:
+                            # This host heads it: the other hosts are chosen and claimed now,
+                            # before anything is evicted here for it.
+                            part = await self.groups.form(spec)
+                        worker = await self._reserve(spec, replica, plan, rec.since, part)
                         break
             # Outside the lock: the victims serve on, and other loads may place meanwhile.
             if deferred is not None:
@@ -130,6 +160,7 @@ class Starter(Piece):
                     need.kv_bytes if self.gpus.kind == "nvml" else None,
                     nodes,
                     worker.sleep_mode,
+                    part,
                 )
                 await self.systemd.reset_failed(name)
                 # Shielded: cancelling the await does not cancel systemd's job. A
@@ -143,14 +174,39 @@ class Starter(Piece):
                     raise
                 self.table.mark(worker, "unit_started")
                 worker.unit_seen_active = True
+                if worker.headless:
+                    await self._await_group(worker)
+                    return worker
                 await self._await_healthy(worker)
+                if part is not None:
+                    await self.groups.ready(worker)
         except BaseException as exc:
             await self.abandon(worker, exc)
             raise
         self.tasks.spawn(self._measure(worker))
         return worker
 
-    async def _reserve(self, spec: ModelSpec, replica: int, plan: StartPlan, requested: float) -> Worker:
+    async def _await_group(self, worker: Worker) -> None:
+        """A headless rank is up when its group's head answers (the head's loader says so in
+        the group's record, and this loader's group keeper moves it to ready); it fails
+        when its process ends or its group does."""
+        deadline = time.monotonic() + self.cfg.health.start_timeout_s
+        while time.monotonic() < deadline:
+            if worker.done.done():
+                raise LoadFailed(await self._failure_reason(worker, worker.done.result()))
+            if worker.state is WorkerState.READY:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(worker.done), self.cfg.health.interval_s)
+        raise LoadFailed(
+            await self._failure_reason(
+                worker, f"its group was not ready within {self.cfg.health.start_timeout_s:.0f} s"
+            )
+        )
+
+    async def _reserve(
+        self, spec: ModelSpec, replica: int, plan: StartPlan, requested: float, part: RankPart | None = None
+    ) -> Worker:
         """Evict the plan's victims and enter the new worker in the table (under the place lock)."""
         await self.warm.evict(plan.evict, spec.name, plan.gpus[0])
         name = plan.unit
@@ -163,7 +219,9 @@ class Starter(Piece):
             budget_bytes=plan.per_gpu_bytes,
             state=WorkerState.STARTING,
             state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
-            pinned=spec.pinned,
+            # A headless rank is not this host's to evict: its group's head decides for all.
+            pinned=spec.pinned or (part is not None and part.rank > 0),
+            part=part,
             # Not a model whose answer was wrong after a wake, until an operator clears it.
             sleep_mode=engine.sleep_enabled(spec, self.gpus.kind) and not self.store.sleep_blocked(spec.name),
             # A cold-start trial runs a changed copy of the model's spec.
@@ -257,8 +315,8 @@ class Starter(Piece):
         spec = self.catalog.models.get(worker.model)
         if worker.trial:
             return  # started with other options than configured: its figures are the trial's
-        # A tensor-parallel footprint is per GPU of a split model: not comparable.
-        await self.store.record(worker.model, held if len(worker.gpus) == 1 else None, load_s)
+        # A tensor-parallel footprint is per GPU of a split model, a rank's per host: not comparable.
+        await self.store.record(worker.model, held if len(worker.gpus) == 1 and worker.part is None else None, load_s)
         self.feed.changed()
         if spec is None or self.store.routes(spec.name, spec.fingerprint) is not None:
             return  # known for this model as configured

@@ -21,9 +21,11 @@ from typing import Any
 from ssw.common.states import ASLEEP, LEAVING, LIVE, Failure, IllegalTransition, LoadState, WorkerState
 from ssw.errors import LoadFailed, ModelBusy, NoCapacity, SswError, SystemdError, WorkerNotFound
 from ssw.loader.decide.recovery import recent, recover
+from ssw.loader.group_board import GroupBoard
 from ssw.loader.models.registry import ModelSpec
 from ssw.loader.workers.adapters import Adapters
 from ssw.loader.workers.adopt import Adopter
+from ssw.loader.workers.groups import Groups
 from ssw.loader.workers.health import Health
 from ssw.loader.workers.inventory import Inventory
 from ssw.loader.workers.loads import LoadRecord
@@ -53,7 +55,15 @@ class Supervisor(Piece):
             parts, self.inventory, self.sockets, self.warm, self.retirer, on_load_result, on_check_failed
         )
         self.health = Health(parts, self._replace)
-        self.adopter = Adopter(parts, self.retirer, self.sockets, self.load)
+        # Models across hosts: only in a fleet (a host on its own refuses to load one).
+        self.groups = (
+            Groups(parts, GroupBoard(self.cfg.fleet), self.starter, self.retirer, self._group_broke)
+            if self.cfg.fleet.enabled
+            else None
+        )
+        self.adopter = Adopter(
+            parts, self.retirer, self.sockets, self.load, self.groups.adopted if self.groups else None
+        )
         self.adapters = Adapters(parts, self.load)
         self.table.on_leave = self._left
         self.systemd.on_state_change(self._on_unit_state)
@@ -63,6 +73,8 @@ class Supervisor(Piece):
         await self.adopter.adopt()
         self.tasks.spawn(self.health.health_loop())
         self.tasks.spawn(self.warm.idle_loop())
+        if self.groups is not None:
+            self.tasks.spawn(self.groups.run())
         if self.cfg.health.canary_interval_s > 0:
             self.tasks.spawn(self.health.canary_loop())
 
@@ -70,6 +82,8 @@ class Supervisor(Piece):
         """Stop watching; workers keep running (a restarted loader adopts them)."""
         await self.tasks.close()
         await self.probes.close()
+        if self.groups is not None:
+            await self.groups.board.close()
 
     def load(
         self,
@@ -207,6 +221,11 @@ class Supervisor(Piece):
         if spec is not None:
             self._worker_lost(spec, Failure.HUNG, f"{worker.unit} was replaced: {why}")
 
+    def _group_broke(self, head: Worker, message: str) -> None:
+        spec = self.catalog.models.get(head.model)
+        if spec is not None:
+            self._worker_lost(spec, Failure.DIED, message)
+
     def _worker_lost(self, spec: ModelSpec, failure: Failure, message: str) -> None:
         rec = self.loads.get(spec.name)
         if rec.state is LoadState.LOADING:
@@ -239,6 +258,10 @@ class Supervisor(Piece):
         self.tasks.spawn(self.retiring.discard(worker.unit))
         if not self.table.of_model(worker.model):
             self.warm.forget_keep_alive(worker.model)
+        if self.groups is not None:
+            self.groups.left(worker, state)
+        if worker.headless:
+            return  # its group's head loads it again, with a new group
         if state is WorkerState.FAILED and previous in (WorkerState.READY, WorkerState.UNHEALTHY):
             spec = self.catalog.models.get(worker.model)
             if spec is not None:

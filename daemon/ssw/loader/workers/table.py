@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ssw.common.contract import WorkerView
 from ssw.common.states import ASLEEP, LEAVING, LIVE, TERMINAL, IllegalTransition, WorkerState, check_worker_move
+from ssw.loader.systemd.engine import RankPart
 from ssw.loader.workers.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,14 @@ class Worker:
     slept_at: float = 0.0  # wall time it fell asleep
     ram_bytes: int | None = None  # its unit's MemoryCurrent, read while it sleeps
     retire_cause: str = "other"  # why it is being taken down (lifecycle.CAUSES), once it is
+    # A rank of a model across hosts (its group, its node rank); None for a worker of one host.
+    part: RankPart | None = None
+
+    @property
+    def headless(self) -> bool:
+        """A rank that serves nothing itself (its group's head does): never routed to, never
+        probed, started and stopped with its group."""
+        return self.part is not None and self.part.rank > 0
 
     @property
     def live(self) -> bool:
@@ -94,6 +103,8 @@ class Worker:
             sleep_mode=self.sleep_mode,
             sleep_level=self.sleep_level or None if self.state is WorkerState.SLEEPING else None,
             ram_bytes=self.ram_bytes,
+            rank=self.part.rank if self.part else 0,
+            group=self.part.group.describe() if self.part else None,
         )
 
 
@@ -154,10 +165,11 @@ class WorkerTable:
         return sorted((w for w in self._workers.values() if w.model == model), key=lambda w: (w.replica, w.unit))
 
     def live(self, model: str) -> list[Worker]:
-        return [w for w in self.of_model(model) if w.state in LIVE]
+        """The model's workers that serve or are about to (a headless rank serves nothing here)."""
+        return [w for w in self.of_model(model) if w.state in LIVE and not w.headless]
 
     def ready(self, model: str) -> list[Worker]:
-        return [w for w in self.of_model(model) if w.state is WorkerState.READY]
+        return [w for w in self.of_model(model) if w.state is WorkerState.READY and not w.headless]
 
     def leaving_on(self, gpus: tuple[int, ...]) -> list[Worker]:
         return [w for w in self._workers.values() if w.state in LEAVING and set(w.gpus) & set(gpus)]

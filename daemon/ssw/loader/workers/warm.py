@@ -93,7 +93,7 @@ class Warm(Piece):
         self.feed.changed()
         retired = []
         for worker in self.table.of_model(model):
-            if worker.state is WorkerState.READY and worker.retirement is None:
+            if worker.state is WorkerState.READY and worker.retirement is None and not worker.headless:
                 choice = await self.tier_for(worker)
                 self.retirer.retire(worker, f"keep_alive 0; {_tier_text(choice)}", choice.level, cause="keep_alive")
                 retired.append(worker.unit)
@@ -107,7 +107,8 @@ class Warm(Piece):
             for worker in self.table:
                 spec = self.catalog.models.get(worker.model)
                 ttl, why = self.idle_ttl(worker.model)
-                if spec is None or ttl is None or ttl < 0 or worker.state is not WorkerState.READY:
+                # A headless rank serves no requests here: its group's head goes idle for it.
+                if spec is None or ttl is None or ttl < 0 or worker.state is not WorkerState.READY or worker.headless:
                     continue
                 idle_since = max(worker.last_used, worker.state_since)
                 if worker.retirement is not None or now - idle_since < ttl:

@@ -1,0 +1,5 @@
+"""Stands in for vLLM's FlexibleArgumentParser."""
+
+import argparse
+
+FlexibleArgumentParser = argparse.ArgumentParser
