@@ -135,13 +135,14 @@ def test_loads_on_demand_through_either_gateway_and_serves_from_the_head(fleet: 
         assert "rank 1 (headless) of group" in status_text, status_text
         fleet_text = head.cli("status", "--fleet").stdout
         assert f"rank 1 of group {found[member.name]['group']}" in fleet_text, fleet_text
-        # The unit says what it is; the member's rank may reach the head only.
+        # The unit says what it is; its rank traffic may reach the group's hosts only.
         unit = found[member.name]["unit"]
         description = unit_property(member, unit, "Description")
         assert f"rank 1 of {MODEL} across 2 hosts (headless; group {group_id(found[member.name])}" in description
         assert unit_property(member, unit, "PrivateNetwork") == "no"
         allowed = unit_property(member, unit, "IPAddressAllow")
-        assert head.address in allowed and member.address not in allowed, allowed
+        assert head.address in allowed and member.address in allowed and allowed.count("/32") == 2, allowed
+        assert "0.0.0.0/0" in unit_property(member, unit, "IPAddressDeny")
         env = unit_property(member, unit, "Environment")
         assert f"VLLM_HOST_IP={member.address}" in env and "GLOO_SOCKET_IFNAME=" in env, env
         # Served by the head only: the member's gateway hops to the head's.

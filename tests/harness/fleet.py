@@ -167,6 +167,7 @@ class FleetHost:
         fleet: dict[str, Any],
         extra: dict[str, Any] | None = None,
         pki: Pki | None = None,
+        engine: str = "fake",
     ) -> FleetHost:
         netns, address = net.add(index)
         name = f"host{chr(ord('a') + index - 1)}"
@@ -188,7 +189,7 @@ class FleetHost:
             journal_dir=box.journal_dir,
             models_dir=models_dir,
             models=models,
-            engine="fake",
+            engine=engine,
             public_port=8000,
             admin_port=8001,
             extra={

@@ -13,6 +13,10 @@ r="$base/root"
 mount -t proc proc "$r/proc"
 mount --rbind /sys "$r/sys"
 mount --rbind /dev "$r/dev"
+# Its own /dev/shm, as a machine of its own has: two test hosts must not find
+# each other's shared memory (vLLM takes ranks that do for one node, and talks
+# to them over unix sockets in a /tmp they do not share).
+mount -t tmpfs -o mode=1777,nosuid,nodev,size=2g shm "$r/dev/shm"
 mount -t tmpfs -o mode=755 tmpfs "$r/run"
 # Directories shared both ways with the machine, at the same path inside (the
 # tests' work root: worker sockets created inside are reached from outside).

@@ -48,9 +48,10 @@ class RankPart:
     interface: str | None = None  # the network interface that carries it
 
     @property
-    def peers(self) -> tuple[str, ...]:
-        """The other hosts' addresses: the only ones its rank traffic may reach."""
-        return tuple(str(m.address) for m in self.group.members if str(m.address) != self.address)
+    def addresses(self) -> tuple[str, ...]:
+        """The group's hosts' addresses, this one's included (its ranks reach each other
+        over it too): the only ones its rank traffic may reach."""
+        return tuple(str(m.address) for m in self.group.members)
 
 
 def rank_args(part: RankPart) -> list[str]:
@@ -221,8 +222,8 @@ def worker_unit(
     reach = worker_reach(cfg.tracing)
     if part is not None:
         # Its rank traffic (torch.distributed, vLLM's message queues) goes to the group's
-        # other hosts on ports chosen at run time: those addresses, and no others.
-        reach = (*(reach or ()), *part.peers)
+        # hosts on ports chosen at run time: those addresses, and no others.
+        reach = (*(reach or ()), *part.addresses)
     if part is None:
         description = f"ssw vLLM worker for {spec.name} (replica {replica}, GPU {devices})"
     else:

@@ -268,3 +268,25 @@ def test_a_load_waits_for_a_worker_still_starting_where_it_would_make_room_once_
     with pytest.raises(NoCapacity) as raised:
         place(need(16), [dev(0, 10, used=8)], [coming])
     assert not isinstance(raised.value, SwapDeferred)
+
+
+@pytest.mark.parametrize(
+    ("devices", "residents", "gpus", "evict"),
+    [
+        ([dev(0, 48), dev(1, 48), dev(2, 48, used=40)], [], (0, 1), ()),  # the GPUs with room
+        ([dev(0, 48, used=30), dev(1, 48), dev(2, 48)], [], (1, 2), ()),  # most free first
+        # Room only by an eviction on one of them: the GPU that fits already goes first.
+        ([dev(0, 48, used=40), dev(1, 48)], [res("w0", 0, 40, 1.0)], (0, 1), ("w0",)),
+    ],
+)
+def test_a_rank_takes_its_gpus_on_a_host(
+    devices: list[DeviceView], residents: list[Resident], gpus: tuple[int, ...], evict: tuple[str, ...]
+) -> None:
+    plan = place(need(20), devices, residents, width=2)
+    assert plan.gpus == gpus and plan.evict == evict and plan.per_gpu_bytes == 20 * GB
+
+
+def test_a_rank_without_enough_gpus_is_no_capacity_with_the_numbers() -> None:
+    devices = [dev(0, 48), dev(1, 48, used=40)]
+    with pytest.raises(NoCapacity, match=r"a rank needs 2 GPUs with 20.0 GB each \(estimate\); only 1 of 2"):
+        place(need(20), devices, [res("pinned", 1, 40, 1.0, evictable=False)], width=2)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from ssw.common.contract import GroupRecord
 from ssw.config import Config
 from ssw.loader.decide.vram import GB
 from ssw.loader.models.registry import ModelFacts, ModelSpec
-from ssw.loader.systemd.engine import vllm_argv, worker_unit
+from ssw.loader.models.spans import make_span
+from ssw.loader.systemd.engine import ENTRY_POINT, RANK_PROGRAM, RankPart, sleep_enabled, vllm_argv, worker_unit
 from ssw.loader.systemd.units import WorkerUnit
 
 SOCKET = Path("/run/ssw/workers/qwen3-8b_2-0123456789/http.sock")
@@ -141,3 +144,58 @@ def test_tracing_reaches_a_worker_only_with_worker_spans_and_opens_only_the_endp
     ]
     with pytest.raises(ValidationError, match="worker_spans needs otlp_endpoint's host as an IP address"):
         Config.model_validate({"tracing": {"otlp_endpoint": "http://collector:4318/v1/traces", "worker_spans": True}})
+
+
+def group_part(rank: int) -> RankPart:
+    record = GroupRecord.model_validate(
+        {
+            "id": "0123456789abcdef",
+            "model": "qwen3-8b",
+            "head": "hosta",
+            "master_addr": "10.0.0.2",
+            "master_port": 29611,
+            "members": [
+                {"host": "hosta", "rank": 0, "address": "10.0.0.2"},
+                {"host": "hostb", "rank": 1, "address": "10.0.0.3"},
+            ],
+            "at": 0.0,
+        }
+    )
+    address = str(record.members[rank].address)
+    return RankPart(make_span(2, None, 2, 2), rank, record, address, "eth1")
+
+
+def test_the_ranks_of_a_model_across_hosts() -> None:
+    cfg = Config()
+    s = spec(span=make_span(2, None, 2, 2))
+    units = {
+        rank: worker_unit(
+            cfg, s, "ssw-worker@qwen3-8b.service", 1, SOCKET, (0, 1), 12 * GB, None, part=group_part(rank)
+        )
+        for rank in (0, 1)
+    }
+    head, rank1 = units[0].argv, units[1].argv
+    # The same engine arguments on every host but the node rank; the head serves, the other is headless.
+    assert head[1:3] == ("-m", ENTRY_POINT) and rank1[1] == str(RANK_PROGRAM) and RANK_PROGRAM.is_file()
+    for argv, rank in ((head, "0"), (rank1, "1")):
+        text = " ".join(argv)
+        assert "--tensor-parallel-size 2 --pipeline-parallel-size 2 --distributed-executor-backend mp" in text
+        assert f"--nnodes 2 --node-rank {rank} --master-addr 10.0.0.2 --master-port 29611" in text
+    env = units[1].env
+    assert env["VLLM_HOST_IP"] == "10.0.0.3" and env["SSW_RANK"] == "1" and env["SSW_GROUP"] == "0123456789abcdef"
+    assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "eth1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert units[1].description == (
+        "ssw vLLM rank 1 of qwen3-8b across 2 hosts (headless; group 0123456789abcdef: hosta (head), hostb; GPU 0,1)"
+    )
+    # Its network: the group's hosts and loopback, nothing else.
+    p = {name: value[1] for name, value in units[1].properties()}
+    assert p["PrivateNetwork"] is False
+    assert p["IPAddressAllow"] == [
+        (2, bytes([127, 0, 0, 0]), 8),
+        (10, bytes(15) + b"\x01", 128),
+        (2, bytes([10, 0, 0, 2]), 32),
+        (2, bytes([10, 0, 0, 3]), 32),
+    ]
+    # Never sleep mode: the other hosts' ranks would keep their memory counted.
+    assert "--enable-sleep-mode" not in head and not sleep_enabled(dataclasses.replace(s, sleep=True), "nvml")
