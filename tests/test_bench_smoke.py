@@ -430,3 +430,8 @@ def test_scheduling_bench_runs_today_and_the_policy_side_by_side(tmp_path: Path)
     deadline = figures["policy"]["deadline"]
     assert deadline["with_deadline"]["n"] == 1 and deadline["served_by_fallback"] == 1
     assert "the policy completes" in stdout and "time to first token" in stdout
+
+
+def test_groups_bench_runs_a_model_across_two_hosts_beside_one_host() -> None:
+    out = bench("groups.py", "--engine", "fake", "--loads", "1", "--tokens", "8", "--streams", "2", timeout=600)
+    assert "a model across two hosts" in out and "cold start      one host [" in out, out
