@@ -158,16 +158,30 @@ class Groups(Piece):
     # --- every turn ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        heard = time.monotonic()
         while True:
             try:
                 await self.turn()
+                heard = time.monotonic()
             except BoardUnavailable as exc:
-                # Nothing is stopped for a blip: a head that cannot renew its record loses
-                # it after fleet.ttl_s, and then every member stops its rank.
-                log.debug("groups: the fleet's Redis cannot be reached: %s", exc)
+                # Nothing is stopped for a blip. Past the TTL the others have dropped this
+                # host (or its record of the group lapsed): its ranks are stopped here too.
+                if time.monotonic() - heard > self.cfg.fleet.ttl_s:
+                    self.cut_off(f"the fleet's Redis cannot be reached for over {self.cfg.fleet.ttl_s:.0f} s ({exc})")
             except Exception:
                 log.exception("groups: a turn failed")
             await asyncio.sleep(TURN_S)
+
+    def cut_off(self, why: str) -> None:
+        """This host cannot follow its groups: stop every rank it runs (a partition leaves
+        nothing half-running; its heads load again when the fleet is back)."""
+        for worker in self.table:
+            if worker.part is None or worker.state in LEAVING or worker.state in TERMINAL:
+                continue
+            if worker.part.rank == 0:
+                self._break(worker, why)
+            else:
+                self.retirer.retire(worker, f"its group cannot be kept: {why}", cause="group")
 
     async def turn(self) -> None:
         records = await self.board.groups()

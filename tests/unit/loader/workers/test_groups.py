@@ -15,6 +15,7 @@ import pytest
 from ssw.common.contract import GroupRecord, HostRecord, ModelView, Preview
 from ssw.common.states import WorkerState
 from ssw.errors import LoadFailed, NoCapacity
+from ssw.loader.group_board import BoardUnavailable
 from ssw.loader.models.catalog import Catalog
 from ssw.loader.models.registry import Registry
 from ssw.loader.models.spans import make_span
@@ -242,3 +243,31 @@ async def test_a_head_breaks_when_its_group_ends_or_a_member_drops_out(
         assert lost[-1] == (head.unit, f"{head.unit}: its group broke: {expected}")
         await until(lambda h=head: sup.table.get(h.unit) is None)
         await until(lambda: "big" not in board.records)  # the head takes its record with it
+
+
+async def test_a_host_cut_off_from_the_fleet_stops_its_ranks(
+    fleet_supervisor: tuple[Supervisor, Groups, FakeBoard, list[Any]],
+) -> None:
+    sup, groups, board, _ = fleet_supervisor
+    bus: FakeBus = sup.systemd  # type: ignore[assignment]
+    board.host_records = {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
+    board.records["big"] = group(state="ready")
+    await groups.turn()
+    await until(lambda: bool(bus.started))
+    await groups.turn()
+    rank: Worker = sup.table.get(bus.started[0].name)  # type: ignore[assignment]
+    assert rank.state is WorkerState.READY
+
+    async def unreachable() -> dict[str, GroupRecord]:
+        raise BoardUnavailable("connection refused")
+
+    board.groups = unreachable  # type: ignore[method-assign]
+    sup.cfg.fleet.__dict__["ttl_s"] = 0.05  # past it at once
+    runner = asyncio.ensure_future(groups.run())
+    try:
+        await until(rank.done.done)
+    finally:
+        runner.cancel()
+    assert rank.state is WorkerState.GONE and rank.retire_cause == "group"
+    changes = [e.text for e in sup.parts.lifecycle.events() if e.unit == rank.unit]
+    assert any("its group cannot be kept: the fleet's Redis cannot be reached" in text for text in changes), changes
