@@ -216,12 +216,20 @@ def test_a_dead_rank_fails_the_model_on_both_hosts_and_it_comes_back(fleet: Flee
 
 
 def test_unloading_stops_every_rank(fleet: Fleet) -> None:
-    assert chat(fleet.b)[0] == 200
-    wait_for(lambda: group_ready(fleet), 30, "the group ready")
-    head = next(h for h in fleet.hosts if ranks(fleet)[h.name]["rank"] == 0)
-    status, body = head.admin("POST", "/unload", {"model": MODEL})
-    assert status == 200, body
-    wait_for(lambda: not any(h.workers(MODEL) for h in fleet.hosts), 30, "every rank stopped")
+    for where in ("head", "member"):
+        assert chat(fleet.b)[0] == 200
+        wait_for(lambda: group_ready(fleet), 30, "the group ready")
+        found = ranks(fleet)
+        host = next(h for h in fleet.hosts if found[h.name]["rank"] == (0 if where == "head" else 1))
+        head = next(h for h in fleet.hosts if found[h.name]["rank"] == 0)
+        status, body = host.admin("POST", "/unload", {"model": MODEL})
+        assert status == 200, body
+        # Answered once this host's rank is gone; every rank stops, and nothing loads it again.
+        assert not host.workers(MODEL)
+        wait_for(lambda: not any(h.workers(MODEL) for h in fleet.hosts), 30, "every rank stopped")
+        time.sleep(2)
+        assert not any(h.workers(MODEL) for h in fleet.hosts), f"{MODEL} came back after an unload on the {where}"
+        assert head.admin("GET", "/status")[1]["models"][MODEL]["load"]["state"] == "idle"
 
 
 def test_a_restarted_loader_adopts_its_rank(fleet: Fleet) -> None:

@@ -287,6 +287,7 @@ class GroupRecord(_View):
     members: list[GroupMember] = Field(min_length=2, max_length=64)
     state: Literal["starting", "ready", "ending"] = "starting"
     reason: str = Field(default="", max_length=2000)  # why it is ending
+    unloaded: bool = False  # ending on purpose (unloaded on a member host): not loaded again
     at: float  # wall time of its last change
 
     def member(self, host: str) -> GroupMember | None:

@@ -131,11 +131,13 @@ class GroupBoard:
     async def renew(self, record: GroupRecord) -> bool:
         return await self._if_same(record, "pexpire", str(self.ttl_ms))
 
-    async def end(self, record: GroupRecord, reason: str) -> bool:
-        """Mark a start as ending, with why: every host stops its rank of it."""
+    async def end(self, record: GroupRecord, reason: str, unloaded: bool = False) -> bool:
+        """Mark a start as ending, with why: every host stops its rank of it; ``unloaded``:
+        on purpose (its head stops and does not load it again)."""
         if record.state == "ending":
             return True
-        ended = record.model_copy(update={"state": "ending", "reason": reason[:2000], "at": time.time()})
+        changes = {"state": "ending", "reason": reason[:2000], "unloaded": unloaded, "at": time.time()}
+        ended = record.model_copy(update=changes)
         if not await self.update(ended):
             return False  # that start is over already
         log.warning("fleet: group %s of %s ends: %s", record.id, record.model, reason)

@@ -185,6 +185,8 @@ class Groups(Piece):
 
     async def turn(self) -> None:
         records = await self.board.groups()
+        if not records and not any(w.part for w in self.table):
+            return  # no group anywhere: nothing to follow
         hosts = await self.board.hosts()
         for worker in self.table:
             if worker.part is None or worker.state in LEAVING or worker.state in TERMINAL:
@@ -215,6 +217,9 @@ class Groups(Piece):
     async def _keep_head(self, worker: Worker, record: GroupRecord | None, hosts: dict[str, HostRecord]) -> None:
         if record is None:
             self._break(worker, "its group's record is gone from the fleet's Redis")
+            return
+        if record.state == "ending" and record.unloaded:
+            self.retirer.retire(worker, f"its group was unloaded: {record.reason}", cause="unload")
             return
         if record.state == "ending":
             self._break(worker, record.reason)
@@ -252,6 +257,15 @@ class Groups(Piece):
                 await self.board.end(record, f"rank {rank} on {self.host} did not start: {exc.message}")
         finally:
             self._starting.discard(record.id)
+
+    async def unload_from_member(self, rank: Worker) -> bool:
+        """An unload asked of a host that runs a headless rank: the group is ended as
+        unloaded (its head stops, and loads it no more); False when that cannot be said."""
+        assert rank.part is not None
+        try:
+            return await self.board.end(rank.part.group, f"unload requested on {self.host}", unloaded=True)
+        except BoardUnavailable:
+            return False
 
     # --- a worker left -------------------------------------------------------------------
 

@@ -340,10 +340,16 @@ class Supervisor(Piece):
         workers = self.table.of_model(model)
         if not workers and not pending:
             raise WorkerNotFound(f"model '{model}' is not loaded")
+        ranks = [w for w in workers if w.headless]
+        if ranks and self.groups is not None and await self.groups.unload_from_member(ranks[0]):
+            # Unloaded where it has a headless rank: the whole group goes, its head first
+            # (which drains its requests); this host's rank stops with the group's record.
+            workers = [w for w in workers if not w.headless]
+            await self.retirer.wait_gone(ranks)
         for worker in workers:
             if worker.state in LIVE or worker.state in ASLEEP:
                 self.retirer.retire(worker, "unload requested", cause="unload")
             elif worker.state is WorkerState.DRAINING and worker.sleep_level:
                 worker.sleep_level = 0  # unloaded while draining to sleep: stopped instead
         await self.retirer.wait_gone(workers)
-        return [w.unit for w in workers]
+        return [w.unit for w in [*ranks, *workers]]

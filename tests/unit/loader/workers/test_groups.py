@@ -74,11 +74,12 @@ class FakeBoard:
     async def renew(self, record: GroupRecord) -> bool:
         return await self._same(record)
 
-    async def end(self, record: GroupRecord, reason: str) -> bool:
+    async def end(self, record: GroupRecord, reason: str, unloaded: bool = False) -> bool:
         if not await self._same(record):
             return False
         self.ended.append(reason)
-        self.records[record.model] = record.model_copy(update={"state": "ending", "reason": reason})
+        changes = {"state": "ending", "reason": reason, "unloaded": unloaded}
+        self.records[record.model] = record.model_copy(update=changes)
         return True
 
     async def delete(self, record: GroupRecord) -> bool:
@@ -255,6 +256,7 @@ async def test_a_host_cut_off_from_the_fleet_stops_its_ranks(
     await groups.turn()
     await until(lambda: bool(bus.started))
     await groups.turn()
+    await until(lambda: not groups._starting)  # its start has seen it ready
     rank: Worker = sup.table.get(bus.started[0].name)  # type: ignore[assignment]
     assert rank.state is WorkerState.READY
 
@@ -271,3 +273,25 @@ async def test_a_host_cut_off_from_the_fleet_stops_its_ranks(
     assert rank.state is WorkerState.GONE and rank.retire_cause == "group"
     changes = [e.text for e in sup.parts.lifecycle.events() if e.unit == rank.unit]
     assert any("its group cannot be kept: the fleet's Redis cannot be reached" in text for text in changes), changes
+
+
+async def test_an_unload_on_a_member_unloads_the_group_head_first(
+    fleet_supervisor: tuple[Supervisor, Groups, FakeBoard, list[Any]],
+) -> None:
+    sup, groups, board, _ = fleet_supervisor
+    bus: FakeBus = sup.systemd  # type: ignore[assignment]
+    board.host_records = {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
+    board.records["big"] = group(state="ready")
+    await groups.turn()
+    await until(lambda: bool(bus.started))
+    await groups.turn()
+    await until(lambda: not groups._starting)  # its start has seen it ready
+    unloading = asyncio.ensure_future(sup.unload("big"))
+    await until(lambda: bool(board.ended))
+    ended = board.records["big"]
+    assert ended.state == "ending" and ended.unloaded and ended.reason == "unload requested on hosta"
+    assert not unloading.done() and bus.stopped == []  # the rank waits for its head to go
+    del board.records["big"]  # the head stopped and took the record with it
+    await groups.turn()
+    assert await asyncio.wait_for(unloading, 5) == [bus.started[0].name]
+    assert bus.stopped == [bus.started[0].name]
