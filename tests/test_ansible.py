@@ -235,7 +235,7 @@ def test_site_yml_converges_a_two_host_fleet_idempotently(tiny_in_models_dir: No
         assert b.run("grep", "^requirepass", "/etc/redis/redis.conf").stdout == ""
         config_b = b.run("cat", "/etc/ssw/config.yaml").stdout
         assert "rediss://" in config_b and f"https://127.0.0.1:{ports['B']['FLEET']}" in config_b
-        assert "rank_ports:\n    - 29500\n    - 29999" in config_b, config_b
+        assert "rank_ports:\n  - 29500\n  - 29999" in config_b, config_b
         # The workers' slice reaches the fleet's addresses and loopback only (rank traffic).
         for box in (a, b):
             shown = box.systemctl("show", "-p", "IPAddressDeny", "-p", "IPAddressAllow", "ssw-workers.slice").stdout

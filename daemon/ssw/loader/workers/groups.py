@@ -185,8 +185,8 @@ class Groups(Piece):
 
     async def turn(self) -> None:
         records = await self.board.groups()
-        if not records and not any(w.part for w in self.table):
-            return  # no group anywhere: nothing to follow
+        if not any(r.member(self.host) for r in records.values()) and not any(w.part for w in self.table):
+            return  # in no group: nothing to follow
         hosts = await self.board.hosts()
         for worker in self.table:
             if worker.part is None or worker.state in LEAVING or worker.state in TERMINAL:
