@@ -7,14 +7,22 @@ reads them all (:mod:`ssw.gateway.fleet`). The record itself is
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
+from ssw.common.contract import HostRecord
 from ssw.config import FleetSettings
+
+log = logging.getLogger(__name__)
 
 PREFIX = "ssw:fleet:"
 REDIS_TIMEOUT_S = 2.0
+MAX_HOST_RECORD_BYTES = 4 * 1024 * 1024  # what one host's record may be
 LOG_EVERY_S = 30.0
 
 
@@ -44,3 +52,29 @@ def redacted(url: str | None) -> str:
         return url or ""
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+async def read_hosts(redis: aioredis.Redis, ttl_s: float) -> dict[str, HostRecord]:
+    """Every host heard from within ``ttl_s``, by name: its record, checked for size, shape
+    (this contract's version), name and age; a record that fails is left out and logged.
+    Raises what Redis raises (RedisError, OSError, TimeoutError)."""
+    now = time.time()
+    async with asyncio.timeout(REDIS_TIMEOUT_S):
+        found = await redis.zrangebyscore(PREFIX + "hosts", now - ttl_s, "+inf")
+        names = [str(n) for n in found]
+        raw = await redis.mget([PREFIX + "host:" + n for n in names]) if names else []
+    hosts: dict[str, HostRecord] = {}
+    for name, data in zip(names, raw, strict=True):
+        if data is None:
+            continue  # expired: the host is gone
+        if len(data) > MAX_HOST_RECORD_BYTES:
+            log.warning("fleet: ignoring host %s: its record is %d bytes", name, len(data))
+            continue
+        try:
+            record = HostRecord.model_validate_json(data)
+        except ValidationError as exc:
+            log.warning("fleet: ignoring host %s: its record does not match this version: %s", name, exc)
+            continue
+        if record.host == name and record.at + ttl_s > now:
+            hosts[name] = record
+    return hosts

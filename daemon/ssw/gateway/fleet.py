@@ -35,13 +35,12 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from ssw.common import tasks
 from ssw.common.auth import read_token
 from ssw.common.contract import HostRecord
-from ssw.common.fleet_wire import LOG_EVERY_S, PREFIX, REDIS_TIMEOUT_S, fleet_redis, redacted
+from ssw.common.fleet_wire import LOG_EVERY_S, PREFIX, REDIS_TIMEOUT_S, fleet_redis, read_hosts, redacted
 from ssw.common.states import LoadState, WorkerState
 from ssw.config import FleetSettings
 from ssw.errors import SswError
@@ -180,30 +179,15 @@ class FleetView:
             await asyncio.sleep(self.settings.heartbeat_s)
 
     async def refresh(self) -> None:
-        now = time.time()
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                found = await self._redis.zrangebyscore(PREFIX + "hosts", now - self.settings.ttl_s, "+inf")
-                names = [str(n) for n in found]
-                raw = await self._redis.mget([PREFIX + "host:" + n for n in names]) if names else []
+            hosts = await read_hosts(self._redis, self.settings.ttl_s)
         except (RedisError, OSError, TimeoutError) as exc:
-            self._lost(str(exc), now)
+            self._lost(str(exc), time.time())
             return
         if not self.connected:
-            log.info("fleet: following %d hosts in %s", len(names), redacted(self.settings.redis_url))
+            log.info("fleet: following %d hosts in %s", len(hosts), redacted(self.settings.redis_url))
         flipped = not self.connected
         self.connected, self.last_error = True, None
-        hosts: dict[str, HostRecord] = {}
-        for name, data in zip(names, raw, strict=True):
-            if data is None:
-                continue  # expired: the host is gone
-            try:
-                record = HostRecord.model_validate_json(data)
-            except ValidationError as exc:
-                log.warning("fleet: ignoring host %s: its record does not match this version: %s", name, exc)
-                continue
-            if record.host == name and record.at + self.settings.ttl_s > now:
-                hosts[name] = record
         self._set(hosts, flipped)
 
     def _lost(self, why: str, now: float) -> None:

@@ -15,19 +15,17 @@ import asyncio
 import logging
 import time
 
-import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from ssw.common.contract import GroupRecord, HostRecord
-from ssw.common.fleet_wire import PREFIX, REDIS_TIMEOUT_S, fleet_redis
+from ssw.common.fleet_wire import PREFIX, REDIS_TIMEOUT_S, fleet_redis, read_hosts
 from ssw.config import FleetSettings
 
 log = logging.getLogger(__name__)
 
 GROUPS = PREFIX + "groups"
 MAX_RECORD_BYTES = 64 * 1024
-MAX_HOST_RECORD_BYTES = 4 * 1024 * 1024
 
 # Replace the record only while it is still the start ARGV[1] (its id); 1 if it was.
 _IF_SAME_START = """
@@ -156,22 +154,7 @@ class GroupBoard:
 
     async def hosts(self) -> dict[str, HostRecord]:
         """The live hosts of the fleet (records within the TTL), this one included."""
-        now = time.time()
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                found = await self._redis.zrangebyscore(PREFIX + "hosts", now - self.settings.ttl_s, "+inf")
-                names = [str(n) for n in found]
-                raw = await self._redis.mget([PREFIX + "host:" + n for n in names]) if names else []
+            return await read_hosts(self._redis, self.settings.ttl_s)
         except (RedisError, OSError, TimeoutError) as exc:
             raise BoardUnavailable(str(exc) or type(exc).__name__) from exc
-        out = {}
-        for name, data in zip(names, raw, strict=True):
-            if data is None or len(data) > MAX_HOST_RECORD_BYTES:
-                continue
-            try:
-                record = HostRecord.model_validate(orjson.loads(data))
-            except (ValidationError, ValueError):
-                continue
-            if record.host == name and record.at + self.settings.ttl_s > now:
-                out[name] = record
-        return out
