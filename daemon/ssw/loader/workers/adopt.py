@@ -83,7 +83,7 @@ class Adopter(Piece):
                 else "adopted asleep"
                 if asleep
                 else "adopted",
-                pinned=(spec.pinned if spec else False) or (part is not None and part.rank > 0),
+                pinned=spec.pinned if spec else False,
                 part=part,
                 started_at=details.active_enter_us / 1e6 if details.active_enter_us else time.time(),
                 adopted=True,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
@@ -153,7 +154,7 @@ class Groups(Piece):
         record = head.part.group.model_copy(update={"state": "ready", "at": time.time()})
         with contextlib.suppress(BoardUnavailable):
             if await self.board.update(record):
-                head.part = RankPart(head.part.span, 0, record, head.part.address, head.part.interface)
+                head.part = dataclasses.replace(head.part, group=record)
 
     # --- every turn ----------------------------------------------------------------------
 
@@ -199,8 +200,7 @@ class Groups(Piece):
                 why = record.reason if current and record is not None else "its group's start is over"
                 self.retirer.retire(worker, f"its group ended: {why}", cause="group")
             elif record.state == "ready" and worker.state is WorkerState.STARTING:
-                worker.part = RankPart(worker.part.span, worker.part.rank, record, worker.part.address,
-                                       worker.part.interface)  # fmt: skip
+                worker.part = dataclasses.replace(worker.part, group=record)
                 self.table.mark(worker, "healthy")
                 self.table.move(worker, WorkerState.READY, f"its group is ready (head {record.head})")
         for record in records.values():

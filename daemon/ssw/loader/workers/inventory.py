@@ -99,7 +99,7 @@ class Inventory(Piece):
         for w in self.table:
             asleep = w.state in ASLEEP
             held = self.held(w, gpus) if asleep else self.held(w, gpus) or w.budget_bytes
-            evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY, *ASLEEP) and not w.pinned
+            evictable = w.state in (WorkerState.READY, WorkerState.UNHEALTHY, *ASLEEP) and not w.fixed
             if protect_since is not None and w.interactive_used >= protect_since:
                 evictable = False
             # Until a load was measured, size stands in: about 1 s per GB from local disk.
@@ -111,7 +111,7 @@ class Inventory(Piece):
             ready_for = time.time() - w.marks.get("healthy", 0.0)
             young = w.state is WorkerState.READY and ready_for < self.cfg.placement.min_residency_s
             waiters, rank = self.demand.waiting(w.unit)
-            starting = w.state in (WorkerState.STARTING, WorkerState.WAKING) and not w.pinned
+            starting = w.state in (WorkerState.STARTING, WorkerState.WAKING) and not w.fixed
             out.append(
                 Resident(
                     w.unit, w.gpus, held, w.last_used, evictable, cost, asleep, keeps, young, waiters, rank, starting

@@ -219,8 +219,7 @@ class Starter(Piece):
             budget_bytes=plan.per_gpu_bytes,
             state=WorkerState.STARTING,
             state_reason=f"placed on GPU {','.join(map(str, plan.gpus))}",
-            # A headless rank is not this host's to evict: its group's head decides for all.
-            pinned=spec.pinned or (part is not None and part.rank > 0),
+            pinned=spec.pinned,
             part=part,
             # Not a model whose answer was wrong after a wake, until an operator clears it.
             sleep_mode=engine.sleep_enabled(spec, self.gpus.kind) and not self.store.sleep_blocked(spec.name),

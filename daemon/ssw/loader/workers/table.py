@@ -77,6 +77,12 @@ class Worker:
         return self.part is not None and self.part.rank > 0
 
     @property
+    def fixed(self) -> bool:
+        """Not this host's to evict: pinned, or a headless rank (its group's head decides
+        for every rank)."""
+        return self.pinned or self.headless
+
+    @property
     def live(self) -> bool:
         return self.state in LIVE
 
@@ -90,7 +96,7 @@ class Worker:
             state_for_s=round(now - self.state_since, 1),
             gpus=list(self.gpus),
             socket=str(self.socket),
-            pinned=self.pinned,
+            pinned=self.fixed,
             vram_budget_bytes=self.budget_bytes,
             vram_measured_bytes=self.held_bytes,
             uptime_s=round(now - self.started_at, 1),

@@ -147,19 +147,38 @@ async def until(check: Any, seconds: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def two_hosts() -> dict[str, HostRecord]:
+    """This host (hosta) and hostb, both with room for a rank."""
+    return {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
+
+
+async def ready_rank(sup: Supervisor, groups: Groups, board: FakeBoard) -> Worker:
+    """This host running its rank of a ready group that hostb heads, its start done."""
+    bus: FakeBus = sup.systemd  # type: ignore[assignment]
+    board.host_records = two_hosts()
+    board.records["big"] = group(state="ready")
+    await groups.turn()
+    await until(lambda: bool(bus.started))
+    await groups.turn()
+    await until(lambda: not groups._starting)  # its start has seen it ready
+    rank: Worker = sup.table.get(bus.started[0].name)  # type: ignore[assignment]
+    assert rank.state is WorkerState.READY
+    return rank
+
+
 async def test_a_member_runs_its_rank_with_the_group_and_stops_it_when_its_start_is_over(
     fleet_supervisor: tuple[Supervisor, Groups, FakeBoard, list[Any]],
 ) -> None:
     sup, groups, board, _ = fleet_supervisor
     bus: FakeBus = sup.systemd  # type: ignore[assignment]
-    board.host_records = {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
+    board.host_records = two_hosts()
     board.records["big"] = group()
     await groups.turn()
     await until(lambda: bool(bus.started))
     unit = bus.started[0]
     assert unit.argv[1] == str(RANK_PROGRAM) and "--node-rank" in unit.argv and unit.env["SSW_RANK"] == "1"
     rank: Worker = sup.table.get(unit.name)  # type: ignore[assignment]
-    assert rank.headless and rank.pinned and rank.state is WorkerState.STARTING
+    assert rank.headless and rank.fixed and rank.state is WorkerState.STARTING
     assert sup.table.live("big") == []  # nothing here serves it
     board.records["big"] = group(state="ready")
     await groups.turn()
@@ -179,12 +198,8 @@ async def test_a_rank_that_dies_ends_its_group(
 ) -> None:
     sup, groups, board, _ = fleet_supervisor
     bus: FakeBus = sup.systemd  # type: ignore[assignment]
-    board.host_records = {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
-    board.records["big"] = group(state="ready")
-    await groups.turn()
-    await until(lambda: bool(bus.started))
-    await groups.turn()
-    bus.emit(bus.started[0].name, "failed", "failed")
+    rank = await ready_rank(sup, groups, board)
+    bus.emit(rank.unit, "failed", "failed")
     await until(lambda: bool(board.ended))
     assert board.ended[0].startswith("rank 1 on hosta ended: the unit went failed/failed unexpectedly")
     assert sup.loads.get("big").state.value == "idle"  # a member does not load it itself
@@ -220,7 +235,7 @@ async def test_a_head_breaks_when_its_group_ends_or_a_member_drops_out(
 ) -> None:
     sup, groups, board, lost = fleet_supervisor
     for why in ("ending", "dropped"):
-        board.host_records = {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
+        board.host_records = two_hosts()
         part = await groups.form(BIG)
         head = Worker(
             model="big",
@@ -250,15 +265,7 @@ async def test_a_host_cut_off_from_the_fleet_stops_its_ranks(
     fleet_supervisor: tuple[Supervisor, Groups, FakeBoard, list[Any]],
 ) -> None:
     sup, groups, board, _ = fleet_supervisor
-    bus: FakeBus = sup.systemd  # type: ignore[assignment]
-    board.host_records = {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
-    board.records["big"] = group(state="ready")
-    await groups.turn()
-    await until(lambda: bool(bus.started))
-    await groups.turn()
-    await until(lambda: not groups._starting)  # its start has seen it ready
-    rank: Worker = sup.table.get(bus.started[0].name)  # type: ignore[assignment]
-    assert rank.state is WorkerState.READY
+    rank = await ready_rank(sup, groups, board)
 
     async def unreachable() -> dict[str, GroupRecord]:
         raise BoardUnavailable("connection refused")
@@ -280,12 +287,7 @@ async def test_an_unload_on_a_member_unloads_the_group_head_first(
 ) -> None:
     sup, groups, board, _ = fleet_supervisor
     bus: FakeBus = sup.systemd  # type: ignore[assignment]
-    board.host_records = {"hosta": host("hosta", address="10.0.0.2"), "hostb": host("hostb")}
-    board.records["big"] = group(state="ready")
-    await groups.turn()
-    await until(lambda: bool(bus.started))
-    await groups.turn()
-    await until(lambda: not groups._starting)  # its start has seen it ready
+    rank = await ready_rank(sup, groups, board)
     unloading = asyncio.ensure_future(sup.unload("big"))
     await until(lambda: bool(board.ended))
     ended = board.records["big"]
@@ -293,5 +295,5 @@ async def test_an_unload_on_a_member_unloads_the_group_head_first(
     assert not unloading.done() and bus.stopped == []  # the rank waits for its head to go
     del board.records["big"]  # the head stopped and took the record with it
     await groups.turn()
-    assert await asyncio.wait_for(unloading, 5) == [bus.started[0].name]
-    assert bus.stopped == [bus.started[0].name]
+    assert await asyncio.wait_for(unloading, 5) == [rank.unit]
+    assert bus.stopped == [rank.unit]
