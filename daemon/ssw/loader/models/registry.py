@@ -405,8 +405,8 @@ def check_span(spec: ModelSpec, models_file: Path) -> None:
     f = spec.facts
     problem = shape_problem(spec.span, f.num_heads, f.num_kv_heads, f.num_layers)
     if problem is not None:
-        key = "pipeline_parallel_size" if "layers" in problem else "tensor_parallel_size"
-        raise ConfigError(f"{models_file}: models.{spec.name}.{key}: {problem} ({spec.span.describe()})")
+        key, why = problem
+        raise ConfigError(f"{models_file}: models.{spec.name}.{key}: {why} ({spec.span.describe()})")
 
 
 def scan(models_dir: Path, models_file: Path) -> Registry:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_HOSTS = 64
+TP = "tensor_parallel_size"
 
 
 @dataclass(frozen=True)
@@ -83,20 +84,21 @@ def make_span(
     return Span(hosts, tensor_parallel, pipeline_parallel, gpus_per_host)
 
 
-def shape_problem(span: Span, heads: int | None, kv_heads: int | None, layers: int | None) -> str | None:
-    """Why vLLM would refuse this cut of a model with this shape (None: it would not, or
-    config.json does not say enough to tell): attention heads and key-value heads split
-    across tensor-parallel ranks, layers across pipeline stages."""
+def shape_problem(span: Span, heads: int | None, kv_heads: int | None, layers: int | None) -> tuple[str, str] | None:
+    """(the models.yaml key, why) vLLM would refuse this cut of a model with this shape
+    (None: it would not, or config.json does not say enough to tell): attention heads and
+    key-value heads split across tensor-parallel ranks, layers across pipeline stages."""
     tp, pp = span.tensor_parallel, span.pipeline_parallel
     if heads is not None and heads % tp:
-        return f"its {heads} attention heads cannot be split over tensor_parallel_size {tp} (vLLM needs a divisor)"
+        return TP, f"its {heads} attention heads cannot be split over tensor_parallel_size {tp} (vLLM needs a divisor)"
     if kv_heads is not None and kv_heads >= tp and kv_heads % tp:
-        return f"its {kv_heads} key-value heads cannot be split over tensor_parallel_size {tp}"
+        return TP, f"its {kv_heads} key-value heads cannot be split over tensor_parallel_size {tp}"
     if kv_heads is not None and kv_heads < tp and tp % kv_heads:
         return (
+            TP,
             f"tensor_parallel_size {tp} is not a multiple of its {kv_heads} key-value heads "
-            "(vLLM replicates them only by a whole factor)"
+            "(vLLM replicates them only by a whole factor)",
         )
     if layers is not None and layers < pp:
-        return f"its {layers} layers cannot fill pipeline_parallel_size {pp} stages"
+        return "pipeline_parallel_size", f"its {layers} layers cannot fill pipeline_parallel_size {pp} stages"
     return None

@@ -173,3 +173,20 @@ def test_a_directory_named_like_an_alias_is_skipped_and_the_scan_goes_on(
     # Neither alias, even that of a model whose files are absent, may become a model's name.
     assert reg.name_taken("light") and reg.name_taken("heavy") and reg.name_taken("qwen")
     assert reg.name_taken("new-one") is None
+
+
+def test_a_model_across_hosts_is_checked_against_its_shape(tmp_path: Path) -> None:
+    make_model_dir(tmp_path / "m" / "big", QWEN2_CONFIG)  # 2 attention heads, 2 layers
+    fine = scan(tmp_path / "m", write_models(tmp_path / "ok.yaml", {"big": {"hosts": 2, "pipeline_parallel_size": 2}}))
+    span = fine.models["big"].span
+    assert span is not None and (span.tensor_parallel, span.pipeline_parallel) == (1, 2)
+    wide = {"big": {"hosts": 2, "gpus_per_host": 2, "tensor_parallel_size": 4}}
+    with pytest.raises(ConfigError) as refused:
+        scan(tmp_path / "m", write_models(tmp_path / "wide.yaml", wide))
+    assert refused.value.message == (
+        f"{tmp_path / 'wide.yaml'}: models.big.tensor_parallel_size: its 2 attention heads cannot be split over "
+        "tensor_parallel_size 4 (vLLM needs a divisor) (2 hosts × 2 GPU (tensor parallel 4, pipeline parallel 1))"
+    )
+    deep = {"big": {"hosts": 4, "pipeline_parallel_size": 4}}
+    with pytest.raises(ConfigError, match=r"models\.big\.pipeline_parallel_size: its 2 layers cannot fill"):
+        scan(tmp_path / "m", write_models(tmp_path / "deep.yaml", deep))

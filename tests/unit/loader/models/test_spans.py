@@ -53,23 +53,41 @@ def test_arithmetic_that_does_not_add_up_names_the_numbers(
             2,
             2,
             2,
-            "its 2 attention heads cannot be split over tensor_parallel_size 4 (vLLM needs a divisor)",
+            (
+                "tensor_parallel_size",
+                "its 2 attention heads cannot be split over tensor_parallel_size 4 (vLLM needs a divisor)",
+            ),
         ),
         (Span(2, 16, 1, 8), 128, 8, 61, None),  # DeepSeek-V3 class over two 8-GPU hosts: KV heads replicated
-        (Span(2, 8, 1, 4), 64, 12, 40, "its 12 key-value heads cannot be split over tensor_parallel_size 8"),
+        (
+            Span(2, 8, 1, 4),
+            64,
+            12,
+            40,
+            ("tensor_parallel_size", "its 12 key-value heads cannot be split over tensor_parallel_size 8"),
+        ),
         (
             Span(2, 8, 1, 4),
             64,
             3,
             40,
-            "tensor_parallel_size 8 is not a multiple of its 3 key-value heads "
-            "(vLLM replicates them only by a whole factor)",
+            (
+                "tensor_parallel_size",
+                "tensor_parallel_size 8 is not a multiple of its 3 key-value heads "
+                "(vLLM replicates them only by a whole factor)",
+            ),
         ),
-        (Span(4, 1, 4, 1), 2, 2, 2, "its 2 layers cannot fill pipeline_parallel_size 4 stages"),
+        (
+            Span(4, 1, 4, 1),
+            2,
+            2,
+            2,
+            ("pipeline_parallel_size", "its 2 layers cannot fill pipeline_parallel_size 4 stages"),
+        ),
         (Span(2, 2, 1, 1), None, None, None, None),  # config.json says too little: vLLM decides
     ],
 )
 def test_shape_problems_are_vllms_own(
-    span: Span, heads: int | None, kv_heads: int | None, layers: int | None, problem: str | None
+    span: Span, heads: int | None, kv_heads: int | None, layers: int | None, problem: tuple[str, str] | None
 ) -> None:
     assert shape_problem(span, heads, kv_heads, layers) == problem
