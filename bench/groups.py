@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +36,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import QWEN2_CONFIG, make_model_dir
-from tests.harness.fleet import FleetHost, Network, Pki, fleet_redis_server, fleet_secret
-from tests.harness.stack import VLLM_VENV, WORK_ROOT, http, wait_for
+from tests.harness.fleet import FleetHost, two_hosts
+from tests.harness.groups import unload_everywhere
+from tests.harness.stack import WORK_ROOT, http, tiny_model_dir
 
 LOAD_S = 600
 
@@ -76,17 +76,11 @@ def stream(host: FleetHost, model: str, tokens: int) -> tuple[int, float]:
     return generated, took
 
 
-def unload(hosts: tuple[FleetHost, ...], model: str) -> None:
-    for host in hosts:
-        host.admin("POST", "/unload", {"model": model}, timeout=300)
-    wait_for(lambda: not any(h.workers(model) for h in hosts), 300, f"{model} unloaded everywhere")
-
-
 def measure(hosts: tuple[FleetHost, FleetHost], model: str, args: argparse.Namespace) -> dict[str, Any]:
     a = hosts[0]
     loads = []
     for _ in range(args.loads):
-        unload(hosts, model)
+        unload_everywhere(hosts, model, ask_s=300, wait_s=300)
         started = time.monotonic()
         chat(a, model)
         loads.append(round(time.monotonic() - started, 1))
@@ -108,7 +102,7 @@ def measure(hosts: tuple[FleetHost, FleetHost], model: str, args: argparse.Names
         "per_stream_tokens_per_s": round(sum(n / t for n, t in results) / len(results), 2),
     }
     print(f"  {model}: {args.streams} streams {many['tokens_per_s']} tokens/s in all", flush=True)
-    unload(hosts, model)
+    unload_everywhere(hosts, model, ask_s=300, wait_s=300)
     return {"cold_start_s": loads, "ranks": placed, "one_stream": one, "concurrent": many}
 
 
@@ -126,39 +120,21 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args()
 
-    tiny = WORK_ROOT / "tiny-models" / "tiny-qwen"
     if args.engine == "fake":
         tiny = WORK_ROOT / f"bench-groups-models-{os.getpid()}" / "tiny-qwen"
         make_model_dir(tiny, QWEN2_CONFIG)
-    elif not (tiny / "config.json").exists():
-        import subprocess
-
-        maker = Path(__file__).resolve().parents[1] / "tests/harness/make_tiny_model.py"
-        subprocess.run([str(VLLM_VENV / "bin/python"), str(maker), str(tiny)], check=True, capture_output=True)
-    root = WORK_ROOT / f"bench-groups-{os.getpid()}-{secrets.token_hex(2)}"
-    root.mkdir(parents=True)
-    net = Network().up()
-    pki = Pki(root / "pki")
-    redis = fleet_redis_server(root, net, pki)
-    settings = {"redis_url": redis.url, "credential_file": str(fleet_secret(root)), "heartbeat_s": 1.0, "ttl_s": 6.0}
+    else:
+        tiny = tiny_model_dir()
     models = {
         "one": {"path": tiny.name, "vram_gb": 2},
         "two": {"path": tiny.name, "vram_gb": 2, "hosts": 2, "tensor_parallel_size": 2},
     }
     extra = {"health": {"start_timeout_s": LOAD_S}, "gateway": {"wait_timeout_s": LOAD_S}}
-    hosts: list[FleetHost] = []
     figures: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "json"}}
-    try:
-        for index in (1, 2):
-            hosts.append(FleetHost.start(net, index, root, tiny.parent, models, settings, extra, pki, args.engine))
-        pair = (hosts[0], hosts[1])
+    settings = {"heartbeat_s": 1.0, "ttl_s": 6.0}
+    with two_hosts("bench-groups", tiny.parent, models, settings, extra, args.engine) as fleet:
         for model in ("one", "two"):
-            figures[model] = measure(pair, model, args)
-    finally:
-        for host in hosts:
-            host.stop()
-        redis.stop()
-        net.down()
+            figures[model] = measure(fleet.hosts, model, args)
     one, two = figures["one"], figures["two"]
     print("a model across two hosts (tensor parallel 2, gloo over a veth link) against one host, real vLLM on the CPU")
     print(f"  cold start      one host {one['cold_start_s']} s   two hosts {two['cold_start_s']} s")

@@ -17,12 +17,12 @@ from tests.harness.stack import (
     ADMIN_TOKENS,
     REPO,
     SSW_VENV,
-    VLLM_VENV,
     WORK_ROOT,
     RedisServer,
     Role,
     free_port,
     http,
+    tiny_model_dir,
     wait_for,
     write_config,
 )
@@ -67,14 +67,7 @@ def models_root() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """A tiny random Qwen2 model made locally (kept between runs: it is deterministic)."""
-    out = WORK_ROOT / "tiny-models" / "tiny-qwen"
-    if not (out / "config.json").exists():
-        subprocess.run(
-            [str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), str(out)],
-            check=True,
-            capture_output=True,
-        )
-    return out
+    return tiny_model_dir()
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import openai
 import pytest
 
 from ssw.gateway import hops
-from tests.harness.fleet import FLEET_PORT, FleetHost, Network, Pki, fleet_redis_server, fleet_secret
+from tests.harness.fleet import FLEET_PORT, FleetHost, Network, Pki, fleet_hosts, fleet_redis_server, fleet_secret
 from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
 
 pytestmark = pytest.mark.systemd
@@ -115,11 +115,6 @@ def fleet(models_root: Path) -> Iterator[Fleet]:
     for host in hosts:
         for role in (host.loader, host.gateway):
             assert "Traceback" not in role.log(), role.log()
-
-
-def fleet_hosts(host: FleetHost) -> list[str]:
-    fleet = host.health().get("fleet") or {}
-    return list(fleet.get("hosts", [])) if fleet.get("connected") else []
 
 
 def auth(f: Fleet, key: str = "full") -> dict[str, str]:

@@ -11,76 +11,46 @@ The same scenario on real vLLM is tests/test_groups_vllm.py."""
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness.fleet import FleetHost, Network, Pki, fleet_redis_server, fleet_secret
-from tests.harness.stack import WORK_ROOT, RedisServer, http, wait_for
+from tests.harness.fleet import FleetHost, TwoHosts, two_hosts
+from tests.harness.groups import (
+    group_id,
+    group_ready,
+    holding,
+    master_port,
+    ranks,
+    unit_property,
+    unload_everywhere,
+)
+from tests.harness.stack import http, wait_for
 
 pytestmark = pytest.mark.systemd
 MODEL = "wide"
 MODELS = {
     MODEL: {"path": "fake-a", "vram_gb": 4, "hosts": 2},
-    # Its shape (2 attention heads) cannot be cut 4 ways: the registry refuses it (unit test).
+    # A model of one host beside it.
     "narrow": {"path": "fake-b", "vram_gb": 2},
 }
 
 
-@dataclass
-class Fleet:
-    net: Network
-    redis: RedisServer
-    a: FleetHost
-    b: FleetHost
-
-    @property
-    def hosts(self) -> tuple[FleetHost, FleetHost]:
-        return self.a, self.b
-
-
 @pytest.fixture(scope="module")
-def fleet(models_root: Path) -> Iterator[Fleet]:
-    root = WORK_ROOT / f"groups-{secrets.token_hex(3)}"
-    root.mkdir(parents=True)
-    net = Network().up()
-    pki = Pki(root / "pki")
-    redis = fleet_redis_server(root, net, pki)
-    settings = {
-        "redis_url": redis.url,
-        "credential_file": str(fleet_secret(root)),
-        "heartbeat_s": 0.5,
-        "ttl_s": 4.0,
-        "load_lease_s": 30,
-    }
+def fleet(models_root: Path) -> Iterator[TwoHosts]:
+    settings = {"heartbeat_s": 0.5, "ttl_s": 4.0, "load_lease_s": 30}
     # Quick retries: a group that broke comes back within seconds.
     extra = {"placement": {"restart_backoff_s": 0.5}}
-    hosts: list[FleetHost] = []
-    try:
-        for index in (1, 2):
-            hosts.append(FleetHost.start(net, index, root, models_root, MODELS, settings, extra, pki))
-        f = Fleet(net, redis, *hosts)
-        wait_for(lambda: all(len(fleet_hosts(h)) == 2 for h in hosts), 30, "both hosts to see each other")
+    with two_hosts("groups", models_root, MODELS, settings, extra) as f:
         yield f
-    finally:
-        for host in hosts:
-            host.stop()
-        redis.stop()
-        net.down()
+        hosts = f.hosts
     for host in hosts:
         for role in (host.loader, host.gateway):
             assert "Traceback" not in role.log(), role.log()
-
-
-def fleet_hosts(host: FleetHost) -> list[str]:
-    _, _, body = http("GET", host.public + "/health")
-    return list(body.get("fleet", {}).get("hosts", [])) if isinstance(body, dict) else []
 
 
 def chat(host: FleetHost, timeout: float = 120, **kw: Any) -> tuple[int, dict[str, str], Any]:
@@ -88,46 +58,16 @@ def chat(host: FleetHost, timeout: float = 120, **kw: Any) -> tuple[int, dict[st
     return http("POST", host.public + "/v1/chat/completions", body, headers={"X-SSW-Wait": "true"}, timeout=timeout)
 
 
-def ranks(f: Fleet) -> dict[str, dict[str, Any]]:
-    """host -> its live rank of the model (the worker as its loader shows it)."""
-    out = {}
-    for host in f.hosts:
-        live = [w for w in host.workers(MODEL) if w["state"] not in ("stopping", "draining")]
-        if live:
-            assert len(live) == 1, live
-            out[host.name] = live[0]
-    return out
-
-
-def group_ready(f: Fleet) -> bool:
-    found = ranks(f)
-    return len(found) == 2 and all(w["state"] == "ready" for w in found.values())
-
-
-def group_id(worker: dict[str, Any]) -> str:
-    return str(worker["group"]).split(":", 1)[0]
-
-
-def unit_property(host: FleetHost, unit: str, prop: str) -> str:
-    return host.box.systemctl("show", "-p", prop, "--value", unit).stdout.strip()
-
-
-def unload_everywhere(f: Fleet) -> None:
-    for host in f.hosts:
-        host.admin("POST", "/unload", {"model": MODEL})
-    wait_for(lambda: not any(h.workers(MODEL) for h in f.hosts), 60, "every rank gone")
-
-
-def test_loads_on_demand_through_either_gateway_and_serves_from_the_head(fleet: Fleet) -> None:
+def test_loads_on_demand_through_either_gateway_and_serves_from_the_head(fleet: TwoHosts) -> None:
     for via in (fleet.b, fleet.a):
         status, _, body = chat(via)
         assert status == 200, body
         assert body["choices"][0]["message"]["content"], body
-        found = ranks(fleet)
+        found = ranks(fleet.hosts, MODEL)
         assert sorted(w["rank"] for w in found.values()) == [0, 1], found
         assert len({group_id(w) for w in found.values()}) == 1, found
-        head = next(h for h in fleet.hosts if found[h.name]["rank"] == 0)
-        member = next(h for h in fleet.hosts if found[h.name]["rank"] == 1)
+        head = holding(fleet.hosts, found, 0)
+        member = holding(fleet.hosts, found, 1)
         # Every host's status shows the group, naming the head.
         for host in fleet.hosts:
             assert f"{head.name} (head)" in found[host.name]["group"], found
@@ -149,13 +89,13 @@ def test_loads_on_demand_through_either_gateway_and_serves_from_the_head(fleet: 
         models_b = http("GET", member.public + "/v1/models")[2]
         hosts = next(m for m in models_b["data"] if m["id"] == MODEL)["ssw"]["hosts"]
         assert hosts == {head.name: "ready", member.name: "rank"}, hosts
-        unload_everywhere(fleet)
+        unload_everywhere(fleet.hosts, MODEL)
 
 
-def test_a_stream_through_the_member_host(fleet: Fleet) -> None:
+def test_a_stream_through_the_member_host(fleet: TwoHosts) -> None:
     status, _, body = chat(fleet.a)
     assert status == 200, body
-    member = next(h for h in fleet.hosts if ranks(fleet)[h.name]["rank"] == 1)
+    member = holding(fleet.hosts, ranks(fleet.hosts, MODEL), 1)
     status, _, text = http(
         "POST",
         member.public + "/v1/chat/completions",
@@ -166,14 +106,14 @@ def test_a_stream_through_the_member_host(fleet: Fleet) -> None:
     assert str(text).rstrip().endswith("data: [DONE]"), text
 
 
-def test_a_dead_rank_fails_the_model_on_both_hosts_and_it_comes_back(fleet: Fleet) -> None:
+def test_a_dead_rank_fails_the_model_on_both_hosts_and_it_comes_back(fleet: TwoHosts) -> None:
     assert chat(fleet.a)[0] == 200
-    wait_for(lambda: group_ready(fleet), 30, "the group ready")
-    before = ranks(fleet)
-    head = next(h for h in fleet.hosts if before[h.name]["rank"] == 0)
-    member = next(h for h in fleet.hosts if before[h.name]["rank"] == 1)
+    wait_for(lambda: group_ready(fleet.hosts, MODEL), 30, "the group ready")
+    before = ranks(fleet.hosts, MODEL)
+    head = holding(fleet.hosts, before, 0)
+    member = holding(fleet.hosts, before, 1)
     old_group = group_id(before[head.name])
-    old_port = unit_property(head, before[head.name]["unit"], "ExecStart").split("--master-port ")[1].split()[0]
+    old_port = master_port(head, before[head.name]["unit"])
     # A request through the head's gateway that arrives while the group is down is held.
     held: dict[str, Any] = {}
 
@@ -186,16 +126,18 @@ def test_a_dead_rank_fails_the_model_on_both_hosts_and_it_comes_back(fleet: Flee
     asker.start()
     # Both hosts lose it: the head's worker fails with the rank's reason.
     wait_for(
-        lambda: all(group_id(w) != old_group for w in ranks(fleet).values()) or not ranks(fleet),
+        lambda: (
+            all(group_id(w) != old_group for w in ranks(fleet.hosts, MODEL).values()) or not ranks(fleet.hosts, MODEL)
+        ),
         30,
         "the broken group gone on both hosts",
     )
-    wait_for(lambda: group_ready(fleet), 60, "the model back as a new group")
-    after = ranks(fleet)
+    wait_for(lambda: group_ready(fleet.hosts, MODEL), 60, "the model back as a new group")
+    after = ranks(fleet.hosts, MODEL)
     new_group = group_id(next(iter(after.values())))
     assert new_group != old_group
-    new_head = next(h for h in fleet.hosts if after[h.name]["rank"] == 0)
-    new_port = unit_property(new_head, after[new_head.name]["unit"], "ExecStart").split("--master-port ")[1].split()[0]
+    new_head = holding(fleet.hosts, after, 0)
+    new_port = master_port(new_head, after[new_head.name]["unit"])
     assert new_port != old_port, "a new start must take a new master port"
     asker.join(150)
     status, _, body = held["answer"]
@@ -212,16 +154,16 @@ def test_a_dead_rank_fails_the_model_on_both_hosts_and_it_comes_back(fleet: Flee
         units = [line.split()[0] for line in running.splitlines() if line.strip()]
         groups = {unit_property(host, u, "Environment").split("SSW_GROUP=")[1].split()[0] for u in units}
         assert groups == {new_group}, (host.name, groups)
-    unload_everywhere(fleet)
+    unload_everywhere(fleet.hosts, MODEL)
 
 
-def test_unloading_stops_every_rank(fleet: Fleet) -> None:
+def test_unloading_stops_every_rank(fleet: TwoHosts) -> None:
     for where in ("head", "member"):
         assert chat(fleet.b)[0] == 200
-        wait_for(lambda: group_ready(fleet), 30, "the group ready")
-        found = ranks(fleet)
-        host = next(h for h in fleet.hosts if found[h.name]["rank"] == (0 if where == "head" else 1))
-        head = next(h for h in fleet.hosts if found[h.name]["rank"] == 0)
+        wait_for(lambda: group_ready(fleet.hosts, MODEL), 30, "the group ready")
+        found = ranks(fleet.hosts, MODEL)
+        host = holding(fleet.hosts, found, 0 if where == "head" else 1)
+        head = holding(fleet.hosts, found, 0)
         status, body = host.admin("POST", "/unload", {"model": MODEL})
         assert status == 200, body
         # Answered once this host's rank is gone; every rank stops, and nothing loads it again.
@@ -232,28 +174,28 @@ def test_unloading_stops_every_rank(fleet: Fleet) -> None:
         assert head.admin("GET", "/status")[1]["models"][MODEL]["load"]["state"] == "idle"
 
 
-def test_a_restarted_loader_adopts_its_rank(fleet: Fleet) -> None:
+def test_a_restarted_loader_adopts_its_rank(fleet: TwoHosts) -> None:
     assert chat(fleet.a)[0] == 200
-    wait_for(lambda: group_ready(fleet), 30, "the group ready")
-    before = ranks(fleet)
+    wait_for(lambda: group_ready(fleet.hosts, MODEL), 30, "the group ready")
+    before = ranks(fleet.hosts, MODEL)
     for host in fleet.hosts:
         host.loader.stop()
         host.loader.start()
         wait_for(lambda h=host: h.admin("GET", "/health")[0] == 200, 30, f"{host.name}'s loader back")
-    wait_for(lambda: group_ready(fleet), 30, "the group adopted")
-    after = ranks(fleet)
+    wait_for(lambda: group_ready(fleet.hosts, MODEL), 30, "the group adopted")
+    after = ranks(fleet.hosts, MODEL)
     assert {h: w["unit"] for h, w in after.items()} == {h: w["unit"] for h, w in before.items()}
     assert all(w["adopted"] for w in after.values()), after
     assert chat(fleet.b)[0] == 200
-    unload_everywhere(fleet)
+    unload_everywhere(fleet.hosts, MODEL)
 
 
-def test_a_member_dropping_out_of_the_fleet_ends_the_group(fleet: Fleet) -> None:
+def test_a_member_dropping_out_of_the_fleet_ends_the_group(fleet: TwoHosts) -> None:
     assert chat(fleet.a)[0] == 200
-    wait_for(lambda: group_ready(fleet), 30, "the group ready")
-    found = ranks(fleet)
-    head = next(h for h in fleet.hosts if found[h.name]["rank"] == 0)
-    member = next(h for h in fleet.hosts if found[h.name]["rank"] == 1)
+    wait_for(lambda: group_ready(fleet.hosts, MODEL), 30, "the group ready")
+    found = ranks(fleet.hosts, MODEL)
+    head = holding(fleet.hosts, found, 0)
+    member = holding(fleet.hosts, found, 1)
     index = 1 if member is fleet.a else 2
     fleet.net.cut(index)
     try:
@@ -262,5 +204,5 @@ def test_a_member_dropping_out_of_the_fleet_ends_the_group(fleet: Fleet) -> None
     finally:
         fleet.net.restore(index)
     # The member's rank ends too (its group's record ended, or its head went away).
-    wait_for(lambda: group_ready(fleet), 90, "the model back on both hosts")
-    unload_everywhere(fleet)
+    wait_for(lambda: group_ready(fleet.hosts, MODEL), 90, "the model back on both hosts")
+    unload_everywhere(fleet.hosts, MODEL)

@@ -6,13 +6,12 @@ real vLLM worker on the CPU, serving OpenAI on :8000.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.harness.hostinstall import install_units
-from tests.harness.stack import REPO, SSW_VENV, VLLM_VENV, http, wait_for
+from tests.harness.stack import REPO, SSW_VENV, http, make_tiny_model, wait_for
 from tests.harness.sysbox import SysBox
 
 CONFIG = REPO / "etc/ssw/demo/config.yaml"
@@ -27,11 +26,7 @@ def up() -> None:
     if PIDFILE.exists() and Path(f"/proc/{PIDFILE.read_text().strip()}").exists():
         sys.exit(f"the demo is already up (systemd PID {PIDFILE.read_text().strip()}); run 'down' first")
     print("demo: generating the tiny model")
-    subprocess.run(
-        [str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), str(MODELS / "tiny-qwen")],
-        check=True,
-        capture_output=True,
-    )
+    make_tiny_model(MODELS / "tiny-qwen")
     print("demo: booting a disposable systemd host")
     box = SysBox.boot()
     PIDFILE.parent.mkdir(parents=True, exist_ok=True)

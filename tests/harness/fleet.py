@@ -19,6 +19,7 @@ import os
 import re
 import secrets
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,3 +311,51 @@ class FleetHost:
                             directory.rmdir()
                 with contextlib.suppress(OSError):
                     top.rmdir()
+
+
+def fleet_hosts(host: FleetHost) -> list[str]:
+    """The hosts ``host``'s gateway follows (none while it cannot reach the fleet's Redis)."""
+    fleet = host.health().get("fleet") or {}
+    return list(fleet.get("hosts", [])) if fleet.get("connected") else []
+
+
+@dataclass
+class TwoHosts:
+    net: Network
+    redis: RedisServer
+    a: FleetHost
+    b: FleetHost
+
+    @property
+    def hosts(self) -> tuple[FleetHost, FleetHost]:
+        return self.a, self.b
+
+
+@contextlib.contextmanager
+def two_hosts(
+    name: str,
+    models_dir: Path,
+    models: dict[str, Any],
+    fleet: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    engine: str = "fake",
+) -> Iterator[TwoHosts]:
+    """Two hosts of one fleet (the same models on both) over TLS, on a fleet Redis of their
+    own, once each follows the other; ``fleet`` adds to the fleet section. Taken down after."""
+    root = WORK_ROOT / f"{name}-{secrets.token_hex(3)}"
+    root.mkdir(parents=True)
+    net = Network().up()
+    pki = Pki(root / "pki")
+    redis = fleet_redis_server(root, net, pki)
+    settings = {"redis_url": redis.url, "credential_file": str(fleet_secret(root)), **fleet}
+    hosts: list[FleetHost] = []
+    try:
+        for index in (1, 2):
+            hosts.append(FleetHost.start(net, index, root, models_dir, models, settings, extra, pki, engine))
+        wait_for(lambda: all(len(fleet_hosts(h)) == 2 for h in hosts), 30, "both hosts to see each other")
+        yield TwoHosts(net, redis, hosts[0], hosts[1])
+    finally:
+        for host in hosts:
+            host.stop()
+        redis.stop()
+        net.down()

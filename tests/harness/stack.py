@@ -357,3 +357,19 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+def make_tiny_model(out: Path) -> Path:
+    """A tiny random Qwen2 model in ``out``, made by the vLLM environment's Python (deterministic)."""
+    subprocess.run(
+        [str(VLLM_VENV / "bin/python"), str(REPO / "tests/harness/make_tiny_model.py"), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def tiny_model_dir() -> Path:
+    """The tests' tiny model, made once and kept between runs."""
+    out = WORK_ROOT / "tiny-models" / "tiny-qwen"
+    return out if (out / "config.json").exists() else make_tiny_model(out)
